@@ -1,0 +1,47 @@
+"""Kernel generation front door: a KernelSpec plus device capabilities -> KernelBinary.
+
+Maps each kernel family to its generator (written once per family, specialised inside by the
+spec and the capabilities) and memoises binaries per (spec key, device fingerprint), so a
+retrace that produces the same kernels does not regenerate them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from alpha_jit.codegen_spirv.kernel import KernelBinary, KernelSpec
+from alpha_jit.ir.ops import registry
+
+_CACHE: dict[tuple[str, str], KernelBinary] = {}
+
+
+# family -> (module under kernels/, generator function); imported on first use
+_FAMILIES = {
+    "elementwise": ("elementwise", "generate_elementwise"),
+    "reduction": ("reduction", "generate_reduction"),
+    "matmul": ("matmul", "generate_matmul"),
+    "gather": ("gather", "generate_gather"),
+    "scatter": ("gather", "generate_scatter"),
+}
+
+
+def _generator(family: str) -> Any:
+    if family not in _FAMILIES:
+        raise KeyError(f"no kernel generator for family {family!r}")
+    mod_name, fn_name = _FAMILIES[family]
+    mod = importlib.import_module(f"alpha_jit.codegen_spirv.kernels.{mod_name}")
+    fn = getattr(mod, fn_name)
+    if family == "elementwise":  # the IR's op registry supplies each op's scalar rule
+        return lambda spec, caps: fn(spec, caps, registry.scalar_rule)
+    return fn
+
+
+def generate(spec: KernelSpec, caps: Any) -> KernelBinary:
+    fp = caps.fingerprint() if caps is not None else "generic"
+    key = (spec.key(), fp)
+    binary = _CACHE.get(key)
+    if binary is None:
+        binary = _generator(spec.family)(spec, caps)
+        _CACHE[key] = binary
+    return binary

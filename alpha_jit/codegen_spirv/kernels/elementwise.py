@@ -1,0 +1,177 @@
+"""The fused elementwise kernel family: one thread per output element, any number of strided
+inputs and contiguous outputs, the body an SSA list of scalar ops evaluated by the IR's rules.
+
+Why: after fusion most of a training step is elementwise regions (bias, GELU, residuals, the
+optimizer update). One generator, specialised by the spec's shapes/strides/dtypes/expression,
+covers all of them; broadcasting and transposed views are just strides, so no copies are made.
+
+Spec (family "elementwise"), params as (key, value) pairs:
+    ("shape", out_shape)                       iteration space, row-major
+    ("inputs", ((dtype, strides, offset), ...))  element offset + sum(idx[d] * strides[d])
+    ("exprs", ((op, dtype, attrs, args), ...))   args: ("in", i) | ("e", j) | ("const", v, dtype)
+                                                        | ("iota", axis)  (index along axis, i32)
+    ("outputs", ((dtype, expr_index), ...))     each contiguous over the shape
+Buffers bind inputs first, then outputs. Floats compute in f32, i32 in i32; "bool" tensors are
+stored as i32 0/1. Push constants (count, base) split huge tensors over several dispatches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..dsl import KernelBuilder, Value, cap, max_groups_x, pack_push_constants
+from ..kernel import Dispatch, KernelBinary, KernelSpec
+from ..scalar import NumpyScalarEmitter, ScalarEmitter, compute_dtype
+
+ScalarRule = Callable[[str, Any, Any, list], Any]
+DEFAULT_LOCAL_SIZE = 256  # a multiple of every subgroup size in the wild (4..64)
+
+
+def storage_dtype(dtype: str) -> str:
+    """Buffer element dtype of a tensor dtype ("bool" lives in i32 0/1)."""
+    return "i32" if dtype == "bool" else dtype
+
+
+def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= s
+    return tuple(reversed(strides))
+
+
+def _attrs(attrs: object) -> object:
+    # Specs carry attrs as hashable ((key, value), ...); rules read them as a dict.
+    if isinstance(attrs, tuple) and all(isinstance(a, tuple) and len(a) == 2 for a in attrs):
+        return dict(attrs)
+    return attrs
+
+
+def launch_plan(n: int, local: int, caps: object) -> list[tuple[int, int]]:
+    """[(groups, base_element)] covering n elements, each within maxComputeWorkGroupCount[0]."""
+    total = math.ceil(n / local)
+    maxg = max_groups_x(caps)
+    return [(min(maxg, total - g0), g0 * local) for g0 in range(0, total, maxg)]
+
+
+def local_size_for(caps: object, want: int = DEFAULT_LOCAL_SIZE) -> int:
+    return int(min(want, int(cap(caps, "max_workgroup_invocations", want))))  # type: ignore
+
+
+class _Indexer:
+    """Row-major index decomposition of the linear element id, computed once per axis."""
+
+    def __init__(self, kb: KernelBuilder, lin: Value, shape: Sequence[int]):
+        self.kb, self.lin, self.shape = kb, lin, tuple(shape)
+        self._idx: dict[int, Value] = {}
+
+    def axis(self, d: int) -> Value:
+        if d not in self._idx:
+            inner = math.prod(self.shape[d + 1:])
+            v = self.lin if inner == 1 else self.lin / inner
+            if d > 0:  # the outermost axis needs no wrap-around
+                v = v % self.shape[d]
+            self._idx[d] = self.kb.cast(v, "i32")
+        return self._idx[d]
+
+    def offset(self, strides: Sequence[int], offset: int) -> Value:
+        if tuple(strides) == contiguous_strides(self.shape):
+            return self.kb.cast(self.lin, "i32") + offset if offset else self.kb.cast(self.lin,
+                                                                                     "i32")
+        terms = [self.axis(d) * st if st != 1 else self.axis(d)
+                 for d, st in enumerate(strides) if st != 0 and self.shape[d] != 1]
+        total = terms[0] if terms else self.kb.i32(0)
+        for t in terms[1:]:
+            total = total + t
+        return total + offset if offset else total
+
+
+def generate_elementwise(spec: KernelSpec, caps: object = None,
+                         scalar_rule: ScalarRule | None = None) -> KernelBinary:
+    """SPIR-V for one fused elementwise region (see the module docstring for the spec)."""
+    if scalar_rule is None:
+        raise TypeError("generate_elementwise needs the IR's scalar_rule(op, emitter, attrs, "
+                        "args)")
+    p = dict(spec.params)
+    shape = tuple(p["shape"])
+    inputs, exprs, outputs = p["inputs"], p["exprs"], p["outputs"]
+    n = math.prod(shape)
+    local = local_size_for(caps)
+    kb = KernelBuilder(spec.name, local, caps)
+    in_bufs = [kb.buffer(f"in{i}", storage_dtype(dt), writable=False)
+               for i, (dt, _, _) in enumerate(inputs)]
+    out_bufs = [kb.buffer(f"out{k}", storage_dtype(dt), writable=True)
+                for k, (dt, _) in enumerate(outputs)]
+    pc = kb.push_constants([("count", "u32"), ("base", "u32")])
+    em = ScalarEmitter(kb)
+    gid = pc["base"] + kb.workgroup_id(0) * local + kb.local_id(0)
+    with kb.if_(gid < pc["count"]):
+        ix = _Indexer(kb, gid, shape)
+        loaded: dict[int, Value] = {}
+
+        def arg(a: tuple) -> Value:
+            tag = a[0]
+            if tag == "in":
+                i = a[1]
+                if i not in loaded:  # load each input once, only if used
+                    dt, strides, off = inputs[i]
+                    v = in_bufs[i].load(ix.offset(strides, off))
+                    loaded[i] = kb.cast(v, "bool") if dt == "bool" else v
+                return loaded[i]
+            if tag == "e":
+                return values[a[1]]
+            if tag == "const":
+                return em.const(a[1], a[2])
+            if tag == "iota":
+                return ix.axis(a[1])
+            raise ValueError(f"{spec.name}: unknown expression argument {a!r}")
+
+        values: list[Value] = []
+        for op, _dt, attrs, args in exprs:
+            values.append(scalar_rule(op, em, _attrs(attrs), [arg(a) for a in args]))
+        for buf, (dt, j) in zip(out_bufs, outputs, strict=True):
+            buf.store(gid, kb.cast(values[j], compute_dtype(storage_dtype(dt))))
+    dispatches = [Dispatch((g, 1, 1), pack_push_constants([("u32", n), ("u32", base)]))
+                  for g, base in launch_plan(n, local, caps)]
+    return kb.binary(spec, dispatches, notes={"elements": n})
+
+
+def reference_elementwise(spec: KernelSpec, arrays: Sequence[np.ndarray],
+                          scalar_rule: ScalarRule) -> list[np.ndarray]:
+    """numpy evaluation of the same spec (flat input buffers in, contiguous outputs out)."""
+    p = dict(spec.params)
+    shape = tuple(p["shape"])
+    em = NumpyScalarEmitter()
+    ins = []
+    for (dt, strides, off), a in zip(p["inputs"], arrays, strict=True):
+        flat = np.ascontiguousarray(a).reshape(-1)
+        if dt == "bf16":
+            flat = (flat.astype(np.uint32) << 16).view(np.float32)
+        flat = flat.astype({"i32": np.int32, "bool": np.int32}.get(dt, np.float32))
+        view = np.lib.stride_tricks.as_strided(
+            flat[off:], shape, tuple(s * flat.itemsize for s in strides))
+        ins.append(view != 0 if dt == "bool" else view)
+    values: list = []
+
+    def arg(a: tuple):
+        if a[0] == "in":
+            return ins[a[1]]
+        if a[0] == "e":
+            return values[a[1]]
+        if a[0] == "const":
+            return em.const(a[1], a[2])
+        idx = np.arange(shape[a[1]], dtype=np.int32)
+        return np.broadcast_to(idx.reshape([-1 if d == a[1] else 1 for d in range(len(shape))]),
+                               shape)
+
+    for op, _dt, attrs, args in p["exprs"]:
+        values.append(scalar_rule(op, em, _attrs(attrs), [arg(a) for a in args]))
+    outs = []
+    for dt, j in p["outputs"]:
+        v = np.broadcast_to(em.cast(values[j], "i32" if dt in ("i32", "bool") else "f32"), shape)
+        outs.append(np.ascontiguousarray(v))
+    return outs

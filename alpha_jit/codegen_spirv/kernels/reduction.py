@@ -1,0 +1,149 @@
+"""The row-reduction kernel family: sum / max / mean / logsumexp over one strided axis.
+
+Why: softmax, cross-entropy, layer norms and gradient sums all reduce rows. One workgroup owns
+one output row (grid-striding over rows when there are more rows than workgroups allowed); its
+threads stride along the row accumulating in f32, then combine through subgroup operations and
+a small shared array, never assuming a subgroup size (SubgroupSize/NumSubgroups are read at run
+time, since lavapipe runs 4..16 lanes and GPUs 32 or 64).
+
+Spec (family "reduction"), params as (key, value) pairs:
+    ("mode", "sum" | "max" | "mean" | "lse")
+    ("outer_shape", shape), ("outer_strides", strides), ("offset", int)
+    ("red_len", R), ("red_stride", s), ("in_dtype", dtype), ("out_dtype", dtype)
+out[o] = reduce_r input[offset + sum(o_idx * outer_strides) + r * s], out contiguous over
+outer_shape. lse is log(sum(exp(x - max))) + max: two passes over the row, numerically stable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from ..dsl import KernelBuilder, SharedArray, Value, cap, max_groups_x
+from ..kernel import Dispatch, KernelBinary, KernelSpec
+from ..scalar import compute_dtype
+from .elementwise import local_size_for, storage_dtype
+
+MODES = ("sum", "max", "mean", "lse")
+_IDENTITY = {"add": 0.0, "max": float("-inf")}
+
+
+class _WorkgroupReducer:
+    """Reduce one f32 per invocation to one f32 visible to every invocation of the group."""
+
+    def __init__(self, kb: KernelBuilder, local: int, caps: object):
+        self.kb = kb
+        min_sg = max(1, int(cap(caps, "min_subgroup_size", 1)))  # type: ignore[call-overload]
+        self.slots: SharedArray = kb.shared("f32", max(1, local // min_sg))
+        self.lane = kb.cast(kb.subgroup_invocation_id(), "i32")
+        self.sg_id = kb.cast(kb.subgroup_id(), "i32")
+        self.n_sg = kb.cast(kb.num_subgroups(), "i32")
+        self.sg_size = kb.cast(kb.subgroup_size(), "i32")
+
+    def combine(self, op: str, a: Value, b: Value) -> Value:
+        return a + b if op == "add" else self.kb.fmax(a, b)
+
+    def __call__(self, op: str, x: Value) -> Value:
+        kb = self.kb
+        partial = kb.subgroup_reduce(op, x)
+        kb.barrier()  # earlier readers of the slots (previous reduction) are done
+        with kb.if_(self.lane == 0):
+            self.slots.store(self.sg_id, partial)
+        kb.barrier()
+        # Every subgroup folds all slots itself: no third barrier, and NumSubgroups may exceed
+        # SubgroupSize (256 threads / 8 lanes = 32 slots), hence the strided loop.
+        acc = kb.var("f32", _IDENTITY[op])
+        with kb.loop(self.lane, self.n_sg, self.sg_size) as j:
+            acc.set(self.combine(op, acc.get(), self.slots.load(j)))
+        return kb.subgroup_reduce(op, acc.get())
+
+
+def generate_reduction(spec: KernelSpec, caps: object = None) -> KernelBinary:
+    """SPIR-V for one row reduction (see the module docstring for the spec)."""
+    p = dict(spec.params)
+    mode = p["mode"]
+    if mode not in MODES:
+        raise ValueError(f"{spec.name}: reduction mode {mode!r} not in {MODES}")
+    outer_shape = tuple(p["outer_shape"])
+    outer_strides = tuple(p["outer_strides"])
+    offset, red_len, red_stride = int(p["offset"]), int(p["red_len"]), int(p["red_stride"])
+    in_dt, out_dt = p["in_dtype"], p["out_dtype"]
+    if red_len < 1:
+        raise ValueError(f"{spec.name}: cannot reduce an empty axis")
+    rows = math.prod(outer_shape)
+    local = local_size_for(caps)
+    kb = KernelBuilder(spec.name, local, caps)
+    x_buf = kb.buffer("x", storage_dtype(in_dt), writable=False)
+    out_buf = kb.buffer("out", storage_dtype(out_dt), writable=True)
+    reduce_group = _WorkgroupReducer(kb, local, caps)
+    lid = kb.cast(kb.local_id(0), "i32")
+
+    with kb.loop(kb.cast(kb.workgroup_id(0), "i32"), rows,
+                 kb.cast(kb.num_workgroups(0), "i32")) as row:
+        base = _row_base(kb, row, outer_shape, outer_strides, offset)
+
+        def row_reduce(op: str, f: Callable[[Value], Value] = lambda v: v) -> Value:
+            acc = kb.var("f32", _IDENTITY[op])
+            with kb.loop(lid, red_len, local) as r:
+                x = kb.cast(x_buf.load(base + r * red_stride if red_stride != 1 else base + r),
+                            "f32")
+                acc.set(reduce_group.combine(op, acc.get(), f(x)))
+            return reduce_group(op, acc.get())
+
+        if mode == "max":
+            total = row_reduce("max")
+        elif mode == "lse":
+            m = row_reduce("max")
+            m = kb.select(kb.isinf(m), kb.f32(0.0), m)  # all -inf (or +inf) rows stay finite
+            total = kb.log(row_reduce("add", lambda v: kb.exp(v - m))) + m
+        else:
+            total = row_reduce("add")
+            if mode == "mean":
+                total = total / float(red_len)
+        with kb.if_(lid == 0):
+            out_buf.store(row, kb.cast(total, compute_dtype(storage_dtype(out_dt))))
+
+    groups = max(1, min(rows, max_groups_x(caps)))
+    return kb.binary(spec, [Dispatch((groups, 1, 1))],
+                     notes={"rows": rows, "red_len": red_len})
+
+
+def _row_base(kb: KernelBuilder, row: Value, shape: tuple, strides: tuple, offset: int) -> Value:
+    """offset + sum(o_idx[d] * strides[d]) for the row-major index of `row` in `shape`."""
+    total: Value | None = None
+    inner = 1
+    for d in reversed(range(len(shape))):
+        if shape[d] != 1 and strides[d] != 0:
+            idx = row / inner if inner != 1 else row
+            if d > 0:
+                idx = idx % shape[d]
+            term = idx * strides[d] if strides[d] != 1 else idx
+            total = term if total is None else total + term
+        inner *= shape[d]
+    if total is None:
+        return kb.i32(offset)
+    return total + offset if offset else total
+
+
+def reference_reduction(spec: KernelSpec, x: np.ndarray) -> np.ndarray:
+    """float64 numpy evaluation of the spec on the flat input buffer `x`."""
+    p = dict(spec.params)
+    flat = np.ascontiguousarray(x).reshape(-1)
+    if p["in_dtype"] == "bf16":
+        flat = (flat.astype(np.uint32) << 16).view(np.float32)
+    flat = flat.astype(np.float64)
+    shape = (*p["outer_shape"], p["red_len"])
+    strides = (*p["outer_strides"], p["red_stride"])
+    v = np.lib.stride_tricks.as_strided(flat[p["offset"]:], shape,
+                                        tuple(s * 8 for s in strides))
+    mode = p["mode"]
+    if mode == "sum":
+        return v.sum(-1)
+    if mode == "mean":
+        return v.mean(-1)
+    if mode == "max":
+        return v.max(-1)
+    m = v.max(-1, keepdims=True)
+    return (np.log(np.exp(v - m).sum(-1, keepdims=True)) + m)[..., 0]

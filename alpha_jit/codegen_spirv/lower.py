@@ -1,0 +1,361 @@
+"""Lowering: group graph nodes into kernels and describe each as a hashable `KernelSpec`.
+
+Elementwise nodes of one shape fuse into one kernel (any expression DAG, several outputs) as long
+as the fused group creates no cycle; reductions, matmuls, gathers and scatters are one kernel
+each. Layout ops become strided `View`s that the consuming kernel reads through; constants fold
+into expressions. The result lists kernels in execution order and the buffers each reads and
+writes, which the planner turns into a memory arena and barriers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+
+from alpha_jit.codegen_spirv.kernel import KernelSpec
+from alpha_jit.codegen_spirv.views import View
+from alpha_jit.dtypes import DType
+from alpha_jit.ir.graph import Graph, Provenance, freeze_attrs
+from alpha_jit.ir.ops import registry
+
+LEAVES = ("input", "state", "hparam")
+
+
+@dataclass
+class Buffer:
+    """A materialized value: a leaf (input/state/hparam) or something a kernel writes."""
+
+    id: int
+    kind: str  # input | state | hparam | temp
+    shape: tuple
+    dtype: DType
+    key: object = None  # input index, state key or hparam key
+
+    @property
+    def nbytes(self) -> int:
+        return max(int(np.prod(self.shape, dtype=np.int64)), 1) * self.dtype.itemsize
+
+
+@dataclass
+class LoweredKernel:
+    spec: KernelSpec
+    reads: list[int]  # buffer ids, in binding order
+    writes: list[int]  # buffer ids, in binding order after the reads
+    nodes: list[int]  # graph nodes this kernel computes
+    prov: Provenance
+
+
+@dataclass
+class Lowered:
+    graph: Graph
+    kernels: list[LoweredKernel] = field(default_factory=list)
+    buffers: dict[int, Buffer] = field(default_factory=dict)
+    outputs: list[int] = field(default_factory=list)  # buffer id per graph output
+    state_writes: dict[object, int] = field(default_factory=dict)  # state key -> buffer id
+
+    def format(self) -> str:
+        lines = [f"== kernels: {len(self.kernels)} =="]
+        for i, k in enumerate(self.kernels):
+            ins = ", ".join(f"%{b}" for b in k.reads)
+            outs = ", ".join(f"%{b}" for b in k.writes)
+            lines.append(f"  [{i}] {k.spec.family:<11} {k.spec.name:<28} ({ins}) -> ({outs})"
+                         f"    # {k.prov.short()}  nodes={len(k.nodes)}")
+        return "\n".join(lines)
+
+
+def _shape_key(shape: tuple) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+class _Lowerer:
+    def __init__(self, graph: Graph):
+        self.g = graph
+        self.out = Lowered(graph)
+        self.views: dict[int, View | None] = {}
+        self.copy_ids = itertools.count(-1, -1)
+        self.group: dict[int, int] = {}  # elementwise node -> group id
+        self.members: dict[int, list[int]] = {}
+
+    # ---- grouping -------------------------------------------------------------------------
+    def _cls(self, n: int) -> str:
+        return registry.get(self.g.op(n)).lowering
+
+    def fuse(self, order: list[int]) -> None:
+        """Greedy elementwise fusion in topological order.
+
+        A group is frozen once anything outside it consumes one of its members, so the
+        dependency sets used for the cycle check are final whenever they are read."""
+        g = self.g
+        anc: dict[int, frozenset] = {}  # non-group node -> groups it depends on
+        ganc: dict[int, set] = {}  # group -> groups it depends on
+        frozen: set[int] = set()
+        gid = itertools.count()
+
+        def dep_of(w: int) -> frozenset:
+            if w in self.group:
+                return frozenset(ganc[self.group[w]] | {self.group[w]})
+            return anc[w]
+
+        for n in order:
+            args = g.args(n)
+            if self._cls(n) == "elementwise":
+                cands = list(dict.fromkeys(
+                    self.group[u] for u in args
+                    if u in self.group and self.group[u] not in frozen
+                    and g.shape(u) == g.shape(n)))
+                chosen = next((c for c in cands if all(
+                    self.group.get(w) == c or c not in dep_of(w) for w in args)), None)
+                for d in cands:
+                    # two open groups feeding n merge when neither depends on the other;
+                    # an open group has no outside consumers, so nothing else refers to it
+                    if chosen is None or d == chosen or d in ganc[chosen] or chosen in ganc[d]:
+                        continue
+                    for m in self.members.pop(d):
+                        self.group[m] = chosen
+                        self.members[chosen].append(m)
+                    ganc[chosen] |= ganc.pop(d)
+                if chosen is None:
+                    chosen = next(gid)
+                    self.members[chosen], ganc[chosen] = [], set()
+                self.group[n] = chosen
+                self.members[chosen].append(n)
+                for w in args:
+                    if self.group.get(w) != chosen:
+                        ganc[chosen] |= dep_of(w)
+            else:
+                deps: set[int] = set()
+                for w in args:
+                    deps |= dep_of(w)
+                anc[n] = frozenset(deps)
+            for w in args:  # a consumer outside w's group freezes that group
+                if w in self.group and self.group[w] != self.group.get(n):
+                    frozen.add(self.group[w])
+
+    # ---- views ----------------------------------------------------------------------------
+    def view(self, n: int) -> View | None:
+        """The strided view through which a kernel reads node n (None: not in memory)."""
+        if n in self.views:
+            return self.views[n]
+        g = self.g
+        op = g.op(n)
+        v: View | None
+        if n in self.out.buffers:
+            v = View.of(n, g.shape(n))
+        elif self._cls(n) == "view":
+            src = self.view(g.args(n)[0])
+            if src is None:
+                v = None
+            elif op == "transpose":
+                v = src.transpose(g.attrs(n)["perm"])
+            elif op == "broadcast_to":
+                v = src.broadcast_to(g.attrs(n)["shape"])
+            else:
+                v = src.reshape(g.attrs(n)["shape"])
+                if v is None:  # no strided form: copy the source to contiguous memory first
+                    v = self.materialize_view(src, g.dtype(n), n).reshape(g.attrs(n)["shape"])
+        else:
+            v = None
+        self.views[n] = v
+        return v
+
+    def need_view(self, n: int, for_node: int) -> View:
+        """A view of n, materializing constants (and other non-memory values) if needed."""
+        v = self.view(n)
+        if v is not None:
+            return v
+        g = self.g
+        buf = next(self.copy_ids)
+        self.out.buffers[buf] = Buffer(buf, "temp", g.shape(n), g.dtype(n))
+        arg = self._expr_arg(n, [], {})
+        exprs = (("copy", g.dtype(n).name, (), (arg,)),)
+        self._emit("elementwise", f"fill_{g.op(n)}", (
+            ("shape", g.shape(n)), ("inputs", ()), ("exprs", exprs),
+            ("outputs", ((g.dtype(n).name, 0),))), [], [buf], [n], for_node)
+        return View.of(buf, g.shape(n))
+
+    def materialize_view(self, src: View, dtype: DType, for_node: int) -> View:
+        buf = next(self.copy_ids)
+        self.out.buffers[buf] = Buffer(buf, "temp", src.shape, dtype)
+        spec = (("shape", src.shape), ("inputs", ((dtype.name, src.strides, src.offset),)),
+                ("exprs", (("copy", dtype.name, (), (("in", 0),)),)),
+                ("outputs", ((dtype.name, 0),)))
+        self._emit("elementwise", "copy_view", spec, [src.base], [buf], [], for_node)
+        return View.of(buf, src.shape)
+
+    # ---- kernels --------------------------------------------------------------------------
+    def _emit(self, family: str, name: str, params: tuple, reads: list[int], writes: list[int],
+              nodes: list[int], prov_node: int) -> None:
+        self.out.kernels.append(LoweredKernel(KernelSpec(family, name, params), reads, writes,
+                                              nodes, self.g.prov(prov_node)))
+
+    def _expr_arg(self, u: int, inputs: list, in_index: dict) -> tuple:
+        g = self.g
+        if g.op(u) == "full":
+            return ("const", g.attrs(u)["value"], g.dtype(u).name)
+        if g.op(u) == "iota" and u not in self.out.buffers:
+            return ("iota", g.attrs(u)["axis"])
+        raise AssertionError(f"%{u} is not an expression constant")
+
+    def elementwise(self, gid: int) -> None:
+        g = self.g
+        members = sorted(self.members[gid], key=self.position.__getitem__)
+        mset = set(members)
+        shape = g.shape(members[0])
+        inputs: list[tuple] = []
+        reads: list[int] = []
+        in_index: dict[tuple, int] = {}
+        expr_of: dict[int, int] = {}
+        exprs: list[tuple] = []
+        for n in members:
+            args = []
+            for u in g.args(n):
+                if u in mset:
+                    args.append(("e", expr_of[u]))
+                elif g.op(u) == "full":
+                    args.append(("const", g.attrs(u)["value"], g.dtype(u).name))
+                else:
+                    v = self.need_view(u, n).broadcast_to(shape)
+                    key = (v.base, v.offset, v.strides)
+                    if key not in in_index:
+                        in_index[key] = len(inputs)
+                        inputs.append((g.dtype(u).name, v.strides, v.offset))
+                        reads.append(v.base)
+                    args.append(("in", in_index[key]))
+            op = g.op(n)
+            if op == "iota":
+                op, args = "copy", [("iota", g.attrs(n)["axis"])]
+            expr_of[n] = len(exprs)
+            exprs.append((op, g.dtype(n).name, freeze_attrs(g.attrs(n)), tuple(args)))
+        outs = [n for n in members if n in self.out.buffers]
+        outputs = tuple((g.dtype(n).name, expr_of[n]) for n in outs)
+        name = "_".join(dict.fromkeys(g.op(n) for n in members))[:40]
+        params = (("shape", shape), ("inputs", tuple(inputs)), ("exprs", tuple(exprs)),
+                  ("outputs", outputs))
+        self._emit("elementwise", name, params, reads, outs, members, members[-1])
+
+    def single(self, n: int) -> None:
+        g = self.g
+        op, attrs, cls = g.op(n), g.attrs(n), self._cls(n)
+        args = g.args(n)
+        if cls == "reduction":
+            v = self.need_view(args[0], n)
+            ax = attrs["axis"]
+            outer = tuple(s for i, s in enumerate(v.shape) if i != ax)
+            ostr = tuple(s for i, s in enumerate(v.strides) if i != ax)
+            mode = {"sum": "sum", "mean": "mean", "max": "max", "logsumexp": "lse"}[op]
+            params = (("mode", mode), ("outer_shape", outer), ("outer_strides", ostr),
+                      ("offset", v.offset), ("red_len", v.shape[ax]),
+                      ("red_stride", v.strides[ax]), ("in_dtype", g.dtype(args[0]).name),
+                      ("out_dtype", g.dtype(n).name))
+            self._emit("reduction", f"{op}_{v.shape[ax]}", params, [v.base], [n], [n], n)
+        elif cls == "matmul":
+            out_shape = g.shape(n)
+            batch = out_shape[:-2]
+            m, nn = out_shape[-2], out_shape[-1]
+            ops = []
+            for a, rows_cols in ((args[0], None), (args[1], None)):
+                v = self.need_view(a, n)
+                v = v.broadcast_to((*batch, *v.shape[-2:]))
+                cb = v.collapse_batch()
+                if cb is None:
+                    v = self.materialize_view(v, g.dtype(a), n)
+                    cb = v.collapse_batch()
+                ops.append((v, cb, rows_cols))
+            (va, (nb, sba), _), (vb, (_, sbb), _) = ops
+            k = va.shape[-1]
+            params = (("batch", nb), ("m", m), ("n", nn), ("k", k),
+                      ("a", (g.dtype(args[0]).name, va.offset, sba, va.strides[-2],
+                             va.strides[-1])),
+                      ("b", (g.dtype(args[1]).name, vb.offset, sbb, vb.strides[-2],
+                             vb.strides[-1])),
+                      ("out_dtype", g.dtype(n).name))
+            self._emit("matmul", f"matmul_{nb}x{m}x{nn}x{k}", params, [va.base, vb.base], [n],
+                       [n], n)
+        elif cls in ("gather", "scatter"):
+            src, ids = (self._contiguous(a, n) for a in args)
+            if cls == "gather":
+                rows, dim = g.shape(args[0])
+                params = (("rows", rows), ("dim", dim), ("n", ids.numel),
+                          ("dtype", g.dtype(n).name), ("table_offset", src.offset),
+                          ("ids_offset", ids.offset))
+            else:
+                rows, dim = attrs["rows"], g.shape(args[0])[1]
+                params = (("rows", rows), ("dim", dim), ("n", ids.numel),
+                          ("dtype", g.dtype(n).name), ("src_offset", src.offset),
+                          ("ids_offset", ids.offset))
+            self._emit(cls, f"{op}_{rows}x{dim}", params, [src.base, ids.base], [n], [n], n)
+        else:
+            raise AssertionError(f"no lowering for {op} ({cls})")
+
+    def _contiguous(self, a: int, n: int) -> View:
+        v = self.need_view(a, n)
+        return v if v.is_contiguous() else self.materialize_view(v, self.g.dtype(a), n)
+
+    # ---- driver ---------------------------------------------------------------------------
+    def run(self) -> Lowered:
+        g = self.g
+        order = g.topo()
+        self.position = {n: i for i, n in enumerate(order)}
+        self.fuse(order)
+        roots = set(g.roots())
+        for n in order:
+            cls = self._cls(n)
+            if cls == "input":
+                kind = g.op(n)
+                key = {"input": "index", "state": "key", "hparam": "key"}[kind]
+                self.out.buffers[n] = Buffer(n, kind, g.shape(n), g.dtype(n), g.attrs(n)[key])
+            elif cls in ("reduction", "matmul", "gather", "scatter"):
+                self.out.buffers[n] = Buffer(n, "temp", g.shape(n), g.dtype(n))
+            elif cls == "elementwise":
+                grp = self.group[n]
+                if n in roots or any(self.group.get(v) != grp for v in g.users(n)):
+                    self.out.buffers[n] = Buffer(n, "temp", g.shape(n), g.dtype(n))
+        # units: one per elementwise group or kernel node, ordered by the unit-level DAG
+        unit: dict[int, tuple] = {}
+        for n in order:
+            cls = self._cls(n)
+            if cls == "elementwise":
+                unit[n] = ("g", self.group[n])
+            elif cls in ("reduction", "matmul", "gather", "scatter"):
+                unit[n] = ("k", n)
+            else:
+                unit[n] = ("n", n)
+        q = nx.DiGraph()
+        first = {}
+        for n in order:
+            q.add_node(unit[n])
+            first.setdefault(unit[n], n)
+        for u, v in g.g.edges():
+            if unit[u] != unit[v]:
+                q.add_edge(unit[u], unit[v])
+        for un in nx.lexicographical_topological_sort(q, key=lambda x: first[x]):
+            if un[0] == "g":
+                self.elementwise(un[1])
+            elif un[0] == "k":
+                self.single(un[1])
+        for o in g.outputs:
+            self.out.outputs.append(self._root_buffer(o))
+        for key, n in g.state_writes.items():
+            if g.op(n) == "state" and g.attrs(n)["key"] == key:
+                continue  # written back unchanged
+            self.out.state_writes[key] = self._root_buffer(n, temp_only=True)
+        return self.out
+
+    def _root_buffer(self, n: int, temp_only: bool = False) -> int:
+        """A contiguous buffer holding root n (copying views and constants if needed).
+        State writes always come from a temporary, so end-of-step copies never read a
+        buffer that another end-of-step copy overwrites."""
+        v = self.need_view(n, n)
+        base = self.out.buffers[v.base]
+        if v.is_contiguous() and v.offset == 0 and v.numel == _shape_key(base.shape) and (
+                base.kind == "temp" or not temp_only):
+            return v.base
+        return self.materialize_view(v, self.g.dtype(n), n).base
+
+
+def lower(graph: Graph) -> Lowered:
+    """Kernels (in execution order) and buffers for a graph that passes have run on."""
+    return _Lowerer(graph).run()

@@ -1,0 +1,151 @@
+"""The abstract scalar emitter that op definitions write their elementwise rules against.
+
+Why: an op's scalar rule is written once (`e.binary("add", a, b)`, `e.unary("exp", a)`, ...)
+and run by two interpreters with the same method names: `ScalarEmitter` emits SPIR-V through the
+kernel DSL, `NumpyScalarEmitter` computes with numpy, so the IR can check that a rule means the
+same thing on the device as in the reference. Semantics both sides share:
+
+- float values compute in f32 (f16/bf16 constants become f32), integers in i32;
+- `div` on integers is floor division (numpy `//`); `max`/`min` are elementwise;
+- `compare` returns bool; `cast(x, "f32"|"i32")` truncates toward zero and maps bool to 1/0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .dsl import KernelBuilder, Value
+
+BINARY_OPS = ("add", "sub", "mul", "div", "max", "min", "pow")
+UNARY_OPS = ("neg", "exp", "log", "tanh", "sqrt", "rsqrt", "abs")
+COMPARE_OPS = ("lt", "le", "gt", "ge", "eq", "ne")
+# Storage dtypes compute in a wider type: every float in f32.
+_COMPUTE = {"f32": "f32", "f16": "f32", "bf16": "f32", "i32": "i32", "bool": "bool",
+            "u32": "u32"}
+
+
+def compute_dtype(dtype: str) -> str:
+    """The dtype a stored value is computed in ("f16"/"bf16" -> "f32")."""
+    try:
+        return _COMPUTE[str(dtype)]
+    except KeyError:
+        raise TypeError(f"no compute dtype for {dtype!r}") from None
+
+
+class ScalarEmitter:
+    """Scalar rules -> SPIR-V values, through a `KernelBuilder`."""
+
+    def __init__(self, kb: KernelBuilder):
+        self.kb = kb
+
+    def const(self, value: object, dtype: str) -> Value:
+        return self.kb.const(value, compute_dtype(dtype))
+
+    def binary(self, op: str, a: Value, b: Value) -> Value:
+        kb = self.kb
+        if a.dtype != b.dtype:
+            raise TypeError(f"binary {op}: dtype mismatch {a.dtype} vs {b.dtype}")
+        if op == "add":
+            return a + b
+        if op == "sub":
+            return a - b
+        if op == "mul":
+            return a * b
+        if op == "div":
+            return a / b if a.dtype == "f32" else kb.floordiv(a, b)
+        if op == "max":
+            return kb.fmax(a, b)
+        if op == "min":
+            return kb.fmin(a, b)
+        if op == "pow":
+            if a.dtype != "f32":
+                raise TypeError("pow is defined for f32 only")
+            return kb.pow(a, b)
+        raise ValueError(f"unknown binary op {op!r}; known: {BINARY_OPS}")
+
+    def unary(self, op: str, a: Value) -> Value:
+        kb = self.kb
+        if op == "neg":
+            return -a
+        if op == "abs":
+            return kb.abs(a)
+        if a.dtype != "f32":
+            raise TypeError(f"unary {op} is defined for f32 only, got {a.dtype}")
+        if op == "rsqrt":
+            return kb.inversesqrt(a)
+        if op in ("exp", "log", "sqrt"):
+            return getattr(kb, op)(a)
+        if op == "tanh":
+            return self._tanh(a)
+        raise ValueError(f"unknown unary op {op!r}; known: {UNARY_OPS}")
+
+    def _tanh(self, x: Value) -> Value:
+        # GLSL Tanh is (e^2x-1)/(e^2x+1) on several drivers: inaccurate near 0 and NaN beyond
+        # |x|~44. 1 - 2/(e^2|x|+1) is exact for large |x|; a Taylor polynomial covers |x|<0.3.
+        kb = self.kb
+        ax = kb.abs(x)
+        big = 1.0 - 2.0 / (kb.exp(kb.fmin(ax, 20.0) * 2.0) + 1.0)
+        x2 = x * x
+        small = x * (1.0 + x2 * (-1.0 / 3 + x2 * (2.0 / 15 + x2 * (-17.0 / 315
+                                                                + x2 * (62.0 / 2835)))))
+        signed = kb.select(x < 0.0, -big, big)
+        return kb.select(ax < 0.3, small, signed)
+
+    def compare(self, op: str, a: Value, b: Value) -> Value:
+        if op not in COMPARE_OPS:
+            raise ValueError(f"unknown comparison {op!r}; known: {COMPARE_OPS}")
+        return self.kb.compare(op, a, b)
+
+    def select(self, cond: Value, a: Value, b: Value) -> Value:
+        return self.kb.select(cond, a, b)
+
+    def cast(self, a: Value, dtype: str) -> Value:
+        return self.kb.cast(a, compute_dtype(dtype))
+
+
+_NP = {"f32": np.float32, "i32": np.int32, "bool": np.bool_, "u32": np.uint32}
+_NP_BINARY = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "max": np.maximum,
+              "min": np.minimum, "pow": np.power}
+_NP_UNARY = {"neg": np.negative, "exp": np.exp, "log": np.log, "tanh": np.tanh,
+             "sqrt": np.sqrt, "abs": np.abs, "rsqrt": lambda x: 1 / np.sqrt(x)}
+_NP_COMPARE = {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
+               "eq": np.equal, "ne": np.not_equal}
+
+
+class NumpyScalarEmitter:
+    """The same methods on numpy arrays, computing in the arrays' dtype (f32 / i32 / bool)."""
+
+    def const(self, value: object, dtype: str) -> np.ndarray:
+        return np.asarray(value, dtype=_NP[compute_dtype(dtype)])
+
+    def binary(self, op: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        a, b = np.asarray(a), np.asarray(b)
+        if a.dtype != b.dtype:
+            raise TypeError(f"binary {op}: dtype mismatch {a.dtype} vs {b.dtype}")
+        with np.errstate(all="ignore"):
+            if op == "div":
+                out = np.divide(a, b) if a.dtype.kind == "f" else np.floor_divide(a, b)
+            elif op in _NP_BINARY:
+                out = _NP_BINARY[op](a, b)
+            else:
+                raise ValueError(f"unknown binary op {op!r}; known: {BINARY_OPS}")
+        return np.asarray(out).astype(a.dtype, copy=False)
+
+    def unary(self, op: str, a: np.ndarray) -> np.ndarray:
+        a = np.asarray(a)
+        if op not in _NP_UNARY:
+            raise ValueError(f"unknown unary op {op!r}; known: {UNARY_OPS}")
+        with np.errstate(all="ignore"):
+            return np.asarray(_NP_UNARY[op](a)).astype(a.dtype, copy=False)
+
+    def compare(self, op: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        if op not in _NP_COMPARE:
+            raise ValueError(f"unknown comparison {op!r}; known: {COMPARE_OPS}")
+        return np.asarray(_NP_COMPARE[op](a, b))
+
+    def select(self, cond: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.asarray(np.where(cond, a, b)).astype(np.asarray(a).dtype, copy=False)
+
+    def cast(self, a: np.ndarray, dtype: str) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            return np.asarray(a).astype(_NP[compute_dtype(dtype)])

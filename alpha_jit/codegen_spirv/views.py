@@ -1,0 +1,79 @@
+"""Strided views: how a kernel reads a value that layout ops reshaped, transposed or broadcast.
+
+Layout ops never run as kernels. Lowering composes them into a `View` of a materialized buffer
+(element offset + per-axis strides); when a composition has no strided form (reshaping a
+transposed tensor, say) lowering inserts a copy instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def contiguous_strides(shape: tuple) -> tuple:
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= s
+    return tuple(reversed(strides))
+
+
+@dataclass(frozen=True)
+class View:
+    base: int  # id of the materialized value (graph node id, or negative for lowering's copies)
+    offset: int  # in elements
+    shape: tuple
+    strides: tuple
+
+    @staticmethod
+    def of(base: int, shape: tuple) -> View:
+        return View(base, 0, tuple(shape), contiguous_strides(tuple(shape)))
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def is_contiguous(self) -> bool:
+        dims = [(s, st) for s, st in zip(self.shape, self.strides, strict=True) if s != 1]
+        return [st for _, st in dims] == list(contiguous_strides(tuple(s for s, _ in dims)))
+
+    def transpose(self, perm: tuple) -> View:
+        return View(self.base, self.offset, tuple(self.shape[p] for p in perm),
+                    tuple(self.strides[p] for p in perm))
+
+    def broadcast_to(self, shape: tuple) -> View:
+        """numpy broadcasting, right-aligned; broadcast axes get stride 0."""
+        lead = len(shape) - len(self.shape)
+        strides = [0] * lead
+        for i, (s, st) in enumerate(zip(self.shape, self.strides, strict=True)):
+            strides.append(0 if s == 1 and shape[lead + i] != 1 else st)
+        return View(self.base, self.offset, tuple(shape), tuple(strides))
+
+    def reshape(self, shape: tuple) -> View | None:
+        """A strided view with the new shape, or None if the data would have to move."""
+        if self.is_contiguous():
+            return View(self.base, self.offset, tuple(shape), contiguous_strides(tuple(shape)))
+        # dropping or adding size-1 axes keeps the strides of the others
+        old = [(s, st) for s, st in zip(self.shape, self.strides, strict=True) if s != 1]
+        if [s for s, _ in old] == [s for s in shape if s != 1]:
+            it = iter(st for _, st in old)
+            return View(self.base, self.offset, tuple(shape),
+                        tuple(0 if s == 1 else next(it) for s in shape))
+        return None
+
+    def collapse_batch(self) -> tuple[int, int] | None:
+        """(batch size, single batch stride) if the leading axes (all but the last two)
+        can be read as one axis; None if they cannot."""
+        bshape, bstrides = self.shape[:-2], self.strides[:-2]
+        n = int(np.prod(bshape, dtype=np.int64)) if bshape else 1
+        dims = [(s, st) for s, st in zip(bshape, bstrides, strict=True) if s != 1]
+        if not dims:
+            return n, 0
+        if all(st == 0 for _, st in dims):
+            return n, 0
+        for (s0, st0), (s1, st1) in zip(dims, dims[1:], strict=False):
+            if st0 != st1 * s1:
+                return None
+        return n, dims[-1][1]

@@ -1,0 +1,187 @@
+"""`@alpha_jit.compile`: trace on first call (and on a new signature), replay afterwards.
+
+The signature (argument shapes and dtypes, precision) keys a cache of compiled steps. A miss
+traces the function into a Graph (forward, autodiff, optimizer), runs the passes, lowers and
+plans it, and records one command buffer; every later call with the same signature only writes
+the inputs and re-submits that buffer. `ALPHA_JIT_LOG=recompile` says why a retrace happened.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from alpha_jit import dtypes
+from alpha_jit.errors import AlphaJitError, TraceError
+from alpha_jit.ir import trace
+from alpha_jit.ir.graph import Graph
+from alpha_jit.ir.passes.manager import run_passes
+from alpha_jit.tensor import StateTensor, Tensor, as_tensor
+
+log = logging.getLogger("alpha_jit.compile")
+PRECISIONS = ("f32",)
+
+
+@dataclass
+class TracedStep:
+    """Everything tracing learned: the graph and how it connects to the host."""
+
+    graph: Graph
+    signature: tuple
+    input_nodes: list[int]
+    state: dict[int, StateTensor]  # state key -> holder (reads and writes)
+    hparams: dict[tuple, trace.HParam]
+    hparam_nodes: dict[tuple, int]
+    index_bounds: dict[int, tuple[int, int, str, str]]
+    out_structure: Any  # how to rebuild the user's return value from the flat outputs
+    snapshots: list[tuple[str, Graph]] = field(default_factory=list)
+    pass_history: list[tuple[str, str, Graph]] = field(default_factory=list)
+    grad_updates: list[tuple[Any, Any]] = field(default_factory=list)
+
+    def leaves(self, args: list[np.ndarray], state_values: dict[int, np.ndarray],
+               hparam_values: dict[tuple, float]) -> dict[int, np.ndarray]:
+        """Leaf values for the reference interpreter, keyed by node id."""
+        g = self.graph
+        feed: dict[int, np.ndarray] = {}
+        for n in g.g.nodes:
+            op = g.op(n)
+            if op == "input":
+                feed[n] = args[g.attrs(n)["index"]]
+            elif op == "state":
+                feed[n] = state_values[g.attrs(n)["key"]]
+            elif op == "hparam":
+                feed[n] = np.asarray(hparam_values[g.attrs(n)["key"]], np.float32)
+        return feed
+
+
+def signature_of(args: tuple, precision: str) -> tuple:
+    sig = []
+    for i, a in enumerate(args):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"argument {i} of a compiled step must be a numpy array, got "
+                            f"{type(a).__name__}")
+        sig.append((tuple(a.shape), dtypes.from_numpy(a).name))
+    return (tuple(sig), precision)
+
+
+def _flatten(result: Any) -> tuple[list[Tensor], Any]:
+    if result is None:
+        return [], None
+    if isinstance(result, tuple | list):
+        flat, structs = [], []
+        for r in result:
+            f, s = _flatten(r)
+            structs.append((len(flat), len(f), s))
+            flat += f
+        return flat, (type(result), structs)
+    return [as_tensor(result)], "leaf"
+
+
+def unflatten(values: list[Any], structure: Any) -> Any:
+    if structure is None:
+        return None
+    if structure == "leaf":
+        return values[0]
+    kind, structs = structure
+    return kind(unflatten(values[start:start + n], s) for start, n, s in structs)
+
+
+def trace_step(fn: Callable, args: tuple, precision: str = "f32") -> TracedStep:
+    """Run `fn` once with tracer tensors and return the recorded step."""
+    sig = signature_of(args, precision)
+    ctx = trace.TraceContext()
+    with trace.tracing(ctx):
+        inputs = [trace.leaf("input", {"index": i, "name": f"arg{i}"}, a.shape,
+                             dtypes.from_numpy(a)) for i, a in enumerate(args)]
+        result = fn(*inputs)
+        flat, structure = _flatten(result)
+        grad_updates = _write_back_grads(ctx)
+    g = ctx.graph
+    g.outputs = [t.node for t in flat]
+    ctx.snapshots.append(("traced step (fwd + bwd + opt)", g.copy()))
+    return TracedStep(g, sig, [t.node for t in inputs], ctx.state, ctx.hparams,
+                      ctx.hparam_nodes, ctx.index_bounds, structure, ctx.snapshots,
+                      grad_updates=grad_updates)
+
+
+def _write_back_grads(ctx: trace.TraceContext) -> list[tuple[Any, Any]]:
+    """Gradients still set when the step returns live on as state (PyTorch keeps .grad)."""
+    updates = []
+    for key, value in list(ctx.grads.items()):
+        p = ctx.grad_params[key] if key in ctx.grad_params else ctx.state[key]
+        if value is None:
+            updates.append((p, None))
+            continue
+        holder = p._grad_holder
+        if holder is None:
+            holder = StateTensor(np.zeros(p.shape, np.float32), f"{p.state_name}.grad")
+        ctx.write_state(holder, as_tensor(value).node)
+        updates.append((p, holder))
+    return updates
+
+
+class CompiledFunction:
+    """The callable `@alpha_jit.compile` returns."""
+
+    def __init__(self, fn: Callable, precision: str = "f32", passes: list[str] | None = None):
+        if precision not in PRECISIONS:
+            raise AlphaJitError(f"precision {precision!r} is not supported yet; "
+                                f"choose one of {PRECISIONS}")
+        functools.update_wrapper(self, fn)
+        self.fn, self.precision, self.passes = fn, precision, passes
+        self.cache: dict[tuple, Any] = {}
+        self.traces = 0
+        self.last_traced: TracedStep | None = None
+
+    def trace(self, *args: np.ndarray) -> TracedStep:
+        """Trace and run the passes, without compiling for a device (used by dump-ir, tests)."""
+        traced = trace_step(self.fn, args, self.precision)
+        traced.graph, traced.pass_history = run_passes(traced.graph, self.passes)
+        for p, holder in traced.grad_updates:
+            p._grad_holder = holder
+        self.traces += 1
+        self.last_traced = traced
+        return traced
+
+    def __call__(self, *args: Any) -> Any:
+        args = tuple(np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a for a in args)
+        sig = signature_of(args, self.precision)
+        exe = self.cache.get(sig)
+        if exe is None:
+            if self.cache and "recompile" in os.environ.get("ALPHA_JIT_LOG", ""):
+                print(f"[alpha_jit] retracing {self.fn.__name__}: {_why(self.cache, sig)}",
+                      file=sys.stderr)
+            from alpha_jit.runtime.step import Executable
+
+            exe = Executable(self.trace(*args))
+            self.cache[sig] = exe
+        return unflatten(exe(list(args)), exe.traced.out_structure)
+
+
+def _why(cache: dict, sig: tuple) -> str:
+    old = next(reversed(cache))
+    diffs = []
+    for i, (a, b) in enumerate(zip(old[0], sig[0], strict=False)):
+        if a != b:
+            diffs.append(f"argument {i} changed from {a[1]}{list(a[0])} to {b[1]}{list(b[0])}")
+    if len(old[0]) != len(sig[0]):
+        diffs.append(f"number of arguments changed from {len(old[0])} to {len(sig[0])}")
+    return "; ".join(diffs) or "precision changed"
+
+
+def compile(fn: Callable | None = None, *, precision: str = "f32",  # noqa: A001
+            passes: list[str] | None = None) -> Any:
+    """Decorator: `@alpha_jit.compile` or `@alpha_jit.compile(precision="f32")`."""
+    if fn is None:
+        return lambda f: CompiledFunction(f, precision, passes)
+    return CompiledFunction(fn, precision, passes)
+
+
+__all__ = ["compile", "CompiledFunction", "TracedStep", "trace_step", "TraceError"]

@@ -1,0 +1,183 @@
+"""Elementwise ops: one scalar rule each, fused by lowering into one kernel per region.
+
+Each op has a numpy reference (used by the reference interpreter), a VJP written with the tensor
+API, and a `scalar` rule written against the abstract scalar emitter that kernel generators pass
+in (`binary`, `unary`, `compare`, `select`, `cast`, `const`). Comparisons return f32 masks
+(1.0 / 0.0) so they compose with arithmetic without a bool dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from alpha_jit.ir.ops.registry import OpDef, register
+from alpha_jit.ir.ops.rules import F32, elementwise_infer, same_dtype
+from alpha_jit.tensor import sum_to, where
+
+GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def _binary(name: str, ref, vjp, scalar, float_only: bool = False) -> None:
+    register(OpDef(name, "elementwise", elementwise_infer(name, float_only), ref, vjp, scalar))
+
+
+def _unary(name: str, ref, vjp, scalar) -> None:
+    register(OpDef(name, "elementwise", elementwise_infer(name, True), ref, vjp, scalar))
+
+
+def _bin(opname: str):
+    return lambda e, attrs, a, b: e.binary(opname, a, b)
+
+
+def _un(opname: str):
+    return lambda e, attrs, a: e.unary(opname, a)
+
+
+# ---- binary arithmetic ------------------------------------------------------------------------
+_binary("add", lambda a, attrs: a[0] + a[1],
+        lambda g, args, out, attrs: [sum_to(g, args[0].shape), sum_to(g, args[1].shape)],
+        _bin("add"))
+_binary("sub", lambda a, attrs: a[0] - a[1],
+        lambda g, args, out, attrs: [sum_to(g, args[0].shape), sum_to(-g, args[1].shape)],
+        _bin("sub"))
+_binary("mul", lambda a, attrs: a[0] * a[1],
+        lambda g, args, out, attrs: [sum_to(g * args[1], args[0].shape),
+                                     sum_to(g * args[0], args[1].shape)],
+        _bin("mul"))
+_binary("div", lambda a, attrs: a[0] / a[1],
+        lambda g, args, out, attrs: [sum_to(g / args[1], args[0].shape),
+                                     sum_to(-g * out / args[1], args[1].shape)],
+        _bin("div"), float_only=True)
+_binary("maximum", lambda a, attrs: np.maximum(a[0], a[1]),
+        lambda g, args, out, attrs: [sum_to(g * (args[0] >= args[1]), args[0].shape),
+                                     sum_to(g * (args[0] < args[1]), args[1].shape)],
+        _bin("max"))
+_binary("minimum", lambda a, attrs: np.minimum(a[0], a[1]),
+        lambda g, args, out, attrs: [sum_to(g * (args[0] <= args[1]), args[0].shape),
+                                     sum_to(g * (args[0] > args[1]), args[1].shape)],
+        _bin("min"))
+
+# ---- comparisons: f32 masks, no gradient ---------------------------------------------------------
+_CMP = {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
+        "eq": np.equal, "ne": np.not_equal}
+for _name, _fn in _CMP.items():
+    register(OpDef(
+        _name, "elementwise", elementwise_infer(_name, out_dtype=F32),
+        (lambda fn: lambda a, attrs: fn(a[0], a[1]).astype(np.float32))(_fn),
+        lambda g, args, out, attrs: [None, None],
+        (lambda nm: lambda e, attrs, a, b: e.cast(e.compare(nm, a, b), "f32"))(_name)))
+
+# ---- unary math -------------------------------------------------------------------------------
+_unary("neg", lambda a, attrs: -a[0], lambda g, args, out, attrs: [-g], _un("neg"))
+_unary("exp", lambda a, attrs: np.exp(a[0]), lambda g, args, out, attrs: [g * out], _un("exp"))
+_unary("log", lambda a, attrs: np.log(a[0]), lambda g, args, out, attrs: [g / args[0]],
+       _un("log"))
+_unary("tanh", lambda a, attrs: np.tanh(a[0]),
+       lambda g, args, out, attrs: [g * (1.0 - out * out)], _un("tanh"))
+_unary("sqrt", lambda a, attrs: np.sqrt(a[0]),
+       lambda g, args, out, attrs: [g * 0.5 / out], _un("sqrt"))
+_unary("rsqrt", lambda a, attrs: 1.0 / np.sqrt(a[0]),
+       lambda g, args, out, attrs: [g * -0.5 * out * out * out], _un("rsqrt"))
+_unary("abs", lambda a, attrs: np.abs(a[0]),
+       lambda g, args, out, attrs: [g * ((args[0] > 0.0) - (args[0] < 0.0))], _un("abs"))
+_unary("relu", lambda a, attrs: np.maximum(a[0], 0),
+       lambda g, args, out, attrs: [g * (args[0] > 0.0)],
+       lambda e, attrs, a: e.binary("max", a, e.const(0.0, "f32")))
+
+
+def _pow_scalar(e, attrs, a):
+    return e.binary("pow", a, e.const(attrs["exponent"], "f32"))
+
+
+_unary("pow_scalar", lambda a, attrs: np.power(a[0], attrs["exponent"]),
+       lambda g, args, out, attrs: [g * attrs["exponent"] *
+                                    args[0] ** (attrs["exponent"] - 1.0)],
+       _pow_scalar)
+
+
+# ---- GELU, tanh form (GPT-2's) ------------------------------------------------------------------
+def _gelu_ref(a, attrs):
+    x = a[0]
+    return 0.5 * x * (1.0 + np.tanh(GELU_C * (x + 0.044715 * x ** 3)))
+
+
+def _gelu_scalar(e, attrs, x):
+    c = lambda v: e.const(v, "f32")  # noqa: E731
+    x3 = e.binary("mul", e.binary("mul", x, x), x)
+    inner = e.binary("mul", c(GELU_C), e.binary("add", x, e.binary("mul", c(0.044715), x3)))
+    return e.binary("mul", e.binary("mul", c(0.5), x), e.binary("add", c(1.0),
+                                                                e.unary("tanh", inner)))
+
+
+def _gelu_grad_ref(a, attrs):
+    x, g = a
+    t = np.tanh(GELU_C * (x + 0.044715 * x ** 3))
+    dt = (1.0 - t * t) * GELU_C * (1.0 + 3 * 0.044715 * x * x)
+    return g * (0.5 * (1.0 + t) + 0.5 * x * dt)
+
+
+def _gelu_grad_scalar(e, attrs, x, g):
+    c = lambda v: e.const(v, "f32")  # noqa: E731
+    mul, add = (lambda a, b: e.binary("mul", a, b)), (lambda a, b: e.binary("add", a, b))
+    x2 = mul(x, x)
+    t = e.unary("tanh", mul(c(GELU_C), add(x, mul(c(0.044715), mul(x2, x)))))
+    dt = mul(mul(e.binary("sub", c(1.0), mul(t, t)), c(GELU_C)), add(c(1.0),
+                                                                     mul(c(3 * 0.044715), x2)))
+    return mul(g, add(mul(c(0.5), add(c(1.0), t)), mul(mul(c(0.5), x), dt)))
+
+
+def _gelu_vjp(g, args, out, attrs):
+    from alpha_jit.ir import trace
+
+    return [trace.apply("gelu_grad", [args[0], g])]
+
+
+_unary("gelu", _gelu_ref, _gelu_vjp, _gelu_scalar)
+register(OpDef("gelu_grad", "elementwise", elementwise_infer("gelu_grad", True),
+               _gelu_grad_ref, None, _gelu_grad_scalar))
+
+
+# ---- select, cast, copy -----------------------------------------------------------------------
+def _where_infer(shapes, dts, attrs):
+    from alpha_jit.ir.ops.rules import broadcast_shapes
+
+    dt = same_dtype("where", shapes[1:], dts[1:])
+    return broadcast_shapes("where", shapes), dt
+
+
+register(OpDef(
+    "where", "elementwise", _where_infer,
+    lambda a, attrs: np.where(a[0] != 0, a[1], a[2]),
+    lambda g, args, out, attrs: [None, sum_to(where(args[0], g, 0.0), args[1].shape),
+                                 sum_to(where(args[0], 0.0, g), args[2].shape)],
+    lambda e, attrs, c, a, b: e.select(e.compare("ne", e.cast(c, "f32"), e.const(0.0, "f32")),
+                                       a, b),
+    nondiff_args=(0,)))
+
+
+def _cast_infer(shapes, dts, attrs):
+    from alpha_jit import dtypes
+
+    return shapes[0], dtypes.dtype(attrs["dtype"])
+
+
+def _cast_vjp(g, args, out, attrs):
+    return [g.astype(args[0].dtype) if args[0].dtype.is_float else None]
+
+
+register(OpDef("cast", "elementwise", _cast_infer,
+               lambda a, attrs: a[0].astype(_np_of(attrs["dtype"])), _cast_vjp,
+               lambda e, attrs, a: e.cast(a, str(attrs["dtype"]))))
+
+
+def _np_of(dt) -> np.dtype:
+    from alpha_jit import dtypes
+
+    return dtypes.to_numpy(dtypes.dtype(dt))
+
+
+register(OpDef("copy", "elementwise", lambda s, d, attrs: (s[0], d[0]),
+               lambda a, attrs: np.array(a[0], copy=True), lambda g, args, out, attrs: [g],
+               lambda e, attrs, a: a))

@@ -1,0 +1,23 @@
+"""Dead-code elimination: drop every node whose value reaches no output and no state write.
+
+Tracing records everything the user's Python touched (a forward value never used by the loss,
+a gradient nobody reads); only what flows into a returned value or a state update is kept.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from alpha_jit.ir.graph import Graph
+from alpha_jit.ir.passes.manager import register_pass
+
+
+@register_pass("dce", "remove nodes that reach no output or state write")
+def dce(graph: Graph) -> tuple[Graph, str]:
+    g = graph.copy()
+    live: set[int] = set()
+    for r in g.roots():
+        live |= nx.ancestors(g.g, r) | {r}
+    dead = [n for n in g.g.nodes if n not in live]
+    g.g.remove_nodes_from(dead)
+    return g, f"removed {len(dead)} dead nodes, {len(g)} remain"

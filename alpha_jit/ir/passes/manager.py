@@ -1,0 +1,64 @@
+"""The pass manager: named Graph -> Graph passes, each switchable and each logging its change.
+
+Passes run in a fixed order. `aj.compile(passes=...)` picks a subset by name and
+`ALPHA_JIT_DISABLE_PASSES=a,b` switches some off; every pass reports one line of what it did,
+which `dump-ir` prints with the graph after the pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from alpha_jit.ir.graph import Graph
+
+log = logging.getLogger("alpha_jit.passes")
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    fn: Callable[[Graph], tuple[Graph, str]]  # returns the new graph and a one-line summary
+    doc: str
+
+
+_PASSES: list[Pass] = []
+
+
+def register_pass(name: str, doc: str):
+    def deco(fn: Callable[[Graph], tuple[Graph, str]]):
+        _PASSES.append(Pass(name, fn, doc))
+        return fn
+
+    return deco
+
+
+def available() -> list[Pass]:
+    from alpha_jit.ir.passes import cse, dce  # noqa: F401  (registration)
+
+    order = ["cse", "dce"]
+    return sorted(_PASSES, key=lambda p: order.index(p.name) if p.name in order else 99)
+
+
+def run_passes(graph: Graph, enabled: Iterable[str] | None = None
+               ) -> tuple[Graph, list[tuple[str, str, Graph]]]:
+    """Run the enabled passes; returns the final graph and (name, summary, graph) per pass."""
+    disabled = {s.strip() for s in os.environ.get("ALPHA_JIT_DISABLE_PASSES", "").split(",")
+                if s.strip()}
+    passes = available()
+    names = {p.name for p in passes}
+    if enabled is not None:
+        enabled = set(enabled)
+        unknown = enabled - names
+        if unknown:
+            raise ValueError(f"unknown passes {sorted(unknown)}; available: {sorted(names)}")
+    history = []
+    for p in passes:
+        if p.name in disabled or (enabled is not None and p.name not in enabled):
+            continue
+        graph, summary = p.fn(graph)
+        log.info("pass %s: %s", p.name, summary)
+        history.append((p.name, summary, graph.copy()))
+    return graph, history

@@ -1,0 +1,178 @@
+"""Tracing: running the user's step with tracer tensors to record a Graph.
+
+A `TraceContext` is active while a compiled function runs for the first time (or for a new input
+signature). Every op call goes through `apply`, which checks shapes and dtypes with the op's rule,
+captures provenance (the user's file:line, the module path, the phase) and adds a node. State
+(parameters, optimizer moments, gradients kept across steps) is read once per trace and written
+back at the end; host-fed runtime scalars (the learning rate) become `hparam` inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from alpha_jit.dtypes import DType
+from alpha_jit.errors import TraceError
+from alpha_jit.ir.graph import Graph, Provenance
+from alpha_jit.ir.ops import registry
+
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_STACK: list[TraceContext] = []
+
+
+def user_frame() -> tuple[str, int, str]:
+    """The innermost stack frame outside the alpha_jit package: the user's line."""
+    f = sys._getframe(1)
+    while f is not None:
+        fn = os.path.abspath(f.f_code.co_filename)
+        if not fn.startswith(_PKG_DIR + os.sep):
+            return fn, f.f_lineno, f.f_code.co_name
+        f = f.f_back
+    return "?", 0, "?"
+
+
+@dataclass
+class HParam:
+    """A host-computed scalar fed to the step on every call (e.g. the learning rate)."""
+
+    key: tuple
+    provider: Any  # object with next_hparams() -> dict[name, float], called once per step
+    name: str
+
+
+@dataclass
+class TraceContext:
+    graph: Graph = field(default_factory=Graph)
+    phase: str = "fwd"
+    module_stack: list[str] = field(default_factory=list)
+    # state key -> the holder object (Parameter, optimizer moment, grad buffer)
+    state: dict[int, Any] = field(default_factory=dict)
+    # state key -> node id of its current value inside this trace
+    state_value: dict[int, int] = field(default_factory=dict)
+    # parameter state key -> traced gradient Tensor (p.grad inside the trace)
+    grads: dict[int, Any] = field(default_factory=dict)
+    grad_params: dict[int, Any] = field(default_factory=dict)
+    hparams: dict[tuple, HParam] = field(default_factory=dict)
+    hparam_nodes: dict[tuple, int] = field(default_factory=dict)
+    # input index -> (low, high, op, where): runtime range checks on index inputs
+    index_bounds: dict[int, tuple[int, int, str, str]] = field(default_factory=dict)
+    snapshots: list[tuple[str, Graph]] = field(default_factory=list)
+    prov_override: Provenance | None = None
+    created_by: str = "trace"
+
+    # ---- provenance ---------------------------------------------------------------------------
+    def provenance(self) -> Provenance:
+        if self.prov_override is not None:
+            return self.prov_override.with_(phase=self.phase, created_by=self.created_by)
+        file, line, func = user_frame()
+        return Provenance(file, line, func, ".".join(self.module_stack), self.phase,
+                          self.created_by)
+
+    @contextmanager
+    def in_phase(self, phase: str) -> Iterator[None]:
+        old, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = old
+
+    @contextmanager
+    def in_module(self, name: str) -> Iterator[None]:
+        self.module_stack.append(name)
+        try:
+            yield
+        finally:
+            self.module_stack.pop()
+
+    # ---- state --------------------------------------------------------------------------------
+    def read_state(self, holder: Any) -> int:
+        key = holder.state_key
+        if key not in self.state_value:
+            self.state[key] = holder
+            node = self.graph.add("state", [], {"key": key, "name": holder.state_name},
+                                  holder.shape, holder.dtype, self.provenance())
+            self.state_value[key] = node
+        return self.state_value[key]
+
+    def write_state(self, holder: Any, node: int) -> None:
+        g = self.graph
+        if g.shape(node) != tuple(holder.shape) or g.dtype(node) != holder.dtype:
+            raise TraceError("state write", f"{holder.state_name} is {holder.dtype}"
+                             f"{list(holder.shape)} but the new value is {g.dtype(node)}"
+                             f"{list(g.shape(node))}", self.provenance().where())
+        self.state[holder.state_key] = holder
+        self.state_value[holder.state_key] = node
+        g.state_writes[holder.state_key] = node
+
+    def hparam(self, provider: Any, name: str, dtype: DType) -> int:
+        key = (id(provider), name)
+        if key not in self.hparam_nodes:
+            self.hparams[key] = HParam(key, provider, name)
+            self.hparam_nodes[key] = self.graph.add(
+                "hparam", [], {"key": key, "name": name}, (), dtype, self.provenance())
+        return self.hparam_nodes[key]
+
+
+def current() -> TraceContext:
+    if not _STACK:
+        raise TraceError("trace", "alpha_jit tensor ops run only inside a function decorated "
+                         "with @alpha_jit.compile", _where())
+    return _STACK[-1]
+
+
+def active() -> TraceContext | None:
+    return _STACK[-1] if _STACK else None
+
+
+def _where() -> str:
+    file, line, func = user_frame()
+    return f"{file}:{line} in {func}"
+
+
+@contextmanager
+def tracing(ctx: TraceContext) -> Iterator[TraceContext]:
+    _STACK.append(ctx)
+    try:
+        yield ctx
+    finally:
+        _STACK.pop()
+
+
+def apply(op: str, args: list[Any], attrs: dict | None = None) -> Any:
+    """Record one op: check it with the registry's rule, add the node, return a Tensor."""
+    from alpha_jit.tensor import Tensor, as_tensor
+
+    ctx = current()
+    opdef = registry.get(op)
+    attrs = attrs or {}
+    targs = [as_tensor(a) for a in args]
+    try:
+        shape, dtype = opdef.infer([t.shape for t in targs], [t.dtype for t in targs], attrs)
+    except TraceError as e:
+        if e.where is None:
+            raise type(e)(e.op, str(e).split(": ", 1)[1], ctx.provenance().where()) from None
+        raise
+    node = ctx.graph.add(op, [t.node for t in targs], attrs, shape, dtype, ctx.provenance())
+    return Tensor(node, tuple(shape), dtype)
+
+
+def leaf(op: str, attrs: dict, shape: tuple, dtype: DType) -> Any:
+    from alpha_jit.tensor import Tensor
+
+    ctx = current()
+    return Tensor(ctx.graph.add(op, [], attrs, shape, dtype, ctx.provenance()), tuple(shape),
+                  dtype)
+
+
+def snapshot(title: str) -> None:
+    """Keep a copy of the graph as it is now, for `dump-ir`."""
+    ctx = current()
+    ctx.snapshots.append((title, ctx.graph.copy()))
+
+
+Hook = Callable[[TraceContext], None]

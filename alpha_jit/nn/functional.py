@@ -1,0 +1,89 @@
+"""Neural-network functions built from IR ops: activations, log-softmax, cross-entropy.
+
+Each is a few tensor ops (no special kernels): fusion turns them into a handful of kernels, and
+autodiff differentiates them through the ops' VJP rules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alpha_jit import dtypes
+from alpha_jit.errors import DTypeError, ShapeError
+from alpha_jit.ir import trace
+from alpha_jit.tensor import Tensor, as_tensor, iota
+
+
+def relu(x: Any) -> Tensor:
+    return trace.apply("relu", [x])
+
+
+def gelu(x: Any) -> Tensor:
+    """GELU, tanh approximation (GPT-2's)."""
+    return trace.apply("gelu", [x])
+
+
+def linear(x: Any, weight: Any, bias: Any = None) -> Tensor:
+    """x @ weight.T + bias, weight stored [out, in] as in PyTorch."""
+    x, w = as_tensor(x), as_tensor(weight)
+    if x.ndim > 2:
+        y = (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])
+    else:
+        y = x @ w.T
+    return y + bias if bias is not None else y
+
+
+def log_softmax(x: Any, axis: int = -1) -> Tensor:
+    x = as_tensor(x)
+    return x - x.logsumexp(axis=axis, keepdims=True)
+
+
+def softmax(x: Any, axis: int = -1) -> Tensor:
+    return log_softmax(x, axis).exp()
+
+
+def one_hot(labels: Any, num_classes: int) -> Tensor:
+    """f32 [..., num_classes] with 1.0 at each label."""
+    y = as_tensor(labels)
+    shape = (*y.shape, num_classes)
+    y_b = y.reshape(*y.shape, 1).broadcast_to(shape)
+    return y_b.eq(iota(shape, len(shape) - 1))
+
+
+def cross_entropy(logits: Any, labels: Any) -> Tensor:
+    """Mean negative log-likelihood of integer `labels` [N] under `logits` [N, C]."""
+    z, y = as_tensor(logits), as_tensor(labels)
+    ctx = trace.current()
+    where = ctx.provenance().where()
+    if y.dtype != dtypes.int32:
+        raise DTypeError("cross_entropy", f"labels must be integer class indices, got "
+                         f"{y.dtype}{list(y.shape)} (logits {z.dtype}{list(z.shape)})", where)
+    if z.ndim != 2 or y.shape != z.shape[:1]:
+        raise ShapeError("cross_entropy", f"expects logits [N, C] and labels [N], got logits "
+                         f"{z.shape} and labels {y.shape}", where)
+    note_index_bound(y, z.shape[1], "cross_entropy")
+    logp = log_softmax(z, axis=-1)
+    picked = (logp * one_hot(y, z.shape[1])).sum(axis=-1)
+    return -picked.mean()
+
+
+def embedding(ids: Any, table: Any) -> Tensor:
+    t, i = as_tensor(table), as_tensor(ids)
+    note_index_bound(i, t.shape[0], "embedding")
+    return trace.apply("gather_rows", [t, i])
+
+
+def note_index_bound(ids: Tensor, high: int, op: str) -> None:
+    """Ids that come straight from a step argument are range-checked on every call, before
+    any GPU work: an out-of-range id would otherwise read or drop memory silently."""
+    ctx = trace.current()
+    g = ctx.graph
+    node = ids.node
+    while g.op(node) in ("reshape",):
+        node = g.args(node)[0]
+    if g.op(node) == "input":
+        idx = g.attrs(node)["index"]
+        lo, hi = 0, high
+        if idx in ctx.index_bounds:
+            hi = min(hi, ctx.index_bounds[idx][1])
+        ctx.index_bounds[idx] = (lo, hi, op, ctx.provenance().where())

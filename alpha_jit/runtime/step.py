@@ -1,0 +1,217 @@
+"""A compiled step on the device: buffers, one recorded command buffer, replay per call.
+
+Built once per traced signature: lower the graph, generate and build every kernel, plan the
+arena and the barriers, make parameters and optimizer state resident, and record the whole step
+(input uploads, dispatches, state write-back, output readback) into one command buffer. A call
+checks the inputs, writes them and the host scalars into the staging region, and re-submits.
+Returned values are handles; reading one is the only point where the host waits for the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from alpha_jit import dtypes
+from alpha_jit.codegen_spirv.generate import generate
+from alpha_jit.codegen_spirv.lower import Lowered, lower
+from alpha_jit.errors import AlphaJitError
+from alpha_jit.runtime.device import Device, get_device
+from alpha_jit.runtime.executor import BarrierCmd, CopyCmd, DispatchCmd
+from alpha_jit.runtime.plan import MemoryPlan, plan_barriers, plan_memory
+
+log = logging.getLogger("alpha_jit.runtime")
+_ALIGN = 256
+
+
+class DeviceState:
+    """Where a StateTensor lives on the device, and the last step that wrote it."""
+
+    def __init__(self, device: Device, holder: Any):
+        self.device, self.holder = device, holder
+        self.nbytes = max(int(np.prod(holder.shape, dtype=np.int64)), 1) * holder.dtype.itemsize
+        self.region = device.alloc(self.nbytes)
+        self.last_value = 0
+        device.upload(self.region, holder._host)
+        holder._host = None
+
+    def read(self) -> np.ndarray:
+        self.device.wait(self.last_value)
+        h = self.holder
+        return self.device.download_array(self.region, h.shape, np.dtype(h.dtype.np_storage))
+
+    def write(self, arr: np.ndarray) -> None:
+        self.device.wait(self.last_value)
+        self.device.upload(self.region, np.ascontiguousarray(arr))
+
+
+def resident(device: Device, holder: Any) -> DeviceState:
+    if holder._device is None:
+        holder._device = DeviceState(device, holder)
+    return holder._device
+
+
+class DeviceValue:
+    """A value a step returned. `float(v)`, `v.item()`, `v.numpy()` wait for the GPU."""
+
+    def __init__(self, exe: Executable, value: int, index: int, shape: tuple, dtype: Any):
+        self._exe, self._value, self._index = exe, value, index
+        self.shape, self.dtype = shape, dtype
+        self._host: np.ndarray | None = None
+
+    def numpy(self) -> np.ndarray:
+        if self._host is None:
+            self._exe._fetch_outputs(self._value)
+        assert self._host is not None
+        return self._host
+
+    def item(self) -> float | int:
+        return self.numpy().item()
+
+    def __float__(self) -> float:
+        return float(self.numpy())
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = self.numpy()
+        return a.astype(dtype) if dtype is not None else a
+
+    def __repr__(self) -> str:
+        shown = self._host if self._host is not None else "<on device>"
+        return f"DeviceValue({shown}, {self.dtype}{list(self.shape)})"
+
+
+class Executable:
+    """One traced signature compiled for one device."""
+
+    def __init__(self, traced: Any, device: Device | None = None):
+        self.traced = traced
+        self.device = dev = device or get_device()
+        self.lowered: Lowered = lower(traced.graph)
+        kernels = self.lowered.kernels
+        self.binaries = []
+        for k in tqdm(kernels, desc="alpha_jit: generating kernels", unit="kernel",
+                      disable=len(kernels) < 64, leave=False):
+            self.binaries.append(generate(k.spec, dev.caps))
+        self.pipelines = [dev.pipeline(b) for b in self.binaries]
+        align = max(_ALIGN, dev.caps.min_storage_buffer_offset_alignment)
+        self.mem: MemoryPlan = plan_memory(self.lowered, align)
+        self.barriers = plan_barriers(self.lowered, self.mem)
+        self._allocate(align)
+        self.recording = dev.record(self._commands(), name=getattr(traced, "name", "step"))
+        self.pending: list[DeviceValue] = []
+        self.last_value = 0
+
+    # ---- building ----------------------------------------------------------------------------
+    def _allocate(self, align: int) -> None:
+        dev, low = self.device, self.lowered
+        self.arena = dev.alloc(self.mem.arena_bytes) if self.mem.arena_bytes else None
+        self.regions: dict[int, tuple[Any, int]] = {}  # buffer id -> (region, byte offset)
+        self.staged: list[tuple[int, int, Any]] = []  # (buffer id, staging offset, buffer)
+        stage_bytes = 0
+        self.states: dict[object, DeviceState] = {}
+        for b in low.buffers.values():
+            if b.kind == "temp":
+                self.regions[b.id] = (self.arena, self.mem.offsets[b.id])
+            elif b.kind == "state":
+                st = resident(dev, self.traced.state[b.key])
+                self.states[b.key] = st
+                self.regions[b.id] = (st.region, 0)
+            else:  # input or hparam: a device buffer filled from staging every call
+                self.regions[b.id] = (dev.alloc(b.nbytes), 0)
+                self.staged.append((b.id, stage_bytes, b))
+                stage_bytes += -(-b.nbytes // 16) * 16
+        for key in low.state_writes:
+            if key not in self.states:
+                self.states[key] = resident(dev, self.traced.state[key])
+        self.staging = dev.alloc_staging(max(stage_bytes, 16))
+        self.out_offsets = []
+        out_bytes = 0
+        for b in low.outputs:
+            self.out_offsets.append(out_bytes)
+            out_bytes += -(-low.buffers[b].nbytes // 16) * 16
+        self.readback = dev.alloc_staging(max(out_bytes, 16))
+
+    def _binding(self, bid: int) -> tuple[Any, int, int]:
+        region, off = self.regions[bid]
+        return region, off, self.lowered.buffers[bid].nbytes
+
+    def _commands(self) -> list[Any]:
+        low = self.lowered
+        cmds: list[Any] = []
+        for bid, soff, b in self.staged:
+            region, off = self.regions[bid]
+            cmds.append(CopyCmd(self.staging, region, b.nbytes, soff, off))
+        cmds.append(BarrierCmd())
+        for k, binary, pipe, bar in zip(low.kernels, self.binaries, self.pipelines,
+                                        self.barriers, strict=True):
+            if bar:
+                cmds.append(BarrierCmd())
+            bufs = [self._binding(b) for b in [*k.reads, *k.writes]]
+            for i, d in enumerate(binary.dispatches):
+                if i:
+                    cmds.append(BarrierCmd())  # split dispatches of one kernel may overlap
+                cmds.append(DispatchCmd(pipe, bufs, d))
+        cmds.append(BarrierCmd())
+        for key, bid in low.state_writes.items():
+            region, off = self.regions[bid]
+            cmds.append(CopyCmd(region, self.states[key].region, low.buffers[bid].nbytes, off, 0))
+        for bid, roff in zip(low.outputs, self.out_offsets, strict=True):
+            region, off = self.regions[bid]
+            cmds.append(CopyCmd(region, self.readback, low.buffers[bid].nbytes, off, roff))
+        return cmds
+
+    # ---- running -----------------------------------------------------------------------------
+    def check_inputs(self, args: list[np.ndarray]) -> list[np.ndarray]:
+        out = []
+        for i, a in enumerate(args):
+            dt = dtypes.from_numpy(a)
+            arr = np.ascontiguousarray(a, dtype=dt.np_storage)
+            if i in self.traced.index_bounds:
+                lo, hi, op, where = self.traced.index_bounds[i]
+                if arr.size and (arr.min() < lo or arr.max() >= hi):
+                    bad = arr[(arr < lo) | (arr >= hi)].ravel()[0]
+                    raise AlphaJitError(f"{op}: argument {i} (shape {arr.shape}) holds index "
+                                        f"{int(bad)}, outside [{lo}, {hi})\n  at {where}")
+            out.append(arr)
+        return out
+
+    def __call__(self, args: list[np.ndarray]) -> list[DeviceValue]:
+        arrays = self.check_inputs(args)
+        hvals: dict[tuple, float] = {}
+        providers: dict[int, dict[str, float]] = {}
+        for key, hp in self.traced.hparams.items():
+            pid = id(hp.provider)
+            if pid not in providers:
+                providers[pid] = hp.provider.next_hparams()
+            hvals[key] = providers[pid][hp.name]
+        if self.pending:
+            self._fetch_outputs(self.last_value)  # the readback region is about to be reused
+        self.recording.wait()
+        for bid, soff, b in self.staged:
+            if b.kind == "input":
+                self.staging.write(arrays[b.key], soff)
+            else:
+                hv = np.asarray(hvals[b.key], dtype=b.dtype.np_storage)
+                self.staging.write(hv, soff)
+        value = self.recording.submit()
+        self.last_value = value
+        for st in self.states.values():
+            st.last_value = value
+        self.pending = [DeviceValue(self, value, i, self.lowered.buffers[b].shape,
+                                    self.lowered.buffers[b].dtype)
+                        for i, b in enumerate(self.lowered.outputs)]
+        return list(self.pending)
+
+    def _fetch_outputs(self, value: int) -> None:
+        if not self.pending or self.pending[0]._value != value:
+            return
+        self.device.wait(value)
+        for h, bid, off in zip(self.pending, self.lowered.outputs, self.out_offsets,
+                               strict=True):
+            b = self.lowered.buffers[bid]
+            raw = self.readback.read(b.nbytes, off)
+            h._host = np.frombuffer(raw, dtype=b.dtype.np_storage).reshape(b.shape).copy()
+        self.pending = []

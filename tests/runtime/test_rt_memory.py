@@ -1,0 +1,117 @@
+"""Sub-allocation, deferred frees on the timeline, staging regions, upload/download."""
+
+import numpy as np
+import pytest
+
+from alpha_jit.errors import AlphaJitError
+from alpha_jit.runtime.memory import MIN_ALIGNMENT, MemoryBlock, MemoryManager
+
+
+@pytest.fixture()
+def manager(device):
+    m = MemoryManager(device)  # private heaps: other tests' allocations cannot interfere
+    yield m
+    device.synchronize()
+    m.destroy()
+
+
+def _intervals_disjoint(regions):
+    spans = sorted((r.block.memory and id(r.block), r.offset, r.offset + r.reserved)
+                   for r in regions)
+    for (b0, _, e0), (b1, s1, _) in zip(spans, spans[1:], strict=False):
+        if b0 == b1:
+            assert e0 <= s1
+
+
+def test_suballocation_alignment_and_no_overlap(manager, device):
+    align = max(device.caps.min_storage_buffer_offset_alignment, MIN_ALIGNMENT)
+    sizes = [1, 3, 256, 257, 1000, 4096, 12345, 4]
+    regions = [manager.alloc(s) for s in sizes]
+    for r, s in zip(regions, sizes, strict=True):
+        assert r.size == s and r.reserved >= s and r.offset % align == 0
+        assert r.offset + r.reserved <= r.block.size
+    _intervals_disjoint(regions)
+    assert len({id(r.block) for r in regions}) == 1  # small requests share one block
+
+
+def test_reuse_after_free_and_coalescing(manager):
+    a, b, c = manager.alloc(1000), manager.alloc(1000), manager.alloc(1000)
+    manager.free(b)
+    d = manager.alloc(900)
+    assert d.offset == b.offset  # first fit takes the hole
+    manager.free(a)
+    manager.free(d)
+    e = manager.alloc(2000)  # a and d coalesced into one hole big enough
+    assert e.offset == a.offset
+    with pytest.raises(AlphaJitError):
+        manager.free(e) or manager.free(e)
+    _ = c
+
+
+def test_big_request_gets_own_block(manager, device):
+    big = manager.alloc(80 << 20)
+    assert big.block.size >= 80 << 20
+    with pytest.raises(AlphaJitError, match="maxMemoryAllocationSize"):
+        manager.alloc(device.caps.max_memory_allocation_size + 1)
+
+
+def test_deferred_free_waits_for_timeline(manager, device):
+    r = manager.alloc(4096)
+    pending = device.last_submitted + 1  # a value not yet reached
+    manager.free(r, after_value=pending)
+    again = manager.alloc(4096)
+    assert again.offset != r.offset or again.block is not r.block  # not reused yet
+    assert manager.deferred
+    scratch = device.alloc(16)
+    device.upload(scratch, np.zeros(4, np.float32))  # submits and waits: timeline passes
+    device.free(scratch)
+    assert device.completed_value() >= pending
+    manager.collect(device.completed_value())
+    assert not manager.deferred
+    assert manager.alloc(4096).offset == r.offset
+
+
+def test_free_list_merge_unit():
+    blk = MemoryBlock(None, None, 1024, "device", free_ranges=[(0, 1024)])
+    offs = [blk.take(256) for _ in range(4)]
+    assert offs == [0, 256, 512, 768] and blk.take(1) is None
+    for o in (256, 768, 512, 0):
+        blk.give_back(o, 256)
+    assert blk.free_ranges == [(0, 1024)]
+
+
+def test_staging_write_read(manager):
+    s = manager.alloc_staging(64)
+    assert s.host_visible
+    data = np.arange(16, dtype=np.float32)
+    s.write(data)
+    assert np.frombuffer(s.read(64), np.float32).tolist() == data.tolist()
+    s.write(b"\x01\x02", offset=4)
+    assert s.read(2, offset=4) == b"\x01\x02"
+    out = np.empty(16, np.float32)
+    s.read_into(out)
+    with pytest.raises(AlphaJitError):
+        s.write(b"x" * 65)
+    d = manager.alloc(64)
+    assert not d.host_visible
+    with pytest.raises(AlphaJitError):
+        d.write(b"abc")
+
+
+def test_upload_download_roundtrip(device):
+    rng = np.random.default_rng(0)
+    for dtype, n in [(np.float32, 1), (np.float32, 1037), (np.float16, 333), (np.int32, 4096),
+                     (np.uint16, 77)]:
+        a = (rng.standard_normal(n) * 100).astype(dtype)
+        r = device.alloc(a.nbytes)
+        device.upload(r, a)
+        back = np.frombuffer(device.download(r, a.nbytes), dtype)
+        np.testing.assert_array_equal(back, a)
+        np.testing.assert_array_equal(device.download_array(r, (n,), dtype), a)
+        device.free(r)
+    r = device.alloc(16)
+    device.upload(r, np.array([1, 2], np.int32), offset=8)
+    assert np.frombuffer(device.download(r, 8, offset=8), np.int32).tolist() == [1, 2]
+    with pytest.raises(AlphaJitError):
+        device.upload(r, np.zeros(8, np.float32))
+    device.free(r)
