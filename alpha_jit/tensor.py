@@ -101,6 +101,9 @@ class TensorOps:
     def eq(self, o: Any) -> Tensor:
         return trace.apply("eq", [self, _like(o, self)])
 
+    def ne(self, o: Any) -> Tensor:
+        return trace.apply("ne", [self, _like(o, self)])
+
     def __bool__(self) -> bool:
         raise TraceError("bool", "a traced tensor has no value while tracing; data-dependent "
                          "Python control flow cannot be compiled", trace.current().provenance()

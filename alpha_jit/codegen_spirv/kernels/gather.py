@@ -1,0 +1,113 @@
+"""The gather / scatter-add kernel families: embedding lookups and their gradients.
+
+Why: `table[ids]` (embeddings, label picks) and its VJP, `zeros(V, D).index_add(ids, src)`, are
+the only data-dependent addressing in a training step. Both are written for safety and
+reproducibility first:
+- gather never reads outside the table: an id outside [0, V) writes NaN (INT_MIN for integer
+  tables) instead of a clamped row, so a bad id is loud, never a silently wrong value (ids are
+  also range-checked on the host before any GPU work);
+- scatter is deterministic without float atomics: each output row is owned by one workgroup row,
+  which walks all N ids in order (staged through shared memory in chunks) and sums the matching
+  source rows in f32, so every run gives the same bits.
+
+A workgroup is (lx, ly): lx threads along the embedding dimension d, ly rows; small D packs
+several rows per workgroup instead of idling threads.
+
+Specs (params as (key, value) pairs):
+    gather:  ("rows", V), ("dim", D), ("n", N), ("dtype", dt), ("table_offset", t),
+             ("ids_offset", i)
+             bindings: table (element (r, d) at t + r*D + d), ids i32 (N from i), out (N, D)
+    scatter: ("rows", V), ("dim", D), ("n", N), ("dtype", dt), ("src_offset", s),
+             ("ids_offset", i)
+             bindings: src (element (i, d) at s + i*D + d), ids i32 (N from i), out (V, D)
+Push constants (base_x, base_y, base_z) offset the workgroup ids of split grids.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..dsl import KernelBuilder, Value, cap, pack_push_constants
+from ..kernel import Dispatch, KernelBinary, KernelSpec
+from .elementwise import storage_dtype
+from .matmul import grid_plan
+
+DEFAULT_LOCAL_SIZE = 256
+_INT_MIN = -(1 << 31)
+
+
+def _local_shape(dim: int, caps: object) -> tuple[int, int]:
+    """(lx, ly): lx a power of two covering D up to the budget, ly rows filling the rest."""
+    budget = int(min(DEFAULT_LOCAL_SIZE, cap(caps, "max_workgroup_invocations",  # type: ignore
+                                               DEFAULT_LOCAL_SIZE)))
+    budget = 1 << (budget.bit_length() - 1)
+    lx = min(budget, 1 << max(0, dim - 1).bit_length())
+    return lx, budget // lx
+
+
+def _setup(spec: KernelSpec, caps: object, first: str, out_rows: int
+           ) -> tuple[KernelBuilder, dict, tuple, tuple[int, int], Value, Value, Value]:
+    """Builder, bindings, push constants and this invocation's (row, d, row-chunk-local) ids."""
+    p = dict(spec.params)
+    lx, ly = _local_shape(p["dim"], caps)
+    kb = KernelBuilder(spec.name, (lx, ly, 1), caps)
+    dt = storage_dtype(p["dtype"])
+    bufs = (kb.buffer(first, dt, writable=False), kb.buffer("ids", "i32", writable=False),
+            kb.buffer("out", dt, writable=True))
+    pc = kb.push_constants([("base_x", "u32"), ("base_y", "u32"), ("base_z", "u32")])
+    d = (kb.workgroup_id(0) + pc["base_x"]) * lx + kb.local_id(0)
+    row = (kb.workgroup_id(1) + pc["base_y"]) * ly + kb.local_id(1)
+    p["_groups"] = (math.ceil(p["dim"] / lx), math.ceil(out_rows / ly), 1)
+    return kb, p, bufs, (lx, ly), row, d, kb.local_index()
+
+
+def _finish(kb: KernelBuilder, spec: KernelSpec, p: dict, caps: object) -> KernelBinary:
+    dispatches = [Dispatch(cnt, pack_push_constants([("u32", b) for b in base]))
+                  for cnt, base in grid_plan(p["_groups"], caps)]
+    return kb.binary(spec, dispatches, notes={"rows": p["rows"], "dim": p["dim"], "n": p["n"]})
+
+
+def generate_gather(spec: KernelSpec, caps: object = None) -> KernelBinary:
+    """out[i, d] = table[ids[i], d]; NaN (INT_MIN for i32) where ids[i] is outside [0, V)."""
+    V, D, N = (dict(spec.params)[k] for k in ("rows", "dim", "n"))
+    kb, p, (table, ids, out), _, i, d, _ = _setup(spec, caps, "table", N)
+    t_off, i_off = p["table_offset"], p["ids_offset"]
+    bad = kb.f32(float("nan")) if table.compute == "f32" else kb.const(_INT_MIN, table.compute)
+    with kb.if_((i < N) & (d < D)):
+        r = ids.load(i + i_off)  # one id per row of threads: a broadcast load
+        dst = i * D + d
+        with kb.if_else((r >= 0) & (r < V)) as (ok, oob):
+            with ok:
+                out.store(dst, table.load(kb.cast(r, "u32") * D + (d + t_off)))
+            with oob:
+                out.store(dst, bad)
+    return _finish(kb, spec, p, caps)
+
+
+def generate_scatter(spec: KernelSpec, caps: object = None) -> KernelBinary:
+    """out = zeros(V, D); out[ids[i]] += src[i] for i in order (deterministic, f32 sums)."""
+    V, D, N = (dict(spec.params)[k] for k in ("rows", "dim", "n"))
+    kb, p, (src, ids, out), (lx, ly), r, d, tid = _setup(spec, caps, "src", V)
+    s_off, i_off = p["src_offset"], p["ids_offset"]
+    chunk = lx * ly  # one id per invocation per refill of the shared staging array
+    staged = kb.shared("i32", chunk)
+    live = (r < V) & (d < D)
+    want = kb.cast(r, "i32")
+    acc = kb.var("f32", 0.0)
+    if N:
+        with kb.loop(kb.u32(0), N, chunk) as c0:
+            kb.barrier()  # the previous chunk has been read by everyone
+            j = c0 + tid
+            # Past N the slot holds -1, which matches no row.
+            id_or_pad = kb.var("i32", -1)
+            with kb.if_(j < N):
+                id_or_pad.set(ids.load(j + i_off))
+            staged.store(tid, id_or_pad.get())
+            kb.barrier()
+            base = c0 * D + (d + s_off)
+            with kb.if_(live), kb.loop(kb.u32(0), min(chunk, N), 1) as t:
+                with kb.if_(staged.load(t) == want):
+                    acc.set(acc.get() + src.load(base + t * D))
+    with kb.if_(live):
+        out.store(r * D + d, acc.get())
+    return _finish(kb, spec, p, caps)

@@ -1,0 +1,207 @@
+"""The batched matmul kernel family: out[b] = a[b] @ b[b] over strided operands, f32 accumulation.
+
+Why: GEMMs are most of a transformer step's FLOPs, and the lowering hands them over as views
+(transposes, broadcast batches, offsets) so no operand is ever copied. The kernel is written once
+as a tiled SIMT GEMM and specialised at generation time: tile and micro-tile sizes from the
+device limits, the global->shared load order from the operand strides (so loads are coalesced
+for row-major and transposed operands alike), and bounds checks only along the axes whose size
+is not a multiple of the tile. `choose_config` is the single place that picks a variant from the
+capabilities; a cooperative-matrix variant will register beside "simt" in `_VARIANTS`.
+
+Spec (family "matmul"), params as (key, value) pairs, exactly:
+    ("batch", B), ("m", M), ("n", N), ("k", K),
+    ("a", (dtype, offset, sb, sm, sk)), ("b", (dtype, offset, sb, sk, sn)), ("out_dtype", dtype)
+a[bi, i, kk] is element offset + bi*sb + i*sm + kk*sk of binding 0, b[bi, kk, j] likewise of
+binding 1 (strides in elements, any may be 0); binding 2 is the contiguous (B, M, N) output.
+Push constants (base_x, base_y, base_z) offset the workgroup ids when the grid is split over
+several dispatches to respect maxComputeWorkGroupCount.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..dsl import KernelBuilder, Value, cap, pack_push_constants
+from ..kernel import Dispatch, KernelBinary, KernelSpec
+from .elementwise import storage_dtype
+
+_U32 = 1 << 32
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    """One variant's shape: workgroup tile tm x tn, k-step bk, per-thread micro-tile rm x rn."""
+
+    variant: str = "simt"
+    tm: int = 64
+    tn: int = 64
+    bk: int = 16
+    rm: int = 4  # 4x4 micro-tile: 16 accumulators, 8 shared loads per 16 FMAs
+    rn: int = 4
+
+    @property
+    def threads(self) -> int:
+        return (self.tm // self.rm) * (self.tn // self.rn)
+
+    def shared_bytes(self) -> int:
+        return 4 * self.bk * (self.tm + 1 + self.tn + 1)  # +1: worst-case padding per operand
+
+
+def _tile_for(size: int, biggest: int) -> int:
+    # Smallest power-of-two tile >= size (at least 16), capped: small matrices waste no threads.
+    return max(16, min(biggest, 1 << max(0, size - 1).bit_length()))
+
+
+def choose_config(spec: KernelSpec, caps: object) -> MatmulConfig:
+    """The extension point: pick the variant and its tiling from the spec and the device.
+
+    Today always the SIMT variant. A cooperative-matrix variant plugs in here (when
+    `caps.cooperative_matrix` lists the operand types and the shapes fit) and in `_VARIANTS`."""
+    p = dict(spec.params)
+    m, n, k = p["m"], p["n"], p["k"]
+    max_threads = min(int(cap(caps, "max_workgroup_invocations", 1024)),  # type: ignore
+                      _axis0(cap(caps, "max_workgroup_size", 1024)))
+    max_shared = int(cap(caps, "max_shared_memory", 32768))  # type: ignore[call-overload]
+    cfg = MatmulConfig(tm=_tile_for(m, 64), tn=_tile_for(n, 64), bk=16 if k > 8 else 8)
+    # Over a limit: grow the micro-tile first (same work, fewer threads), then shrink tiles.
+    while cfg.threads > max_threads or cfg.shared_bytes() > max_shared:
+        if cfg.threads > max_threads and cfg.rn < 8:
+            cfg = MatmulConfig(cfg.variant, cfg.tm, cfg.tn, cfg.bk, cfg.rm, cfg.rn * 2)
+        elif cfg.threads > max_threads and cfg.rm < 8:
+            cfg = MatmulConfig(cfg.variant, cfg.tm, cfg.tn, cfg.bk, cfg.rm * 2, cfg.rn)
+        elif cfg.bk > 4:
+            cfg = MatmulConfig(cfg.variant, cfg.tm, cfg.tn, cfg.bk // 2, cfg.rm, cfg.rn)
+        elif cfg.tm >= cfg.tn and cfg.tm > cfg.rm:
+            cfg = MatmulConfig(cfg.variant, cfg.tm // 2, cfg.tn, cfg.bk, cfg.rm, cfg.rn)
+        elif cfg.tn > cfg.rn:
+            cfg = MatmulConfig(cfg.variant, cfg.tm, cfg.tn // 2, cfg.bk, cfg.rm, cfg.rn)
+        else:
+            raise ValueError(f"{spec.name}: no matmul tiling fits the device limits")
+    return cfg
+
+
+def _axis0(v: object) -> int:
+    return int(v[0] if isinstance(v, Sequence) else v)  # type: ignore[index, arg-type]
+
+
+def grid_plan(groups: Sequence[int], caps: object) -> list[tuple[tuple[int, int, int],
+                                                                   tuple[int, int, int]]]:
+    """[(counts, bases)] covering a 3-D workgroup grid, each count within the device limits."""
+    lim = cap(caps, "max_workgroup_count", (65535, 65535, 65535))
+    lims = tuple(lim) if isinstance(lim, Sequence) else (int(lim),) * 3  # type: ignore
+    if any(g == 0 for g in groups):
+        return []
+    axes = [[(min(lims[a], groups[a] - b), b) for b in range(0, groups[a], lims[a])]
+            for a in range(3)]
+    return [((x[0], y[0], z[0]), (x[1], y[1], z[1])) for z, y, x in
+            itertools.product(axes[2], axes[1], axes[0])]
+
+
+def _u(kb: KernelBuilder, x: int) -> Value:
+    # Strides may be negative in principle: u32 arithmetic wraps, so the final index is exact.
+    return kb.u32(x % _U32)
+
+
+def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
+    """The tiled SIMT GEMM body: shared-memory tiles of a and b, a rm x rn micro-tile each."""
+    m, n, k = p["m"], p["n"], p["k"]
+    a_dt, a_off, a_sb, a_sm, a_sk = p["a"]
+    b_dt, b_off, b_sb, b_sk, b_sn = p["b"]
+    abuf = kb.buffer("a", storage_dtype(a_dt), writable=False)
+    bbuf = kb.buffer("b", storage_dtype(b_dt), writable=False)
+    out = kb.buffer("out", storage_dtype(p["out_dtype"]), writable=True)
+    pc = kb.push_constants([("base_x", "u32"), ("base_y", "u32"), ("base_z", "u32")])
+    tm, tn, bk, rm, rn, threads = cfg.tm, cfg.tn, cfg.bk, cfg.rm, cfg.rn, cfg.threads
+    tid = kb.local_index()
+    col0 = (kb.workgroup_id(0) + pc["base_x"]) * tn
+    row0 = (kb.workgroup_id(1) + pc["base_y"]) * tm
+    bi = kb.workgroup_id(2) + pc["base_z"]
+    check_k = k % bk != 0
+
+    def operand(buf, off, sb, s_outer, s_k, tile, size, name):
+        """Per-thread load slots of one operand's (tile x bk) block: where it goes in shared
+        memory and the k-independent part of its global address. k-fastest order when k is
+        the operand's contiguous axis, so neighbouring threads read neighbouring elements."""
+        k_fast = abs(s_k) < abs(s_outer) or (s_k != 0 and s_outer == 0)
+        ld = tile + (1 if k_fast else 0)  # pad rows so k-fastest shared stores spread banks
+        sh = kb.shared("f32", bk * ld)
+        base = _u(kb, off) + bi * _u(kb, sb) if sb else _u(kb, off)
+        slots = []
+        for r in range(math.ceil(tile * bk / threads)):
+            e = tid + r * threads
+            kk, o = (e % bk, e / bk) if k_fast else (e / tile, e % tile)
+            guard = (r + 1) * threads > tile * bk  # last round: some threads have no element
+            g_o = (row0 if name == "a" else col0) + o
+            if size % tile:  # clamp the row/column: its products are never stored anyway
+                g_o = kb.fmin(g_o, size - 1)
+            addr = base + g_o * _u(kb, s_outer) if s_outer else base
+            slots.append((kk, kk * ld + o, addr, e < tile * bk if guard else None))
+        return sh, ld, slots, buf, s_k
+
+    ops = [operand(abuf, a_off, a_sb, a_sm, a_sk, tm, m, "a"),
+           operand(bbuf, b_off, b_sb, b_sn, b_sk, tn, n, "b")]
+    tx, ty = tid % (tn // rn), tid / (tn // rn)
+    acc = [[kb.var("f32", 0.0) for _ in range(rn)] for _ in range(rm)]
+    with kb.loop(kb.u32(0), k, bk) as k0:
+        for sh, _ld, slots, buf, s_k in ops:
+            for kk, sidx, addr, guard in slots:
+                kg = k0 + kk
+                if check_k:  # past K: load a valid element, store 0 (0 * anything finite)
+                    kc = kb.fmin(kg, k - 1)
+                    v = kb.select(kg < k, buf.load(addr + kc * _u(kb, s_k)), 0.0)
+                else:
+                    v = buf.load(addr + kg * _u(kb, s_k))
+                if guard is None:
+                    sh.store(sidx, v)
+                else:
+                    with kb.if_(guard):
+                        sh.store(sidx, v)
+        kb.barrier()
+        (a_sh, a_ld, *_), (b_sh, b_ld, *_) = ops
+        sums = [[acc[r][c].get() for c in range(rn)] for r in range(rm)]
+        for kk in range(bk):  # unrolled: bk * (rm + rn) shared loads, bk * rm * rn FMAs
+            # Strided micro-tile (row ty + r*(tm/rm)): neighbouring threads, neighbouring words.
+            av = [a_sh.load(ty + (kk * a_ld + r * (tm // rm))) for r in range(rm)]
+            bv = [b_sh.load(tx + (kk * b_ld + c * (tn // rn))) for c in range(rn)]
+            sums = [[kb.fma(av[r], bv[c], sums[r][c]) for c in range(rn)] for r in range(rm)]
+        for r in range(rm):
+            for c in range(rn):
+                acc[r][c].set(sums[r][c])
+        kb.barrier()  # everyone is done reading the tiles before the next step overwrites them
+    out_base = bi * (m * n)
+    for r in range(rm):
+        row = row0 + ty + r * (tm // rm)
+        for c in range(rn):
+            col = col0 + tx + c * (tn // rn)
+            conds = ([row < m] if m % tm else []) + ([col < n] if n % tn else [])
+            idx = out_base + row * n + col
+            if conds:
+                ok = conds[0] if len(conds) == 1 else conds[0] & conds[1]
+                with kb.if_(ok):
+                    out.store(idx, acc[r][c].get())
+            else:
+                out.store(idx, acc[r][c].get())
+
+
+_VARIANTS: dict[str, Callable[[KernelBuilder, MatmulConfig, dict], None]] = {
+    "simt": _emit_simt,
+}
+
+
+def generate_matmul(spec: KernelSpec, caps: object = None) -> KernelBinary:
+    """SPIR-V for one batched strided matmul (see the module docstring for the spec)."""
+    p = dict(spec.params)
+    for key in ("batch", "m", "n", "k", "a", "b", "out_dtype"):
+        if key not in p:
+            raise ValueError(f"{spec.name}: matmul spec lacks {key!r}")
+    cfg = choose_config(spec, caps)
+    kb = KernelBuilder(spec.name, cfg.threads, caps)
+    _VARIANTS[cfg.variant](kb, cfg, p)
+    groups = (math.ceil(p["n"] / cfg.tn), math.ceil(p["m"] / cfg.tm), p["batch"])
+    dispatches = [Dispatch(cnt, pack_push_constants([("u32", b) for b in base]))
+                  for cnt, base in grid_plan(groups, caps)]
+    return kb.binary(spec, dispatches, notes={"config": cfg, "flops": 2 * p["batch"] * p["m"]
+                                              * p["n"] * p["k"]})

@@ -1,0 +1,115 @@
+"""Batched strided matmul: odd shapes, transposed/broadcast operands, tilings, split grids."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from alpha_jit.codegen_spirv.kernel import KernelSpec
+from alpha_jit.codegen_spirv.kernels.matmul import choose_config, generate_matmul, grid_plan
+
+from .conftest import rel_l2, validate
+
+rng = np.random.default_rng(7)
+
+
+def mm_spec(B, M, N, K, a=(0, None, None, None), b=(0, None, None, None), dt="f32"):
+    """Spec with a = (offset, sb, sm, sk), b = (offset, sb, sk, sn); None: contiguous."""
+    ao, asb, asm, ask = a
+    bo, bsb, bsk, bsn = b
+    ask = 1 if ask is None else ask
+    asm = K if asm is None else asm
+    asb = M * K if asb is None else asb
+    bsn = 1 if bsn is None else bsn
+    bsk = N if bsk is None else bsk
+    bsb = K * N if bsb is None else bsb
+    return KernelSpec("matmul", f"matmul_{B}x{M}x{N}x{K}", (
+        ("batch", B), ("m", M), ("n", N), ("k", K), ("a", (dt, ao, asb, asm, ask)),
+        ("b", (dt, bo, bsb, bsk, bsn)), ("out_dtype", dt)))
+
+
+def operands(s):
+    """Random flat buffers just big enough for the spec's views, and their float64 views."""
+    p = dict(s.params)
+    B, M, N, K = p["batch"], p["m"], p["n"], p["k"]
+    views, flats = [], []
+    for key, shape in (("a", (B, M, K)), ("b", (B, K, N))):
+        _, off, *strides = p[key]
+        size = off + sum((d - 1) * st for d, st in zip(shape, strides, strict=True)) + 1
+        flat = rng.standard_normal(size).astype(np.float32)
+        f64 = flat.astype(np.float64)
+        views.append(np.lib.stride_tricks.as_strided(
+            f64[off:], shape, tuple(st * 8 for st in strides)))
+        flats.append(flat)
+    return flats, views[0] @ views[1]
+
+
+def build(s, caps=None):
+    b = generate_matmul(s, caps)
+    validate(b.words, b.name)
+    return b
+
+
+def check(run_kernel, s, caps=None):
+    p = dict(s.params)
+    flats, want = operands(s)
+    (out,) = run_kernel(build(s, caps), flats,
+                        [((p["batch"], p["m"], p["n"]), np.float32)])
+    assert rel_l2(out, want) < 1e-5
+
+
+@pytest.mark.parametrize("B,M,N,K", [(1, 1, 1, 1), (1, 5, 3, 8), (1, 17, 33, 65),
+                                     (1, 128, 256, 64), (3, 20, 70, 16)])
+def test_contiguous(run_kernel, B, M, N, K):
+    check(run_kernel, mm_spec(B, M, N, K))
+
+
+def test_transposed_both_with_offsets(run_kernel):
+    # a stored (K, M) and b stored (N, K): k is the contiguous axis of b, the outer axis of a.
+    M, N, K = 33, 19, 41
+    check(run_kernel, mm_spec(2, M, N, K, a=(3, M * K, 1, M), b=(5, N * K, 1, K)))
+
+
+def test_broadcast_batch_and_row(run_kernel):
+    # sb = 0 shares b across the batch; a's batch stride is an odd, padded one.
+    M, N, K = 9, 40, 23
+    check(run_kernel, mm_spec(4, M, N, K, a=(1, M * K + 7, K, 1), b=(2, 0, N, 1)))
+
+
+def test_zero_strides_inside(run_kernel):
+    # Broadcast along m (sm = 0) and along n (sn = 0): outer products of repeated rows/columns.
+    check(run_kernel, mm_spec(2, 6, 5, 19, a=(0, 19, 0, 1), b=(0, 19, 1, 0)))
+
+
+def test_small_limits_and_split_grid(run_kernel):
+    # Tiny device limits: fewer threads, less shared memory, grid split over several dispatches.
+    caps = SimpleNamespace(max_workgroup_invocations=64, max_workgroup_size=(64, 64, 64),
+                           max_shared_memory=2048, max_workgroup_count=(2, 3, 2))
+    s = mm_spec(3, 70, 90, 37)
+    cfg = choose_config(s, caps)
+    assert cfg.threads <= 64 and cfg.shared_bytes() <= 2048
+    b = build(s, caps)
+    assert len(b.dispatches) > 1 and b.shared_bytes <= 2048
+    check(run_kernel, s, caps)
+
+
+def test_grid_plan_covers_everything():
+    caps = SimpleNamespace(max_workgroup_count=(3, 65535, 2))
+    plan = grid_plan((7, 1, 5), caps)
+    seen = {(bx + x, by + y, bz + z) for (cx, cy, cz), (bx, by, bz) in plan
+            for x in range(cx) for y in range(cy) for z in range(cz)}
+    assert seen == {(x, 0, z) for x in range(7) for z in range(5)}
+    assert all(c[0] <= 3 and c[2] <= 2 for c, _ in plan)
+    assert grid_plan((0, 1, 1), None) == []
+
+
+def test_default_tiles_fit_lavapipe_and_nvidia():
+    s = mm_spec(1, 1024, 1024, 1024)
+    for shared in (32768, 49152):
+        caps = SimpleNamespace(max_workgroup_invocations=1024, max_workgroup_size=(1024,) * 3,
+                               max_shared_memory=shared, subgroup_size=8)
+        cfg = choose_config(s, caps)
+        assert cfg.variant == "simt" and cfg.shared_bytes() <= shared
+        assert generate_matmul(s, caps).shared_bytes <= shared

@@ -1,0 +1,102 @@
+"""One table of op cases shared by the reference, compiled and gradient tests.
+
+Each case names the op it exercises, how to build it with the tensor API from traced inputs,
+and the inputs (shapes, dtypes, value ranges that keep the op smooth for finite differences).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import alpha_jit as aj
+from alpha_jit.ir import trace
+from alpha_jit.nn import functional as F
+
+
+@dataclass
+class Case:
+    name: str
+    fn: Callable
+    shapes: list[tuple]
+    dtypes: list[str] = field(default_factory=list)
+    low: float = -2.0
+    high: float = 2.0
+    int_high: int = 7
+    grad: bool = True  # run the numerical gradient check
+
+    def inputs(self, rng: np.random.Generator) -> list[np.ndarray]:
+        out = []
+        for i, s in enumerate(self.shapes):
+            dt = self.dtypes[i] if i < len(self.dtypes) else "f32"
+            if dt == "i32":
+                out.append(rng.integers(0, self.int_high, s).astype(np.int32))
+            else:
+                v = rng.uniform(self.low, self.high, s)
+                # keep values away from 0 so kinks (relu, abs, max) are not straddled
+                v = np.where(np.abs(v) < 0.05, 0.3, v)
+                out.append(v.astype(np.float32))
+        return out
+
+
+CASES = [
+    Case("add_broadcast", lambda a, b: a + b, [(37, 45), (45,)]),
+    Case("sub_broadcast", lambda a, b: a - b, [(3, 1, 5), (4, 1)]),
+    Case("mul_broadcast", lambda a, b: a * b, [(2, 3, 4), (3, 1)]),
+    Case("div", lambda a, b: a / b, [(33,), (33,)], low=0.5, high=2.0),
+    Case("maximum", lambda a, b: aj.maximum(a, b), [(10, 6), (10, 6)]),
+    Case("minimum", lambda a, b: aj.minimum(a, b), [(10, 6), (6,)]),
+    Case("lt", lambda a, b: (a < b) * a, [(9, 5), (5,)]),
+    Case("le", lambda a, b: (a <= b) * b, [(9, 5), (9, 5)]),
+    Case("gt", lambda a, b: (a > b) * a, [(9, 5), (9, 1)]),
+    Case("ge", lambda a, b: (a >= 0.1) * b, [(9, 5), (9, 5)]),
+    Case("eq_int", lambda a, b: a.eq(b) * 1.5, [(40,), (40,)], ["i32", "i32"], int_high=3,
+         grad=False),
+    Case("ne", lambda a, b: a.astype("i32").ne(b) * a, [(12,), (12,)], ["f32", "i32"],
+         low=0, high=4),
+    Case("neg", lambda a: -a, [(17, 3)]),
+    Case("exp", lambda a: a.exp(), [(300,)]),
+    Case("log", lambda a: a.log(), [(300,)], low=0.1, high=3.0),
+    Case("tanh", lambda a: a.tanh(), [(5, 5, 5)]),
+    Case("sqrt", lambda a: a.sqrt(), [(65,)], low=0.1, high=4.0),
+    Case("rsqrt", lambda a: a.rsqrt(), [(65,)], low=0.2, high=4.0),
+    Case("abs", lambda a: a.abs(), [(65,)]),
+    Case("relu", lambda a: F.relu(a), [(1000,)]),
+    Case("gelu", lambda a: F.gelu(a), [(31, 7)], low=-4, high=4),
+    Case("pow_scalar", lambda a: a ** 3.0, [(20,)], low=0.2, high=2.0),
+    Case("where", lambda c, a, b: aj.where(c > 0.0, a, b), [(8, 9), (8, 9), (9,)]),
+    Case("cast_f32_i32", lambda a: (a * 3.0).astype("i32").astype("f32") + a, [(50,)],
+         grad=False),
+    Case("iota", lambda a: a * aj.iota(a.shape, 1).astype("f32"), [(6, 11)]),
+    Case("copy", lambda a: trace.apply("copy", [a.T]) * 2.0, [(3, 8)]),
+    Case("full", lambda a: a + aj.full((4, 5), 0.25), [(4, 5)]),
+    Case("transpose", lambda a, b: a.T * b, [(6, 9), (9, 6)]),
+    Case("reshape", lambda a: (a * 2.0).reshape(3, 20).exp(), [(6, 10)]),
+    Case("reshape_of_transpose", lambda a: a.T.reshape(-1) * 1.5, [(4, 7)]),
+    Case("broadcast_to", lambda a: a.broadcast_to((5, 3, 4)) * 2.0, [(3, 1)]),
+    Case("sum_axis0", lambda a: a.sum(axis=0), [(37, 23)]),
+    Case("sum_axis1_keep", lambda a: a.sum(axis=1, keepdims=True) * a, [(19, 1000)]),
+    Case("sum_all", lambda a: a.sum(), [(7, 9, 4)]),
+    Case("mean", lambda a: a.mean(axis=-1), [(13, 4097)]),
+    Case("max", lambda a: a.max(axis=1), [(11, 7)]),
+    Case("logsumexp", lambda a: a.logsumexp(axis=-1), [(9, 33)], low=-5, high=5),
+    Case("logsumexp_axis0", lambda a: a.logsumexp(axis=0, keepdims=True), [(5, 6)]),
+    Case("matmul_2d", lambda a, b: a @ b, [(17, 33), (33, 65)]),
+    Case("matmul_tiny", lambda a, b: a @ b, [(1, 1), (1, 1)]),
+    Case("matmul_batched", lambda a, b: a @ b, [(3, 5, 8), (3, 8, 4)]),
+    Case("matmul_transposed", lambda a, b: a.T @ b.T, [(8, 5), (4, 8)]),
+    Case("matmul_broadcast", lambda a, b: a @ b, [(2, 3, 5, 8), (8, 6)]),
+    Case("matmul_batch_broadcast", lambda a, b: a @ b, [(3, 5, 8), (1, 8, 6)]),
+    Case("gather_rows", lambda t, i: F.embedding(i, t), [(10, 6), (4, 5)], ["f32", "i32"],
+         int_high=10),
+    Case("scatter_add_rows",
+         lambda s, i: trace.apply("scatter_add_rows", [s, i], {"rows": 9}),
+         [(12, 5), (12,)], ["f32", "i32"], int_high=6),
+    Case("embedding_grad", lambda t, i: (F.embedding(i, t) ** 2.0).sum(axis=0),
+         [(7, 3), (12,)], ["f32", "i32"], int_high=7),
+    Case("cross_entropy", lambda z, y: F.cross_entropy(z, y), [(13, 10), (13,)], ["f32", "i32"],
+         int_high=10),
+    Case("softmax", lambda z: F.softmax(z, axis=-1), [(6, 10)]),
+]
