@@ -44,6 +44,12 @@ class TracedStep:
     snapshots: list[tuple[str, Graph]] = field(default_factory=list)
     pass_history: list[tuple[str, str, Graph]] = field(default_factory=list)
     grad_updates: list[tuple[Any, Any]] = field(default_factory=list)
+    # parameter -> whether it had a kept gradient when traced (the graph reads it if so)
+    grad_guard: list[tuple[Any, bool]] = field(default_factory=list)
+
+    def guard_holds(self) -> bool:
+        """False when a kept gradient appeared or vanished since tracing: retrace."""
+        return all((p._grad_holder is not None) == had for p, had in self.grad_guard)
 
     def leaves(self, args: list[np.ndarray], state_values: dict[int, np.ndarray],
                hparam_values: dict[tuple, float]) -> dict[int, np.ndarray]:
@@ -103,12 +109,14 @@ def trace_step(fn: Callable, args: tuple, precision: str = "f32") -> TracedStep:
         result = fn(*inputs)
         flat, structure = _flatten(result)
         grad_updates = _write_back_grads(ctx)
+    guard = [(h, h._grad_holder is not None) for h in ctx.state.values()
+             if getattr(h, "requires_grad", False)]
     g = ctx.graph
     g.outputs = [t.node for t in flat]
     ctx.snapshots.append(("traced step (fwd + bwd + opt)", g.copy()))
     return TracedStep(g, sig, [t.node for t in inputs], ctx.state, ctx.hparams,
                       ctx.hparam_nodes, ctx.index_bounds, structure, ctx.snapshots,
-                      grad_updates=grad_updates)
+                      grad_updates=grad_updates, grad_guard=guard)
 
 
 def _write_back_grads(ctx: trace.TraceContext) -> list[tuple[Any, Any]]:
@@ -136,7 +144,7 @@ class CompiledFunction:
                                 f"choose one of {PRECISIONS}")
         functools.update_wrapper(self, fn)
         self.fn, self.precision, self.passes = fn, precision, passes
-        self.cache: dict[tuple, Any] = {}
+        self.cache: dict[tuple, list[Any]] = {}  # signature -> executables (by grad guard)
         self.traces = 0
         self.last_traced: TracedStep | None = None
 
@@ -153,15 +161,16 @@ class CompiledFunction:
     def __call__(self, *args: Any) -> Any:
         args = tuple(np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a for a in args)
         sig = signature_of(args, self.precision)
-        exe = self.cache.get(sig)
+        exe = next((e for e in self.cache.get(sig, []) if e.traced.guard_holds()), None)
         if exe is None:
             if self.cache and "recompile" in os.environ.get("ALPHA_JIT_LOG", ""):
-                print(f"[alpha_jit] retracing {self.fn.__name__}: {_why(self.cache, sig)}",
-                      file=sys.stderr)
+                why = _why(self.cache, sig) if sig not in self.cache else \
+                    "a parameter's kept .grad appeared or was cleared"
+                print(f"[alpha_jit] retracing {self.fn.__name__}: {why}", file=sys.stderr)
             from alpha_jit.runtime.step import Executable
 
             exe = Executable(self.trace(*args))
-            self.cache[sig] = exe
+            self.cache.setdefault(sig, []).append(exe)
         return unflatten(exe(list(args)), exe.traced.out_structure)
 
 

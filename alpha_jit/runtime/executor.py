@@ -184,7 +184,6 @@ class Recording:
     timestamp_labels: list[str] = field(default_factory=list)
     last_value: int | None = None
     released: bool = False
-    _keep: list[Any] = field(default_factory=list)
 
     def submit(self) -> int:
         """Queue the recording; a recording still pending from a previous submit waits first."""

@@ -61,7 +61,8 @@ def test_gather_out_of_range_ids_write_nan(run_kernel):
 
 
 @pytest.mark.parametrize("V,D,N,s_off,i_off", [(1, 1, 1, 0, 0), (7, 3, 40, 2, 3),
-                                               (40, 70, 300, 5, 0), (500, 8, 257, 0, 4)])
+                                               (40, 70, 300, 5, 0), (500, 8, 257, 0, 4),
+                                               (9, 1100, 50, 1, 1), (5, 512, 20, 0, 0)])
 def test_scatter_repeated_ids(run_kernel, V, D, N, s_off, i_off):
     # Ids drawn from the lower half only (rows left untouched) and with many repeats.
     src = rng.standard_normal(s_off + N * D).astype(np.float32)

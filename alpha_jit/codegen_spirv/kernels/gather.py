@@ -45,20 +45,21 @@ def _local_shape(dim: int, caps: object) -> tuple[int, int]:
     return lx, budget // lx
 
 
-def _setup(spec: KernelSpec, caps: object, first: str, out_rows: int
-           ) -> tuple[KernelBuilder, dict, tuple, tuple[int, int], Value, Value, Value]:
-    """Builder, bindings, push constants and this invocation's (row, d, row-chunk-local) ids."""
+def _setup(spec: KernelSpec, caps: object, first: str, out_rows: int, cols: int = 1
+           ) -> tuple[KernelBuilder, dict, tuple, tuple[int, int], Value, Value]:
+    """Builder, bindings, push constants, this invocation's row and first column (its others
+    follow at strides of lx: `cols` columns per invocation)."""
     p = dict(spec.params)
-    lx, ly = _local_shape(p["dim"], caps)
+    lx, ly = _local_shape(math.ceil(p["dim"] / cols), caps)
     kb = KernelBuilder(spec.name, (lx, ly, 1), caps)
     dt = storage_dtype(p["dtype"])
     bufs = (kb.buffer(first, dt, writable=False), kb.buffer("ids", "i32", writable=False),
             kb.buffer("out", dt, writable=True))
     pc = kb.push_constants([("base_x", "u32"), ("base_y", "u32"), ("base_z", "u32")])
-    d = (kb.workgroup_id(0) + pc["base_x"]) * lx + kb.local_id(0)
+    d = (kb.workgroup_id(0) + pc["base_x"]) * (lx * cols) + kb.local_id(0)
     row = (kb.workgroup_id(1) + pc["base_y"]) * ly + kb.local_id(1)
-    p["_groups"] = (math.ceil(p["dim"] / lx), math.ceil(out_rows / ly), 1)
-    return kb, p, bufs, (lx, ly), row, d, kb.local_index()
+    p["_groups"] = (math.ceil(p["dim"] / (lx * cols)), math.ceil(out_rows / ly), 1)
+    return kb, p, bufs, (lx, ly), row, d
 
 
 def _finish(kb: KernelBuilder, spec: KernelSpec, p: dict, caps: object) -> KernelBinary:
@@ -70,7 +71,7 @@ def _finish(kb: KernelBuilder, spec: KernelSpec, p: dict, caps: object) -> Kerne
 def generate_gather(spec: KernelSpec, caps: object = None) -> KernelBinary:
     """out[i, d] = table[ids[i], d]; NaN (INT_MIN for i32) where ids[i] is outside [0, V)."""
     V, D, N = (dict(spec.params)[k] for k in ("rows", "dim", "n"))
-    kb, p, (table, ids, out), _, i, d, _ = _setup(spec, caps, "table", N)
+    kb, p, (table, ids, out), _, i, d = _setup(spec, caps, "table", N)
     t_off, i_off = p["table_offset"], p["ids_offset"]
     bad = kb.f32(float("nan")) if table.compute == "f32" else kb.const(_INT_MIN, table.compute)
     with kb.if_((i < N) & (d < D)):
@@ -87,27 +88,55 @@ def generate_gather(spec: KernelSpec, caps: object = None) -> KernelBinary:
 def generate_scatter(spec: KernelSpec, caps: object = None) -> KernelBinary:
     """out = zeros(V, D); out[ids[i]] += src[i] for i in order (deterministic, f32 sums)."""
     V, D, N = (dict(spec.params)[k] for k in ("rows", "dim", "n"))
-    kb, p, (src, ids, out), (lx, ly), r, d, tid = _setup(spec, caps, "src", V)
+    # Up to 4 columns per invocation: fewer workgroups, so the ids are scanned fewer times.
+    cols = max(1, min(4, D // DEFAULT_LOCAL_SIZE))
+    kb, p, (src, ids, out), (lx, ly), r, d = _setup(spec, caps, "src", V, cols)
     s_off, i_off = p["src_offset"], p["ids_offset"]
     chunk = lx * ly  # one id per invocation per refill of the shared staging array
+    words = math.ceil(chunk / 32)
     staged = kb.shared("i32", chunk)
-    live = (r < V) & (d < D)
+    hits = kb.shared("u32", words)  # bit t: staged[t] names one of this workgroup's rows
+    tid = kb.local_index()
+    row0 = kb.cast(r - kb.local_id(1), "i32")
     want = kb.cast(r, "i32")
-    acc = kb.var("f32", 0.0)
-    if N:
-        with kb.loop(kb.u32(0), N, chunk) as c0:
-            kb.barrier()  # the previous chunk has been read by everyone
-            j = c0 + tid
-            # Past N the slot holds -1, which matches no row.
-            id_or_pad = kb.var("i32", -1)
-            with kb.if_(j < N):
-                id_or_pad.set(ids.load(j + i_off))
-            staged.store(tid, id_or_pad.get())
-            kb.barrier()
-            base = c0 * D + (d + s_off)
-            with kb.if_(live), kb.loop(kb.u32(0), min(chunk, N), 1) as t:
-                with kb.if_(staged.load(t) == want):
-                    acc.set(acc.get() + src.load(base + t * D))
-    with kb.if_(live):
-        out.store(r * D + d, acc.get())
+    live_row = r < V
+    col = [d + c * lx for c in range(cols)]
+    live = [live_row & (x < D) for x in col]
+    acc = [kb.var("f32", 0.0) for _ in range(cols)]
+    u32 = kb.type("u32")
+    with kb.loop(kb.u32(0), N, chunk) as c0:
+        kb.barrier()  # everyone has finished reading the previous chunk
+        with kb.if_(tid < words):
+            hits.store(tid, kb.u32(0))
+        j = c0 + tid
+        id_or_pad = kb.var("i32", -1)  # past N: -1, which names no row
+        with kb.if_(j < N):
+            id_or_pad.set(ids.load(j + i_off))
+        staged.store(tid, id_or_pad.get())
+        kb.barrier()
+        # Atomic OR is order-independent, so the bit mask (and everything after) is deterministic.
+        with kb.if_(kb.cast(id_or_pad.get() - row0, "u32") < ly):
+            # No shared atomics in the DSL yet: emit OpAtomicOr on the shared word directly.
+            kb.m.emit("OpAtomicOr", u32, hits._ptr(tid >> 5), "Workgroup", "Relaxed",
+                      kb.u32(1) << (tid & 31))
+        kb.barrier()
+        # Visit only the hits, in increasing position: sums run in the order of i, every run.
+        with kb.if_(live_row):
+            for w in range(words):
+                bits = kb.var("u32", hits.load(w))
+                with kb.loop(kb.u32(0), kb.op("OpBitCount", "u32", bits.get()), 1):
+                    b = bits.get()
+                    bits.set(b & (b - 1))
+                    t = kb.glsl("FindILsb", "u32", b) + 32 * w
+                    with kb.if_(staged.load(t) == want):
+                        row = (c0 + t) * D + s_off
+                        for c in range(cols):
+                            if D % (lx * cols) == 0:  # every column exists: no check
+                                acc[c].set(acc[c].get() + src.load(row + col[c]))
+                                continue
+                            with kb.if_(live[c]):
+                                acc[c].set(acc[c].get() + src.load(row + col[c]))
+    for c in range(cols):
+        with kb.if_(live[c]):
+            out.store(r * D + col[c], acc[c].get())
     return _finish(kb, spec, p, caps)
