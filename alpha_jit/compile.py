@@ -27,6 +27,13 @@ from alpha_jit.tensor import StateTensor, Tensor, as_tensor
 
 log = logging.getLogger("alpha_jit.compile")
 PRECISIONS = ("f32",)
+_BUILD_HOOK: Callable[[Any, Any], None] | None = None
+
+
+def set_build_hook(hook: Callable[[Any, Any], None] | None) -> None:
+    """Called with (traced, executable) after each step is built (`alpha-jit dump-ir`)."""
+    global _BUILD_HOOK
+    _BUILD_HOOK = hook
 
 
 @dataclass
@@ -171,6 +178,8 @@ class CompiledFunction:
 
             exe = Executable(self.trace(*args))
             self.cache.setdefault(sig, []).append(exe)
+            if _BUILD_HOOK is not None:
+                _BUILD_HOOK(exe.traced, exe)
         return unflatten(exe(list(args)), exe.traced.out_structure)
 
 

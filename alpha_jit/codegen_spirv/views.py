@@ -73,7 +73,7 @@ class View:
             return n, 0
         if all(st == 0 for _, st in dims):
             return n, 0
-        for (s0, st0), (s1, st1) in zip(dims, dims[1:], strict=False):
+        for (_, st0), (s1, st1) in zip(dims, dims[1:], strict=False):
             if st0 != st1 * s1:
                 return None
         return n, dims[-1][1]

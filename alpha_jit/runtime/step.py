@@ -190,7 +190,7 @@ class Executable:
         if self.pending:
             self._fetch_outputs(self.last_value)  # the readback region is about to be reused
         self.recording.wait()
-        for bid, soff, b in self.staged:
+        for _, soff, b in self.staged:
             if b.kind == "input":
                 self.staging.write(arrays[b.key], soff)
             else:

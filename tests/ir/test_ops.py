@@ -7,6 +7,7 @@ import pytest
 
 import alpha_jit as aj
 from alpha_jit import dtypes
+from alpha_jit.codegen_spirv import tools
 from alpha_jit.compile import trace_step
 from alpha_jit.ir import autodiff, interpreter, trace
 from alpha_jit.ir.ops import registry
@@ -45,6 +46,9 @@ def test_compiled_matches_reference(case: Case):
     got_arr = got.numpy()
     assert got_arr.shape == want[0].shape
     assert rel_l2(got_arr, want[0]) < 1e-5
+    (exe,) = [e for es in step.cache.values() for e in es]
+    for b in exe.binaries:  # every emitted module is valid SPIR-V for Vulkan
+        tools.validate(b.words, b.name)
 
 
 def _grad_graph(case: Case, args: list[np.ndarray], weights: np.ndarray):

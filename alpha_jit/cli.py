@@ -1,0 +1,135 @@
+"""The `alpha-jit` command: devices, dump-ir.
+
+`devices` lists every Vulkan device with the capabilities alpha_jit specialises on and the
+kernel variants each would get. `dump-ir SCRIPT [ARGS]` runs a user script until its first
+compiled step has been built, then prints every stage: the graph after tracing, after autodiff,
+after each pass, the kernel list, the memory plan; `--kernel N` adds kernel N's SPIR-V.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import runpy
+import sys
+from typing import Any
+
+from alpha_jit.errors import AlphaJitError
+
+
+def variants(caps: Any) -> dict[str, str]:
+    """Which kernel variant each precision/kernel family gets on a device."""
+    from alpha_jit.codegen_spirv.kernel import KernelSpec
+    from alpha_jit.codegen_spirv.kernels.matmul import choose_config
+
+    probe = KernelSpec("matmul", "probe", (("batch", 1), ("m", 1024), ("n", 1024), ("k", 1024),
+                                           ("a", ("f32", 0, 0, 1024, 1)),
+                                           ("b", ("f32", 0, 0, 1024, 1)), ("out_dtype", "f32")))
+    cfg = choose_config(probe, caps)
+    return {
+        "matmul f32": f"{cfg.variant} {cfg.tm}x{cfg.tn}x{cfg.bk} (micro-tile {cfg.rm}x{cfg.rn})",
+        "f16 storage": "16-bit storage" if caps.storage_buffer_16bit else "unavailable",
+        "bf16 storage": "emulated (u16 + bit ops)" + ("; native available"
+                                                      if caps.bfloat16 else ""),
+        "reductions": f"subgroup ops (subgroup {caps.subgroup_size})"
+        if caps.subgroup_arithmetic else "shared memory",
+    }
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from alpha_jit.runtime.capabilities import enumerate_devices, select_device
+
+    devs = enumerate_devices()
+    chosen = select_device(devs).index if devs else None
+    if args.json:
+        out = []
+        for c in devs:
+            d = dataclasses.asdict(c)
+            d["fingerprint"] = c.fingerprint()
+            d["selected"] = c.index == chosen
+            d["variants"] = variants(c)
+            out.append(d)
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    head = f"{'#':>2}  {'name':<34} {'type':<10} {'vulkan':<9} {'f16':<4} {'bf16':<5} " \
+           f"{'coopmat':<8} {'subgrp':<7} {'shared':<7}"
+    print(head)
+    print("-" * len(head))
+    for c in devs:
+        mark = "*" if c.index == chosen else " "
+        coop = str(len(c.cooperative_matrix)) if c.cooperative_matrix else "no"
+        print(f"{c.index:>2}{mark} {c.name[:34]:<34} {c.device_type:<10} {c.api_version:<9} "
+              f"{'yes' if c.float16 else 'no':<4} {'yes' if c.bfloat16 else 'no':<5} "
+              f"{coop:<8} {c.subgroup_size:<7} {c.max_shared_memory // 1024:>4} KiB")
+    print("\n* = selected (set ALPHA_JIT_DEVICE=<index|name> to choose another)")
+    for c in devs:
+        print(f"\nkernel variants on {c.index}: {c.name}")
+        for k, v in variants(c).items():
+            print(f"  {k:<13} {v}")
+    return 0
+
+
+class _StopAfterFirstStep(Exception):
+    pass
+
+
+def cmd_dump_ir(args: argparse.Namespace) -> int:
+    from alpha_jit.codegen_spirv import tools
+
+    # the package's `compile` attribute is the decorator; the module holds the hook
+    compile_mod = importlib.import_module("alpha_jit.compile")
+
+    def hook(traced: Any, exe: Any) -> None:
+        for title, g in traced.snapshots:
+            print(g.format(title), end="\n\n")
+        for name, summary, g in traced.pass_history:
+            print(f"-- pass {name}: {summary}")
+            print(g.format(f"after pass {name}"), end="\n\n")
+        print(exe.lowered.format())
+        print(f"\n== memory plan ==\n  {exe.mem.format()}")
+        print(f"  barriers: {sum(exe.barriers)} between {len(exe.barriers)} kernels")
+        if args.kernel is not None:
+            if not 0 <= args.kernel < len(exe.binaries):
+                raise AlphaJitError(f"--kernel {args.kernel}: the step has "
+                                    f"{len(exe.binaries)} kernels (0..{len(exe.binaries) - 1})")
+            b = exe.binaries[args.kernel]
+            print(f"\n== kernel {args.kernel}: {b.name} ({b.spec.family}) ==")
+            print(f"spec: {b.spec.params}")
+            print(tools.disassemble(b.words, b.name))
+        raise _StopAfterFirstStep
+
+    compile_mod.set_build_hook(hook)
+    sys.argv = [args.script, *args.script_args]
+    try:
+        runpy.run_path(args.script, run_name="__main__")
+    except _StopAfterFirstStep:
+        return 0
+    finally:
+        compile_mod.set_build_hook(None)
+    print(f"{args.script} finished without calling a compiled step", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="alpha-jit", description="alpha_jit tools")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("devices", help="list Vulkan devices and what alpha_jit would use")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.set_defaults(func=cmd_devices)
+    p = sub.add_parser("dump-ir", help="print every stage of a script's first compiled step")
+    p.add_argument("--kernel", type=int, default=None, help="also print kernel N's SPIR-V")
+    p.add_argument("script")
+    p.add_argument("script_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_dump_ir)
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except AlphaJitError as e:
+        print(f"alpha-jit: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
