@@ -8,6 +8,8 @@ retrace that produces the same kernels does not regenerate them.
 from __future__ import annotations
 
 import importlib
+import pickle
+from pathlib import Path
 from typing import Any
 
 from alpha_jit.codegen_spirv.kernel import KernelBinary, KernelSpec
@@ -37,11 +39,34 @@ def _generator(family: str) -> Any:
     return fn
 
 
+def _disk_path(spec: KernelSpec, fp: str) -> Path:
+    from alpha_jit.runtime.pipelines import cache_dir
+
+    return cache_dir(fp) / "kernels" / f"{spec.family}-{spec.key()}.pkl"
+
+
 def generate(spec: KernelSpec, caps: Any) -> KernelBinary:
+    """The binary for `spec` on a device: from memory, from the on-disk cache (written by an
+    earlier process for the same device fingerprint), or freshly generated."""
     fp = caps.fingerprint() if caps is not None else "generic"
     key = (spec.key(), fp)
     binary = _CACHE.get(key)
+    if binary is not None:
+        return binary
+    path = _disk_path(spec, fp) if caps is not None else None
+    if path is not None and path.exists():
+        try:
+            cached = pickle.loads(path.read_bytes())
+            if isinstance(cached, KernelBinary) and cached.spec == spec:
+                binary = cached
+        except Exception:  # a corrupt or stale cache entry is regenerated, never trusted
+            binary = None
     if binary is None:
         binary = _generator(spec.family)(spec, caps)
-        _CACHE[key] = binary
+        if path is not None:
+            from alpha_jit.runtime.pipelines import atomic_write
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, pickle.dumps(binary))
+    _CACHE[key] = binary
     return binary

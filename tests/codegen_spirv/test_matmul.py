@@ -61,15 +61,15 @@ def check(run_kernel, s, caps=None):
 
 
 @pytest.mark.parametrize("B,M,N,K", [(1, 1, 1, 1), (1, 5, 3, 8), (1, 17, 33, 65),
-                                     (1, 128, 256, 64), (3, 20, 70, 16)])
+                                     (1, 128, 256, 64), (3, 20, 70, 16), (9, 260, 300, 37)])
 def test_contiguous(run_kernel, B, M, N, K):
     check(run_kernel, mm_spec(B, M, N, K))
 
 
-def test_transposed_both_with_offsets(run_kernel):
+@pytest.mark.parametrize("B,M,N,K", [(2, 33, 19, 41), (8, 257, 270, 20)])
+def test_transposed_both_with_offsets(run_kernel, B, M, N, K):
     # a stored (K, M) and b stored (N, K): k is the contiguous axis of b, the outer axis of a.
-    M, N, K = 33, 19, 41
-    check(run_kernel, mm_spec(2, M, N, K, a=(3, M * K, 1, M), b=(5, N * K, 1, K)))
+    check(run_kernel, mm_spec(B, M, N, K, a=(3, M * K, 1, M), b=(5, N * K, 1, K)))
 
 
 def test_broadcast_batch_and_row(run_kernel):
@@ -111,5 +111,5 @@ def test_default_tiles_fit_lavapipe_and_nvidia():
         caps = SimpleNamespace(max_workgroup_invocations=1024, max_workgroup_size=(1024,) * 3,
                                max_shared_memory=shared, subgroup_size=8)
         cfg = choose_config(s, caps)
-        assert cfg.variant == "simt" and cfg.shared_bytes() <= shared
+        assert cfg.variant == "simt" and cfg.shared_bytes() <= shared and cfg.tm == 128
         assert generate_matmul(s, caps).shared_bytes <= shared
