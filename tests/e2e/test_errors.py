@@ -8,6 +8,7 @@ import pytest
 import alpha_jit as aj
 from alpha_jit import nn
 from alpha_jit.nn import functional as F
+from tests.e2e.util import classifier_step
 
 THIS = __file__
 
@@ -71,13 +72,7 @@ def test_out_of_range_labels_fail_before_gpu_work():
     model = nn.Linear(3, 4)
     opt = nn.optim.SGD(model.parameters(), lr=0.1)
 
-    @aj.compile
-    def step(x, y):
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
+    step = classifier_step(model, opt)
 
     x = np.ones((2, 3), np.float32)
     step(x, np.array([0, 1], np.int32))

@@ -16,6 +16,7 @@ from alpha_jit import nn
 from alpha_jit.ir import interpreter
 from alpha_jit.nn import functional as F
 from alpha_jit.runtime import get_device
+from tests.e2e.util import classifier_step
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,13 +50,7 @@ def test_compiled_step_matches_reference_interpreter(opt_name):
     else:
         opt = nn.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
-    @aj.compile
-    def step(x, y):
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
+    step = classifier_step(model, opt)
 
     traced = None
     for it in range(20):
@@ -82,13 +77,7 @@ def test_loss_falls_and_replay_records_once():
     model = mlp(1)
     opt = nn.optim.AdamW(model.parameters(), lr=1e-2)
 
-    @aj.compile
-    def step(x, y):
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
+    step = classifier_step(model, opt)
 
     dev = get_device()
     x, y = batch(rng, 32)
@@ -108,13 +97,7 @@ def test_lr_change_does_not_retrace_and_takes_effect():
     model = mlp(2)
     opt = nn.optim.SGD(model.parameters(), lr=0.0)
 
-    @aj.compile
-    def step(x, y):
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
+    step = classifier_step(model, opt)
 
     x, y = batch(rng)
     w0 = model.layers[0].weight.numpy()
