@@ -183,6 +183,39 @@ class TensorOps:
         perm[-1], perm[-2] = perm[-2], perm[-1]
         return self.transpose(*perm)
 
+    def __getitem__(self, index: Any) -> Tensor:
+        """Basic indexing: integers and step-1 slices (a view; no copy)."""
+        if not isinstance(index, tuple):
+            index = (index,)
+        t = self._t()
+        if len(index) > t.ndim:
+            raise ShapeError("getitem", f"{len(index)} indices for a tensor of shape {t.shape}",
+                             trace.current().provenance().where())
+        starts, stops, keep = [], [], []
+        for d, size in enumerate(t.shape):
+            ix = index[d] if d < len(index) else slice(None)
+            if isinstance(ix, int | np.integer):
+                i = int(ix) + size if ix < 0 else int(ix)
+                if not 0 <= i < size:
+                    raise ShapeError("getitem", f"index {ix} is out of range for axis {d} of "
+                                     f"shape {t.shape}", trace.current().provenance().where())
+                starts.append(i)
+                stops.append(i + 1)
+            elif isinstance(ix, slice) and ix.step in (None, 1):
+                a, b, _ = ix.indices(size)
+                starts.append(a)
+                stops.append(max(a, b))
+                keep.append(d)
+            else:
+                raise TraceError("getitem", f"only integers and step-1 slices are supported, "
+                                 f"got {ix!r}", trace.current().provenance().where())
+        out = t
+        if starts != [0] * t.ndim or stops != list(t.shape):
+            out = trace.apply("slice", [t], {"starts": tuple(starts), "stops": tuple(stops)})
+        if len(keep) != t.ndim:
+            out = out.reshape(tuple(out.shape[d] for d in keep))
+        return out
+
     def broadcast_to(self, shape: Sequence[int]) -> Tensor:
         shape = tuple(shape)
         return self._t() if shape == self.shape else trace.apply(
@@ -326,6 +359,27 @@ def sum_to(g: Tensor, shape: tuple) -> Tensor:
     if axes:
         t = t.sum(axis=axes, keepdims=True)
     return t.reshape(shape) if t.shape != shape else t
+
+
+def pad(x: Any, pads: Sequence[tuple[int, int]]) -> Tensor:
+    """Zero padding: pads[d] = (before, after) elements on axis d."""
+    return trace.apply("pad", [x], {"pads": tuple((int(b), int(e)) for b, e in pads)})
+
+
+def concat(xs: Sequence[Any], axis: int = -1) -> Tensor:
+    """Concatenation along `axis`, as a sum of zero-padded parts (one fused kernel)."""
+    ts = [as_tensor(x) for x in xs]
+    ax = axis % ts[0].ndim
+    total = sum(t.shape[ax] for t in ts)
+    out, at = None, 0
+    for t in ts:
+        pads = [(0, 0)] * t.ndim
+        pads[ax] = (at, total - at - t.shape[ax])
+        at += t.shape[ax]
+        part = pad(t, pads)
+        out = part if out is None else out + part
+    assert out is not None
+    return out
 
 
 def zeros_like(x: TensorOps) -> Tensor:

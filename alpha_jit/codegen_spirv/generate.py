@@ -7,6 +7,8 @@ retrace that produces the same kernels does not regenerate them.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 import pickle
 from pathlib import Path
@@ -39,10 +41,20 @@ def _generator(family: str) -> Any:
     return fn
 
 
+@functools.lru_cache(maxsize=1)
+def codegen_version() -> str:
+    """Hash of the code generator's own source: a changed generator never reuses old binaries."""
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted([*here.glob("*.py"), *here.glob("kernels/*.py")]):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _disk_path(spec: KernelSpec, fp: str) -> Path:
     from alpha_jit.runtime.pipelines import cache_dir
 
-    return cache_dir(fp) / "kernels" / f"{spec.family}-{spec.key()}.pkl"
+    return cache_dir(fp) / "kernels" / codegen_version() / f"{spec.family}-{spec.key()}.pkl"
 
 
 def generate(spec: KernelSpec, caps: Any) -> KernelBinary:

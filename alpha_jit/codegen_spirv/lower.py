@@ -105,7 +105,7 @@ class _Lowerer:
                 cands = list(dict.fromkeys(
                     self.group[u] for u in args
                     if u in self.group and self.group[u] not in frozen
-                    and g.shape(u) == g.shape(n)))
+                    and g.shape(u) == g.shape(n) and g.op(n) != "pad"))
                 chosen = next((c for c in cands if all(
                     self.group.get(w) == c or c not in dep_of(w) for w in args)), None)
                 for d in cands:
@@ -152,6 +152,8 @@ class _Lowerer:
                 v = src.transpose(g.attrs(n)["perm"])
             elif op == "broadcast_to":
                 v = src.broadcast_to(g.attrs(n)["shape"])
+            elif op == "slice":
+                v = src.slice(g.attrs(n)["starts"], g.attrs(n)["stops"])
             else:
                 v = src.reshape(g.attrs(n)["shape"])
                 if v is None:  # no strided form: copy the source to contiguous memory first
@@ -217,13 +219,12 @@ class _Lowerer:
                 elif g.op(u) == "full":
                     args.append(("const", g.attrs(u)["value"], g.dtype(u).name))
                 else:
-                    v = self.need_view(u, n).broadcast_to(shape)
-                    key = (v.base, v.offset, v.strides)
-                    if key not in in_index:
-                        in_index[key] = len(inputs)
-                        inputs.append((g.dtype(u).name, v.strides, v.offset))
-                        reads.append(v.base)
-                    args.append(("in", in_index[key]))
+                    entry, base = self._input_entry(u, n, shape)
+                    if entry not in in_index:
+                        in_index[entry] = len(inputs)
+                        inputs.append(entry)
+                        reads.append(base)
+                    args.append(("in", in_index[entry]))
             op = g.op(n)
             if op == "iota":
                 op, args = "copy", [("iota", g.attrs(n)["axis"])]
@@ -235,6 +236,19 @@ class _Lowerer:
         params = (("shape", shape), ("inputs", tuple(inputs)), ("exprs", tuple(exprs)),
                   ("outputs", outputs))
         self._emit("elementwise", name, params, reads, outs, members, members[-1])
+
+    def _input_entry(self, u: int, n: int, shape: tuple) -> tuple[tuple, int]:
+        """How group member n reads external value u: (dtype, strides, offset[, window])."""
+        g = self.g
+        v = self.need_view(u, n)
+        if g.op(n) != "pad":
+            v = v.broadcast_to(shape)
+            return (g.dtype(u).name, v.strides, v.offset), v.base
+        # out[i] = in[i - before] inside the window [before, before + size) on each axis
+        pads = g.attrs(n)["pads"]
+        off = v.offset - sum(b * st for (b, _), st in zip(pads, v.strides, strict=True))
+        window = tuple((b, b + s) for (b, _), s in zip(pads, v.shape, strict=True))
+        return (g.dtype(u).name, v.strides, off, window), v.base
 
     def single(self, n: int) -> None:
         g = self.g

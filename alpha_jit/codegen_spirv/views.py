@@ -43,6 +43,11 @@ class View:
         return View(self.base, self.offset, tuple(self.shape[p] for p in perm),
                     tuple(self.strides[p] for p in perm))
 
+    def slice(self, starts: tuple, stops: tuple) -> View:
+        off = self.offset + sum(a * st for a, st in zip(starts, self.strides, strict=True))
+        return View(self.base, off, tuple(b - a for a, b in zip(starts, stops, strict=True)),
+                    self.strides)
+
     def broadcast_to(self, shape: tuple) -> View:
         """numpy broadcasting, right-aligned; broadcast axes get stride 0."""
         lead = len(shape) - len(self.shape)

@@ -90,6 +90,25 @@ class _Indexer:
         return total + offset if offset else total
 
 
+def _windowed_load(kb: KernelBuilder, ix: _Indexer, buf: object, dt: str,
+                   strides: Sequence[int], off: int, window: Sequence[tuple[int, int]]) -> Value:
+    """Load where lo <= idx[d] < hi on every windowed axis, else 0 (the `pad` op)."""
+    cond = None
+    for d, (lo, hi) in enumerate(window):
+        if lo == 0 and hi >= ix.shape[d]:
+            continue
+        c = (ix.axis(d) >= lo) & (ix.axis(d) < hi)
+        cond = c if cond is None else cond & c
+    if cond is None:
+        return buf.load(ix.offset(strides, off))  # type: ignore[attr-defined]
+    # index math before the branch: values cached by the indexer must dominate later uses
+    at = ix.offset(strides, off)
+    var = kb.var(compute_dtype(storage_dtype(dt)), 0)
+    with kb.if_(cond):
+        var.set(buf.load(at))  # type: ignore[attr-defined]
+    return var.get()
+
+
 def generate_elementwise(spec: KernelSpec, caps: object = None,
                          scalar_rule: ScalarRule | None = None) -> KernelBinary:
     """SPIR-V for one fused elementwise region (see the module docstring for the spec)."""
@@ -103,7 +122,7 @@ def generate_elementwise(spec: KernelSpec, caps: object = None,
     local = local_size_for(caps)
     kb = KernelBuilder(spec.name, local, caps)
     in_bufs = [kb.buffer(f"in{i}", storage_dtype(dt), writable=False)
-               for i, (dt, _, _) in enumerate(inputs)]
+               for i, (dt, *_) in enumerate(inputs)]
     out_bufs = [kb.buffer(f"out{k}", storage_dtype(dt), writable=True)
                 for k, (dt, _) in enumerate(outputs)]
     pc = kb.push_constants([("count", "u32"), ("base", "u32")])
@@ -118,8 +137,11 @@ def generate_elementwise(spec: KernelSpec, caps: object = None,
             if tag == "in":
                 i = a[1]
                 if i not in loaded:  # load each input once, only if used
-                    dt, strides, off = inputs[i]
-                    v = in_bufs[i].load(ix.offset(strides, off))
+                    dt, strides, off, *window = inputs[i]
+                    if window:  # padded input: read only inside the window, 0 outside
+                        v = _windowed_load(kb, ix, in_bufs[i], dt, strides, off, window[0])
+                    else:
+                        v = in_bufs[i].load(ix.offset(strides, off))
                     loaded[i] = kb.cast(v, "bool") if dt == "bool" else v
                 return loaded[i]
             if tag == "e":

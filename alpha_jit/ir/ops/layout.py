@@ -61,3 +61,49 @@ def _broadcast_infer(shapes, dts, attrs):
 register(OpDef("broadcast_to", "view", _broadcast_infer,
                lambda a, attrs: np.broadcast_to(a[0], attrs["shape"]),
                lambda g, args, out, attrs: [sum_to(g, args[0].shape)]))
+
+
+# ---- slice (a view) and pad (its VJP, read through a window) -----------------------------------
+def _slice_infer(shapes, dts, attrs):
+    shape = shapes[0]
+    starts, stops = attrs["starts"], attrs["stops"]
+    if len(starts) != len(shape) or len(stops) != len(shape) or any(
+            not 0 <= a <= b <= s for a, b, s in zip(starts, stops, shape, strict=True)):
+        raise ShapeError("slice", f"bounds {tuple(zip(starts, stops, strict=False))} do not fit "
+                         f"shape {shape}")
+    return tuple(b - a for a, b in zip(starts, stops, strict=True)), dts[0]
+
+
+def _slice_vjp(g, args, out, attrs):
+    from alpha_jit.ir import trace
+
+    pads = tuple((a, s - b) for a, b, s in zip(attrs["starts"], attrs["stops"], args[0].shape,
+                                               strict=True))
+    return [trace.apply("pad", [g], {"pads": pads})]
+
+
+register(OpDef("slice", "view", _slice_infer,
+               lambda a, attrs: a[0][tuple(slice(s, e) for s, e in zip(
+                   attrs["starts"], attrs["stops"], strict=True))],
+               _slice_vjp))
+
+
+def _pad_infer(shapes, dts, attrs):
+    pads = attrs["pads"]
+    if len(pads) != len(shapes[0]) or any(b < 0 or e < 0 for b, e in pads):
+        raise ShapeError("pad", f"pads {pads} do not fit shape {shapes[0]}")
+    return tuple(s + b + e for s, (b, e) in zip(shapes[0], pads, strict=True)), dts[0]
+
+
+def _pad_vjp(g, args, out, attrs):
+    from alpha_jit.ir import trace
+
+    starts = tuple(b for b, _ in attrs["pads"])
+    stops = tuple(b + s for (b, _), s in zip(attrs["pads"], args[0].shape, strict=True))
+    return [trace.apply("slice", [g], {"starts": starts, "stops": stops})]
+
+
+# pad is elementwise: its consumer kernel reads the input through a window (zeros outside)
+register(OpDef("pad", "elementwise", _pad_infer,
+               lambda a, attrs: np.pad(a[0], attrs["pads"]), _pad_vjp,
+               lambda e, attrs, x: x))
