@@ -70,7 +70,7 @@ class TracedStep:
             elif op == "state":
                 feed[n] = state_values[g.attrs(n)["key"]]
             elif op == "hparam":
-                feed[n] = np.asarray(hparam_values[g.attrs(n)["key"]], np.float32)
+                feed[n] = np.asarray(hparam_values[g.attrs(n)["key"]], g.dtype(n).np_storage)
         return feed
 
 

@@ -320,7 +320,7 @@ def full(shape: Sequence[int], value: float, dtype: Any = dtypes.float32) -> Ten
 
 
 def iota(shape: Sequence[int], axis: int) -> Tensor:
-    """i32 tensor whose value is the index along `axis`."""
+    """i32 tensor whose value is the index along `axis` (-1: the row-major linear index)."""
     return trace.leaf("iota", {"shape": tuple(shape), "axis": axis}, tuple(shape),
                       dtypes.int32)
 

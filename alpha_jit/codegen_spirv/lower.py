@@ -220,11 +220,11 @@ class _Lowerer:
                     args.append(("const", g.attrs(u)["value"], g.dtype(u).name))
                 else:
                     entry, base = self._input_entry(u, n, shape)
-                    if entry not in in_index:
-                        in_index[entry] = len(inputs)
+                    if (base, entry) not in in_index:  # one binding per distinct read
+                        in_index[(base, entry)] = len(inputs)
                         inputs.append(entry)
                         reads.append(base)
-                    args.append(("in", in_index[entry]))
+                    args.append(("in", in_index[(base, entry)]))
             op = g.op(n)
             if op == "iota":
                 op, args = "copy", [("iota", g.attrs(n)["axis"])]

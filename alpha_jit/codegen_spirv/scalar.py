@@ -16,7 +16,7 @@ import numpy as np
 
 from .dsl import KernelBuilder, Value
 
-BINARY_OPS = ("add", "sub", "mul", "div", "max", "min", "pow")
+BINARY_OPS = ("add", "sub", "mul", "div", "max", "min", "pow", "xor", "shr")
 UNARY_OPS = ("neg", "exp", "log", "tanh", "sqrt", "rsqrt", "abs")
 COMPARE_OPS = ("lt", "le", "gt", "ge", "eq", "ne")
 # Storage dtypes compute in a wider type: every float in f32.
@@ -61,6 +61,10 @@ class ScalarEmitter:
             if a.dtype != "f32":
                 raise TypeError("pow is defined for f32 only")
             return kb.pow(a, b)
+        if op in ("xor", "shr"):  # bit ops (counter-based RNG); shr is logical on u32
+            if a.dtype == "f32":
+                raise TypeError(f"{op} is defined for integers only")
+            return a ^ b if op == "xor" else a >> b
         raise ValueError(f"unknown binary op {op!r}; known: {BINARY_OPS}")
 
     def unary(self, op: str, a: Value) -> Value:
@@ -105,7 +109,8 @@ class ScalarEmitter:
 
 _NP = {"f32": np.float32, "i32": np.int32, "bool": np.bool_, "u32": np.uint32}
 _NP_BINARY = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "max": np.maximum,
-              "min": np.minimum, "pow": np.power}
+              "min": np.minimum, "pow": np.power, "xor": np.bitwise_xor,
+              "shr": np.right_shift}
 _NP_UNARY = {"neg": np.negative, "exp": np.exp, "log": np.log, "tanh": np.tanh,
              "sqrt": np.sqrt, "abs": np.abs, "rsqrt": lambda x: 1 / np.sqrt(x)}
 _NP_COMPARE = {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,

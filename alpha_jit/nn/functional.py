@@ -23,6 +23,27 @@ def gelu(x: Any) -> Tensor:
     return trace.apply("gelu", [x])
 
 
+def sigmoid(x: Any) -> Tensor:
+    x = as_tensor(x)
+    return 1.0 / (1.0 + (-x).exp())
+
+
+def silu(x: Any) -> Tensor:
+    x = as_tensor(x)
+    return x * sigmoid(x)
+
+
+def dropout(x: Any, p: float) -> Tensor:
+    """Inverted dropout with a counter-based mask (see `alpha_jit.nn.random`); p=0 is identity."""
+    x = as_tensor(x)
+    if p <= 0.0:
+        return x
+    from alpha_jit.nn.random import uniform
+
+    keep = uniform(x.shape) >= p
+    return x * keep * (1.0 / (1.0 - p))
+
+
 def linear(x: Any, weight: Any, bias: Any = None) -> Tensor:
     """x @ weight.T + bias, weight stored [out, in] as in PyTorch."""
     x, w = as_tensor(x), as_tensor(weight)

@@ -187,6 +187,7 @@ class Executable:
             if pid not in providers:
                 providers[pid] = hp.provider.next_hparams()
             hvals[key] = providers[pid][hp.name]
+        self.last_hparams = hvals  # what this call fed (tests replay it in the interpreter)
         if self.pending:
             self._fetch_outputs(self.last_value)  # the readback region is about to be reused
         self.recording.wait()

@@ -243,7 +243,8 @@ def load_tokens(
         raise DataError(f"vocab_size {vocab_size} cannot hold byte tokens and the separator")
     folder = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
     dest = folder / f"tokens-{corpus.cache_key()}.bin"
-    if not dest.exists():
+    expected = 2 * (corpus.nbytes + len(corpus.files) - 1)
+    if not dest.exists() or dest.stat().st_size != expected:  # size check: a foreign or cut file
         _write_cache(corpus, dest)
     return np.memmap(dest, dtype=TOKEN_DTYPE, mode="r")
 

@@ -42,11 +42,12 @@ def test_compiled_matches_reference(case: Case):
     step = aj.compile(case.fn)
     got = step(*args)
     traced = step.last_traced
-    want, _ = interpreter.run(traced.graph, traced.leaves(args, {}, {}), np.float64)
+    (exe,) = [e for es in step.cache.values() for e in es]
+    want, _ = interpreter.run(traced.graph, traced.leaves(args, {}, exe.last_hparams),
+                              np.float64)
     got_arr = got.numpy()
     assert got_arr.shape == want[0].shape
     assert rel_l2(got_arr, want[0]) < 1e-5
-    (exe,) = [e for es in step.cache.values() for e in es]
     for b in exe.binaries:  # every emitted module is valid SPIR-V for Vulkan
         tools.validate(b.words, b.name)
 
@@ -82,7 +83,8 @@ def test_gradient_matches_finite_differences(case: Case):
     inputs = {n: None for n in g.g.nodes if g.op(n) == "input"}
 
     def run(vals: list[np.ndarray]) -> list[np.ndarray]:
-        feed = {}
+        feed = {n: np.asarray(1, g.dtype(n).np_storage) for n in g.g.nodes
+                if g.op(n) == "hparam"}  # e.g. the RNG counter: any fixed value
         for n in inputs:
             i = g.attrs(n)["index"]
             feed[n] = vals[i] if i < len(vals) else weights

@@ -148,8 +148,8 @@ def generate_elementwise(spec: KernelSpec, caps: object = None,
                 return values[a[1]]
             if tag == "const":
                 return em.const(a[1], a[2])
-            if tag == "iota":
-                return ix.axis(a[1])
+            if tag == "iota":  # axis -1: the linear element index
+                return ix.axis(a[1]) if a[1] >= 0 else kb.cast(ix.lin, "i32")
             raise ValueError(f"{spec.name}: unknown expression argument {a!r}")
 
         values: list[Value] = []

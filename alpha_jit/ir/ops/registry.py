@@ -73,6 +73,7 @@ def _ensure_loaded() -> None:
         elementwise,
         layout,
         linalg,
+        random,
         reduction,
         sources,
     )

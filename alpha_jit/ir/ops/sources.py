@@ -37,6 +37,8 @@ register(OpDef("full", "constant", _leaf_infer, _full_ref,
 
 def _iota_ref(a, attrs):
     shape, axis = attrs["shape"], attrs["axis"]
+    if axis == -1:  # the row-major linear index
+        return np.arange(int(np.prod(shape, dtype=np.int64)), dtype=np.int32).reshape(shape)
     idx = np.arange(shape[axis], dtype=np.int32)
     view = [1] * len(shape)
     view[axis] = shape[axis]
