@@ -71,8 +71,9 @@ def _shape_key(shape: tuple) -> int:
 
 
 class _Lowerer:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, max_bindings: int):
         self.g = graph
+        self.max_bindings = max_bindings
         self.out = Lowered(graph)
         self.views: dict[int, View | None] = {}
         self.copy_ids = itertools.count(-1, -1)
@@ -92,7 +93,13 @@ class _Lowerer:
         anc: dict[int, frozenset] = {}  # non-group node -> groups it depends on
         ganc: dict[int, set] = {}  # group -> groups it depends on
         frozen: set[int] = set()
+        ext: dict[int, set] = {}  # group -> external values it reads
         gid = itertools.count()
+
+        def fits(grp: int, extra_ext: set, extra_members: int) -> bool:
+            # every member might become an output: a safe bound on the kernel's bindings
+            return len(ext[grp] | extra_ext) + len(self.members[grp]) + extra_members \
+                <= self.max_bindings
 
         def dep_of(w: int) -> frozenset:
             if w in self.group:
@@ -106,25 +113,30 @@ class _Lowerer:
                     self.group[u] for u in args
                     if u in self.group and self.group[u] not in frozen
                     and g.shape(u) == g.shape(n) and g.op(n) != "pad"))
-                chosen = next((c for c in cands if all(
+                n_ext = {w for w in args if w not in self.group and g.op(w) != "full"}
+                chosen = next((c for c in cands if fits(c, n_ext, 1) and all(
                     self.group.get(w) == c or c not in dep_of(w) for w in args)), None)
                 for d in cands:
                     # two open groups feeding n merge when neither depends on the other;
                     # an open group has no outside consumers, so nothing else refers to it
-                    if chosen is None or d == chosen or d in ganc[chosen] or chosen in ganc[d]:
+                    if chosen is None or d == chosen or d in ganc[chosen] or chosen in ganc[d] \
+                            or not fits(chosen, ext[d] | n_ext, len(self.members[d]) + 1):
                         continue
                     for m in self.members.pop(d):
                         self.group[m] = chosen
                         self.members[chosen].append(m)
                     ganc[chosen] |= ganc.pop(d)
+                    ext[chosen] |= ext.pop(d)
                 if chosen is None:
                     chosen = next(gid)
-                    self.members[chosen], ganc[chosen] = [], set()
+                    self.members[chosen], ganc[chosen], ext[chosen] = [], set(), set()
                 self.group[n] = chosen
                 self.members[chosen].append(n)
                 for w in args:
                     if self.group.get(w) != chosen:
                         ganc[chosen] |= dep_of(w)
+                        if g.op(w) != "full":
+                            ext[chosen].add(w)
             else:
                 deps: set[int] = set()
                 for w in args:
@@ -370,6 +382,7 @@ class _Lowerer:
         return self.materialize_view(v, self.g.dtype(n), n).base
 
 
-def lower(graph: Graph) -> Lowered:
-    """Kernels (in execution order) and buffers for a graph that passes have run on."""
-    return _Lowerer(graph).run()
+def lower(graph: Graph, max_bindings: int = 32) -> Lowered:
+    """Kernels (in execution order) and buffers for a graph that passes have run on.
+    `max_bindings`: the device's storage buffers per stage; fused groups stay within it."""
+    return _Lowerer(graph, max_bindings).run()

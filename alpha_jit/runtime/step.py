@@ -89,7 +89,8 @@ class Executable:
     def __init__(self, traced: Any, device: Device | None = None):
         self.traced = traced
         self.device = dev = device or get_device()
-        self.lowered: Lowered = lower(traced.graph)
+        self.lowered: Lowered = lower(traced.graph,
+                                      min(dev.caps.max_storage_buffers_per_stage, 64))
         kernels = self.lowered.kernels
         self.binaries = []
         for k in tqdm(kernels, desc="alpha_jit: generating kernels", unit="kernel",
