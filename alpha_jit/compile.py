@@ -26,7 +26,7 @@ from alpha_jit.ir.passes.manager import run_passes
 from alpha_jit.tensor import StateTensor, Tensor, as_tensor
 
 log = logging.getLogger("alpha_jit.compile")
-PRECISIONS = ("f32",)
+PRECISIONS = ("f32", "f16", "bf16")
 _BUILD_HOOK: Callable[[Any, Any], None] | None = None
 
 
@@ -110,6 +110,8 @@ def trace_step(fn: Callable, args: tuple, precision: str = "f32") -> TracedStep:
     """Run `fn` once with tracer tensors and return the recorded step."""
     sig = signature_of(args, precision)
     ctx = trace.TraceContext()
+    if precision != "f32":
+        ctx.autocast = dtypes.dtype(precision)
     with trace.tracing(ctx):
         inputs = [trace.leaf("input", {"index": i, "name": f"arg{i}"}, a.shape,
                              dtypes.from_numpy(a)) for i, a in enumerate(args)]

@@ -63,7 +63,22 @@ def from_numpy(arr: np.ndarray) -> DType:
 
 
 def to_numpy(dt: DType) -> np.dtype:
-    """The numpy dtype used to hold values of `dt` in the reference interpreter."""
-    if dt is bfloat16:
-        return np.dtype(np.float32)  # reference math runs in f32; storage rounding is explicit
+    """The numpy dtype used to hold values of `dt` in the reference interpreter: f16 and bf16
+    values are held as f32 rounded to their precision (the kernels compute in f32 too)."""
+    if dt in (bfloat16, float16):
+        return np.dtype(np.float32)
     return np.dtype(dt.np_storage)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns (uint16) of f32 values, rounded to nearest even; NaN stays NaN."""
+    x = np.asarray(x, dtype=np.float32)
+    b = np.ascontiguousarray(x).reshape(x.shape).view(np.uint32)
+    rounded = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    nan = np.isnan(np.asarray(x, dtype=np.float32))
+    return np.where(nan, np.uint32(0x7FC0), rounded).astype(np.uint16)
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    wide = np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)
+    return np.ascontiguousarray(wide).reshape(wide.shape).view(np.float32)

@@ -38,8 +38,17 @@ def evaluate(graph: Graph, leaves: Mapping[int, np.ndarray],
         if v.shape != shape:
             raise AssertionError(f"reference of {op} (%{n}) gave shape {v.shape}, "
                                  f"expected {shape}")
-        vals[n] = v.astype(npdt, copy=False)
+        vals[n] = round_to(v.astype(npdt, copy=False), dt)
     return vals
+
+
+def round_to(v: np.ndarray, dt: dtypes.DType) -> np.ndarray:
+    """Round f32 values to what a kernel storing them as `dt` keeps (compute stays f32)."""
+    if dt == dtypes.float16:
+        return v.astype(np.float16).astype(v.dtype)
+    if dt == dtypes.bfloat16:
+        return dtypes.bf16_to_f32(dtypes.f32_to_bf16(v.astype(np.float32))).astype(v.dtype)
+    return v
 
 
 def run(graph: Graph, leaves: Mapping[int, np.ndarray],

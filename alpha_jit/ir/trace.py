@@ -64,6 +64,8 @@ class TraceContext:
     snapshots: list[tuple[str, Graph]] = field(default_factory=list)
     prov_override: Provenance | None = None
     created_by: str = "trace"
+    # precision policy: GEMM inputs in this dtype (f16/bf16), None for plain f32
+    autocast: DType | None = None
 
     # ---- provenance ---------------------------------------------------------------------------
     def provenance(self) -> Provenance:
@@ -150,7 +152,7 @@ def apply(op: str, args: list[Any], attrs: dict | None = None) -> Any:
     ctx = current()
     opdef = registry.get(op)
     attrs = attrs or {}
-    targs = [as_tensor(a) for a in args]
+    targs = _autocast(ctx, opdef, [as_tensor(a) for a in args])
     try:
         shape, dtype = opdef.infer([t.shape for t in targs], [t.dtype for t in targs], attrs)
     except TraceError as e:
@@ -159,6 +161,23 @@ def apply(op: str, args: list[Any], attrs: dict | None = None) -> Any:
         raise
     node = ctx.graph.add(op, [t.node for t in targs], attrs, shape, dtype, ctx.provenance())
     return Tensor(node, tuple(shape), dtype)
+
+
+def _autocast(ctx: TraceContext, opdef: Any, targs: list[Any]) -> list[Any]:
+    """The precision policy. GEMMs read their operands in the low-precision dtype (f32
+    accumulation happens in the kernel); elementwise ops mixing float dtypes compute in the
+    widest, so a low-precision GEMM result meets an f32 bias or residual in f32."""
+    from alpha_jit import dtypes
+
+    low = ctx.autocast
+    if low is not None and opdef.lowering == "matmul":
+        return [t.astype(low) if t.dtype.is_float and t.dtype != low else t for t in targs]
+    if opdef.lowering == "elementwise" and opdef.name != "cast":
+        floats = {t.dtype for t in targs if t.dtype.is_float}
+        if len(floats) > 1:
+            wide = dtypes.float32 if dtypes.float32 in floats else dtypes.float16
+            return [t.astype(wide) if t.dtype.is_float and t.dtype != wide else t for t in targs]
+    return targs
 
 
 def leaf(op: str, attrs: dict, shape: tuple, dtype: DType) -> Any:

@@ -215,5 +215,6 @@ class Executable:
                                strict=True):
             b = self.lowered.buffers[bid]
             raw = self.readback.read(b.nbytes, off)
-            h._host = np.frombuffer(raw, dtype=b.dtype.np_storage).reshape(b.shape).copy()
+            arr = np.frombuffer(raw, dtype=b.dtype.np_storage).reshape(b.shape).copy()
+            h._host = dtypes.bf16_to_f32(arr) if b.dtype == dtypes.bfloat16 else arr
         self.pending = []
