@@ -10,6 +10,7 @@ Returned values are handles; reading one is the only point where the host waits 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from alpha_jit.codegen_spirv.generate import generate
 from alpha_jit.codegen_spirv.lower import Lowered, lower
 from alpha_jit.errors import AlphaJitError
 from alpha_jit.runtime.device import Device, get_device
-from alpha_jit.runtime.executor import BarrierCmd, CopyCmd, DispatchCmd
+from alpha_jit.runtime.executor import BarrierCmd, CopyCmd, DispatchCmd, TimestampCmd
 from alpha_jit.runtime.plan import MemoryPlan, plan_barriers, plan_memory
 
 log = logging.getLogger("alpha_jit.runtime")
@@ -86,8 +87,9 @@ class DeviceValue:
 class Executable:
     """One traced signature compiled for one device."""
 
-    def __init__(self, traced: Any, device: Device | None = None):
+    def __init__(self, traced: Any, device: Device | None = None, profile: bool = False):
         self.traced = traced
+        self.profile = profile or os.environ.get("ALPHA_JIT_PROFILE", "") == "1"
         self.device = dev = device or get_device()
         self.lowered: Lowered = lower(traced.graph,
                                       min(dev.caps.max_storage_buffers_per_stage, 64))
@@ -146,15 +148,20 @@ class Executable:
             region, off = self.regions[bid]
             cmds.append(CopyCmd(self.staging, region, b.nbytes, soff, off))
         cmds.append(BarrierCmd())
-        for k, binary, pipe, bar in zip(low.kernels, self.binaries, self.pipelines,
-                                        self.barriers, strict=True):
-            if bar:
+        if self.profile:
+            cmds.append(TimestampCmd("start"))
+        for i, (k, binary, pipe, bar) in enumerate(zip(low.kernels, self.binaries,
+                                                       self.pipelines, self.barriers,
+                                                       strict=True)):
+            if bar or self.profile:  # profiling serialises kernels so each time is its own
                 cmds.append(BarrierCmd())
             bufs = [self._binding(b) for b in [*k.reads, *k.writes]]
-            for i, d in enumerate(binary.dispatches):
-                if i:
+            for j, d in enumerate(binary.dispatches):
+                if j:
                     cmds.append(BarrierCmd())  # split dispatches of one kernel may overlap
                 cmds.append(DispatchCmd(pipe, bufs, d))
+            if self.profile:
+                cmds.append(TimestampCmd(str(i)))
         cmds.append(BarrierCmd())
         for key, bid in low.state_writes.items():
             region, off = self.regions[bid]
@@ -218,3 +225,15 @@ class Executable:
             arr = np.frombuffer(raw, dtype=b.dtype.np_storage).reshape(b.shape).copy()
             h._host = dtypes.bf16_to_f32(arr) if b.dtype == dtypes.bfloat16 else arr
         self.pending = []
+
+    def kernel_times(self) -> list[tuple[float, int, Any]]:
+        """(GPU ms, kernel index, lowered kernel) of the last completed call, slowest first;
+        only for an executable built with profile=True (or ALPHA_JIT_PROFILE=1)."""
+        stamps = self.recording.timestamps()
+        if not stamps:
+            return []
+        out = []
+        for (_, t0), (label, t1) in zip(stamps, stamps[1:], strict=False):
+            i = int(label)
+            out.append(((t1 - t0) / 1e6, i, self.lowered.kernels[i]))
+        return sorted(out, key=lambda r: -r[0])
