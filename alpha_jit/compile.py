@@ -106,16 +106,21 @@ def unflatten(values: list[Any], structure: Any) -> Any:
     return kind(unflatten(values[start:start + n], s) for start, n, s in structs)
 
 
-def trace_step(fn: Callable, args: tuple, precision: str = "f32") -> TracedStep:
+def trace_step(fn: Callable, args: tuple, precision: str = "f32",
+               loss_scaler: Any = None) -> TracedStep:
     """Run `fn` once with tracer tensors and return the recorded step."""
     sig = signature_of(args, precision)
     ctx = trace.TraceContext()
     if precision != "f32":
         ctx.autocast = dtypes.dtype(precision)
+    ctx.loss_scaler = loss_scaler
     with trace.tracing(ctx):
         inputs = [trace.leaf("input", {"index": i, "name": f"arg{i}"}, a.shape,
                              dtypes.from_numpy(a)) for i, a in enumerate(args)]
         result = fn(*inputs)
+        if ctx.grad_ok is not None:
+            with ctx.in_phase("opt"):
+                loss_scaler.finish(ctx.grad_ok)
         flat, structure = _flatten(result)
         grad_updates = _write_back_grads(ctx)
     guard = [(h, h._grad_holder is not None) for h in ctx.state.values()
@@ -147,19 +152,25 @@ def _write_back_grads(ctx: trace.TraceContext) -> list[tuple[Any, Any]]:
 class CompiledFunction:
     """The callable `@alpha_jit.compile` returns."""
 
-    def __init__(self, fn: Callable, precision: str = "f32", passes: list[str] | None = None):
+    def __init__(self, fn: Callable, precision: str = "f32", passes: list[str] | None = None,
+                 loss_scale: dict | None = None):
         if precision not in PRECISIONS:
-            raise AlphaJitError(f"precision {precision!r} is not supported yet; "
+            raise AlphaJitError(f"precision {precision!r} is not supported; "
                                 f"choose one of {PRECISIONS}")
         functools.update_wrapper(self, fn)
         self.fn, self.precision, self.passes = fn, precision, passes
+        self.loss_scaler = None
+        if precision == "f16":  # f16 gradients need dynamic loss scaling (bf16's range does not)
+            from alpha_jit.nn.loss_scale import LossScaler
+
+            self.loss_scaler = LossScaler(**(loss_scale or {}))
         self.cache: dict[tuple, list[Any]] = {}  # signature -> executables (by grad guard)
         self.traces = 0
         self.last_traced: TracedStep | None = None
 
     def trace(self, *args: np.ndarray) -> TracedStep:
         """Trace and run the passes, without compiling for a device (used by dump-ir, tests)."""
-        traced = trace_step(self.fn, args, self.precision)
+        traced = trace_step(self.fn, args, self.precision, self.loss_scaler)
         traced.graph, traced.pass_history = run_passes(traced.graph, self.passes)
         for p, holder in traced.grad_updates:
             p._grad_holder = holder
@@ -168,7 +179,9 @@ class CompiledFunction:
         return traced
 
     def __call__(self, *args: Any) -> Any:
-        args = tuple(np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a for a in args)
+        # np.array(order="C") keeps 0-d arrays 0-d (ascontiguousarray would make them (1,))
+        args = tuple(np.array(a, order="C", copy=not a.flags.c_contiguous)
+                     if isinstance(a, np.ndarray) else a for a in args)
         sig = signature_of(args, self.precision)
         exe = next((e for e in self.cache.get(sig, []) if e.traced.guard_holds()), None)
         if exe is None:
@@ -197,11 +210,15 @@ def _why(cache: dict, sig: tuple) -> str:
 
 
 def compile(fn: Callable | None = None, *, precision: str = "f32",  # noqa: A001
-            passes: list[str] | None = None) -> Any:
-    """Decorator: `@alpha_jit.compile` or `@alpha_jit.compile(precision="f32")`."""
+            passes: list[str] | None = None, loss_scale: dict | None = None) -> Any:
+    """Decorator: `@alpha_jit.compile` or `@alpha_jit.compile(precision="bf16")`.
+
+    precision: "f32", "bf16" (GEMM inputs in bf16, f32 accumulation and master weights) or
+    "f16" (the same in f16, plus dynamic loss scaling; `loss_scale` takes LossScaler options,
+    e.g. {"init_scale": 2.0**16, "growth_interval": 2000})."""
     if fn is None:
-        return lambda f: CompiledFunction(f, precision, passes)
-    return CompiledFunction(fn, precision, passes)
+        return lambda f: CompiledFunction(f, precision, passes, loss_scale)
+    return CompiledFunction(fn, precision, passes, loss_scale)
 
 
 __all__ = ["compile", "CompiledFunction", "TracedStep", "trace_step", "TraceError"]

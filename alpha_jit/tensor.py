@@ -259,7 +259,8 @@ class StateTensor(TensorOps):
         self.shape = tuple(data.shape)
         self.state_key = next(_state_keys)
         self.state_name = name
-        self._host: np.ndarray | None = np.ascontiguousarray(data, dtype=dt.np_storage)
+        # np.array, not ascontiguousarray, which would turn a 0-d scalar into shape (1,)
+        self._host: np.ndarray | None = np.array(data, dtype=dt.np_storage, order="C")
         self._device: Any = None  # runtime residency record (alpha_jit.runtime.state)
 
     def _t(self) -> Tensor:
@@ -287,7 +288,7 @@ class StateTensor(TensorOps):
         if self._device is not None:
             self._device.write(arr)
         else:
-            self._host = np.ascontiguousarray(arr)
+            self._host = np.array(arr, order="C")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.state_name}, {self.dtype}{list(self.shape)})"

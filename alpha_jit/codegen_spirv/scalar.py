@@ -16,7 +16,7 @@ import numpy as np
 
 from .dsl import KernelBuilder, Value
 
-BINARY_OPS = ("add", "sub", "mul", "div", "max", "min", "pow", "xor", "shr")
+BINARY_OPS = ("add", "sub", "mul", "div", "max", "min", "pow", "xor", "shr", "and")
 UNARY_OPS = ("neg", "exp", "log", "tanh", "sqrt", "rsqrt", "abs")
 COMPARE_OPS = ("lt", "le", "gt", "ge", "eq", "ne")
 # Storage dtypes compute in a wider type: every float in f32.
@@ -61,10 +61,10 @@ class ScalarEmitter:
             if a.dtype != "f32":
                 raise TypeError("pow is defined for f32 only")
             return kb.pow(a, b)
-        if op in ("xor", "shr"):  # bit ops (counter-based RNG); shr is logical on u32
+        if op in ("xor", "shr", "and"):  # bit ops (RNG, float classification); shr: logical
             if a.dtype == "f32":
                 raise TypeError(f"{op} is defined for integers only")
-            return a ^ b if op == "xor" else a >> b
+            return a ^ b if op == "xor" else (a >> b if op == "shr" else a & b)
         raise ValueError(f"unknown binary op {op!r}; known: {BINARY_OPS}")
 
     def unary(self, op: str, a: Value) -> Value:
@@ -106,11 +106,15 @@ class ScalarEmitter:
     def cast(self, a: Value, dtype: str) -> Value:
         return self.kb.cast(a, compute_dtype(dtype))
 
+    def bits(self, a: Value) -> Value:
+        """The u32 bit pattern of an f32 (integer tests no float optimisation can fold)."""
+        return self.kb.bitcast(a, "u32")
+
 
 _NP = {"f32": np.float32, "i32": np.int32, "bool": np.bool_, "u32": np.uint32}
 _NP_BINARY = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "max": np.maximum,
               "min": np.minimum, "pow": np.power, "xor": np.bitwise_xor,
-              "shr": np.right_shift}
+              "shr": np.right_shift, "and": np.bitwise_and}
 _NP_UNARY = {"neg": np.negative, "exp": np.exp, "log": np.log, "tanh": np.tanh,
              "sqrt": np.sqrt, "abs": np.abs, "rsqrt": lambda x: 1 / np.sqrt(x)}
 _NP_COMPARE = {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
@@ -150,6 +154,9 @@ class NumpyScalarEmitter:
 
     def select(self, cond: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.asarray(np.where(cond, a, b)).astype(np.asarray(a).dtype, copy=False)
+
+    def bits(self, a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a, dtype=np.float32).reshape(np.shape(a)).view(np.uint32)
 
     def cast(self, a: np.ndarray, dtype: str) -> np.ndarray:
         with np.errstate(all="ignore"):

@@ -17,7 +17,7 @@ from alpha_jit.ir.ops import registry
 from alpha_jit.tensor import Tensor, full
 
 
-def grad(loss: Tensor, wrt: list[int]) -> dict[int, Tensor]:
+def grad(loss: Tensor, wrt: list[int], seed: Tensor | None = None) -> dict[int, Tensor]:
     """Cotangents of `loss` with respect to the nodes `wrt` (only those that reach the loss)."""
     ctx = trace.current()
     g = ctx.graph
@@ -40,7 +40,8 @@ def grad(loss: Tensor, wrt: list[int]) -> dict[int, Tensor]:
     cot: dict[int, Tensor] = {}
     with ctx.in_phase("bwd"):
         ctx.prov_override = g.prov(loss.node)
-        cot[loss.node] = full(loss.shape, 1.0, loss.dtype)
+        cot[loss.node] = full(loss.shape, 1.0, loss.dtype) if seed is None else \
+            seed.broadcast_to(loss.shape)
         for n in reversed(order):
             if n not in cot or g.op(n) in ("input", "state", "hparam"):
                 continue
@@ -69,7 +70,15 @@ def backward(loss: Tensor) -> None:
     trace.snapshot("after trace (forward)")
     params = [h for h in ctx.state.values() if getattr(h, "requires_grad", False)]
     nodes = {ctx.state_value[p.state_key]: p for p in params}
-    grads = grad(loss, list(nodes))
+    scaler = ctx.loss_scaler
+    if scaler is None:
+        grads = grad(loss, list(nodes))
+    else:  # f16: backward runs on the scaled loss; gradients come back unscaled + a finite mask
+        scaled = grad(loss, list(nodes), seed=scaler.seed().astype(loss.dtype))
+        with ctx.in_phase("bwd"):
+            unscaled, ok = scaler.unscale(list(scaled.values()))
+        grads = dict(zip(scaled, unscaled, strict=True))
+        ctx.grad_ok = ok if ctx.grad_ok is None else ctx.grad_ok * ok
     for node, gt in grads.items():
         p = nodes[node]
         old = p.grad  # a gradient kept from an earlier backward (or step) accumulates

@@ -66,6 +66,8 @@ class TraceContext:
     created_by: str = "trace"
     # precision policy: GEMM inputs in this dtype (f16/bf16), None for plain f32
     autocast: DType | None = None
+    loss_scaler: Any = None  # f16: alpha_jit.nn.loss_scale.LossScaler
+    grad_ok: Any = None  # f32 mask: 1 when every gradient of this step is finite
 
     # ---- provenance ---------------------------------------------------------------------------
     def provenance(self) -> Provenance:

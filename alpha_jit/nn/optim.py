@@ -17,6 +17,7 @@ import numpy as np
 from alpha_jit import dtypes
 from alpha_jit.errors import TraceError
 from alpha_jit.ir import trace
+from alpha_jit.nn.loss_scale import guard
 from alpha_jit.nn.module import Parameter
 from alpha_jit.tensor import StateTensor, Tensor, minimum
 
@@ -72,7 +73,12 @@ class Optimizer:
                     self._update(p, g)
 
     def _update(self, p: Parameter, g: Tensor) -> None:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define _update")
+
+    @staticmethod
+    def _write(holder: StateTensor, new: Tensor) -> None:
+        """Write back a parameter or moment; an overflowed f16 step keeps the old value."""
+        holder.assign(guard(new, holder._t()))
 
 
 class SGD(Optimizer):
@@ -88,9 +94,9 @@ class SGD(Optimizer):
         if self.momentum:
             buf = self.bufs[p.state_key]
             new_buf = buf * self.momentum + g
-            buf.assign(new_buf)
+            self._write(buf, new_buf)
             g = new_buf
-        p.assign(p - lr * g)
+        self._write(p, p - lr * g)
 
 
 class AdamW(Optimizer):
@@ -119,9 +125,9 @@ class AdamW(Optimizer):
         wd = self.options[p.state_key]["weight_decay"]
         w = p - p * (lr * wd) if wd else p._t()
         denom = v.sqrt() / bc2_sqrt + self.eps
-        p.assign(w - (lr / bc1) * m / denom)
-        m_s.assign(m)
-        v_s.assign(v)
+        self._write(p, w - (lr / bc1) * m / denom)
+        self._write(m_s, m)
+        self._write(v_s, v)
 
 
 def clip_grad_norm_(params: Iterable[Parameter], max_norm: float) -> Tensor:

@@ -46,7 +46,7 @@ class DeviceState:
 
     def write(self, arr: np.ndarray) -> None:
         self.device.wait(self.last_value)
-        self.device.upload(self.region, np.ascontiguousarray(arr))
+        self.device.upload(self.region, np.array(arr, order="C"))
 
 
 def resident(device: Device, holder: Any) -> DeviceState:
@@ -176,7 +176,7 @@ class Executable:
         out = []
         for i, a in enumerate(args):
             dt = dtypes.from_numpy(a)
-            arr = np.ascontiguousarray(a, dtype=dt.np_storage)
+            arr = np.array(a, dtype=dt.np_storage, order="C")
             if i in self.traced.index_bounds:
                 lo, hi, op, where = self.traced.index_bounds[i]
                 if arr.size and (arr.min() < lo or arr.max() >= hi):

@@ -74,6 +74,8 @@ CASES = [
     Case("copy", lambda a: trace.apply("copy", [a.T]) * 2.0, [(3, 8)]),
     Case("rand_uniform", lambda a: a * (uniform(a.shape) >= 0.3), [(33, 17)]),
     Case("iota_linear", lambda a: a * aj.iota(a.shape, -1).astype("f32"), [(5, 7)]),
+    Case("isfinite", lambda a: trace.apply("isfinite", [a.log()]) * a, [(40,)], low=-1.0,
+         high=1.0),
     Case("full", lambda a: a + aj.full((4, 5), 0.25), [(4, 5)]),
     Case("transpose", lambda a, b: a.T * b, [(6, 9), (9, 6)]),
     Case("reshape", lambda a: (a * 2.0).reshape(3, 20).exp(), [(6, 10)]),

@@ -51,6 +51,9 @@ def one_step_parity(precision: str, options: dict, tol: float) -> None:
         if m.rope:
             consts[m.rope_cos.state_key] = m.rope_cos.numpy()
             consts[m.rope_sin.state_key] = m.rope_sin.numpy()
+    if step.loss_scaler is not None:  # f16: the scale and clean-step count are state too
+        for s in (step.loss_scaler.scale, step.loss_scaler.good_steps):
+            consts[s.state_key] = s.numpy()
     loss, norm = step(x, y)
     tr = step.last_traced
     (exe,) = [e for es in step.cache.values() for e in es]
@@ -169,3 +172,37 @@ def test_bad_tokens_and_long_sequences_fail_before_gpu_work():
     long = np.zeros((1, 17), np.int32)
     with pytest.raises(aj.ShapeError, match=r"sequence length 17 exceeds block_size 16"):
         fwd(long, long)
+
+
+def test_f16_overflow_skips_the_update_and_scales_down():
+    nn.manual_seed(0)
+    model = nn.GPT(nn.GPTConfig(**TINY))
+    opt = nn.optim.AdamW(model.parameters(), lr=1e-2)
+
+    @aj.compile(precision="f16", loss_scale={"init_scale": 1024.0, "growth_interval": 2})
+    def step(x, y, k):
+        loss = model(x, y) * k  # k = 1e30 forces inf gradients
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    scaler = step.loss_scaler
+    rng = np.random.default_rng(0)
+    one = np.ones((), np.float32)
+    step(*batch(rng), one)
+    assert float(scaler.scale.numpy()) == 1024.0 and float(scaler.good_steps.numpy()) == 1.0
+    w = {n: p.numpy() for n, p in model.named_parameters()}
+    m = {k: s.numpy() for k, s in opt.m.items()}
+    step(*batch(rng), np.asarray(1e30, np.float32))
+    assert float(scaler.scale.numpy()) == 512.0  # halved
+    assert float(scaler.good_steps.numpy()) == 0.0
+    for n, p in model.named_parameters():
+        np.testing.assert_array_equal(p.numpy(), w[n])  # weights unchanged
+    for k, s in opt.m.items():
+        np.testing.assert_array_equal(s.numpy(), m[k])  # moments unchanged
+    step(*batch(rng), one)
+    step(*batch(rng), one)  # two clean steps: the scale grows again
+    assert float(scaler.scale.numpy()) == 1024.0
+    assert any((p.numpy() != w[n]).any() for n, p in model.named_parameters())
+    assert step.traces == 1  # all of it decided on the GPU, no retrace

@@ -47,6 +47,8 @@ class MatmulConfig:
         return (self.tm // self.rm) * (self.tn // self.rn)
 
     def shared_bytes(self) -> int:
+        if self.variant == "rows":
+            return 0
         return 4 * self.bk * (self.tm + 1 + self.tn + 1)  # +1: worst-case padding per operand
 
 
@@ -191,8 +193,78 @@ def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
                 out.store(idx, acc[r][c].get())
 
 
+def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
+    """Barrier-free GEMM for CPU devices: rows from the workgroup id, columns from the lane."""
+    m, n, k = p["m"], p["n"], p["k"]
+    a_dt, a_off, a_sb, a_sm, a_sk = p["a"]
+    b_dt, b_off, b_sb, b_sk, b_sn = p["b"]
+    abuf = kb.buffer("a", storage_dtype(a_dt), writable=False)
+    bbuf = kb.buffer("b", storage_dtype(b_dt), writable=False)
+    out = kb.buffer("out", storage_dtype(p["out_dtype"]), writable=True)
+    pc = kb.push_constants([("base_x", "u32"), ("base_y", "u32"), ("base_z", "u32")])
+    tm, tn, rm, rn, threads = cfg.tm, cfg.tn, cfg.rm, cfg.rn, cfg.threads
+    tid = kb.local_index()
+    col0 = (kb.workgroup_id(0) + pc["base_x"]) * tn
+    row0 = (kb.workgroup_id(1) + pc["base_y"]) * tm
+    bi = kb.workgroup_id(2) + pc["base_z"]
+    a_base = _u(kb, a_off) + bi * _u(kb, a_sb) if a_sb else _u(kb, a_off)
+    b_base = _u(kb, b_off) + bi * _u(kb, b_sb) if b_sb else _u(kb, b_off)
+    a_rows = []
+    for r in range(rm):
+        g = row0 + r
+        if m % tm:
+            g = kb.fmin(g, m - 1)
+        a_rows.append(a_base + g * _u(kb, a_sm) if a_sm else a_base)
+    b_cols = []
+    for c in range(rn):
+        g = col0 + (tid + c * threads)
+        if n % tn:
+            g = kb.fmin(g, n - 1)
+        b_cols.append(b_base + g * _u(kb, b_sn) if b_sn else b_base)
+    acc = [[kb.var("f32", 0.0) for _ in range(rn)] for _ in range(rm)]
+    unroll = cfg.bk
+
+    def step(sums, kk):
+        ka, kbb = kk * _u(kb, a_sk), kk * _u(kb, b_sk)
+        av = [abuf.load(a_rows[r] + ka) for r in range(rm)]
+        bv = [bbuf.load(b_cols[c] + kbb) for c in range(rn)]
+        return [[kb.fma(av[r], bv[c], sums[r][c]) for c in range(rn)] for r in range(rm)]
+
+    def flush(sums):
+        for r in range(rm):
+            for c in range(rn):
+                acc[r][c].set(sums[r][c])
+
+    k_main = k - k % unroll
+    if k_main:
+        with kb.loop(kb.u32(0), k_main, unroll) as k0:
+            sums = [[acc[r][c].get() for c in range(rn)] for r in range(rm)]
+            for u in range(unroll):
+                sums = step(sums, k0 + u if u else k0)
+            flush(sums)
+    if k % unroll:
+        sums = [[acc[r][c].get() for c in range(rn)] for r in range(rm)]
+        for kk in range(k_main, k):
+            sums = step(sums, kb.u32(kk))
+        flush(sums)
+    out_base = bi * (m * n)
+    for r in range(rm):
+        row = row0 + r
+        for c in range(rn):
+            col = col0 + (tid + c * threads)
+            conds = ([row < m] if m % tm else []) + ([col < n] if n % tn else [])
+            idx = out_base + row * n + col
+            if conds:
+                ok = conds[0] if len(conds) == 1 else conds[0] & conds[1]
+                with kb.if_(ok):
+                    out.store(idx, acc[r][c].get())
+            else:
+                out.store(idx, acc[r][c].get())
+
+
 _VARIANTS: dict[str, Callable[[KernelBuilder, MatmulConfig, dict], None]] = {
     "simt": _emit_simt,
+    "rows": _emit_rows,
 }
 
 

@@ -181,3 +181,14 @@ def _np_of(dt) -> np.dtype:
 register(OpDef("copy", "elementwise", lambda s, d, attrs: (s[0], d[0]),
                lambda a, attrs: np.array(a[0], copy=True), lambda g, args, out, attrs: [g],
                lambda e, attrs, a: a))
+
+
+# ---- float classification: integer bit tests, which fast-math folding cannot remove ----------
+def _isfinite_scalar(e, attrs, x):
+    exp_mask = e.const(0x7F800000, "u32")
+    return e.cast(e.compare("ne", e.binary("and", e.bits(x), exp_mask), exp_mask), "f32")
+
+
+register(OpDef("isfinite", "elementwise", elementwise_infer("isfinite", True, F32),
+               lambda a, attrs: np.isfinite(a[0]).astype(np.float32),
+               lambda g, args, out, attrs: [None], _isfinite_scalar))
