@@ -118,7 +118,7 @@ def test_grad_accumulation_equals_one_big_batch():
         opt = nn.optim.SGD(model.parameters(), lr=0.5)
 
         @aj.compile
-        def step(xs, ys, micro=micro):
+        def step(xs, ys, micro=micro, model=model, opt=opt):
             for i in range(micro):
                 (model(xs[i], ys[i]) * (1.0 / micro)).backward()
             opt.step()
