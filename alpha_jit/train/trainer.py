@@ -45,6 +45,7 @@ class TrainConfig:
     ckpt_every: int = 0  # 0: only at the end
     seed: int = 1337
     resume: bool = False
+    stop_at: int | None = None  # end this run early (a checkpoint is written), as a preemption
     max_bytes: int = 4 * 2**20  # corpus cap (bytes of text) so tokenizing stays quick
     progress: bool = True
     model: dict = field(default_factory=lambda: dict(
@@ -104,6 +105,11 @@ class Trainer:
             return model(x, y)
 
         self.train_step, self.eval_step = train_step, eval_step
+        if resume_state is not None and train_step.loss_scaler is not None:
+            tensors = resume_state[0]
+            if "scaler.scale" in tensors:
+                train_step.loss_scaler.scale.assign(tensors["scaler.scale"])
+                train_step.loss_scaler.good_steps.assign(tensors["scaler.good_steps"])
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self) -> None:
@@ -112,7 +118,12 @@ class Trainer:
                 "train_loader": self.train_loader.state_dict(),
                 "rng": nn_random.default_generator.state_dict(),
                 "train_config": dataclasses.asdict(self.cfg)}
-        save_checkpoint(self.ckpt_path, _opt_tensors(self.model, self.opt), meta)
+        tensors = _opt_tensors(self.model, self.opt)
+        scaler = self.train_step.loss_scaler
+        if scaler is not None:  # f16: the loss scale is training state too
+            tensors["scaler.scale"] = scaler.scale.numpy()
+            tensors["scaler.good_steps"] = scaler.good_steps.numpy()
+        save_checkpoint(self.ckpt_path, tensors, meta)
 
     def _restore(self, tensors: dict[str, np.ndarray], meta: dict) -> None:
         for name, p in self.model.named_parameters():
@@ -143,14 +154,15 @@ class Trainer:
         last_loss = val_loss = float("nan")
         t0 = time.perf_counter()
         start_step = self.step
-        while self.step < cfg.steps:
+        end = min(cfg.steps, cfg.stop_at or cfg.steps)
+        while self.step < end:
             x, y = self.train_loader.next_batch()
             loss = self.train_step(x, y)
             self.step += 1
             pending.append((self.step, loss))
             bar.update(1)
             meter.tick(tokens_per_step)
-            last = self.step == cfg.steps
+            last = self.step == end
             if self.step % 10 == 0 or last or self.step == 1:
                 for s, v in pending:  # reading values is the only sync point
                     value = float(v)
@@ -160,7 +172,7 @@ class Trainer:
                     last_loss = value
                 pending = []
                 bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{meter.rate:,.0f}")
-            if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
+            if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps:
                 val_loss = self.evaluate()
                 metrics.append(step=self.step, val_loss=val_loss)
                 metrics.flush()

@@ -222,7 +222,7 @@ def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
             g = kb.fmin(g, n - 1)
         b_cols.append(b_base + g * _u(kb, b_sn) if b_sn else b_base)
     acc = [[kb.var("f32", 0.0) for _ in range(rn)] for _ in range(rm)]
-    unroll = cfg.bk
+    unroll = cfg.bk or k
 
     def step(sums, kk):
         ka, kbb = kk * _u(kb, a_sk), kk * _u(kb, b_sk)

@@ -1,0 +1,98 @@
+"""Text generation from a trained GPT: load a checkpoint, then sample token by token.
+
+One compiled forward over a fixed [1, block_size] window serves every length: the causal mask
+means the logits at position t depend only on tokens up to t, so the prompt is padded on the
+right and the row at its last position is read. Greedy at temperature 0; top-k picks the k
+largest with a partial selection (np.argpartition), not a full sort.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import alpha_jit as aj
+from alpha_jit import nn
+from alpha_jit.errors import AlphaJitError
+from alpha_jit.train.checkpoint import load_checkpoint
+
+
+class PromptError(AlphaJitError, ValueError):
+    pass
+
+
+def load_model(path: str | Path) -> nn.GPT:
+    tensors, meta = load_checkpoint(path)
+    model = nn.GPT(nn.GPTConfig(**meta["config"]))
+    for name, p in model.named_parameters():
+        key = f"model.{name}"
+        if key not in tensors:
+            raise AlphaJitError(f"{path}: checkpoint has no tensor {key!r}")
+        p.assign(tensors[key])
+    return model
+
+
+def prepare_prompt(tokens: list[int], block_size: int, truncate: bool) -> list[int]:
+    if not tokens:
+        raise PromptError("the prompt is empty: give at least one character (e.g. a newline)")
+    if len(tokens) >= block_size:
+        if not truncate:
+            raise PromptError(f"the prompt has {len(tokens)} tokens but the model's block_size "
+                              f"is {block_size}; shorten it or pass --truncate to keep the "
+                              f"last {block_size - 1}")
+        tokens = tokens[-(block_size - 1):]
+    return list(tokens)
+
+
+def pick(logits: np.ndarray, temperature: float, top_k: int | None,
+         rng: np.random.Generator) -> int:
+    if temperature <= 0.0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and 0 < top_k < len(z):
+        keep = np.argpartition(z, -top_k)[-top_k:]  # the k largest, in no particular order
+        masked = np.full_like(z, -np.inf)
+        masked[keep] = z[keep]
+        z = masked
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    return int(rng.choice(len(z), p=p))
+
+
+class Sampler:
+    def __init__(self, model: nn.GPT, precision: str = "f32"):
+        self.model = model
+        self.block = model.config.block_size
+
+        @aj.compile(precision=precision)
+        def forward(x):
+            return model(x)
+
+        self.forward = forward
+
+    def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
+                 top_k: int | None = 40, seed: int = 0, truncate: bool = False) -> list[int]:
+        tokens = prepare_prompt(prompt, self.block, truncate)
+        rng = np.random.default_rng(seed)
+        out = list(tokens)
+        for _ in range(max_new_tokens):
+            window = out[-self.block:]
+            x = np.zeros((1, self.block), np.int32)
+            x[0, :len(window)] = window
+            logits = self.forward(x).numpy()[0, len(window) - 1]
+            out.append(pick(logits, temperature, top_k, rng))
+        return out[len(tokens):]
+
+
+def decode(tokens: list[int]) -> str:
+    return bytes(t for t in tokens if 0 < t < 256).decode("utf-8", errors="replace")
+
+
+def encode(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+__all__ = ["Sampler", "load_model", "pick", "prepare_prompt", "encode", "decode", "PromptError",
+           "Any"]
