@@ -20,7 +20,7 @@ from alpha_jit.errors import AlphaJitError
 
 
 def variants(caps: Any) -> dict[str, str]:
-    """Which kernel variant each precision/kernel family gets on a device."""
+    """Which kernel variant each precision and kernel family gets on a device."""
     from alpha_jit.codegen_spirv.kernel import KernelSpec
     from alpha_jit.codegen_spirv.kernels.matmul import choose_config
 
@@ -28,11 +28,14 @@ def variants(caps: Any) -> dict[str, str]:
                                            ("a", ("f32", 0, 0, 1024, 1)),
                                            ("b", ("f32", 0, 0, 1024, 1)), ("out_dtype", "f32")))
     cfg = choose_config(probe, caps)
+    gemm = f"{cfg.variant} GEMM {cfg.tm}x{cfg.tn}x{cfg.bk} (micro-tile {cfg.rm}x{cfg.rn})"
+    low16 = "16-bit storage" if caps.storage_buffer_16bit else "packed in 32-bit words"
+    bf16 = "emulated bf16 (u16 bits + shifts)" + (
+        "; the device has native bf16, not used yet" if caps.bfloat16 else "")
     return {
-        "matmul f32": f"{cfg.variant} {cfg.tm}x{cfg.tn}x{cfg.bk} (micro-tile {cfg.rm}x{cfg.rn})",
-        "f16 storage": "16-bit storage" if caps.storage_buffer_16bit else "unavailable",
-        "bf16 storage": "emulated (u16 + bit ops)" + ("; native available"
-                                                      if caps.bfloat16 else ""),
+        "f32": f"f32 storage, {gemm}",
+        "bf16": f"GEMM inputs {bf16} ({low16}), f32 accumulate, f32 master weights",
+        "f16": f"GEMM inputs f16 ({low16}), f32 accumulate, dynamic loss scaling on the GPU",
         "reductions": f"subgroup ops (subgroup {caps.subgroup_size})"
         if caps.subgroup_arithmetic else "shared memory",
     }
@@ -67,7 +70,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     for c in devs:
         print(f"\nkernel variants on {c.index}: {c.name}")
         for k, v in variants(c).items():
-            print(f"  {k:<13} {v}")
+            print(f"  {k:<11} {v}")
     return 0
 
 

@@ -20,7 +20,8 @@ def test_devices_table_and_json():
     out = run_cli("devices")
     assert out.returncode == 0, out.stderr
     assert "subgrp" in out.stdout and "*" in out.stdout
-    assert "matmul f32" in out.stdout
+    for precision in ("f32", "bf16", "f16"):
+        assert f"\n  {precision} " in out.stdout
     js = run_cli("devices", "--json")
     devs = json.loads(js.stdout)
     assert devs and sum(d["selected"] for d in devs) == 1
