@@ -64,6 +64,11 @@ def one_step_parity(precision: str, options: dict, tol: float) -> None:
     assert rel(float(norm), outs[1]) < tol
     for key, want in writes.items():
         assert rel(tr.state[key].numpy(), want) < tol, tr.state[key].state_name
+    if precision == "f32" and not options:  # every module of a whole GPT step validates
+        from alpha_jit.codegen_spirv import tools
+
+        for b in exe.binaries:
+            tools.validate(b.words, b.name)
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
