@@ -11,6 +11,7 @@ cannot run here fails with its name and the limit instead of a driver crash.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -181,7 +182,9 @@ class PipelineManager:
 
     def get(self, binary: KernelBinary) -> Pipeline:
         """The pipeline for `binary`, compiled at most once per process and device."""
-        key = (binary.spec.key(), self.fingerprint)
+        # keyed by the module itself: one spec generated for other caps is another pipeline
+        key = (binary.spec.key(), hashlib.sha256(bytes(binary.words)).hexdigest(),
+               self.fingerprint)
         found = self.pipelines.get(key)
         if found is not None:
             return found

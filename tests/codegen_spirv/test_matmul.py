@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -52,10 +53,18 @@ def build(s, caps=None):
     return b
 
 
-def check(run_kernel, s, caps=None):
+def tagged(b, label):
+    """`b` under a spec key of its own: the runtime caches pipelines by spec key, and the same
+    spec generated for other caps must not reuse the pipeline of an earlier test."""
+    spec = KernelSpec(b.spec.family, b.spec.name, (*b.spec.params, ("_test", label)))
+    return dataclasses.replace(b, spec=spec)
+
+
+def check(run_kernel, s, caps=None, label=None):
     p = dict(s.params)
     flats, want = operands(s)
-    (out,) = run_kernel(build(s, caps), flats,
+    b = build(s, caps)
+    (out,) = run_kernel(tagged(b, label) if label else b, flats,
                         [((p["batch"], p["m"], p["n"]), np.float32)])
     assert rel_l2(out, want) < 1e-5
 
@@ -113,3 +122,28 @@ def test_default_tiles_fit_lavapipe_and_nvidia():
         cfg = choose_config(s, caps)
         assert cfg.variant == "simt" and cfg.shared_bytes() <= shared and cfg.tm == 128
         assert generate_matmul(s, caps).shared_bytes <= shared
+
+
+CPU = SimpleNamespace(device_type="cpu", max_workgroup_invocations=1024,
+                      max_workgroup_size=(1024,) * 3, max_shared_memory=32768)
+
+
+@pytest.mark.parametrize("B,M,N,K,a,b", [
+    (1, 1, 1, 1, (0, None, None, None), (0, None, None, None)),
+    (3, 37, 70, 200, (0, None, None, None), (0, None, None, None)),  # K over several chunks
+    (2, 33, 19, 41, (3, 33 * 41, 1, 33), (5, 19 * 41, 1, 41)),      # both transposed
+    (4, 9, 40, 23, (1, 9 * 23 + 7, 23, 1), (2, 0, 40, 1)),            # broadcast batch
+    (2, 6, 5, 19, (0, 19, 0, 1), (0, 19, 1, 0)),                      # zero inner strides
+])
+def test_cpu_rows_variant(run_kernel, B, M, N, K, a, b):
+    # The loop-free variant CPU devices get, on odd, strided and broadcast operands.
+    s = mm_spec(B, M, N, K, a=a, b=b)
+    cfg = choose_config(s, CPU)
+    assert cfg.variant == "rows" and cfg.shared_bytes() <= 16384
+    check(run_kernel, s, CPU, label="cpu-rows")
+
+
+def test_cpu_long_k_falls_back_to_simt():
+    s = mm_spec(1, 64, 64, 8192)
+    assert choose_config(s, CPU).variant == "simt"
+    assert choose_config(mm_spec(1, 64, 64, 4096), CPU).tm * 4096 <= 1 << 16

@@ -12,6 +12,7 @@ from alpha_jit.codegen_spirv.kernels.reduction import generate_reduction, refere
 
 from .conftest import rel_l2, validate
 from .test_elementwise import from_bf16, to_bf16
+from .test_matmul import tagged
 
 rng = np.random.default_rng(99)
 
@@ -61,3 +62,28 @@ def test_more_rows_than_workgroups(run_kernel):
 def test_bad_mode():
     with pytest.raises(ValueError, match="mode"):
         generate_reduction(red_spec("prod", (2,), (1,), 0, 3, 2))
+
+
+@pytest.mark.parametrize("mode", ["sum", "max", "mean", "lse"])
+@pytest.mark.parametrize("R", [1, 4, 16])
+def test_short_rows_thread_per_row(run_kernel, mode, R):
+    # Short rows: one thread per row, several rows per workgroup, grid-striding over rows.
+    rows = 1000
+    s = red_spec(mode, (rows,), (R,), 3, R, 1)
+    b = tagged(build(s, SimpleNamespace(max_workgroup_count=(4, 1, 1))), "grid4")
+    assert b.notes["thread_per_row"] and b.dispatches[0].groups[0] == 4
+    x = rng.standard_normal(rows * R + 3).astype(np.float32)
+    (out,) = run_kernel(b, [x], [((rows,), np.float32)])
+    assert rel_l2(out, reference_reduction(s, x)) < 1e-5
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "gpu"])
+def test_sum_over_leading_axis(run_kernel, device_type):
+    # sum over axis 0 of a (2048, 130) tensor: red_stride 130, rows contiguous.
+    s = red_spec("sum", (130,), (1,), 0, 2048, 130)
+    b = build(s, SimpleNamespace(device_type=device_type))
+    b = tagged(b, device_type)  # same spec, other caps: a pipeline of its own
+    assert b.notes.get("thread_per_row", False) == (device_type == "cpu")
+    x = rng.standard_normal(2048 * 130).astype(np.float32)
+    (out,) = run_kernel(b, [x], [((130,), np.float32)])
+    assert rel_l2(out, reference_reduction(s, x)) < 1e-5

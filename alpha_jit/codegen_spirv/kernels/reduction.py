@@ -74,40 +74,103 @@ def generate_reduction(spec: KernelSpec, caps: object = None) -> KernelBinary:
         raise ValueError(f"{spec.name}: cannot reduce an empty axis")
     rows = math.prod(outer_shape)
     local = local_size_for(caps)
+    serial = _thread_per_row(red_len, red_stride, outer_strides, rows, local, caps)
+    if serial:
+        local = min(local, 64)  # small groups: short tails, and rows spread over more groups
     kb = KernelBuilder(spec.name, local, caps)
     x_buf = kb.buffer("x", storage_dtype(in_dt), writable=False)
     out_buf = kb.buffer("out", storage_dtype(out_dt), writable=True)
+    out_ct = compute_dtype(storage_dtype(out_dt))
+
+    def load(base: Value, r: Value | int) -> Value:
+        if isinstance(r, int):
+            idx = base + r * red_stride if r else base
+        else:
+            idx = base + r * red_stride if red_stride != 1 else base + r
+        return kb.cast(x_buf.load(idx), "f32")
+
+    def combine(op: str, a: Value, b: Value) -> Value:
+        return a + b if op == "add" else kb.fmax(a, b)
+
+    def finish(row_reduce: Callable[..., Value]) -> Value:
+        if mode == "max":
+            return row_reduce("max")
+        if mode == "lse":
+            m = row_reduce("max")
+            m = kb.select(kb.isinf(m), kb.f32(0.0), m)  # all -inf (or +inf) rows stay finite
+            return kb.log(row_reduce("add", lambda v: kb.exp(v - m))) + m
+        total = row_reduce("add")
+        return total / float(red_len) if mode == "mean" else total
+
+    if serial:
+        # One thread owns one row: neighbouring threads read neighbouring rows (coalesced when
+        # the rows are the contiguous axis), no shared memory, no barriers.
+        gid = kb.cast(kb.global_id(0), "i32")
+        stride = kb.cast(kb.num_workgroups(0), "i32") * local
+        with kb.loop(gid, rows, stride) as row:
+            base = _row_base(kb, row, outer_shape, outer_strides, offset)
+
+            def serial_reduce(op: str, f: Callable[[Value], Value] = lambda v: v) -> Value:
+                if red_len <= _UNROLL:  # straight-line code for short rows
+                    acc = f(load(base, 0))
+                    for r in range(1, red_len):
+                        acc = combine(op, acc, f(load(base, r)))
+                    return acc
+                var = kb.var("f32", _IDENTITY[op])
+                with kb.loop(0, red_len) as r:
+                    var.set(combine(op, var.get(), f(load(base, r))))
+                return var.get()
+
+            out_buf.store(row, kb.cast(finish(serial_reduce), out_ct))
+        groups = max(1, min(math.ceil(rows / local), max_groups_x(caps)))
+        return kb.binary(spec, [Dispatch((groups, 1, 1))],
+                         notes={"rows": rows, "red_len": red_len, "thread_per_row": True})
+
     reduce_group = _WorkgroupReducer(kb, local, caps)
     lid = kb.cast(kb.local_id(0), "i32")
-
     with kb.loop(kb.cast(kb.workgroup_id(0), "i32"), rows,
                  kb.cast(kb.num_workgroups(0), "i32")) as row:
         base = _row_base(kb, row, outer_shape, outer_strides, offset)
 
-        def row_reduce(op: str, f: Callable[[Value], Value] = lambda v: v) -> Value:
+        def group_reduce(op: str, f: Callable[[Value], Value] = lambda v: v) -> Value:
             acc = kb.var("f32", _IDENTITY[op])
             with kb.loop(lid, red_len, local) as r:
-                x = kb.cast(x_buf.load(base + r * red_stride if red_stride != 1 else base + r),
-                            "f32")
-                acc.set(reduce_group.combine(op, acc.get(), f(x)))
+                acc.set(combine(op, acc.get(), f(load(base, r))))
             return reduce_group(op, acc.get())
 
-        if mode == "max":
-            total = row_reduce("max")
-        elif mode == "lse":
-            m = row_reduce("max")
-            m = kb.select(kb.isinf(m), kb.f32(0.0), m)  # all -inf (or +inf) rows stay finite
-            total = kb.log(row_reduce("add", lambda v: kb.exp(v - m))) + m
-        else:
-            total = row_reduce("add")
-            if mode == "mean":
-                total = total / float(red_len)
+        total = finish(group_reduce)
         with kb.if_(lid == 0):
-            out_buf.store(row, kb.cast(total, compute_dtype(storage_dtype(out_dt))))
+            out_buf.store(row, kb.cast(total, out_ct))
 
     groups = max(1, min(rows, max_groups_x(caps)))
     return kb.binary(spec, [Dispatch((groups, 1, 1))],
                      notes={"rows": rows, "red_len": red_len})
+
+
+_CPU_MIN_ROWS = 64  # CPU: a thread per row once there are enough rows for the cores
+_UNROLL = 16  # rows up to this long are reduced by one thread in straight-line code
+
+
+def _thread_per_row(red_len: int, red_stride: int, outer_strides: tuple, rows: int,
+                    local: int, caps: object) -> bool:
+    """Reduce each row in one thread rather than one workgroup?
+
+    Short rows always (a workgroup per 4-element row is 256 threads summing nothing). Longer
+    rows on CPU devices when the reduced axis is strided and rows are the contiguous axis
+    (a sum over axis 0): the per-row workgroup would step through memory at the row stride,
+    while a thread per row reads rows side by side; on GPUs only with rows enough to fill
+    the device, since each thread then walks the whole row alone."""
+    if red_len <= _UNROLL:
+        return True
+    if cap(caps, "device_type", None) == "cpu" and rows >= _CPU_MIN_ROWS:
+        return True
+    inner = next((s for s in reversed(outer_strides) if s != 0), None)
+    strided = red_stride != 1 and inner is not None and abs(inner) < abs(red_stride)
+    if not strided:
+        return False
+    if cap(caps, "device_type", None) == "cpu":
+        return True
+    return rows >= 64 * local and red_len <= 4096
 
 
 def _row_base(kb: KernelBuilder, row: Value, shape: tuple, strides: tuple, offset: int) -> Value:
