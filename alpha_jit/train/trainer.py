@@ -33,7 +33,7 @@ class TrainConfig:
     data: str | None = None  # text file, folder or .bin of uint16 tokens; None: Python stdlib
     out_dir: str = "runs/gpt"
     steps: int = 300
-    batch_size: int = 16
+    batch_size: int = 8
     precision: str = "f32"
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -49,7 +49,7 @@ class TrainConfig:
     max_bytes: int = 4 * 2**20  # corpus cap (bytes of text) so tokenizing stays quick
     progress: bool = True
     model: dict = field(default_factory=lambda: dict(
-        vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0))
+        vocab_size=256, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0))
 
 
 def _opt_tensors(model: nn.GPT, opt: nn.optim.AdamW) -> dict[str, np.ndarray]:
