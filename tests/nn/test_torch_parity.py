@@ -187,6 +187,7 @@ def test_one_step_matches_torch(name):
     assert rel(float(loss), want_loss) < 1e-5, (float(loss), want_loss)
     assert rel(float(norm), want_norm) < 1e-5, (float(norm), want_norm)
     bad = []
+    all_got, all_want = [], []
     for pname, p in model.named_parameters():
         got, want = p.numpy(), ref.p[pname].detach().numpy()
         # Adam's first update is about lr * sign(g), so the parameters alone hardly test the
@@ -201,14 +202,22 @@ def test_one_step_matches_torch(name):
             if err > 1e-8:  # round-off gives |m| ~ 1e-12 here; real gradients' m is ~1e-5
                 bad.append(f"{pname}: gradient should be ~0, |m| up to {err:.3g}")
             continue
-        # the tightest parameter is a zero-initialised bias with one small gradient element
-        # (|g| ~ 30 eps, so Adam's update amplifies its f32 round-off): blocks.1.ln1.bias of
-        # the default config sits at ~7e-6 on lavapipe while its gradient agrees to ~4e-7
-        for what, a, b, tol in (("parameter", got, want, 1e-5), ("m (gradient)", m, t_m, 1e-5),
+        # Per tensor, the updated parameter gets 1e-4: a gradient element that is tiny by
+        # cancellation (|g| ~ 1e-7, determined by f32 round-off in torch and here alike) has a
+        # large relative error, and Adam's g / (|g| + eps) turns it into an update error of a
+        # fraction of lr; in a zero-initialised bias that is ~1e-5 of the tensor's norm
+        # (blocks.1.ln1.bias: 7e-6 on lavapipe, 1.1e-5 on an H200, with its gradient agreeing
+        # to 4e-7). The whole updated model is held to 1e-5 below, and every gradient to 1e-5.
+        all_got.append(got.ravel())
+        all_want.append(want.ravel())
+        for what, a, b, tol in (("parameter", got, want, 1e-4), ("m (gradient)", m, t_m, 1e-5),
                                 ("v (squared gradient)", v, t_v, 2e-5)):
             err = rel(a, b)
             if err >= tol:
                 bad.append(f"{pname}: {what} relative L2 {err:.3g}")
+    whole = rel(np.concatenate(all_got), np.concatenate(all_want))
+    if whole >= 1e-5:
+        bad.append(f"all parameters after the AdamW update: relative L2 {whole:.3g}")
     assert not bad, "differences from torch after one step:\n" + "\n".join(bad)
 
 
