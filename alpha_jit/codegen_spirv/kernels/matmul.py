@@ -134,20 +134,26 @@ def _u(kb: KernelBuilder, x: int) -> Value:
     return kb.u32(x % _U32)
 
 
+def _prologue(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> tuple:
+    """What every variant declares first: bindings a, b, out (in the contract's order), the
+    grid-split push constants, and this workgroup's first row/column and batch index."""
+    abuf = kb.buffer("a", storage_dtype(p["a"][0]), writable=False)
+    bbuf = kb.buffer("b", storage_dtype(p["b"][0]), writable=False)
+    out = kb.buffer("out", storage_dtype(p["out_dtype"]), writable=True)
+    pc = kb.push_constants([("base_x", "u32"), ("base_y", "u32"), ("base_z", "u32")])
+    col0 = (kb.workgroup_id(0) + pc["base_x"]) * cfg.tn
+    row0 = (kb.workgroup_id(1) + pc["base_y"]) * cfg.tm
+    bi = kb.workgroup_id(2) + pc["base_z"]
+    return abuf, bbuf, out, kb.local_index(), row0, col0, bi
+
+
 def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
     """The tiled SIMT GEMM body: shared-memory tiles of a and b, a rm x rn micro-tile each."""
     m, n, k = p["m"], p["n"], p["k"]
     a_dt, a_off, a_sb, a_sm, a_sk = p["a"]
     b_dt, b_off, b_sb, b_sk, b_sn = p["b"]
-    abuf = kb.buffer("a", storage_dtype(a_dt), writable=False)
-    bbuf = kb.buffer("b", storage_dtype(b_dt), writable=False)
-    out = kb.buffer("out", storage_dtype(p["out_dtype"]), writable=True)
-    pc = kb.push_constants([("base_x", "u32"), ("base_y", "u32"), ("base_z", "u32")])
+    abuf, bbuf, out, tid, row0, col0, bi = _prologue(kb, cfg, p)
     tm, tn, bk, rm, rn, threads = cfg.tm, cfg.tn, cfg.bk, cfg.rm, cfg.rn, cfg.threads
-    tid = kb.local_index()
-    col0 = (kb.workgroup_id(0) + pc["base_x"]) * tn
-    row0 = (kb.workgroup_id(1) + pc["base_y"]) * tm
-    bi = kb.workgroup_id(2) + pc["base_z"]
     check_k = k % bk != 0
 
     def operand(buf, off, sb, s_outer, s_k, tile, size, name):
@@ -226,15 +232,8 @@ def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
     m, n, k = p["m"], p["n"], p["k"]
     a_dt, a_off, a_sb, a_sm, a_sk = p["a"]
     b_dt, b_off, b_sb, b_sk, b_sn = p["b"]
-    abuf = kb.buffer("a", storage_dtype(a_dt), writable=False)
-    bbuf = kb.buffer("b", storage_dtype(b_dt), writable=False)
-    out = kb.buffer("out", storage_dtype(p["out_dtype"]), writable=True)
-    pc = kb.push_constants([("base_x", "u32"), ("base_y", "u32"), ("base_z", "u32")])
+    abuf, bbuf, out, tid, row0, col0, bi = _prologue(kb, cfg, p)
     tm, tn, bk, rn, threads = cfg.tm, cfg.tn, cfg.bk, cfg.rn, cfg.threads
-    tid = kb.local_index()
-    col0 = (kb.workgroup_id(0) + pc["base_x"]) * tn
-    row0 = (kb.workgroup_id(1) + pc["base_y"]) * tm
-    bi = kb.workgroup_id(2) + pc["base_z"]
     a_base = _u(kb, a_off) + bi * _u(kb, a_sb) if a_sb else _u(kb, a_off)
     b_base = _u(kb, b_off) + bi * _u(kb, b_sb) if b_sb else _u(kb, b_off)
     b_cols = []
