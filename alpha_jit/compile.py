@@ -46,7 +46,7 @@ class TracedStep:
     state: dict[int, StateTensor]  # state key -> holder (reads and writes)
     hparams: dict[tuple, trace.HParam]
     hparam_nodes: dict[tuple, int]
-    index_bounds: dict[int, tuple[int, int, str, str]]
+    index_bounds: dict[int, tuple[int, int, str, str, int | None]]
     out_structure: Any  # how to rebuild the user's return value from the flat outputs
     snapshots: list[tuple[str, Graph]] = field(default_factory=list)
     pass_history: list[tuple[str, str, Graph]] = field(default_factory=list)

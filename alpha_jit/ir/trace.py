@@ -59,8 +59,9 @@ class TraceContext:
     grad_params: dict[int, Any] = field(default_factory=dict)
     hparams: dict[tuple, HParam] = field(default_factory=dict)
     hparam_nodes: dict[tuple, int] = field(default_factory=dict)
-    # input index -> (low, high, op, where): runtime range checks on index inputs
-    index_bounds: dict[int, tuple[int, int, str, str]] = field(default_factory=dict)
+    # input index -> (low, high, op, where, also-allowed): range checks on index inputs
+    index_bounds: dict[int, tuple[int, int, str, str, int | None]] = field(
+        default_factory=dict)
     snapshots: list[tuple[str, Graph]] = field(default_factory=list)
     prov_override: Provenance | None = None
     created_by: str = "trace"

@@ -71,8 +71,10 @@ def one_hot(labels: Any, num_classes: int) -> Tensor:
     return y_b.eq(iota(shape, len(shape) - 1))
 
 
-def cross_entropy(logits: Any, labels: Any) -> Tensor:
-    """Mean negative log-likelihood of integer `labels` [N] under `logits` [N, C]."""
+def cross_entropy(logits: Any, labels: Any, ignore_index: int | None = None) -> Tensor:
+    """Mean negative log-likelihood of integer `labels` [N] under `logits` [N, C], computed
+    stably through log-softmax. Labels equal to `ignore_index` count for nothing (the mean is
+    over the others)."""
     z, y = as_tensor(logits), as_tensor(labels)
     ctx = trace.current()
     where = ctx.provenance().where()
@@ -82,10 +84,15 @@ def cross_entropy(logits: Any, labels: Any) -> Tensor:
     if z.ndim != 2 or y.shape != z.shape[:1]:
         raise ShapeError("cross_entropy", f"expects logits [N, C] and labels [N], got logits "
                          f"{z.shape} and labels {y.shape}", where)
-    note_index_bound(y, z.shape[1], "cross_entropy")
+    note_index_bound(y, z.shape[1], "cross_entropy", also=ignore_index)
     logp = log_softmax(z, axis=-1)
     picked = (logp * one_hot(y, z.shape[1])).sum(axis=-1)
-    return -picked.mean()
+    if ignore_index is None:
+        return -picked.mean()
+    keep = y.ne(ignore_index)  # an ignored label's one-hot row is all zeros already
+    from alpha_jit.tensor import maximum
+
+    return -(picked * keep).sum() / maximum(keep.sum(), 1.0)
 
 
 def embedding(ids: Any, table: Any) -> Tensor:
@@ -94,9 +101,10 @@ def embedding(ids: Any, table: Any) -> Tensor:
     return trace.apply("gather_rows", [t, i])
 
 
-def note_index_bound(ids: Tensor, high: int, op: str) -> None:
+def note_index_bound(ids: Tensor, high: int, op: str, also: int | None = None) -> None:
     """Ids that come straight from a step argument are range-checked on every call, before
-    any GPU work: an out-of-range id would otherwise read or drop memory silently."""
+    any GPU work: an out-of-range id would otherwise read or drop memory silently. `also`
+    is one more allowed value (an ignore_index)."""
     ctx = trace.current()
     g = ctx.graph
     node = ids.node
@@ -107,4 +115,5 @@ def note_index_bound(ids: Tensor, high: int, op: str) -> None:
         lo, hi = 0, high
         if idx in ctx.index_bounds:
             hi = min(hi, ctx.index_bounds[idx][1])
-        ctx.index_bounds[idx] = (lo, hi, op, ctx.provenance().where())
+            also = also if also == ctx.index_bounds[idx][4] else None
+        ctx.index_bounds[idx] = (lo, hi, op, ctx.provenance().where(), also)

@@ -178,9 +178,12 @@ class Executable:
             dt = dtypes.from_numpy(a)
             arr = np.array(a, dtype=dt.np_storage, order="C")
             if i in self.traced.index_bounds:
-                lo, hi, op, where = self.traced.index_bounds[i]
-                if arr.size and (arr.min() < lo or arr.max() >= hi):
-                    bad = arr[(arr < lo) | (arr >= hi)].ravel()[0]
+                lo, hi, op, where, also = self.traced.index_bounds[i]
+                outside = (arr < lo) | (arr >= hi)
+                if also is not None:
+                    outside &= arr != also
+                if outside.any():
+                    bad = arr[outside].ravel()[0]
                     raise AlphaJitError(f"{op}: argument {i} (shape {arr.shape}) holds index "
                                         f"{int(bad)}, outside [{lo}, {hi})\n  at {where}")
             out.append(arr)

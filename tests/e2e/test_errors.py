@@ -102,3 +102,16 @@ def test_non_array_argument():
 
     with pytest.raises(TypeError, match="numpy array"):
         f([1.0, 2.0])
+
+
+def test_ignore_index_is_allowed_but_other_negatives_are_not():
+    @aj.compile
+    def f(z, y):
+        return F.cross_entropy(z, y, ignore_index=-100)
+
+    z = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    got = float(f(z, np.array([0, -100, 2, -100], np.int32)))
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    assert got == pytest.approx(-(logp[0, 0] + logp[2, 2]) / 2, rel=1e-5)
+    with pytest.raises(aj.AlphaJitError, match=r"index -5, outside \[0, 3\)"):
+        f(z, np.array([0, -5, 2, 1], np.int32))

@@ -107,5 +107,7 @@ CASES = [
          [(7, 3), (12,)], ["f32", "i32"], int_high=7),
     Case("cross_entropy", lambda z, y: F.cross_entropy(z, y), [(13, 10), (13,)], ["f32", "i32"],
          int_high=10),
+    Case("cross_entropy_ignore", lambda z, y: F.cross_entropy(z, y - 1, ignore_index=-1),
+         [(13, 10), (13,)], ["f32", "i32"], int_high=11),
     Case("softmax", lambda z: F.softmax(z, axis=-1), [(6, 10)]),
 ]
