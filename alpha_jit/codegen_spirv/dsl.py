@@ -42,8 +42,9 @@ from dataclasses import dataclass
 from .builder import Module
 from .kernel import Binding, Dispatch, KernelBinary, KernelSpec
 
-_KIND = {"f32": "f", "f16": "f", "i32": "i", "u32": "u", "u16": "u", "bool": "b"}
-_SIZE = {"f32": 4, "f16": 2, "i32": 4, "u32": 4, "u16": 2, "bool": 4}
+# "bf16n": the native bfloat16 type of SPV_KHR_bfloat16 (storage and conversion only)
+_KIND = {"f32": "f", "f16": "f", "bf16n": "f", "i32": "i", "u32": "u", "u16": "u", "bool": "b"}
+_SIZE = {"f32": 4, "f16": 2, "bf16n": 2, "i32": 4, "u32": 4, "u16": 2, "bool": 4}
 _ARITH = {
     "add": {"f": "OpFAdd", "i": "OpIAdd", "u": "OpIAdd"},
     "sub": {"f": "OpFSub", "i": "OpISub", "u": "OpISub"},
@@ -209,14 +210,14 @@ class Buffer:
             bits = (word >> ((i & 1) * 16)) & 0xFFFF
             return kb.bitcast(bits << 16, "f32")
         raw = self.load_raw(index)
-        if self.dtype == "bf16":
+        if self.dtype == "bf16" and self.storage == "u16":
             return kb.bitcast(kb.cast(raw, "u32") << 16, "f32")
         return kb.cast(raw, self.compute)
 
     def store(self, index: object, x: object) -> None:
         kb = self.kb
         v = kb.cast(kb.value(x, self.compute), self.compute)
-        if self.dtype == "bf16":
+        if self.dtype == "bf16" and self.storage != "bf16n":
             bits = kb.bf16_bits(v)
             if self.packed:
                 i = kb.index(index, "u32")
@@ -260,6 +261,8 @@ class KernelBuilder:
         self.local_size: tuple[int, int, int] = tuple((*ls, 1, 1)[:3])  # type: ignore[assignment]
         self.caps = caps
         self.storage16 = bool(cap(caps, "storage_buffer_16bit", True))
+        # native bf16 (SPV_KHR_bfloat16) only where the device reports it, with 16-bit storage
+        self.native_bf16 = bool(cap(caps, "bfloat16", False)) and self.storage16
         self.m = Module((1, 5), arith16=bool(cap(caps, "float16", True)))
         self.bindings: list[Binding] = []
         self.push_constant_size = 0
@@ -280,6 +283,8 @@ class KernelBuilder:
             return m.emit("OpTypeBool")
         if dtype in ("f32", "f16"):
             return m.emit("OpTypeFloat", 32 if dtype == "f32" else 16)
+        if dtype == "bf16n":
+            return m.emit("OpTypeFloat", 16, "BFloat16KHR")
         if dtype in ("i32", "u32", "u16"):
             return m.emit("OpTypeInt", 16 if dtype == "u16" else 32, int(dtype == "i32"))
         raise TypeError(f"no shader type for dtype {dtype!r}")
@@ -445,7 +450,9 @@ class KernelBuilder:
         if dtype not in _BUFFER_DTYPES:
             raise TypeError(f"buffer dtype must be one of {_BUFFER_DTYPES}, got {dtype!r}")
         packed = dtype == "bf16" and not self.storage16
-        storage = {"bf16": "u32" if packed else "u16"}.get(dtype, dtype)
+        # bf16: the device's native type where it has one, else u16 bits (or packed halves)
+        bf16_storage = "bf16n" if self.native_bf16 else ("u32" if packed else "u16")
+        storage = {"bf16": bf16_storage}.get(dtype, dtype)
         if dtype == "f16" and not self.storage16:
             raise TypeError("f16 buffers need 16-bit storage (storage_buffer_16bit)")
         m = self.m
