@@ -230,6 +230,11 @@ class Buffer:
                 kb.m.emit("OpAtomicOr", u32, ptr, "Device", "Relaxed", bits << shift)
                 return
             v = kb.cast(bits, "u16")
+        elif self.storage == "bf16n":
+            # round to nearest even in integer bits first: the native conversion's rounding
+            # is the driver's choice (NVIDIA truncates), an exactly representable value is not
+            exact = kb.bitcast(kb.bf16_bits(v) << 16, "f32")
+            v = kb.cast(exact, "bf16n")
         elif self.storage != self.compute:
             v = kb.cast(v, self.storage)
         kb.m.emit("OpStore", self.ptr(index), v)
