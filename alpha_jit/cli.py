@@ -30,8 +30,8 @@ def variants(caps: Any) -> dict[str, str]:
     cfg = choose_config(probe, caps)
     gemm = f"{cfg.variant} GEMM {cfg.tm}x{cfg.tn}x{cfg.bk} (micro-tile {cfg.rm}x{cfg.rn})"
     low16 = "16-bit storage" if caps.storage_buffer_16bit else "packed in 32-bit words"
-    bf16 = "emulated bf16 (u16 bits + shifts)" + (
-        "; the device has native bf16, not used yet" if caps.bfloat16 else "")
+    bf16 = "native bf16 (SPV_KHR_bfloat16)" if caps.bfloat16 and caps.storage_buffer_16bit \
+        else "emulated bf16 (u16 bits + shifts)"
     return {
         "f32": f"f32 storage, {gemm}",
         "bf16": f"GEMM inputs {bf16} ({low16}), f32 accumulate, f32 master weights",
