@@ -9,7 +9,6 @@ largest with a partial selection (np.argpartition), not a full sort.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -94,5 +93,4 @@ def encode(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
-__all__ = ["Sampler", "load_model", "pick", "prepare_prompt", "encode", "decode", "PromptError",
-           "Any"]
+__all__ = ["Sampler", "load_model", "pick", "prepare_prompt", "encode", "decode", "PromptError"]

@@ -9,8 +9,6 @@ replaced except atomically.
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -206,8 +204,4 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return Trainer(cfg).run()
 
 
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 50 else float("inf")
-
-
-__all__ = ["TrainConfig", "Trainer", "train", "perplexity", "os"]
+__all__ = ["TrainConfig", "Trainer", "train"]
