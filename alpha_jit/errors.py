@@ -45,3 +45,17 @@ class NoVulkanLoaderError(AlphaJitError):
 
 class SpirvToolError(AlphaJitError):
     """spirv-val / spirv-opt / spirv-dis rejected a module; names the kernel."""
+
+
+class InternalCompilerError(AlphaJitError):
+    """An invariant of alpha_jit itself failed: our bug, not the user's program. The message
+    names the stage, the op, its shapes and the user's line so that a report can be acted on;
+    a bare AssertionError from deep inside lowering never reaches a user."""
+
+    def __init__(self, stage: str, message: str, where: str | None = None):
+        self.stage, self.where = stage, where
+        text = f"internal compiler error in {stage}: {message}"
+        if where:
+            text += f"\n  at {where}"
+        text += "\n  (this is a bug in alpha_jit; please report it with the program above)"
+        super().__init__(text)

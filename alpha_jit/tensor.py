@@ -104,6 +104,17 @@ class TensorOps:
     def ne(self, o: Any) -> Tensor:
         return trace.apply("ne", [self, _like(o, self)])
 
+    # == and != are elementwise like every comparison (PyTorch and numpy agree); Python's
+    # identity meaning would turn `logits == m` into a constant False without a word.
+    def __eq__(self, o: Any) -> Tensor:  # type: ignore[override]
+        return self.eq(o) if _is_operand(o) else NotImplemented
+
+    def __ne__(self, o: Any) -> Tensor:  # type: ignore[override]
+        return self.ne(o) if _is_operand(o) else NotImplemented
+
+    # identity hashing stays: parameters and state live in dicts and sets by identity
+    __hash__ = object.__hash__
+
     def __bool__(self) -> bool:
         raise TraceError("bool", "a traced tensor has no value while tracing; data-dependent "
                          "Python control flow cannot be compiled", trace.current().provenance()
@@ -305,6 +316,11 @@ def as_tensor(x: Any) -> Tensor:
     raise TraceError("trace", f"cannot use a {type(x).__name__} as a tensor inside a compiled "
                      "step (numpy arrays must be passed as arguments)",
                      trace.current().provenance().where() if trace.active() else None)
+
+
+def _is_operand(o: Any) -> bool:
+    """What an elementwise comparison accepts: tensors and Python/numpy scalars."""
+    return isinstance(o, TensorOps | bool | int | float | np.number)
 
 
 def _like(o: Any, ref: TensorOps) -> Any:

@@ -18,6 +18,7 @@ import numpy as np
 from alpha_jit.codegen_spirv.kernel import KernelSpec
 from alpha_jit.codegen_spirv.views import View
 from alpha_jit.dtypes import DType
+from alpha_jit.errors import InternalCompilerError
 from alpha_jit.ir.graph import Graph, Provenance, freeze_attrs
 from alpha_jit.ir.ops import registry
 
@@ -48,12 +49,23 @@ class LoweredKernel:
     prov: Provenance
 
 
+@dataclass(frozen=True)
+class Returned:
+    """A value the step returns: the buffer holding it and the traced shape and dtype, which
+    is the contract with the user (a returned view shares its base's buffer, not its shape)."""
+
+    buffer: int
+    shape: tuple
+    dtype: DType
+
+
 @dataclass
 class Lowered:
     graph: Graph
     kernels: list[LoweredKernel] = field(default_factory=list)
     buffers: dict[int, Buffer] = field(default_factory=dict)
     outputs: list[int] = field(default_factory=list)  # buffer id per graph output
+    returns: list[Returned] = field(default_factory=list)  # one per graph output, in order
     state_writes: dict[object, int] = field(default_factory=dict)  # state key -> buffer id
 
     def format(self) -> str:
@@ -113,7 +125,7 @@ class _Lowerer:
                     self.group[u] for u in args
                     if u in self.group and self.group[u] not in frozen
                     and g.shape(u) == g.shape(n) and g.op(n) != "pad"))
-                n_ext = {w for w in args if w not in self.group and g.op(w) != "full"}
+                n_ext = {w for w in args if w not in self.group and self._const(w) is None}
                 chosen = next((c for c in cands if fits(c, n_ext, 1) and all(
                     self.group.get(w) == c or c not in dep_of(w) for w in args)), None)
                 for d in cands:
@@ -135,7 +147,7 @@ class _Lowerer:
                 for w in args:
                     if self.group.get(w) != chosen:
                         ganc[chosen] |= dep_of(w)
-                        if g.op(w) != "full":
+                        if self._const(w) is None:
                             ext[chosen].add(w)
             else:
                 deps: set[int] = set()
@@ -152,38 +164,55 @@ class _Lowerer:
         if n in self.views:
             return self.views[n]
         g = self.g
-        op = g.op(n)
         v: View | None
         if n in self.out.buffers:
             v = View.of(n, g.shape(n))
         elif self._cls(n) == "view":
             src = self.view(g.args(n)[0])
-            if src is None:
-                v = None
-            elif op == "transpose":
-                v = src.transpose(g.attrs(n)["perm"])
-            elif op == "broadcast_to":
-                v = src.broadcast_to(g.attrs(n)["shape"])
-            elif op == "slice":
-                v = src.slice(g.attrs(n)["starts"], g.attrs(n)["stops"])
-            else:
-                v = src.reshape(g.attrs(n)["shape"])
-                if v is None:  # no strided form: copy the source to contiguous memory first
-                    v = self.materialize_view(src, g.dtype(n), n).reshape(g.attrs(n)["shape"])
+            v = None if src is None else self._apply_view(n, src)
         else:
             v = None
         self.views[n] = v
         return v
 
+    def _apply_view(self, n: int, src: View) -> View:
+        """View op n applied to its source's view (copying when no strided form exists)."""
+        g = self.g
+        op, attrs = g.op(n), g.attrs(n)
+        if op == "transpose":
+            return src.transpose(attrs["perm"])
+        if op == "broadcast_to":
+            return src.broadcast_to(attrs["shape"])
+        if op == "slice":
+            return src.slice(attrs["starts"], attrs["stops"])
+        v = src.reshape(attrs["shape"])
+        if v is None:  # no strided form: copy the source to contiguous memory first
+            v = self.materialize_view(src, g.dtype(n), n).reshape(attrs["shape"])
+        if v is None:
+            raise InternalCompilerError("lowering", f"reshape of %{n} to {attrs['shape']} has "
+                                        "no strided form after a copy", g.prov(n).where())
+        return v
+
     def need_view(self, n: int, for_node: int) -> View:
-        """A view of n, materializing constants (and other non-memory values) if needed."""
+        """A view of n, materializing constants (and views of them) if needed."""
         v = self.view(n)
         if v is not None:
             return v
         g = self.g
+        if self._cls(n) == "view":  # a view of a value not in memory: materialize the source
+            v = self._apply_view(n, self.need_view(g.args(n)[0], for_node))
+            self.views[n] = v
+            return v
+        if g.op(n) == "full":
+            arg = self._const(n)
+        elif g.op(n) == "iota":
+            arg = ("iota", g.attrs(n)["axis"])
+        else:
+            raise InternalCompilerError("lowering", f"%{n} = {g.op(n)} {g.dtype(n)}"
+                                        f"{list(g.shape(n))} has no buffer and is not a "
+                                        "constant", g.prov(n).where())
         buf = next(self.copy_ids)
         self.out.buffers[buf] = Buffer(buf, "temp", g.shape(n), g.dtype(n))
-        arg = self._expr_arg(n, [], {})
         exprs = (("copy", g.dtype(n).name, (), (arg,)),)
         self._emit("elementwise", f"fill_{g.op(n)}", (
             ("shape", g.shape(n)), ("inputs", ()), ("exprs", exprs),
@@ -205,13 +234,15 @@ class _Lowerer:
         self.out.kernels.append(LoweredKernel(KernelSpec(family, name, params), reads, writes,
                                               nodes, self.g.prov(prov_node)))
 
-    def _expr_arg(self, u: int, inputs: list, in_index: dict) -> tuple:
+    def _const(self, u: int) -> tuple | None:
+        """("const", value, dtype) when u is a constant, or any view of one (a reshaped or
+        broadcast constant is the same constant everywhere); None otherwise."""
         g = self.g
+        while self._cls(u) == "view":
+            u = g.args(u)[0]
         if g.op(u) == "full":
             return ("const", g.attrs(u)["value"], g.dtype(u).name)
-        if g.op(u) == "iota" and u not in self.out.buffers:
-            return ("iota", g.attrs(u)["axis"])
-        raise AssertionError(f"%{u} is not an expression constant")
+        return None
 
     def elementwise(self, gid: int) -> None:
         g = self.g
@@ -228,8 +259,8 @@ class _Lowerer:
             for u in g.args(n):
                 if u in mset:
                     args.append(("e", expr_of[u]))
-                elif g.op(u) == "full":
-                    args.append(("const", g.attrs(u)["value"], g.dtype(u).name))
+                elif self._const(u) is not None:
+                    args.append(self._const(u))
                 else:
                     entry, base = self._input_entry(u, n, shape)
                     if (base, entry) not in in_index:  # one binding per distinct read
@@ -314,7 +345,8 @@ class _Lowerer:
                           ("ids_offset", ids.offset))
             self._emit(cls, f"{op}_{rows}x{dim}", params, [src.base, ids.base], [n], [n], n)
         else:
-            raise AssertionError(f"no lowering for {op} ({cls})")
+            raise InternalCompilerError("lowering", f"no lowering for %{n} = {op} ({cls})",
+                                        g.prov(n).where())
 
     def _contiguous(self, a: int, n: int) -> View:
         v = self.need_view(a, n)
@@ -363,7 +395,9 @@ class _Lowerer:
             elif un[0] == "k":
                 self.single(un[1])
         for o in g.outputs:
-            self.out.outputs.append(self._root_buffer(o))
+            buf = self._root_buffer(o)
+            self.out.outputs.append(buf)
+            self.out.returns.append(Returned(buf, g.shape(o), g.dtype(o)))
         for key, n in g.state_writes.items():
             if g.op(n) == "state" and g.attrs(n)["key"] == key:
                 continue  # written back unchanged

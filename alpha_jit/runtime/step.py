@@ -212,20 +212,20 @@ class Executable:
         self.last_value = value
         for st in self.states.values():
             st.last_value = value
-        self.pending = [DeviceValue(self, value, i, self.lowered.buffers[b].shape,
-                                    self.lowered.buffers[b].dtype)
-                        for i, b in enumerate(self.lowered.outputs)]
+        self.pending = [DeviceValue(self, value, i, r.shape, r.dtype)
+                        for i, r in enumerate(self.lowered.returns)]
         return list(self.pending)
 
     def _fetch_outputs(self, value: int) -> None:
         if not self.pending or self.pending[0]._value != value:
             return
         self.device.wait(value)
-        for h, bid, off in zip(self.pending, self.lowered.outputs, self.out_offsets,
-                               strict=True):
-            b = self.lowered.buffers[bid]
+        for h, r, off in zip(self.pending, self.lowered.returns, self.out_offsets,
+                             strict=True):
+            b = self.lowered.buffers[r.buffer]
             raw = self.readback.read(b.nbytes, off)
-            arr = np.frombuffer(raw, dtype=b.dtype.np_storage).reshape(b.shape).copy()
+            # the traced shape, not the buffer's: a returned view shares its base's buffer
+            arr = np.frombuffer(raw, dtype=b.dtype.np_storage).reshape(r.shape).copy()
             h._host = dtypes.bf16_to_f32(arr) if b.dtype == dtypes.bfloat16 else arr
         self.pending = []
 

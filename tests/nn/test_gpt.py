@@ -155,7 +155,7 @@ def test_lr_schedule_runs_on_host_without_retrace():
     (exe,) = [e for es in step.cache.values() for e in es]
     lrs = {h.name: v for k, v in exe.last_hparams.items()
            for h in [step.last_traced.hparams[k]]}
-    assert lrs["lr"] == pytest.approx(opt.lr_at(4))
+    assert lrs["lr/0"] == pytest.approx(opt.lr_at(4))
     assert [round(opt.lr_at(t), 6) for t in (1, 2, 6)] == [5e-4, 1e-3, 1e-4]
     assert step.traces == 1
 
