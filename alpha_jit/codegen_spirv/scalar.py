@@ -6,7 +6,8 @@ kernel DSL, `NumpyScalarEmitter` computes with numpy, so the IR can check that a
 same thing on the device as in the reference. Semantics both sides share:
 
 - float values compute in f32 (f16/bf16 constants become f32), integers in i32;
-- `div` on integers is floor division (numpy `//`); `max`/`min` are elementwise;
+- `div` on integers is floor division (numpy `//`); `max`/`min` are elementwise and, like
+  numpy's maximum/minimum, return NaN when either operand is NaN (GLSL's FMax need not);
 - `compare` returns bool; `cast(x, "f32"|"i32")` truncates toward zero and maps bool to 1/0.
 """
 
@@ -32,6 +33,51 @@ def compute_dtype(dtype: str) -> str:
         raise TypeError(f"no compute dtype for {dtype!r}") from None
 
 
+def is_nan(kb: KernelBuilder, x: Value) -> Value:
+    """NaN test on the bits: drivers may fold OpIsNan away when they assume no NaNs."""
+    return (kb.bitcast(x, "u32") & 0x7FFFFFFF) > 0x7F800000
+
+
+def _bits_f32(kb: KernelBuilder, bits: int) -> Value:
+    """An f32 constant given by its bits (NaN and inf, whatever the builder does with them)."""
+    return kb.bitcast(kb.const(bits, "u32"), "f32")
+
+
+def ieee_div(kb: KernelBuilder, a: Value, b: Value) -> Value:
+    """a / b with IEEE results where Vulkan's precision rules leave division undefined
+    (b = ±0 or ±inf; lavapipe folds x / 0.0 to 0): ±inf, ±0 or NaN as numpy gives."""
+    sign = (kb.bitcast(a, "u32") ^ kb.bitcast(b, "u32")) & 0x80000000
+    a_mag = kb.bitcast(a, "u32") & 0x7FFFFFFF
+    b_mag = kb.bitcast(b, "u32") & 0x7FFFFFFF
+    inf = kb.bitcast(sign | 0x7F800000, "f32")
+    zero = kb.bitcast(sign, "f32")
+    nan = _bits_f32(kb, 0x7FC00000)
+    by_zero = kb.select((a_mag == 0) | (a_mag > 0x7F800000), nan, inf)  # 0/0, NaN/0: NaN
+    by_inf = kb.select(a_mag >= 0x7F800000, nan, zero)  # inf/inf, NaN/inf: NaN
+    r = kb.select(b_mag == 0, by_zero, kb.select(b_mag == 0x7F800000, by_inf, a / b))
+    return kb.select(b_mag > 0x7F800000, b, r)  # x / NaN
+
+
+def nan_minmax(kb: KernelBuilder, op: str, a: Value, b: Value) -> Value:
+    """Elementwise max/min with numpy's NaN rule: NaN if either operand is NaN."""
+    m = kb.fmax(a, b) if op == "max" else kb.fmin(a, b)
+    if a.dtype != "f32":
+        return m
+    return kb.select(is_nan(kb, a), a, kb.select(is_nan(kb, b), b, m))
+
+
+def _order_key(kb: KernelBuilder, x: Value) -> Value:
+    """An i32 whose signed order is the float order, with every NaN above +inf."""
+    b = kb.select(is_nan(kb, x), kb.const(0x7FC00000, "i32"), kb.bitcast(x, "i32"))
+    return kb.select(b < 0, b ^ 0x7FFFFFFF, b)  # negative floats order backwards
+
+
+def subgroup_max(kb: KernelBuilder, x: Value) -> Value:
+    """Subgroup max of f32 that returns NaN if any lane holds NaN (FMax drops NaNs)."""
+    k = kb.subgroup_reduce("max", _order_key(kb, x))
+    return kb.bitcast(kb.select(k < 0, k ^ 0x7FFFFFFF, k), "f32")  # the key map is its inverse
+
+
 class ScalarEmitter:
     """Scalar rules -> SPIR-V values, through a `KernelBuilder`."""
 
@@ -52,11 +98,9 @@ class ScalarEmitter:
         if op == "mul":
             return a * b
         if op == "div":
-            return a / b if a.dtype == "f32" else kb.floordiv(a, b)
-        if op == "max":
-            return kb.fmax(a, b)
-        if op == "min":
-            return kb.fmin(a, b)
+            return ieee_div(kb, a, b) if a.dtype == "f32" else kb.floordiv(a, b)
+        if op in ("max", "min"):
+            return nan_minmax(kb, op, a, b)
         if op == "pow":
             if a.dtype != "f32":
                 raise TypeError("pow is defined for f32 only")
@@ -75,20 +119,27 @@ class ScalarEmitter:
             return kb.abs(a)
         if a.dtype != "f32":
             raise TypeError(f"unary {op} is defined for f32 only, got {a.dtype}")
-        if op == "rsqrt":
-            return kb.inversesqrt(a)
-        if op in ("exp", "log", "sqrt"):
-            return getattr(kb, op)(a)
+        if op == "exp":
+            return kb.exp(a)
         if op == "tanh":
             return self._tanh(a)
-        raise ValueError(f"unknown unary op {op!r}; known: {UNARY_OPS}")
+        if op not in ("log", "sqrt", "rsqrt"):
+            raise ValueError(f"unknown unary op {op!r}; known: {UNARY_OPS}")
+        # GLSL leaves these undefined at 0, below 0 and at NaN; numpy's values are spelled out
+        if op == "log":
+            r = kb.select(a == 0.0, _bits_f32(kb, 0xFF800000), kb.log(a))  # log(±0) = -inf
+        elif op == "sqrt":
+            r = kb.sqrt(a)
+        else:
+            r = kb.select(a == 0.0, 1.0 / a, kb.inversesqrt(a))  # 1/sqrt(±0) = ±inf
+        return kb.select(a < 0.0, _bits_f32(kb, 0x7FC00000), kb.select(is_nan(kb, a), a, r))
 
     def _tanh(self, x: Value) -> Value:
         # GLSL Tanh is (e^2x-1)/(e^2x+1) on several drivers: inaccurate near 0 and NaN beyond
         # |x|~44. 1 - 2/(e^2|x|+1) is exact for large |x|; a Taylor polynomial covers |x|<0.3.
         kb = self.kb
         ax = kb.abs(x)
-        big = 1.0 - 2.0 / (kb.exp(kb.fmin(ax, 20.0) * 2.0) + 1.0)
+        big = 1.0 - 2.0 / (kb.exp(nan_minmax(kb, "min", ax, kb.f32(20.0)) * 2.0) + 1.0)
         x2 = x * x
         small = x * (1.0 + x2 * (-1.0 / 3 + x2 * (2.0 / 15 + x2 * (-17.0 / 315
                                                                 + x2 * (62.0 / 2835)))))

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..dsl import KernelBuilder, SharedArray, Value, cap, max_groups_x
 from ..kernel import Dispatch, KernelBinary, KernelSpec
-from ..scalar import compute_dtype
+from ..scalar import compute_dtype, nan_minmax, subgroup_max
 from .elementwise import local_size_for, storage_dtype
 
 MODES = ("sum", "max", "mean", "lse")
@@ -43,11 +43,14 @@ class _WorkgroupReducer:
         self.sg_size = kb.cast(kb.subgroup_size(), "i32")
 
     def combine(self, op: str, a: Value, b: Value) -> Value:
-        return a + b if op == "add" else self.kb.fmax(a, b)
+        return a + b if op == "add" else nan_minmax(self.kb, "max", a, b)
+
+    def subgroup(self, op: str, x: Value) -> Value:
+        return subgroup_max(self.kb, x) if op == "max" else self.kb.subgroup_reduce(op, x)
 
     def __call__(self, op: str, x: Value) -> Value:
         kb = self.kb
-        partial = kb.subgroup_reduce(op, x)
+        partial = self.subgroup(op, x)
         kb.barrier()  # earlier readers of the slots (previous reduction) are done
         with kb.if_(self.lane == 0):
             self.slots.store(self.sg_id, partial)
@@ -57,7 +60,7 @@ class _WorkgroupReducer:
         acc = kb.var("f32", _IDENTITY[op])
         with kb.loop(self.lane, self.n_sg, self.sg_size) as j:
             acc.set(self.combine(op, acc.get(), self.slots.load(j)))
-        return kb.subgroup_reduce(op, acc.get())
+        return self.subgroup(op, acc.get())
 
 
 def generate_reduction(spec: KernelSpec, caps: object = None) -> KernelBinary:
@@ -90,7 +93,7 @@ def generate_reduction(spec: KernelSpec, caps: object = None) -> KernelBinary:
         return kb.cast(x_buf.load(idx), "f32")
 
     def combine(op: str, a: Value, b: Value) -> Value:
-        return a + b if op == "add" else kb.fmax(a, b)
+        return a + b if op == "add" else nan_minmax(kb, "max", a, b)  # NaN rows stay NaN
 
     def finish(row_reduce: Callable[..., Value]) -> Value:
         if mode == "max":

@@ -87,8 +87,38 @@ _unary("relu", lambda a, attrs: np.maximum(a[0], 0),
        lambda e, attrs, a: e.binary("max", a, e.const(0.0, "f32")))
 
 
+def _is_nan(e, x):
+    """NaN test on the bits (a float NaN test may be folded away by a driver)."""
+    return e.compare("gt", e.binary("and", e.bits(x), e.const(0x7FFFFFFF, "u32")),
+                     e.const(0x7F800000, "u32"))
+
+
 def _pow_scalar(e, attrs, a):
-    return e.binary("pow", a, e.const(attrs["exponent"], "f32"))
+    """numpy's x ** c for a constant c. Integer exponents multiply (exact for negative x);
+    others use GLSL Pow on |x|, which leaves 0, negatives and NaN undefined, so those are
+    selected explicitly."""
+    c = float(attrs["exponent"])
+    if c == 0.0:
+        return e.const(1.0, "f32")  # numpy: x ** 0 == 1 even for NaN
+    if c == 0.5:
+        return e.unary("sqrt", a)  # numpy's own fast path: (-inf) ** 0.5 is NaN, as sqrt
+    if c.is_integer() and abs(c) <= 16:
+        n, acc, base = int(abs(c)), None, a
+        while n:  # exponentiation by squaring
+            if n & 1:
+                acc = base if acc is None else e.binary("mul", acc, base)
+            n >>= 1
+            if n:
+                base = e.binary("mul", base, base)
+        return acc if c > 0 else e.binary("div", e.const(1.0, "f32"), acc)
+    zero = e.const(0.0, "f32")
+    r = e.binary("pow", e.unary("abs", a), e.const(c, "f32"))
+    r = e.select(e.compare("eq", a, zero), e.const(0.0 if c > 0 else math.inf, "f32"), r)
+    finite_neg = e.compare("lt", a, zero)
+    finite_neg = e.select(e.compare("gt", a, e.const(-math.inf, "f32")), finite_neg,
+                          e.compare("ne", zero, zero))
+    r = e.select(finite_neg, e.const(math.nan, "f32"), r)  # (-inf) ** c is inf or 0, not NaN
+    return e.select(_is_nan(e, a), a, r)
 
 
 _unary("pow_scalar", lambda a, attrs: np.power(a[0], attrs["exponent"]),
