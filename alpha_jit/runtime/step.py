@@ -176,17 +176,25 @@ class Executable:
         out = []
         for i, a in enumerate(args):
             dt = dtypes.from_numpy(a)
-            arr = np.array(a, dtype=dt.np_storage, order="C")
+            # checks read the caller's values: narrowing first would turn 2**32 + 1 into 1
             if i in self.traced.index_bounds:
                 lo, hi, op, where, also = self.traced.index_bounds[i]
-                outside = (arr < lo) | (arr >= hi)
+                outside = (a < lo) | (a >= hi)
                 if also is not None:
-                    outside &= arr != also
+                    outside &= a != also
                 if outside.any():
-                    bad = arr[outside].ravel()[0]
-                    raise AlphaJitError(f"{op}: argument {i} (shape {arr.shape}) holds index "
+                    bad = a[outside].ravel()[0]
+                    raise AlphaJitError(f"{op}: argument {i} (shape {a.shape}) holds index "
                                         f"{int(bad)}, outside [{lo}, {hi})\n  at {where}")
-            out.append(arr)
+            if a.dtype.kind in "iu" and a.dtype != np.dtype(dt.np_storage) and a.size:
+                info = np.iinfo(dt.np_storage)
+                outside = (a < info.min) | (a > info.max)
+                if outside.any():
+                    raise AlphaJitError(
+                        f"argument {i} ({a.dtype}{list(a.shape)}) holds "
+                        f"{int(a[outside].ravel()[0])}, which does not fit the device's "
+                        f"{dt.name} (range [{info.min}, {info.max}])")
+            out.append(np.array(a, dtype=dt.np_storage, order="C"))
         return out
 
     def __call__(self, args: list[np.ndarray]) -> list[DeviceValue]:
