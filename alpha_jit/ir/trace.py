@@ -156,6 +156,11 @@ def apply(op: str, args: list[Any], attrs: dict | None = None) -> Any:
     opdef = registry.get(op)
     attrs = attrs or {}
     targs = _autocast(ctx, opdef, [as_tensor(a) for a in args])
+    if ctx.autocast is not None and opdef.lowering == "matmul" and "out_dtype" not in attrs:
+        # a low-precision GEMM still returns its f32 accumulator: logits, scores and every
+        # norm, softmax and loss downstream compute on f32 values (PyTorch autocast rounds
+        # GEMM outputs to bf16; this is at least as accurate)
+        attrs = {**attrs, "out_dtype": "f32"}
     try:
         shape, dtype = opdef.infer([t.shape for t in targs], [t.dtype for t in targs], attrs)
     except TraceError as e:
@@ -168,8 +173,8 @@ def apply(op: str, args: list[Any], attrs: dict | None = None) -> Any:
 
 def _autocast(ctx: TraceContext, opdef: Any, targs: list[Any]) -> list[Any]:
     """The precision policy. GEMMs read their operands in the low-precision dtype (f32
-    accumulation happens in the kernel); elementwise ops mixing float dtypes compute in the
-    widest, so a low-precision GEMM result meets an f32 bias or residual in f32."""
+    accumulation happens in the kernel) and return f32; elementwise ops mixing float dtypes
+    compute in the widest, so norms, softmax, losses and the optimizer run in f32."""
     from alpha_jit import dtypes
 
     low = ctx.autocast

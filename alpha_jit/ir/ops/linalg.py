@@ -27,7 +27,9 @@ def _matmul_infer(shapes, dts, attrs):
     if not dt.is_float:
         raise DTypeError("matmul", f"needs floating-point operands, got {dt}")
     batch = broadcast_shapes("matmul", [a[:-2], b[:-2]])
-    return (*batch, a[-2], b[-1]), dt
+    # the kernel accumulates in f32; the precision policy may keep that f32 result
+    out = dtypes.dtype(attrs["out_dtype"]) if "out_dtype" in attrs else dt
+    return (*batch, a[-2], b[-1]), out
 
 
 def _matmul_vjp(g, args, out, attrs):
