@@ -4,6 +4,10 @@
 kernel variants each would get. `dump-ir SCRIPT [ARGS]` runs a user script until its first
 compiled step has been built, then prints every stage: the graph after tracing, after autodiff,
 after each pass, the kernel list, the memory plan; `--kernel N` adds kernel N's SPIR-V.
+
+User errors (a script that does not exist, a kernel index out of range, an unknown device)
+print `alpha-jit <command>: error: <message>` and exit with status 2, before anything is run
+or printed where that can be known; internal failures keep their traceback.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import importlib
 import json
 import runpy
 import sys
+from pathlib import Path
 from typing import Any
 
-from alpha_jit.errors import AlphaJitError
+from alpha_jit.train.config import error_message, is_user_error, nonneg_int
 
 
 def variants(caps: Any) -> dict[str, str]:
@@ -74,17 +79,40 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
-class _StopAfterFirstStep(Exception):
-    pass
+class _StopAfterFirstStep(BaseException):
+    """Ends the user's script once its first step is built; a BaseException so that a script's
+    own `except Exception` cannot swallow it."""
+
+
+class _KernelOutOfRange(_StopAfterFirstStep):
+    """--kernel names a kernel the step does not have (known only once it is built)."""
+
+
+def _runnable(script: str) -> str | None:
+    """Why `script` cannot be run by runpy.run_path, or None if it can."""
+    path = Path(script)
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return None if (path / "__main__.py").is_file() else \
+            f"script {script}: is a folder without __main__.py"
+    return f"script {script}: no such file"
 
 
 def cmd_dump_ir(args: argparse.Namespace) -> int:
+    problem = _runnable(args.script)
+    if problem is not None:
+        args.parser.error(problem)
     from alpha_jit.codegen_spirv import tools
 
     # the package's `compile` attribute is the decorator; the module holds the hook
     compile_mod = importlib.import_module("alpha_jit.compile")
 
     def hook(traced: Any, exe: Any) -> None:
+        n = len(exe.binaries)
+        if args.kernel is not None and args.kernel >= n:  # checked before printing anything
+            raise _KernelOutOfRange(f"--kernel {args.kernel}: the step has {n} kernels "
+                                    f"(0..{n - 1})")
         for title, g in traced.snapshots:
             print(g.format(title), end="\n\n")
         for name, summary, g in traced.pass_history:
@@ -94,9 +122,6 @@ def cmd_dump_ir(args: argparse.Namespace) -> int:
         print(f"\n== memory plan ==\n  {exe.mem.format()}")
         print(f"  barriers: {sum(exe.barriers)} between {len(exe.barriers)} kernels")
         if args.kernel is not None:
-            if not 0 <= args.kernel < len(exe.binaries):
-                raise AlphaJitError(f"--kernel {args.kernel}: the step has "
-                                    f"{len(exe.binaries)} kernels (0..{len(exe.binaries) - 1})")
             b = exe.binaries[args.kernel]
             print(f"\n== kernel {args.kernel}: {b.name} ({b.spec.family}) ==")
             print(f"spec: {b.spec.params}")
@@ -107,6 +132,8 @@ def cmd_dump_ir(args: argparse.Namespace) -> int:
     sys.argv = [args.script, *args.script_args]
     try:
         runpy.run_path(args.script, run_name="__main__")
+    except _KernelOutOfRange as e:
+        args.parser.error(str(e))
     except _StopAfterFirstStep:
         return 0
     finally:
@@ -120,18 +147,20 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("devices", help="list Vulkan devices and what alpha_jit would use")
     d.add_argument("--json", action="store_true", help="machine-readable output")
-    d.set_defaults(func=cmd_devices)
+    d.set_defaults(func=cmd_devices, parser=d)
     p = sub.add_parser("dump-ir", help="print every stage of a script's first compiled step")
-    p.add_argument("--kernel", type=int, default=None, help="also print kernel N's SPIR-V")
+    p.add_argument("--kernel", type=nonneg_int, default=None, metavar="N",
+                   help="also print kernel N's SPIR-V (0-based)")
     p.add_argument("script")
     p.add_argument("script_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_dump_ir)
+    p.set_defaults(func=cmd_dump_ir, parser=p)
     args = ap.parse_args(argv)
     try:
         return args.func(args)
-    except AlphaJitError as e:
-        print(f"alpha-jit: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if not is_user_error(e):
+            raise  # a bug: keep the traceback
+        args.parser.error(error_message(e))
 
 
 if __name__ == "__main__":

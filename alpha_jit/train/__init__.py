@@ -7,6 +7,7 @@ kernel is compiled. `plot` imports matplotlib only when a curve is drawn.
 from alpha_jit.train.checkpoint import (
     CheckpointError,
     ConfigMismatchError,
+    NonFiniteError,
     check_compatible,
     config_differences,
     load_checkpoint,
@@ -40,6 +41,7 @@ __all__ = [
     "DataError",
     "Dataset",
     "MetricsError",
+    "NonFiniteError",
     "MetricsLog",
     "Throughput",
     "check_compatible",

@@ -5,8 +5,10 @@ parameters and optimizer moments as tensors under prefixed names (`model.<path>`
 `optim.m.<path>`, `optim.v.<path>`), and the config, step, optimizer scalars and RNG states as
 JSON under one metadata key. safetensors is used because it is a plain, mmap-friendly format
 other tools read, with no pickle. The file is written atomically (temp + fsync + rename), so a
-crash mid-save leaves the previous checkpoint intact. Loading and config checks raise
-`CheckpointError` naming the file before any GPU work starts.
+crash mid-save leaves the previous checkpoint intact, and a tensor holding NaN or inf is
+refused (`NonFiniteError`) so a diverged run never replaces a good checkpoint. Loading and
+config checks raise `CheckpointError` naming the file (and a missing tensor or metadata key)
+before any GPU work starts.
 """
 
 from __future__ import annotations
@@ -40,6 +42,24 @@ class ConfigMismatchError(CheckpointError):
         self.differences = differences
 
 
+class NonFiniteError(CheckpointError):
+    """Tensors holding NaN or inf; `names` lists them. The file on disk was left as it was."""
+
+    def __init__(self, message: str, names: list[str]):
+        super().__init__(message)
+        self.names = names
+
+
+def nonfinite_tensors(tensors: Mapping[str, np.ndarray]) -> list[str]:
+    """Names of the floating-point tensors with any NaN or inf, in the mapping's order."""
+    bad = []
+    for name, value in tensors.items():
+        arr = np.asarray(value)
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            bad.append(name)
+    return bad
+
+
 def _json_default(obj: Any) -> Any:
     """numpy scalars/arrays, paths and dataclasses appear in configs; store them as plain JSON."""
     if isinstance(obj, np.generic):
@@ -61,12 +81,17 @@ def _write_tensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[st
 
 
 def save_checkpoint(
-    path: str | os.PathLike[str], tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, np.ndarray],
+    meta: Mapping[str, Any],
+    *,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Write tensors + meta to one `.safetensors` file atomically; returns the path.
 
-    Everything is validated and serialised before the file is touched, so a bad tensor or a
-    meta value JSON cannot hold leaves an existing checkpoint as it was.
+    Everything is validated and serialised before the file is touched, so a bad tensor, a NaN
+    or inf anywhere (unless `allow_nonfinite`) or a meta value JSON cannot hold leaves an
+    existing checkpoint as it was.
     """
     dest = Path(path).expanduser()
     if dest.is_dir():
@@ -82,6 +107,12 @@ def save_checkpoint(
         if value.dtype == object:
             raise CheckpointError(f"{dest}: tensor {name!r} has dtype object")
         arrays[name] = np.require(value, requirements="C")  # C-order bytes; keeps 0-d as 0-d
+    bad = [] if allow_nonfinite else nonfinite_tensors(arrays)
+    if bad:
+        shown = ", ".join(repr(n) for n in bad[:3]) + (f" and {len(bad) - 3} more" if
+                                                         len(bad) > 3 else "")
+        raise NonFiniteError(f"{dest}: not written: {len(bad)} tensor(s) hold NaN or inf "
+                             f"({shown})", bad)
     try:
         text = json.dumps({"format": FORMAT_VERSION, **meta}, default=_json_default)
     except (TypeError, ValueError) as e:
@@ -124,6 +155,30 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray]
         raise CheckpointError(f"checkpoint {src}: '{META_KEY}' metadata is not a JSON object")
     meta.pop("format", None)
     return tensors, meta
+
+
+def require_meta(meta: Mapping[str, Any], keys: Iterable[str], *,
+                 path: str | os.PathLike[str]) -> None:
+    """Raise CheckpointError naming the metadata keys `meta` lacks."""
+    missing = [k for k in keys if k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint {Path(path)}: metadata has no {', '.join(missing)} "
+                              "(written by another program or an older alpha_jit?)")
+
+
+def require_tensors(tensors: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]],
+                    *, path: str | os.PathLike[str]) -> None:
+    """Raise CheckpointError naming each expected tensor that is missing or has another shape."""
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"checkpoint {Path(path)}: missing tensor(s) {shown}{more}")
+    for name, shape in expected.items():
+        got = tuple(np.shape(tensors[name]))
+        if got != tuple(shape):
+            raise CheckpointError(f"checkpoint {Path(path)}: tensor {name!r} has shape "
+                                  f"{list(got)}, the model expects {list(shape)}")
 
 
 def _as_dict(config: Any) -> dict[str, Any]:

@@ -4,7 +4,11 @@ Writing a line per step would put a syscall (and with fsync, a disk flush) in th
 `MetricsLog` keeps rows in memory and appends them to the JSONL file only on `flush()`, which
 the trainer calls at eval/checkpoint time; `close()`, the context manager and an atexit hook
 flush the rest, so a normal exit or an exception loses nothing. Each flush is one append-mode
-write followed by fsync; a reader skips a final line cut short by a hard kill.
+write followed by fsync; a reader skips a final line cut short by a hard kill. A resumed run
+first drops the rows written after its checkpoint (`drop_rows_after`), so no step appears twice.
+
+`SteadyClock` times training steps only: the first step (tracing and compiling) and the pauses
+for eval and checkpoints are left out, so tokens/s is the rate a long run actually sustains.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from alpha_jit.errors import AlphaJitError
+from alpha_jit.train.atomic import atomic_write_bytes
 
 
 class MetricsError(AlphaJitError, ValueError):
@@ -106,6 +111,28 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def drop_rows_after(path: str | os.PathLike[str], step: int) -> int:
+    """Rewrite a metrics file keeping only rows with `step <= step`; returns how many went.
+
+    A run killed after its last checkpoint has logged steps it will redo when resumed; those
+    rows (and a torn final line) are removed atomically. A missing file is left missing.
+    """
+    src = Path(path).expanduser()
+    if not src.exists():
+        return 0
+    text = src.read_text(encoding="utf-8", errors="replace")
+    rows = read_metrics(src)
+    kept = [r for r in rows if not isinstance(r.get("step"), (int, float)) or r["step"] <= step]
+    dropped = len(rows) - len(kept)
+    torn = bool(text) and not text.endswith("\n")
+    if dropped or torn:
+        try:
+            atomic_write_bytes(src, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        except OSError as e:
+            raise MetricsError(f"metrics log {src}: cannot rewrite ({e})") from e
+    return dropped
+
+
 def tokens_per_s(tokens: int, seconds: float) -> float:
     """Throughput, 0.0 for an empty interval rather than a division error."""
     return tokens / seconds if seconds > 0 else 0.0
@@ -153,3 +180,31 @@ class Throughput:
     @property
     def elapsed(self) -> float:
         return self._clock() - self._start
+
+
+class SteadyClock:
+    """Seconds spent in steady-state training steps: `run()` after a sync, `pause()` at the next.
+
+    Compiled steps return before the device finishes, so the clock is only started and paused
+    right after a value was read (the loss), when the device has caught up with the host.
+    """
+
+    def __init__(self, clock: Any = time.perf_counter):
+        self._clock = clock
+        self._since: float | None = None
+        self.seconds = 0.0
+
+    @property
+    def running(self) -> bool:
+        return self._since is not None
+
+    def run(self) -> None:
+        """Start (or continue) counting; no-op while running."""
+        if self._since is None:
+            self._since = self._clock()
+
+    def pause(self) -> None:
+        """Stop counting (eval, checkpoint, the end); no-op while paused."""
+        if self._since is not None:
+            self.seconds += self._clock() - self._since
+            self._since = None

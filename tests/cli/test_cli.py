@@ -45,3 +45,35 @@ def test_dump_ir_prints_every_stage_and_a_kernel():
                   "== kernel 0:", "OpEntryPoint GLCompute"):
         assert title in text, title
     assert "train_mlp.py:" in text  # provenance reaches the kernel list
+
+
+def test_dump_ir_user_errors_exit_2_before_running_anything(tmp_path):
+    out = run_cli("dump-ir", str(tmp_path / "missing.py"))
+    assert out.returncode == 2 and out.stdout == ""
+    assert "alpha-jit dump-ir: error: script" in out.stderr
+    assert "missing.py: no such file" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli("dump-ir", "--kernel", "-1", "examples/train_mlp.py")
+    assert out.returncode == 2 and out.stdout == ""
+    assert "argument --kernel: expected an integer >= 0, got '-1'" in out.stderr
+
+
+def test_dump_ir_kernel_out_of_range_is_reported_before_printing():
+    out = run_cli("dump-ir", "--kernel", "100000", "examples/train_mlp.py", "--steps", "2")
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "alpha-jit dump-ir: error: --kernel 100000: the step has" in out.stderr
+    assert "after trace" not in out.stdout and "Traceback" not in out.stderr
+
+
+def test_only_user_errors_become_exit_2():
+    from alpha_jit.errors import DeviceNotFoundError, SpirvToolError, VulkanError
+    from alpha_jit.train.checkpoint import CheckpointError
+    from alpha_jit.train.config import error_message, is_user_error
+
+    for e in (FileNotFoundError(2, "No such file or directory", "x.py"), CheckpointError("c"),
+              DeviceNotFoundError("no gpu")):
+        assert is_user_error(e), e
+    for e in (AssertionError("bug"), VulkanError("vkQueueSubmit"), SpirvToolError("val"),
+              KeyError("k"), ValueError("plain")):
+        assert not is_user_error(e), e
+    assert error_message(FileNotFoundError(2, "No such file or directory", "x.py")) == \
+        "x.py: No such file or directory"

@@ -1,16 +1,23 @@
-"""Checkpoint round trip, atomic replacement on a crash, and config mismatch errors."""
+"""Checkpoint round trip, atomic replacement on a crash, stale temporaries, NaN refusal, and
+config mismatch errors."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from alpha_jit.train import atomic
 from alpha_jit.train import checkpoint as ckpt
+from alpha_jit.train.atomic import remove_stale_temps
 from alpha_jit.train.checkpoint import (
     CheckpointError,
     ConfigMismatchError,
+    NonFiniteError,
     check_compatible,
     load_checkpoint,
+    nonfinite_tensors,
+    require_meta,
+    require_tensors,
     save_checkpoint,
     strip_prefix,
     with_prefix,
@@ -135,3 +142,54 @@ def test_config_from_dataclass_and_json_round_trip(tmp_path):
     check_compatible(meta["config"], Cfg())  # tuple vs stored list is not a difference
     with pytest.raises(ConfigMismatchError, match="n_layer: checkpoint 4, model 2"):
         check_compatible(meta["config"], Cfg(n_layer=2))
+
+
+def test_nonfinite_tensors_are_refused_and_the_old_file_kept(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, _state(), _meta())
+    before = path.read_bytes()
+    for bad in (np.nan, np.inf, -np.inf):
+        tensors = _state(1)
+        tensors["optim.v.wte.weight"][3, 4] = bad
+        with pytest.raises(NonFiniteError, match=r"1 tensor\(s\) hold NaN or inf") as err:
+            save_checkpoint(path, tensors, _meta(20))
+        assert err.value.names == ["optim.v.wte.weight"]
+        assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
+    nan_state = {"x": np.full(3, np.nan, np.float32), "i": np.arange(3)}  # ints always finite
+    assert nonfinite_tensors(nan_state) == ["x"]
+    save_checkpoint(tmp_path / "raw.safetensors", nan_state, _meta(), allow_nonfinite=True)
+
+
+def test_missing_tensor_or_meta_key_is_named(tmp_path):
+    tensors = _state()
+    with pytest.raises(CheckpointError, match=r"c\.st: missing tensor\(s\) 'model\.head'"):
+        require_tensors(tensors, {"model.head": (2,)}, path=tmp_path / "c.st")
+    with pytest.raises(CheckpointError, match=r"'model\.wte\.weight' has shape \[256, 128\], "
+                                              r"the model expects \[256, 64\]"):
+        require_tensors(tensors, {"model.wte.weight": (256, 64)}, path="c.st")
+    require_tensors(tensors, {"model.wte.weight": (256, 128)}, path="c.st")
+    with pytest.raises(CheckpointError, match="metadata has no step, rng"):
+        require_meta({"config": {}}, ["config", "step", "rng"], path="c.st")
+
+
+def test_stale_temporaries_of_a_killed_save_are_removed(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, _state(), _meta())
+    # A SIGKILL between the write and the rename runs no cleanup; simulate both.
+    def killed(*args):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(atomic.os, "replace", killed)
+    monkeypatch.setattr(atomic.Path, "unlink", lambda self, *a, **k: None)
+    with pytest.raises(RuntimeError, match="killed"):
+        save_checkpoint(path, _state(1), _meta(20))
+    monkeypatch.undo()
+    other = tmp_path / ".tmp-other.safetensors.abc"  # another file's temporary stays
+    other.write_bytes(b"x")
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-ckpt.safetensors.")]
+    assert len(stale) == 1
+    assert remove_stale_temps(path) == stale
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "ckpt.safetensors"]
+    assert remove_stale_temps(tmp_path / "nowhere" / "ckpt.safetensors") == []
+    assert load_checkpoint(path)[1]["step"] == 10

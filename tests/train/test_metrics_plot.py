@@ -11,7 +11,9 @@ import pytest
 from alpha_jit.train.metrics import (
     MetricsError,
     MetricsLog,
+    SteadyClock,
     Throughput,
+    drop_rows_after,
     read_metrics,
     tokens_per_s,
 )
@@ -99,3 +101,32 @@ def test_plot_writes_png_from_file_and_rows(tmp_path):
     with pytest.raises(MetricsError, match="no rows"):
         plot_loss_curve([{"step": 0}], tmp_path / "empty.png")
     assert not (tmp_path / "empty.png").exists()
+
+
+def test_drop_rows_after_a_checkpoint_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert drop_rows_after(path, 5) == 0 and not path.exists()  # nothing to clean
+    rows = [{"step": s, "loss": 3.0 - s / 10} for s in range(1, 9)] + [{"step": 6, "val_loss": 2}]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_text(text + '{"step": 9, "lo')  # a torn last line from a kill mid-flush
+    assert drop_rows_after(path, 5) == 4
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4, 5]
+    assert path.read_text().endswith("\n")  # the next append starts on a fresh line
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+    assert drop_rows_after(path, 5) == 0
+
+
+def test_steady_clock_counts_only_running_intervals():
+    now = [0.0]
+    clock = SteadyClock(clock=lambda: now[0])
+    now[0] = 5.0  # compiling: not counted
+    clock.run()
+    now[0] = 7.0
+    clock.pause()
+    clock.pause()  # idempotent
+    now[0] = 20.0  # eval + checkpoint: not counted
+    clock.run()
+    clock.run()
+    now[0] = 21.5
+    clock.pause()
+    assert clock.seconds == pytest.approx(3.5) and not clock.running

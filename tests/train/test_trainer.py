@@ -10,25 +10,16 @@ import pytest
 from alpha_jit.train.checkpoint import ConfigMismatchError, load_checkpoint
 from alpha_jit.train.generate import PromptError, Sampler, load_model, pick, prepare_prompt
 from alpha_jit.train.trainer import TrainConfig, train
-
-TINY = dict(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.1)
+from tests.train.tiny import TINY, tiny_config, write_corpus
 
 
 @pytest.fixture()
 def corpus(tmp_path):
-    rng = np.random.default_rng(0)
-    words = ["alpha", "jit", "vulkan", "kernel", "tensor", "graph", "step", "\n"]
-    text = " ".join(rng.choice(words, 4000))
-    path = tmp_path / "corpus.txt"
-    path.write_text(text)
-    return path
+    return write_corpus(tmp_path / "corpus.txt")
 
 
 def cfg(tmp_path, corpus, **kw) -> TrainConfig:
-    base = dict(data=str(corpus), out_dir=str(tmp_path / "run"), steps=12, batch_size=4,
-                eval_every=6, eval_batches=2, warmup=2, lr=1e-2, progress=False, model=TINY)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_config(tmp_path, corpus, **kw)
 
 
 def test_train_writes_everything_and_resume_is_bit_identical(tmp_path, corpus):
