@@ -4,6 +4,10 @@ The signature (argument shapes and dtypes, precision) keys a cache of compiled s
 traces the function into a Graph (forward, autodiff, optimizer), runs the passes, lowers and
 plans it, and records one command buffer; every later call with the same signature only writes
 the inputs and re-submits that buffer. `ALPHA_JIT_LOG=recompile` says why a retrace happened.
+
+Retraces are bounded: the cache is an LRU of `cache_size` signatures whose evicted steps give
+their device memory back, and a function traced more than 8 times warns once, naming the
+argument that keeps changing (`max_recompiles=N` makes the (N+1)-th trace an error instead).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import functools
 import logging
 import os
 import sys
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +33,17 @@ from alpha_jit.tensor import StateTensor, Tensor, as_tensor
 
 log = logging.getLogger("alpha_jit.compile")
 PRECISIONS = ("f32", "f16", "bf16")
+DEFAULT_CACHE_SIZE = 8  # a few bucketed shapes (train, eval, last batch) fit; churn evicts
+WARN_TRACES = 8  # traces before the one-time RecompileWarning (max_recompiles=None)
 _BUILD_HOOK: Callable[[Any, Any], None] | None = None
+
+
+class RecompileError(AlphaJitError):
+    """A compiled function needed more traces than `aj.compile(max_recompiles=N)` allows."""
+
+
+class RecompileWarning(UserWarning):
+    """A compiled function keeps retracing: each trace compiles and records a new step."""
 
 
 def set_build_hook(hook: Callable[[Any, Any], None] | None) -> None:
@@ -150,22 +166,33 @@ def _write_back_grads(ctx: trace.TraceContext) -> list[tuple[Any, Any]]:
 
 
 class CompiledFunction:
-    """The callable `@alpha_jit.compile` returns."""
+    """The callable `@alpha_jit.compile` returns.
+
+    `cache` maps a signature to its executables (one per kept-grad state), least recently used
+    first; beyond `cache_size` signatures the oldest is evicted and its device memory freed."""
 
     def __init__(self, fn: Callable, precision: str = "f32", passes: list[str] | None = None,
-                 loss_scale: dict | None = None):
+                 loss_scale: dict | None = None, cache_size: int | None = DEFAULT_CACHE_SIZE,
+                 max_recompiles: int | None = None):
         if precision not in PRECISIONS:
             raise AlphaJitError(f"precision {precision!r} is not supported; "
                                 f"choose one of {PRECISIONS}")
+        for name, n in (("cache_size", cache_size), ("max_recompiles", max_recompiles)):
+            if n is not None and (not isinstance(n, int) or n < 1):
+                raise AlphaJitError(f"{name} must be a positive int or None, got {n!r}")
         functools.update_wrapper(self, fn)
         self.fn, self.precision, self.passes = fn, precision, passes
+        self.cache_size, self.max_recompiles = cache_size, max_recompiles
         self.loss_scaler = None
         if precision == "f16":  # f16 gradients need dynamic loss scaling (bf16's range does not)
             from alpha_jit.nn.loss_scale import LossScaler
 
             self.loss_scaler = LossScaler(**(loss_scale or {}))
-        self.cache: dict[tuple, list[Any]] = {}  # signature -> executables (by grad guard)
+        self.cache: OrderedDict[tuple, list[Any]] = OrderedDict()  # LRU: oldest first
         self.traces = 0
+        self.evictions = 0
+        self.signatures: dict[tuple, int] = {}  # every signature traced -> how many times
+        self._warned = False
         self.last_traced: TracedStep | None = None
 
     def trace(self, *args: np.ndarray) -> TracedStep:
@@ -185,17 +212,106 @@ class CompiledFunction:
         sig = signature_of(args, self.precision)
         exe = next((e for e in self.cache.get(sig, []) if e.traced.guard_holds()), None)
         if exe is None:
-            if self.cache and "recompile" in os.environ.get("ALPHA_JIT_LOG", ""):
-                why = _why(self.cache, sig) if sig not in self.cache else \
-                    "a parameter's kept .grad appeared or was cleared"
-                print(f"[alpha_jit] retracing {self.fn.__name__}: {why}", file=sys.stderr)
-            from alpha_jit.runtime.step import Executable
-
-            exe = Executable(self.trace(*args))
-            self.cache.setdefault(sig, []).append(exe)
-            if _BUILD_HOOK is not None:
-                _BUILD_HOOK(exe.traced, exe)
+            exe = self._build(sig, args)
+        else:
+            self.cache.move_to_end(sig)
         return unflatten(exe(list(args)), exe.traced.out_structure)
+
+    def _build(self, sig: tuple, args: tuple) -> Any:
+        self._bound_traces(sig)
+        if self.cache and "recompile" in os.environ.get("ALPHA_JIT_LOG", ""):
+            if sig in self.cache:
+                why = "a parameter's kept .grad appeared or was cleared"
+            elif sig in self.signatures:
+                why = f"this signature was evicted from the cache (cache_size={self.cache_size})"
+            else:
+                why = _why(self.cache, sig)
+            print(f"[alpha_jit] retracing {self.fn.__name__}: {why}", file=sys.stderr)
+        from alpha_jit.runtime.step import Executable
+
+        traced = self.trace(*args)
+        self.signatures[sig] = self.signatures.get(sig, 0) + 1
+        if sig not in self.cache:
+            self._evict(keep=(self.cache_size or 0) - 1)  # before building: memory is reused
+        exe = Executable(traced)
+        self.cache.setdefault(sig, []).append(exe)
+        self.cache.move_to_end(sig)
+        if _BUILD_HOOK is not None:
+            _BUILD_HOOK(exe.traced, exe)
+        return exe
+
+    def _evict(self, keep: int) -> None:
+        """Drop least recently used signatures until `keep` remain, freeing their memory."""
+        if self.cache_size is None:
+            return
+        while len(self.cache) > max(keep, 0):
+            _, exes = self.cache.popitem(last=False)
+            for e in exes:
+                e.release()
+            self.evictions += 1
+
+    def clear_cache(self) -> None:
+        """Release every compiled step (device memory back to the pools); the next call traces."""
+        while self.cache:
+            for e in self.cache.popitem(last=False)[1]:
+                e.release()
+
+    def _bound_traces(self, sig: tuple) -> None:
+        """Raise (max_recompiles=N) or warn once (past WARN_TRACES) before one trace too many."""
+        n = self.traces + 1
+        limit = self.max_recompiles
+        if limit is None and (self._warned or n <= WARN_TRACES):
+            return
+        if limit is not None and n <= limit:
+            return
+        churn = _churn([*self.signatures, sig])
+        if self.evictions:
+            churn += (f"; {len(self.signatures)} signatures do not fit cache_size="
+                      f"{self.cache_size}, {self.evictions} evicted")
+        name = self.fn.__name__
+        if limit is not None:
+            raise RecompileError(f"{name} needs trace {n} but max_recompiles={limit}: {churn}. "
+                                 "Pad or bucket the inputs to fewer shapes, or raise the limit")
+        self._warned = True
+        from alpha_jit.runtime.device import get_device
+
+        pipelines = get_device().stats["pipelines"]
+        kept = ("every step stays cached" if self.cache_size is None
+                else f"the cache keeps the {self.cache_size} most recent steps")
+        warnings.warn(
+            f"{name} is being traced {n} times (more than {WARN_TRACES}): {churn}. Each trace "
+            f"compiles and records a new step (the device now holds {pipelines} pipelines, kept "
+            f"for reuse; {kept}). Pad or bucket the inputs to a few shapes; "
+            "aj.compile(max_recompiles=N) makes this an error", RecompileWarning, stacklevel=4)
+
+
+def _churn(sigs: list[tuple]) -> str:
+    """Which arguments took more than one shape/dtype across `sigs`, most changing first."""
+    found = []
+    for i in range(max(len(s[0]) for s in sigs)):
+        seen = list(dict.fromkeys(s[0][i] for s in sigs if i < len(s[0])))
+        if len(seen) < 2:
+            continue
+        shapes = len({shape for shape, _ in seen})
+        dts = len({dt for _, dt in seen})
+        if dts == 1:
+            what, shown = "shapes", [str(shape) for shape, _ in seen]
+        elif shapes == 1:
+            what, shown = "dtypes", [dt for _, dt in seen]
+        else:
+            what, shown = "shapes/dtypes", [f"{dt}{shape}" for shape, dt in seen]
+        if len(shown) > 8:  # the first few and the latest say enough
+            shown = [*shown[:6], "...", shown[-1]]
+        found.append((len(seen), f"argument {i} took {len(seen)} different {what}: "
+                                 f"{', '.join(shown)}"))
+    if len({len(s[0]) for s in sigs}) > 1:
+        found.append((0, "the number of arguments changed"))
+    if len({s[1] for s in sigs}) > 1:
+        found.append((0, "the precision changed"))
+    found.sort(key=lambda f: -f[0])
+    return "; ".join(f[1] for f in found) or (
+        "the signature did not change (a parameter's kept .grad keeps appearing or vanishing, "
+        "or evicted signatures come back)")
 
 
 def _why(cache: dict, sig: tuple) -> str:
@@ -210,15 +326,24 @@ def _why(cache: dict, sig: tuple) -> str:
 
 
 def compile(fn: Callable | None = None, *, precision: str = "f32",  # noqa: A001
-            passes: list[str] | None = None, loss_scale: dict | None = None) -> Any:
+            passes: list[str] | None = None, loss_scale: dict | None = None,
+            cache_size: int | None = DEFAULT_CACHE_SIZE,
+            max_recompiles: int | None = None) -> Any:
     """Decorator: `@alpha_jit.compile` or `@alpha_jit.compile(precision="bf16")`.
 
     precision: "f32", "bf16" (GEMM inputs in bf16, f32 accumulation and master weights) or
     "f16" (the same in f16, plus dynamic loss scaling; `loss_scale` takes LossScaler options,
-    e.g. {"init_scale": 2.0**16, "growth_interval": 2000})."""
-    if fn is None:
-        return lambda f: CompiledFunction(f, precision, passes, loss_scale)
-    return CompiledFunction(fn, precision, passes, loss_scale)
+    e.g. {"init_scale": 2.0**16, "growth_interval": 2000}).
+    cache_size: how many input signatures stay compiled (least recently used evicted first,
+    its device memory freed; a signature seen again retraces); None keeps every one.
+    max_recompiles: None warns once (RecompileWarning) when the function is traced more than
+    8 times, naming the argument that keeps changing; N raises RecompileError instead of
+    tracing an (N+1)-th time (the first trace counts)."""
+    def make(f: Callable) -> CompiledFunction:
+        return CompiledFunction(f, precision, passes, loss_scale, cache_size, max_recompiles)
+
+    return make if fn is None else make(fn)
 
 
-__all__ = ["compile", "CompiledFunction", "TracedStep", "trace_step", "TraceError"]
+__all__ = ["compile", "CompiledFunction", "TracedStep", "trace_step", "TraceError",
+           "RecompileError", "RecompileWarning", "DEFAULT_CACHE_SIZE", "WARN_TRACES"]

@@ -160,6 +160,11 @@ class Heap:
     def release(self, region: BufferRegion) -> None:
         region.block.give_back(region.offset, region.reserved)
 
+    @property
+    def bytes_in_use(self) -> int:
+        """Bytes of live regions (deferred frees included, alignment padding too)."""
+        return sum(b.size - b.free_bytes for b in self.blocks)
+
     def _new_block(self, size: int) -> MemoryBlock:
         mod = vk.load()
         ffi = vk.ffi()
@@ -236,6 +241,10 @@ class MemoryManager:
     def alloc_staging(self, nbytes: int) -> BufferRegion:
         """Host-visible, coherent, mapped region for uploads and readbacks."""
         return self.staging_heap.alloc(nbytes)
+
+    def bytes_in_use(self) -> int:
+        """Bytes of live regions in both heaps: what a leak test watches."""
+        return self.device_heap.bytes_in_use + self.staging_heap.bytes_in_use
 
     def free(self, region: BufferRegion, after_value: int | None = None) -> None:
         """Return `region` once the timeline has reached `after_value`.

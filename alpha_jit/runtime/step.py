@@ -59,14 +59,16 @@ class DeviceValue:
     """A value a step returned. `float(v)`, `v.item()`, `v.numpy()` wait for the GPU."""
 
     def __init__(self, exe: Executable, value: int, index: int, shape: tuple, dtype: Any):
-        self._exe, self._value, self._index = exe, value, index
+        self._exe: Executable | None = exe
+        self._value, self._index = value, index
         self.shape, self.dtype = shape, dtype
         self._host: np.ndarray | None = None
 
     def numpy(self) -> np.ndarray:
-        if self._host is None:
+        if self._host is None and self._exe is not None:
             self._exe._fetch_outputs(self._value)
-        assert self._host is not None
+        if self._host is None:
+            raise AlphaJitError("this value's step was released before it could be read")
         return self._host
 
     def item(self) -> float | int:
@@ -87,6 +89,8 @@ class DeviceValue:
 class Executable:
     """One traced signature compiled for one device."""
 
+    released = False  # set by release(); a class default keeps __init__ untouched
+
     def __init__(self, traced: Any, device: Device | None = None, profile: bool = False):
         self.traced = traced
         self.profile = profile or os.environ.get("ALPHA_JIT_PROFILE", "") == "1"
@@ -94,11 +98,12 @@ class Executable:
         self.lowered: Lowered = lower(traced.graph,
                                       min(dev.caps.max_storage_buffers_per_stage, 64))
         kernels = self.lowered.kernels
+        build = dev.pipelines.begin_build()  # times the build for its "cached under" note
         self.binaries = []
         for k in tqdm(kernels, desc="alpha_jit: generating kernels", unit="kernel",
                       disable=len(kernels) < 64, leave=False):
             self.binaries.append(generate(k.spec, dev.caps))
-        self.pipelines = [dev.pipeline(b) for b in self.binaries]
+        self.pipelines = build.pipelines(self.binaries)  # the driver's compile, with its own bar
         align = max(_ALIGN, dev.caps.min_storage_buffer_offset_alignment)
         self.mem: MemoryPlan = plan_memory(self.lowered, align)
         self.barriers = plan_barriers(self.lowered, self.mem)
@@ -198,6 +203,8 @@ class Executable:
         return out
 
     def __call__(self, args: list[np.ndarray]) -> list[DeviceValue]:
+        if self.released:
+            raise AlphaJitError("this compiled step was released (evicted from its cache)")
         arrays = self.check_inputs(args)
         hvals: dict[tuple, float] = {}
         providers: dict[int, dict[str, float]] = {}
@@ -235,11 +242,37 @@ class Executable:
             # the traced shape, not the buffer's: a returned view shares its base's buffer
             arr = np.frombuffer(raw, dtype=b.dtype.np_storage).reshape(r.shape).copy()
             h._host = dtypes.bf16_to_f32(arr) if b.dtype == dtypes.bfloat16 else arr
+            h._exe = None  # a read handle must not keep this step (and its graph) alive
         self.pending = []
+
+    def release(self) -> None:
+        """Give this step's device memory back (an evicted cache entry); idempotent.
+
+        Waits for the last submit, fetches its outputs into the handles already returned (so
+        they stay readable), then frees the arena, input/hparam buffers, staging and readback
+        regions and the recording (command buffer, descriptor and query pools). States belong
+        to their StateTensors and are shared by every step, pipelines to the device's memo
+        (shared by module): neither is freed."""
+        if self.released:
+            return
+        self.released = True
+        dev = self.device
+        if dev.handle is None:  # the device was closed: it destroyed all of this already
+            return
+        if self.pending:
+            self._fetch_outputs(self.last_value)
+        self.recording.release()  # waits for this step's last submit
+        regions = [self.arena, self.staging, self.readback]
+        regions += [self.regions[bid][0] for bid, _, _ in self.staged]
+        for region in regions:
+            if region is not None and not region.freed:
+                dev.free(region, self.last_value)
 
     def kernel_times(self) -> list[tuple[float, int, Any]]:
         """(GPU ms, kernel index, lowered kernel) of the last completed call, slowest first;
         only for an executable built with profile=True (or ALPHA_JIT_PROFILE=1)."""
+        if self.released:
+            return []
         stamps = self.recording.timestamps()
         if not stamps:
             return []
