@@ -2,22 +2,26 @@
 
 Maps each kernel family to its generator (written once per family, specialised inside by the
 spec and the capabilities) and memoises binaries per (spec key, device fingerprint), so a
-retrace that produces the same kernels does not regenerate them.
+retrace that produces the same kernels does not regenerate them. Across processes binaries live
+in the verified on-disk cache of `disk_cache.py` (raw SPIR-V + JSON, data only), one
+generation per `codegen_version()`.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import importlib
-import pickle
 from pathlib import Path
 from typing import Any
 
+from alpha_jit.codegen_spirv import disk_cache
 from alpha_jit.codegen_spirv.kernel import KernelBinary, KernelSpec
 from alpha_jit.ir.ops import registry
 
 _CACHE: dict[tuple[str, str], KernelBinary] = {}
+COUNTS: collections.Counter[str] = collections.Counter()  # memory / disk / generated, per process
 
 
 # family -> (module under kernels/, generator function); imported on first use
@@ -51,34 +55,25 @@ def codegen_version() -> str:
     return h.hexdigest()[:12]
 
 
-def _disk_path(spec: KernelSpec, fp: str) -> Path:
-    from alpha_jit.runtime.pipelines import cache_dir
-
-    return cache_dir(fp) / "kernels" / codegen_version() / f"{spec.family}-{spec.key()}.pkl"
-
-
 def generate(spec: KernelSpec, caps: Any) -> KernelBinary:
     """The binary for `spec` on a device: from memory, from the on-disk cache (written by an
-    earlier process for the same device fingerprint), or freshly generated."""
+    earlier process for the same device fingerprint and generator version, and verified), or
+    freshly generated (and then stored)."""
     fp = caps.fingerprint() if caps is not None else "generic"
     key = (spec.key(), fp)
     binary = _CACHE.get(key)
     if binary is not None:
+        COUNTS["memory"] += 1
         return binary
-    path = _disk_path(spec, fp) if caps is not None else None
-    if path is not None and path.exists():
-        try:
-            cached = pickle.loads(path.read_bytes())
-            if isinstance(cached, KernelBinary) and cached.spec == spec:
-                binary = cached
-        except Exception:  # a corrupt or stale cache entry is regenerated, never trusted
-            binary = None
+    # without capabilities there is no device to key a disk entry by: memory only
+    folder = disk_cache.generation_dir(fp, codegen_version()) if caps is not None else None
+    if folder is not None:
+        binary = disk_cache.load(spec, folder)
+        COUNTS["disk"] += binary is not None
     if binary is None:
         binary = _generator(spec.family)(spec, caps)
-        if path is not None:
-            from alpha_jit.runtime.pipelines import atomic_write
-
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, pickle.dumps(binary))
+        COUNTS["generated"] += 1
+        if folder is not None:
+            disk_cache.store(binary, folder)
     _CACHE[key] = binary
     return binary

@@ -1,23 +1,33 @@
 """Compute pipelines from KernelBinary, checked against the device and cached at two levels.
 
 A pipeline is the driver's compiled form of a SPIR-V module plus its interface: N storage
-buffers at set 0 and an optional push-constant range. Compiling is the slow part of a first
-step, so pipelines are memoised per process by (spec key, device fingerprint) and the driver's
-VkPipelineCache is persisted under `$ALPHA_JIT_CACHE_DIR/<fingerprint>/pipeline_cache.bin`.
-The same directory holds the SPIR-V of every spec (`spirv/<key>.spv`) so a later process can
-skip code generation. Limits are validated before any Vulkan object exists, so a kernel that
-cannot run here fails with its name and the limit instead of a driver crash.
+buffers at set 0 and an optional push-constant range. Compiling is the slow part of a cold first
+step, so pipelines are memoised per process by (spec key, SPIR-V hash, device fingerprint), a
+cold build shows a progress bar over it (`BuildProgress`), and the driver's VkPipelineCache is
+persisted under `$ALPHA_JIT_CACHE_DIR/<fingerprint>/pipeline_cache.bin`: saved after each build
+that added pipelines and at exit, dropped and rebuilt from this process's pipelines once it
+exceeds `MAX_PIPELINE_CACHE_BYTES`, ignored when the driver rejects it, and never fatal when the
+folder cannot be written. (Whether it saves time is the driver's business: NVIDIA stores compiled
+code there, lavapipe only a header.) The SPIR-V itself is cached beside it by
+`codegen_spirv/disk_cache.py` (raw words + verified JSON metadata, per generator version).
+Limits are validated before any Vulkan object exists, so a kernel that cannot run here fails
+with its name and the limit instead of a driver crash.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import sys
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tqdm import tqdm
+
+from alpha_jit.codegen_spirv import disk_cache, generate
+from alpha_jit.codegen_spirv.disk_cache import atomic_write, cache_dir, cache_root
 from alpha_jit.codegen_spirv.kernel import KernelBinary
 from alpha_jit.errors import AlphaJitError
 from alpha_jit.runtime import vk
@@ -26,31 +36,16 @@ from alpha_jit.runtime.capabilities import Capabilities
 if TYPE_CHECKING:
     from alpha_jit.runtime.device import Device
 
+__all__ = ["BuildProgress", "Pipeline", "PipelineManager", "atomic_write", "cache_dir",
+           "cache_root", "load_cached_spirv", "store_spirv", "validate"]
+
 _COMPUTE_STAGE = 0x20
 _STORAGE_BUFFER = 7  # VK_DESCRIPTOR_TYPE_STORAGE_BUFFER
-
-
-def cache_root() -> Path:
-    """`$ALPHA_JIT_CACHE_DIR`, default `~/.cache/alpha_jit`."""
-    env = os.environ.get("ALPHA_JIT_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "alpha_jit"
-
-
-def cache_dir(fingerprint: str) -> Path:
-    return cache_root() / fingerprint
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, then rename: readers never see a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+MAX_PIPELINE_CACHE_BYTES = 64 << 20  # a driver cache only grows; past this, start it afresh
+_BAR_MIN_NEW = 8  # a handful of new pipelines compiles too fast to need a bar
+_BAR_DELAY_S = 1.0  # and a bar appears only once the work has taken this long
+_NOTE_AFTER_S = 2.0  # builds faster than this need no word about the cache
+_noted_cache = False  # the "cached under ..." line is printed once per process
 
 
 def _fingerprint_or_device(fingerprint: str | None) -> str:
@@ -62,7 +57,9 @@ def _fingerprint_or_device(fingerprint: str | None) -> str:
 
 
 def load_cached_spirv(key: str, fingerprint: str | None = None) -> bytes | None:
-    """SPIR-V stored for spec `key` on this device (default: the current device), or None."""
+    """Raw SPIR-V stored by `store_spirv` for `key` on a device (default: the current one), or
+    None. A plain, unverified blob store kept for the runtime's public API; compiled steps
+    do not use it (their kernels go through `codegen_spirv/disk_cache.py`)."""
     path = cache_dir(_fingerprint_or_device(fingerprint)) / "spirv" / f"{key}.spv"
     try:
         return path.read_bytes()
@@ -71,7 +68,7 @@ def load_cached_spirv(key: str, fingerprint: str | None = None) -> bytes | None:
 
 
 def store_spirv(key: str, words: bytes, fingerprint: str | None = None) -> Path:
-    """Persist the SPIR-V of spec `key` so a later process can skip generation."""
+    """Store raw SPIR-V under `<cache dir>/spirv/<key>.spv` for `load_cached_spirv`."""
     path = cache_dir(_fingerprint_or_device(fingerprint)) / "spirv" / f"{key}.spv"
     atomic_write(path, bytes(words))
     return path
@@ -164,7 +161,9 @@ class PipelineManager:
         ffi = vk.ffi()
         try:
             data = self.path.read_bytes()
-        except OSError:
+        except OSError:  # absent, or an unreadable folder: only a lost speed-up
+            data = b""
+        if len(data) > MAX_PIPELINE_CACHE_BYTES:  # the next save holds only this run's pipelines
             data = b""
         init = ffi.from_buffer(data) if data else ffi.NULL
         info = vk.new("VkPipelineCacheCreateInfo*", {
@@ -180,11 +179,18 @@ class PipelineManager:
             vk.call("vkCreatePipelineCache", self.device.handle, info, ffi.NULL, out)
         return out[0]
 
+    def key(self, binary: KernelBinary) -> tuple[str, str, str]:
+        """Memo key; by the module itself: one spec generated for other caps is another one."""
+        return (binary.spec.key(), hashlib.sha256(bytes(binary.words)).hexdigest(),
+                self.fingerprint)
+
+    def begin_build(self) -> BuildProgress:
+        """Start timing a step's build (kernel generation, then `BuildProgress.pipelines`)."""
+        return BuildProgress(self)
+
     def get(self, binary: KernelBinary) -> Pipeline:
         """The pipeline for `binary`, compiled at most once per process and device."""
-        # keyed by the module itself: one spec generated for other caps is another pipeline
-        key = (binary.spec.key(), hashlib.sha256(bytes(binary.words)).hexdigest(),
-               self.fingerprint)
+        key = self.key(binary)
         found = self.pipelines.get(key)
         if found is not None:
             return found
@@ -261,20 +267,25 @@ class PipelineManager:
             raise
         return Pipeline(binary, out[0], layout[0], dsl[0], module[0])
 
-    def save(self) -> None:
-        """Write the driver's pipeline cache to disk (atomically) if pipelines were added."""
+    def save(self) -> bool:
+        """Write the driver's pipeline cache to disk (atomically) if pipelines were added;
+        False when it could not be written (warned once per process)."""
         if not self.dirty:
-            return
+            return True
         ffi = vk.ffi()
         size = vk.new("size_t*")
         vk.call("vkGetPipelineCacheData", self.device.handle, self.cache, size, ffi.NULL)
         buf = ffi.new("char[]", max(size[0], 1))
         vk.call("vkGetPipelineCacheData", self.device.handle, self.cache, size, buf, ok=(0, 5))
+        if not disk_cache.writable(self.path):
+            return False
         try:
             atomic_write(self.path, bytes(ffi.buffer(buf, size[0])))
-        except OSError:
-            return  # a read-only home directory costs speed, not correctness
+        except OSError as exc:  # a read-only or full cache folder costs speed, not correctness
+            disk_cache.note_unwritable(self.path, exc)
+            return False
         self.dirty = False
+        return True
 
     def destroy(self) -> None:
         dev = self.device.handle
@@ -290,3 +301,39 @@ class PipelineManager:
                 lib.vkDestroyShaderModule(dev, p.module, ffi.NULL)
             self.pipelines.clear()
             lib.vkDestroyPipelineCache(dev, self.cache, ffi.NULL)
+
+
+class BuildProgress:
+    """A step's build made visible. Kernel generation has its own bar in `runtime/step.py`;
+    after it the driver compiles every new pipeline (vkCreateComputePipelines), which dominates
+    a cold first step on a CPU, so that gets a bar too when it is slow. A slow build that
+    generated kernels ends with one line per process saying where they are cached."""
+
+    def __init__(self, manager: PipelineManager):
+        self.manager = manager
+        self.started = time.perf_counter()
+        self.generated_before = generate.COUNTS["generated"]
+
+    def pipelines(self, binaries: Sequence[KernelBinary]) -> list[Pipeline]:
+        """The pipeline of each binary, in order, with a progress bar when many are new."""
+        mgr = self.manager
+        new = len({mgr.key(b) for b in binaries} - mgr.pipelines.keys())
+        bar = tqdm(binaries, desc="alpha_jit: building pipelines", unit="kernel",
+                   disable=new < _BAR_MIN_NEW, delay=_BAR_DELAY_S, leave=False, file=sys.stderr)
+        out = [mgr.get(b) for b in bar]
+        saved = mgr.save() if new else True  # on disk now: a run killed later still keeps it
+        generated = generate.COUNTS["generated"] - self.generated_before
+        elapsed = time.perf_counter() - self.started
+        if generated and saved and elapsed >= _NOTE_AFTER_S:
+            self._note_cached(generated, new, elapsed)
+        return out
+
+    def _note_cached(self, generated: int, compiled: int, elapsed: float) -> None:
+        global _noted_cache
+        folder = cache_dir(self.manager.fingerprint)
+        if _noted_cache or not disk_cache.writable(folder):
+            return
+        _noted_cache = True
+        print(f"alpha_jit: built the step in {elapsed:.1f} s ({generated} kernels generated, "
+              f"{compiled} pipelines compiled by the driver); the kernels are cached under "
+              f"{folder}, so the next run skips generating them", file=sys.stderr, flush=True)
