@@ -628,6 +628,9 @@ class KernelBuilder:
             self.m.emit("OpFunctionEnd")
             self.m.emit("OpEntryPoint", "GLCompute", self._fn, "main")
             self.m.emit("OpExecutionMode", self._fn, "LocalSize", *self.local_size)
+            if cap(self.caps, "inf_nan_preserve_f32", False):
+                # NaN and inf are values the user must see: no x * 0 -> 0 folding
+                self.m.emit("OpExecutionMode", self._fn, "SignedZeroInfNanPreserve", 32)
             self.m.emit("OpName", self._fn, "main")
             self._fn = None
             self._words = self.m.finish()

@@ -83,9 +83,22 @@ class ScalarEmitter:
 
     def __init__(self, kb: KernelBuilder):
         self.kb = kb
+        self._zeros: dict[int, float] = {}  # value id -> the ±0.0 constant it holds
 
     def const(self, value: object, dtype: str) -> Value:
-        return self.kb.const(value, compute_dtype(dtype))
+        v = self.kb.const(value, compute_dtype(dtype))
+        if v.dtype == "f32" and float(value) == 0.0:  # type: ignore[arg-type]
+            self._zeros[v.id] = float(value)  # type: ignore[arg-type]
+        return v
+
+    def _times_zero(self, x: Value, zero: Value) -> Value:
+        """x * ±0.0 spelled out: drivers fold it to 0 (lavapipe does, whatever the execution
+        mode says), but NaN * 0 and inf * 0 are NaN."""
+        kb = self.kb
+        signed = kb.bitcast((kb.bitcast(x, "u32") ^ kb.bitcast(zero, "u32")) & 0x80000000,
+                            "f32")
+        finite = (kb.bitcast(x, "u32") & 0x7F800000) != 0x7F800000
+        return kb.select(finite, signed, _bits_f32(kb, 0x7FC00000))
 
     def binary(self, op: str, a: Value, b: Value) -> Value:
         kb = self.kb
@@ -96,6 +109,9 @@ class ScalarEmitter:
         if op == "sub":
             return a - b
         if op == "mul":
+            zero = next((c for c in (a, b) if self._zeros.get(c.id) is not None), None)
+            if zero is not None and a.dtype == "f32":
+                return self._times_zero(b if zero is a else a, zero)
             return a * b
         if op == "div":
             return ieee_div(kb, a, b) if a.dtype == "f32" else kb.floordiv(a, b)

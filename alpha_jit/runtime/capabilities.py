@@ -82,6 +82,9 @@ class Capabilities:
     timestamp_period: float
     timestamp_compute: bool  # the compute queue supports timestamp queries
     extensions: tuple[str, ...]
+    # shaderSignedZeroInfNanPreserveFloat32: kernels can forbid the driver from folding
+    # x * 0 -> 0 or x / 0 -> 0, which would turn NaN and inf into numbers
+    inf_nan_preserve_f32: bool = False
 
     def fingerprint(self) -> str:
         """Identity of (device, driver, capabilities); keys every on-disk cache."""
@@ -329,6 +332,11 @@ def query(index: int, pd: Any) -> Capabilities:
         driver = vk.new("VkPhysicalDeviceDriverProperties*",
                         {"sType": mod.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_DRIVER_PROPERTIES})
         (sgsc if sgsc is not None else subgroup).pNext = driver
+    floats = None
+    if api >= (1, 2):
+        floats = vk.new("VkPhysicalDeviceFloatControlsProperties*", {
+            "sType": mod.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FLOAT_CONTROLS_PROPERTIES})
+        driver.pNext = floats
     vk.lib().vkGetPhysicalDeviceProperties2(pd, props)
     p = props.properties
     lim = p.limits
@@ -374,6 +382,8 @@ def query(index: int, pd: Any) -> Capabilities:
         timestamp_period=float(lim.timestampPeriod),
         timestamp_compute=timestamps,
         extensions=tuple(e for e in RELEVANT_EXTENSIONS if e in exts),
+        inf_nan_preserve_f32=bool(floats.shaderSignedZeroInfNanPreserveFloat32)
+        if floats is not None else False,
     )
 
 

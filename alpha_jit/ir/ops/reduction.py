@@ -45,7 +45,11 @@ def _expand(g, attrs, in_shape):
 def _lse_ref(a, attrs):
     x, axis = a[0], attrs["axis"]
     m = np.max(x, axis=axis, keepdims=True)
-    out = np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)) + m
+    # an infinite max shifts by 0 (as the kernel does): all -inf rows give -inf, a +inf gives
+    # +inf, where x - m would make NaN of both
+    m = np.where(np.isinf(m), np.zeros_like(m), m)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        out = np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)) + m
     return out if attrs["keepdims"] else np.squeeze(out, axis=axis)
 
 
