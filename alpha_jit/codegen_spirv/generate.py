@@ -47,10 +47,14 @@ def _generator(family: str) -> Any:
 
 @functools.lru_cache(maxsize=1)
 def codegen_version() -> str:
-    """Hash of the code generator's own source: a changed generator never reuses old binaries."""
+    """Hash of the code generator's own source: a changed generator never reuses old binaries.
+    The ops' scalar rules (ir/ops) and dtypes are part of the generator: elementwise kernels
+    are emitted from them."""
     here = Path(__file__).resolve().parent
+    pkg = here.parent
     h = hashlib.sha256()
-    for f in sorted([*here.glob("*.py"), *here.glob("kernels/*.py")]):
+    for f in sorted([*here.glob("*.py"), *here.glob("kernels/*.py"), *pkg.glob("ir/ops/*.py"),
+                     pkg / "dtypes.py"]):
         h.update(f.read_bytes())
     return h.hexdigest()[:12]
 

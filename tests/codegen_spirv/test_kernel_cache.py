@@ -334,3 +334,28 @@ def test_cold_build_shows_pipeline_progress_and_says_where_it_is_cached(cache, c
     assert "cached under" in err and str(cache) in err
     scale_shift(X, 1.125)
     assert "cached under" not in capsys.readouterr().err  # once per process
+
+
+def test_changed_scalar_rule_changes_the_cache_generation(monkeypatch):
+    """Elementwise kernels are emitted from the ops' scalar rules (ir/ops): editing one must
+    never reuse binaries cached by the old rule."""
+    from pathlib import Path
+
+    from alpha_jit.codegen_spirv import generate as gen
+
+    gen.codegen_version.cache_clear()
+    before = gen.codegen_version()
+    real = Path.read_bytes
+
+    def edited(self: Path) -> bytes:
+        data = real(self)
+        return data + b"\n# edited" if self.name == "elementwise.py" and \
+            self.parent.name == "ops" else data
+
+    monkeypatch.setattr(Path, "read_bytes", edited)
+    gen.codegen_version.cache_clear()
+    try:
+        assert gen.codegen_version() != before
+    finally:
+        monkeypatch.undo()
+        gen.codegen_version.cache_clear()
