@@ -12,20 +12,21 @@ argument that keeps changing (`max_recompiles=N` makes the (N+1)-th trace an err
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import sys
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from alpha_jit import dtypes
-from alpha_jit.errors import AlphaJitError, TraceError
+from alpha_jit.errors import AlphaJitError, InternalCompilerError, TraceError
 from alpha_jit.ir import trace
 from alpha_jit.ir.graph import Graph
 from alpha_jit.ir.passes.manager import run_passes
@@ -197,8 +198,12 @@ class CompiledFunction:
 
     def trace(self, *args: np.ndarray) -> TracedStep:
         """Trace and run the passes, without compiling for a device (used by dump-ir, tests)."""
-        traced = trace_step(self.fn, args, self.precision, self.loss_scaler)
-        traced.graph, traced.pass_history = run_passes(traced.graph, self.passes)
+        where = "{}:{} in {}".format(*trace.user_frame())
+        # the user's own Python errors while tracing stay theirs; a failed assertion is ours
+        with internal_errors("tracing", where, (AssertionError,)):
+            traced = trace_step(self.fn, args, self.precision, self.loss_scaler)
+        with internal_errors("the passes", where):
+            traced.graph, traced.pass_history = run_passes(traced.graph, self.passes)
         for p, holder in traced.grad_updates:
             p._grad_holder = holder
         self.traces += 1
@@ -233,7 +238,8 @@ class CompiledFunction:
         self.signatures[sig] = self.signatures.get(sig, 0) + 1
         if sig not in self.cache:
             self._evict(keep=(self.cache_size or 0) - 1)  # before building: memory is reused
-        exe = Executable(traced)
+        with internal_errors("building the step", "{}:{} in {}".format(*trace.user_frame())):
+            exe = Executable(traced)
         self.cache.setdefault(sig, []).append(exe)
         self.cache.move_to_end(sig)
         if _BUILD_HOOK is not None:
@@ -312,6 +318,19 @@ def _churn(sigs: list[tuple]) -> str:
     return "; ".join(f[1] for f in found) or (
         "the signature did not change (a parameter's kept .grad keeps appearing or vanishing, "
         "or evicted signatures come back)")
+
+
+@contextlib.contextmanager
+def internal_errors(stage: str, where: str,
+                    kinds: tuple[type[BaseException], ...] = (Exception,)) -> Iterator[None]:
+    """Re-raise an unexpected exception of `kinds` as InternalCompilerError naming the stage
+    and the user's call: no bare AssertionError or KeyError from deep inside reaches a user."""
+    try:
+        yield
+    except AlphaJitError:
+        raise
+    except kinds as e:
+        raise InternalCompilerError(stage, f"{type(e).__name__}: {e}", where) from e
 
 
 def _why(cache: dict, sig: tuple) -> str:

@@ -303,3 +303,31 @@ def test_int64_ids_beyond_int32_are_rejected_not_wrapped():
 
     with pytest.raises(aj.AlphaJitError, match="does not fit"):
         g(np.array([2**33], np.int64))
+
+
+def test_a_failure_inside_the_compiler_is_an_internal_compiler_error(monkeypatch):
+    from alpha_jit.codegen_spirv import lower as lower_mod
+
+    def broken(self, n):
+        raise AssertionError("invariant broken")
+
+    monkeypatch.setattr(lower_mod._Lowerer, "single", broken)
+
+    @aj.compile
+    def f(t):
+        return t.sum(axis=0)  # INTERNAL-LINE
+
+    with pytest.raises(aj.errors.InternalCompilerError) as e:
+        f(_f32(3, 4))
+    msg = str(e.value)
+    assert "building the step" in msg and "AssertionError: invariant broken" in msg
+    assert "test_trust.py" in msg and "bug in alpha_jit" in msg
+
+
+def test_user_errors_while_tracing_stay_the_users():
+    @aj.compile
+    def f(t):
+        return t + undefined_name  # noqa: F821
+
+    with pytest.raises(NameError):
+        f(_f32(2))
