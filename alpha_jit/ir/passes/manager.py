@@ -12,7 +12,12 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from alpha_jit.errors import AlphaJitError
 from alpha_jit.ir.graph import Graph
+
+
+class PassConfigError(AlphaJitError, ValueError):
+    """`passes=` names a pass that does not exist: the user's configuration, not our bug."""
 
 log = logging.getLogger("alpha_jit.passes")
 
@@ -53,7 +58,7 @@ def run_passes(graph: Graph, enabled: Iterable[str] | None = None
         enabled = set(enabled)
         unknown = enabled - names
         if unknown:
-            raise ValueError(f"unknown passes {sorted(unknown)}; available: {sorted(names)}")
+            raise PassConfigError(f"unknown passes {sorted(unknown)}; available: {sorted(names)}")
     history = []
     for p in passes:
         if p.name in disabled or (enabled is not None and p.name not in enabled):
