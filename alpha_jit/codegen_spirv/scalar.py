@@ -38,6 +38,14 @@ def is_nan(kb: KernelBuilder, x: Value) -> Value:
     return (kb.bitcast(x, "u32") & 0x7FFFFFFF) > 0x7F800000
 
 
+def _exact(v: Value) -> Value:
+    """Mark a float result NoContraction: without it NVIDIA's compiler reassociates
+    a - (a + c) into -c, which is wrong for a = ±inf (NaN) and differs from numpy's rounding."""
+    if v.dtype == "f32":
+        v.kb.m.emit("OpDecorate", v.id, "NoContraction")
+    return v
+
+
 def _bits_f32(kb: KernelBuilder, bits: int) -> Value:
     """An f32 constant given by its bits (NaN and inf, whatever the builder does with them)."""
     return kb.bitcast(kb.const(bits, "u32"), "f32")
@@ -105,14 +113,14 @@ class ScalarEmitter:
         if a.dtype != b.dtype:
             raise TypeError(f"binary {op}: dtype mismatch {a.dtype} vs {b.dtype}")
         if op == "add":
-            return a + b
+            return _exact(a + b)
         if op == "sub":
-            return a - b
+            return _exact(a - b)
         if op == "mul":
             zero = next((c for c in (a, b) if self._zeros.get(c.id) is not None), None)
             if zero is not None and a.dtype == "f32":
                 return self._times_zero(b if zero is a else a, zero)
-            return a * b
+            return _exact(a * b)
         if op == "div":
             return ieee_div(kb, a, b) if a.dtype == "f32" else kb.floordiv(a, b)
         if op in ("max", "min"):
