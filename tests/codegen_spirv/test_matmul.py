@@ -130,20 +130,62 @@ CPU = SimpleNamespace(device_type="cpu", max_workgroup_invocations=1024,
 
 @pytest.mark.parametrize("B,M,N,K,a,b", [
     (1, 1, 1, 1, (0, None, None, None), (0, None, None, None)),
-    (3, 37, 70, 200, (0, None, None, None), (0, None, None, None)),  # K over several chunks
+    (3, 37, 70, 200, (0, None, None, None), (0, None, None, None)),  # K over ragged chunks
     (2, 33, 19, 41, (3, 33 * 41, 1, 33), (5, 19 * 41, 1, 41)),      # both transposed
     (4, 9, 40, 23, (1, 9 * 23 + 7, 23, 1), (2, 0, 40, 1)),            # broadcast batch
     (2, 6, 5, 19, (0, 19, 0, 1), (0, 19, 1, 0)),                      # zero inner strides
+    (1, 20, 70, 1031, (2, None, 1, 20), (0, None, None, None)),       # prime K, a transposed
+    (2, 40, 24, 512, (0, None, None, None), (7, 512 * 24, 1, 512)),   # even chunks, b^T
 ])
 def test_cpu_rows_variant(run_kernel, B, M, N, K, a, b):
-    # The loop-free variant CPU devices get, on odd, strided and broadcast operands.
+    # The loop-free variant CPU devices get, on odd, strided and broadcast operands, with K
+    # split over sequential dispatches wherever it exceeds one chunk.
     s = mm_spec(B, M, N, K, a=a, b=b)
     cfg = choose_config(s, CPU)
     assert cfg.variant == "rows" and cfg.shared_bytes() <= 16384
     check(run_kernel, s, CPU, label="cpu-rows")
 
 
-def test_cpu_long_k_falls_back_to_simt():
-    s = mm_spec(1, 64, 64, 8192)
-    assert choose_config(s, CPU).variant == "simt"
-    assert choose_config(mm_spec(1, 64, 64, 4096), CPU).tm * 4096 <= 1 << 16
+def words(b):
+    return len(b.words) // 4
+
+
+def test_cpu_rows_module_size_is_bounded_in_k():
+    # Unrolling K whole made 300k-word modules at K = 512 (minutes in the driver's compile for
+    # a GPT step): a chunk of K per dispatch keeps every module small, whatever K is.
+    sizes = {}
+    for k in (128, 1024, 8192):
+        b = build(mm_spec(1, 512, 512, k), CPU)
+        sizes[k] = words(b)
+        assert sizes[k] < 20_000, sizes
+        cfg = b.notes["config"]
+        assert cfg.variant == "rows" and len(b.dispatches) == -(-k // cfg.bk)
+    assert sizes[8192] <= 1.05 * sizes[128], sizes  # independent of K
+    ragged = build(mm_spec(1, 512, 512, 1031), CPU)
+    assert words(ragged) < 1.5 * sizes[1024]
+
+
+def test_cpu_rows_inf_in_the_last_k_of_a_ragged_split(run_kernel):
+    # Steps past the end of K read the last k again and zero both factors: inf * 0 must not
+    # turn a column that holds inf into NaN.
+    B, M, N, K = 1, 16, 24, 67
+    s = mm_spec(B, M, N, K)
+    cfg = choose_config(s, CPU)
+    assert cfg.bk < K and K % cfg.bk, cfg  # several chunks, the last one short
+    a = np.abs(rng.standard_normal(M * K)).astype(np.float32) + 0.5
+    b = rng.standard_normal(K * N).astype(np.float32)
+    b[(K - 1) * N + 3] = np.inf
+    b[(K - 1) * N + 5] = -np.inf
+    want = a.astype(np.float64).reshape(M, K) @ b.astype(np.float64).reshape(K, N)
+    (out,) = run_kernel(tagged(build(s, CPU), "cpu-rows-inf"), [a, b],
+                        [((B, M, N), np.float32)])
+    assert np.array_equal(np.isinf(out[0]), np.isinf(want)) and not np.isnan(out).any()
+    fin = np.isfinite(want)
+    assert rel_l2(out[0][fin], want[fin]) < 1e-5
+
+
+def test_cpu_rows_narrow_output_never_splits_k():
+    # Partial sums between K chunks live in the output: a bf16/f16 output would round each.
+    assert choose_config(mm_spec(1, 64, 64, 24, dt="bf16"), CPU).variant == "rows"
+    long_k = choose_config(mm_spec(1, 64, 64, 4096, dt="bf16"), CPU)
+    assert long_k.variant == "simt"

@@ -14,7 +14,9 @@ Spec (family "matmul"), params as (key, value) pairs, exactly:
 a[bi, i, kk] is element offset + bi*sb + i*sm + kk*sk of binding 0, b[bi, kk, j] likewise of
 binding 1 (strides in elements, any may be 0); binding 2 is the contiguous (B, M, N) output.
 Push constants (base_x, base_y, base_z) offset the workgroup ids when the grid is split over
-several dispatches to respect maxComputeWorkGroupCount.
+several dispatches to respect maxComputeWorkGroupCount. The CPU "rows" variant adds k0: it splits
+K over sequential dispatches (the runtime puts a barrier between the dispatches of one kernel),
+the first writing its partial products, each later one adding its own to them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..dsl import KernelBuilder, Value, cap, pack_push_constants
+from ..dsl import Buffer, KernelBuilder, Value, cap, pack_push_constants
 from ..kernel import Dispatch, KernelBinary, KernelSpec
 from .elementwise import storage_dtype
 
@@ -33,7 +35,8 @@ _U32 = 1 << 32
 
 @dataclass(frozen=True)
 class MatmulConfig:
-    """One variant's shape: workgroup tile tm x tn, k-step bk, per-thread micro-tile rm x rn."""
+    """One variant's shape: workgroup tile tm x tn, k-step bk (rows: the K chunk of one
+    dispatch), per-thread micro-tile rm x rn."""
 
     variant: str = "simt"
     tm: int = 64
@@ -60,15 +63,18 @@ def _tile_for(size: int, biggest: int) -> int:
 def choose_config(spec: KernelSpec, caps: object) -> MatmulConfig:
     """The extension point: pick the variant and its tiling from the spec and the device.
 
-    Today always the SIMT variant. A cooperative-matrix variant plugs in here (when
-    `caps.cooperative_matrix` lists the operand types and the shapes fit) and in `_VARIANTS`."""
+    CPU devices get the "rows" variant, others the SIMT one. A cooperative-matrix variant plugs
+    in here (when `caps.cooperative_matrix` lists the operand types and the shapes fit) and in
+    `_VARIANTS`."""
     p = dict(spec.params)
     m, n, k = p["m"], p["n"], p["k"]
     max_threads = min(int(cap(caps, "max_workgroup_invocations", 1024)),  # type: ignore
                       _axis0(cap(caps, "max_workgroup_size", 1024)))
     max_shared = int(cap(caps, "max_shared_memory", 32768))  # type: ignore[call-overload]
-    if cap(caps, "device_type", None) == "cpu" and k <= _CPU_MAX_K:
-        return _cpu_config(p, max_threads, max_shared)
+    if cap(caps, "device_type", None) == "cpu":
+        rows = _cpu_config(p, max_threads, max_shared)
+        if rows is not None:
+            return rows
     big_tiles = math.ceil(m / 128) * math.ceil(n / 128) * p["batch"]
     # 8x8 micro-tiles (4 FMAs per shared load) win on H200 and CPU, given enough workgroups.
     if m >= 256 and n >= 256 and big_tiles >= 64:
@@ -92,23 +98,33 @@ def choose_config(spec: KernelSpec, caps: object) -> MatmulConfig:
     return cfg
 
 
-_CPU_MAX_K = 4096  # the "rows" variant unrolls K completely: bound the code size
-_CPU_UNROLL = 1 << 16  # at most this many FMAs (tm * K) of straight-line code per kernel
+# FMAs per thread in one K chunk of the "rows" variant (tm * bk), all of them straight-line
+# code: this bounds its module size (~14k words) whatever K is, since the driver's compile
+# time grows with the module (K unrolled whole: 660k instructions, minutes on 2 cores).
+# Measured on llvmpipe (2 cores), the 99 GEMMs of the default GPT step: K whole 185 ms,
+# 512 FMAs per chunk 160 ms (215k words in all); 2048 (tm 32) 130 ms but 750k words.
+_CPU_UNROLL = 512
+_CPU_MAX_TM = 16  # rows per workgroup
+_CPU_THREADS = 128  # columns per workgroup, one per thread: 64 took 181 ms
 
 
-def _cpu_config(p: dict, max_threads: int, max_shared: int) -> MatmulConfig:
-    """The barrier-light, loop-free "rows" variant for CPU devices (see `_emit_rows`).
+def _cpu_config(p: dict, max_threads: int, max_shared: int) -> MatmulConfig | None:
+    """The barrier-light, loop-free "rows" variant for CPU devices (see `_emit_rows`), or None
+    where it does not apply: a K split over dispatches adds partial sums in the output, so an
+    output narrower than f32 gets them only when K fits one chunk.
 
     Measured on llvmpipe (2 cores): 4-10 GFLOP/s against 0.3-0.7 for the SIMT tiles, whose
     every shared/global load inside a loop costs a per-lane scalar loop there."""
     m, n, k, batch = p["m"], p["n"], p["k"], p["batch"]
-    threads = max(8, min(64, max_threads, 1 << max(0, n - 1).bit_length()))
-    tm = max(8, min(32, 1 << max(0, m - 1).bit_length()))
-    while tm > 8 and (tm * k > _CPU_UNROLL or  # code size, then enough workgroups to share
-                      math.ceil(m / tm) * math.ceil(n / threads) * batch < 8):
-        tm //= 2
-    budget = min(max_shared, 16384) // 4  # floats of staged a
-    bk = max(1, min(k, budget // tm))
+    threads = max(8, min(_CPU_THREADS, max_threads, 1 << max(0, n - 1).bit_length()))
+    tm = max(8, min(_CPU_MAX_TM, 1 << max(0, m - 1).bit_length()))
+    while tm > 8 and math.ceil(m / tm) * math.ceil(n / threads) * batch < 8:
+        tm //= 2  # enough workgroups to share between the cores
+    kmax = max(1, min(_CPU_UNROLL, min(max_shared, 16384) // 4) // tm)
+    chunks = math.ceil(k / kmax)
+    if chunks > 1 and p["out_dtype"] != "f32":
+        return None
+    bk = math.ceil(k / chunks)  # balanced chunks: K = 512 -> 16 x 32, K = 200 -> 7 x 29
     return MatmulConfig("rows", tm=tm, tn=threads, bk=bk, rm=tm, rn=1)
 
 
@@ -134,17 +150,22 @@ def _u(kb: KernelBuilder, x: int) -> Value:
     return kb.u32(x % _U32)
 
 
+def _push_fields(cfg: MatmulConfig) -> list[str]:
+    """The variant's push constants, all u32: the grid-split bases, then k0 where K is split."""
+    return ["base_x", "base_y", "base_z"] + (["k0"] if cfg.variant == "rows" else [])
+
+
 def _prologue(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> tuple:
     """What every variant declares first: bindings a, b, out (in the contract's order), the
-    grid-split push constants, and this workgroup's first row/column and batch index."""
+    push constants, and this workgroup's first row/column and batch index."""
     abuf = kb.buffer("a", storage_dtype(p["a"][0]), writable=False)
     bbuf = kb.buffer("b", storage_dtype(p["b"][0]), writable=False)
     out = kb.buffer("out", storage_dtype(p["out_dtype"]), writable=True)
-    pc = kb.push_constants([("base_x", "u32"), ("base_y", "u32"), ("base_z", "u32")])
+    pc = kb.push_constants([(f, "u32") for f in _push_fields(cfg)])
     col0 = (kb.workgroup_id(0) + pc["base_x"]) * cfg.tn
     row0 = (kb.workgroup_id(1) + pc["base_y"]) * cfg.tm
     bi = kb.workgroup_id(2) + pc["base_z"]
-    return abuf, bbuf, out, kb.local_index(), row0, col0, bi
+    return abuf, bbuf, out, kb.local_index(), row0, col0, bi, pc
 
 
 def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
@@ -152,7 +173,7 @@ def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
     m, n, k = p["m"], p["n"], p["k"]
     a_dt, a_off, a_sb, a_sm, a_sk = p["a"]
     b_dt, b_off, b_sb, b_sk, b_sn = p["b"]
-    abuf, bbuf, out, tid, row0, col0, bi = _prologue(kb, cfg, p)
+    abuf, bbuf, out, tid, row0, col0, bi, _ = _prologue(kb, cfg, p)
     tm, tn, bk, rm, rn, threads = cfg.tm, cfg.tn, cfg.bk, cfg.rm, cfg.rn, cfg.threads
     check_k = k % bk != 0
 
@@ -222,20 +243,40 @@ def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
 
 
 def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
-    """Straight-line GEMM for CPU devices (llvmpipe): no loops, K fully unrolled.
+    """Loop-free GEMM for CPU devices (llvmpipe): one K chunk of bk per dispatch, unrolled.
 
-    A workgroup owns tm rows; each thread owns rn columns (col0 + tid + c * threads). Per
-    K-chunk of bk, the tm x bk block of a is staged in shared memory, then every a value is
-    read at a compile-time-constant shared index outside any control flow, which llvmpipe
-    turns into one scalar load broadcast to all lanes, while any other load costs a per-lane
-    loop. So a k step is rn per-lane loads of b and tm * rn FMAs against tm cheap loads."""
+    A workgroup owns tm rows; each thread owns rn columns (col0 + tid + c * threads). The
+    tm x bk block of a is staged in shared memory, then every a value is read at a
+    compile-time-constant shared index outside any control flow, which llvmpipe turns into
+    one scalar load broadcast to all lanes, while any other load (and this one inside a loop)
+    costs a scalar load per lane. So a k step is rn per-lane loads of b and tm * rn FMAs
+    against tm cheap loads. A loop over K would make every a load per-lane (10x slower), so
+    K is split over sequential dispatches instead (push constant k0): the code is one chunk
+    whatever K is. Chunks after the first add the output's partial sums to theirs."""
     m, n, k = p["m"], p["n"], p["k"]
     a_dt, a_off, a_sb, a_sm, a_sk = p["a"]
     b_dt, b_off, b_sb, b_sk, b_sn = p["b"]
-    abuf, bbuf, out, tid, row0, col0, bi = _prologue(kb, cfg, p)
+    abuf, bbuf, out, tid, row0, col0, bi, pc = _prologue(kb, cfg, p)
     tm, tn, bk, rn, threads = cfg.tm, cfg.tn, cfg.bk, cfg.rn, cfg.threads
+    split, ragged = bk < k, k % bk != 0  # ragged: the last chunk is short
+    k0 = pc["k0"]
     a_base = _u(kb, a_off) + bi * _u(kb, a_sb) if a_sb else _u(kb, a_off)
     b_base = _u(kb, b_off) + bi * _u(kb, b_sb) if b_sb else _u(kb, b_off)
+    if split:
+        a_base = a_base + k0 * _u(kb, a_sk) if a_sk else a_base
+        b_base = b_base + k0 * _u(kb, b_sk) if b_sk else b_base
+    left = k - k0 if ragged else None  # k steps from k0 to the end of K
+
+    def k_off(kk: Value | int, stride: int) -> Value:
+        """Element offset of k step kk of this chunk (past the end of K: of the last k)."""
+        if ragged:
+            return kb.fmin(kb.value(kk, "u32"), left - 1) * _u(kb, stride)
+        return kk * _u(kb, stride) if isinstance(kk, Value) else _u(kb, kk * stride)
+
+    def in_k(kk: Value | int, v: Value) -> Value:
+        """`v`, or 0 past the end of K."""
+        return kb.select(kb.value(kk, "u32") < left, v, 0.0) if ragged else v
+
     b_cols = []
     for c in range(rn):
         g = col0 + (tid + c * threads)
@@ -246,32 +287,28 @@ def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
     # Staging order: k fastest when k is a's contiguous axis (neighbouring lanes, neighbouring
     # words), else rows fastest.
     k_fast = abs(a_sk) < abs(a_sm) or (a_sk != 0 and a_sm == 0)
+    for rnd in range(math.ceil(tm * bk / threads)):
+        e = tid + rnd * threads
+        r, kk = (e / bk, e % bk) if k_fast else (e % tm, e / tm)
+        g = row0 + r
+        if m % tm:
+            g = kb.fmin(g, m - 1)
+        v = in_k(kk, abuf.load(a_base + g * _u(kb, a_sm) + k_off(kk, a_sk)))
+        if (rnd + 1) * threads > tm * bk:
+            with kb.if_(e < tm * bk):
+                a_sh.store(r * bk + kk, v)
+        else:
+            a_sh.store(r * bk + kk, v)
+    kb.barrier()
     sums: list[list[Value | float]] = [[0.0] * rn for _ in range(tm)]
-    for kc in range(0, k, bk):
-        kn = min(bk, k - kc)
-        if kc:
-            kb.barrier()  # everyone has read the previous chunk
-        for rnd in range(math.ceil(tm * kn / threads)):
-            e = tid + rnd * threads
-            r, kk = (e / kn, e % kn) if k_fast else (e % tm, e / tm)
-            g = row0 + r
-            if m % tm:
-                g = kb.fmin(g, m - 1)
-            addr = a_base + g * _u(kb, a_sm) + (kk + kc) * _u(kb, a_sk)
-            if (rnd + 1) * threads > tm * kn:
-                with kb.if_(e < tm * kn):
-                    a_sh.store(r * kn + kk, abuf.load(addr))
-            else:
-                a_sh.store(r * kn + kk, abuf.load(addr))
-        kb.barrier()
-        for kk in range(kn):
-            off = _u(kb, (kc + kk) * b_sk)
-            bv = [bbuf.load(b_cols[c] + off) for c in range(rn)]
-            for r in range(tm):
-                av = a_sh.load(kb.u32(r * kn + kk))
-                for c in range(rn):
-                    s = sums[r][c]
-                    sums[r][c] = av * bv[c] if isinstance(s, float) else kb.fma(av, bv[c], s)
+    for kk in range(bk):
+        off = k_off(kk, b_sk)
+        bv = [in_k(kk, bbuf.load(b_cols[c] + off)) for c in range(rn)]
+        for r in range(tm):
+            av = a_sh.load(kb.u32(r * bk + kk))
+            for c in range(rn):
+                s = sums[r][c]
+                sums[r][c] = av * bv[c] if isinstance(s, float) else kb.fma(av, bv[c], s)
     out_base = bi * (m * n)
     for r in range(tm):
         row = row0 + r
@@ -284,9 +321,20 @@ def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
             if conds:
                 ok = conds[0] if len(conds) == 1 else conds[0] & conds[1]
                 with kb.if_(ok):
-                    out.store(idx, v)
+                    _store_partial(kb, out, idx, v, k0 if split else None)
             else:
-                out.store(idx, v)
+                _store_partial(kb, out, idx, v, k0 if split else None)
+
+
+def _store_partial(kb: KernelBuilder, out: Buffer, idx: Value, v: Value,
+                   k0: Value | None) -> None:
+    """out[idx] = v, plus the sums of the earlier K chunks when this is not the first one."""
+    if k0 is not None:
+        total = kb.var("f32", v)
+        with kb.if_(k0 != 0):
+            total.set(out.load(idx) + v)
+        v = total.get()
+    out.store(idx, v)
 
 
 _VARIANTS: dict[str, Callable[[KernelBuilder, MatmulConfig, dict], None]] = {
@@ -305,7 +353,9 @@ def generate_matmul(spec: KernelSpec, caps: object = None) -> KernelBinary:
     kb = KernelBuilder(spec.name, cfg.threads, caps)
     _VARIANTS[cfg.variant](kb, cfg, p)
     groups = (math.ceil(p["n"] / cfg.tn), math.ceil(p["m"] / cfg.tm), p["batch"])
-    dispatches = [Dispatch(cnt, pack_push_constants([("u32", b) for b in base]))
-                  for cnt, base in grid_plan(groups, caps)]
+    # one pass over the grid per K chunk, in K order ("rows" only; the others take K whole)
+    k_starts = [(k0,) for k0 in range(0, p["k"], cfg.bk)] if "k0" in _push_fields(cfg) else [()]
+    dispatches = [Dispatch(cnt, pack_push_constants([("u32", v) for v in (*base, *k0)]))
+                  for k0 in k_starts for cnt, base in grid_plan(groups, caps)]
     return kb.binary(spec, dispatches, notes={"config": cfg, "flops": 2 * p["batch"] * p["m"]
                                               * p["n"] * p["k"]})
