@@ -114,10 +114,10 @@ def _pow_scalar(e, attrs, a):
     zero = e.const(0.0, "f32")
     r = e.binary("pow", e.unary("abs", a), e.const(c, "f32"))
     r = e.select(e.compare("eq", a, zero), e.const(0.0 if c > 0 else math.inf, "f32"), r)
-    finite_neg = e.compare("lt", a, zero)
-    finite_neg = e.select(e.compare("gt", a, e.const(-math.inf, "f32")), finite_neg,
-                          e.compare("ne", zero, zero))
-    r = e.select(finite_neg, e.const(math.nan, "f32"), r)  # (-inf) ** c is inf or 0, not NaN
+    r = e.select(e.compare("lt", a, zero), e.const(math.nan, "f32"), r)
+    # (-inf) ** c is inf (c > 0) or 0, not NaN
+    r = e.select(e.compare("eq", a, e.const(-math.inf, "f32")),
+                 e.const(math.inf if c > 0 else 0.0, "f32"), r)
     return e.select(_is_nan(e, a), a, r)
 
 
