@@ -154,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("script")
     p.add_argument("script_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_dump_ir, parser=p)
+    from benchmarks import cli as bench_cli  # the code lives in benchmarks/; this is its entry
+
+    b = sub.add_parser("bench", help="alpha_jit vs PyTorch: GEMMs and GPT steps on one GPU")
+    bench_cli.add_arguments(b)
+    b.set_defaults(func=bench_cli.run, parser=b)
     args = ap.parse_args(argv)
     try:
         return args.func(args)

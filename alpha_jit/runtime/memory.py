@@ -246,6 +246,10 @@ class MemoryManager:
         """Bytes of live regions in both heaps: what a leak test watches."""
         return self.device_heap.bytes_in_use + self.staging_heap.bytes_in_use
 
+    def allocated_bytes(self) -> int:
+        """Bytes of every VkDeviceMemory held (both heaps): what the device actually gave."""
+        return sum(b.size for h in (self.device_heap, self.staging_heap) for b in h.blocks)
+
     def free(self, region: BufferRegion, after_value: int | None = None) -> None:
         """Return `region` once the timeline has reached `after_value`.
 

@@ -142,6 +142,15 @@ class Executable:
             out_bytes += -(-low.buffers[b].nbytes // 16) * 16
         self.readback = dev.alloc_staging(max(out_bytes, 16))
 
+    @property
+    def planned_bytes(self) -> int:
+        """Device memory this step's plan asks for: the arena, parameters and optimizer state,
+        input/hparam buffers, staging and readback (known before anything runs)."""
+        regions = [self.arena, self.staging, self.readback,
+                   *(self.regions[bid][0] for bid, _, _ in self.staged),
+                   *(st.region for st in self.states.values())]
+        return sum(r.size for r in regions if r is not None)
+
     def _binding(self, bid: int) -> tuple[Any, int, int]:
         region, off = self.regions[bid]
         return region, off, self.lowered.buffers[bid].nbytes
