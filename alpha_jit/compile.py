@@ -36,7 +36,9 @@ log = logging.getLogger("alpha_jit.compile")
 PRECISIONS = ("f32", "f16", "bf16")
 DEFAULT_CACHE_SIZE = 8  # a few bucketed shapes (train, eval, last batch) fit; churn evicts
 WARN_TRACES = 8  # traces before the one-time RecompileWarning (max_recompiles=None)
-_BUILD_HOOK: Callable[[Any, Any], None] | None = None
+_BUILD_HOOK: Callable[[Any, Any, Any], None] | None = None
+_PLAN_ONLY: Any = None  # Capabilities to plan for instead of building (dump-ir --plan-only)
+_CALL_HOOK: Callable[[Any, Any, tuple], None] | None = None
 
 
 class RecompileError(AlphaJitError):
@@ -47,10 +49,21 @@ class RecompileWarning(UserWarning):
     """A compiled function keeps retracing: each trace compiles and records a new step."""
 
 
-def set_build_hook(hook: Callable[[Any, Any], None] | None) -> None:
-    """Called with (traced, executable) after each step is built (`alpha-jit dump-ir`)."""
-    global _BUILD_HOOK
-    _BUILD_HOOK = hook
+def set_build_hook(hook: Callable[[Any, Any, Any], None] | None,
+                   plan_only: Any = None) -> None:
+    """`hook(traced, plan, executable)` runs after each step is built (`alpha-jit dump-ir`).
+    With `plan_only` (a Capabilities) a step is only planned for that device, which need not
+    be this machine's: kernels generated, memory laid out, nothing created on a device; the
+    hook gets executable=None and must end the program (there is nothing to run)."""
+    global _BUILD_HOOK, _PLAN_ONLY
+    _BUILD_HOOK, _PLAN_ONLY = hook, plan_only
+
+
+def set_call_hook(hook: Callable[[Any, Any, tuple], None] | None) -> None:
+    """`hook(compiled_function, executable, args)` runs before each call of a compiled step
+    (`alpha-jit profile` takes over the script's step there)."""
+    global _CALL_HOOK
+    _CALL_HOOK = hook
 
 
 @dataclass
@@ -70,6 +83,10 @@ class TracedStep:
     grad_updates: list[tuple[Any, Any]] = field(default_factory=list)
     # parameter -> whether it had a kept gradient when traced (the graph reads it if so)
     grad_guard: list[tuple[Any, bool]] = field(default_factory=list)
+
+    def state_names(self) -> dict[int, str]:
+        """State key -> the parameter's (or moment's, gradient's) name."""
+        return {k: h.state_name for k, h in self.state.items()}
 
     def guard_holds(self) -> bool:
         """False when a kept gradient appeared or vanished since tracing: retrace."""
@@ -220,6 +237,8 @@ class CompiledFunction:
             exe = self._build(sig, args)
         else:
             self.cache.move_to_end(sig)
+        if _CALL_HOOK is not None:
+            _CALL_HOOK(self, exe, args)
         return unflatten(exe(list(args)), exe.traced.out_structure)
 
     def _build(self, sig: tuple, args: tuple) -> Any:
@@ -235,6 +254,8 @@ class CompiledFunction:
         from alpha_jit.runtime.step import Executable
 
         traced = self.trace(*args)
+        if _PLAN_ONLY is not None:
+            return self._plan_only(traced)
         self.signatures[sig] = self.signatures.get(sig, 0) + 1
         if sig not in self.cache:
             self._evict(keep=(self.cache_size or 0) - 1)  # before building: memory is reused
@@ -243,8 +264,18 @@ class CompiledFunction:
         self.cache.setdefault(sig, []).append(exe)
         self.cache.move_to_end(sig)
         if _BUILD_HOOK is not None:
-            _BUILD_HOOK(exe.traced, exe)
+            _BUILD_HOOK(exe.traced, exe.plan, exe)
         return exe
+
+    def _plan_only(self, traced: TracedStep) -> Any:
+        from alpha_jit.runtime.step_plan import plan_step
+
+        with internal_errors("planning the step", "{}:{} in {}".format(*trace.user_frame())):
+            plan = plan_step(traced.graph, _PLAN_ONLY, traced.state_names())
+        if _BUILD_HOOK is not None:
+            _BUILD_HOOK(traced, plan, None)
+        raise AlphaJitError("a plan-only build has no step to run (the build hook must stop "
+                            "the program)")
 
     def _evict(self, keep: int) -> None:
         """Drop least recently used signatures until `keep` remain, freeing their memory."""

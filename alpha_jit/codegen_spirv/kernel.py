@@ -59,3 +59,8 @@ class KernelBinary:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def variant(self) -> str:
+        """What the generator chose for the device (tiling, reduction strategy), for tools."""
+        return str(self.notes.get("variant", self.spec.family))

@@ -1,22 +1,21 @@
 """What each Vulkan device can do, queried once, as a frozen record kernels specialise on.
 
-Kernel generators never talk to Vulkan: they read a `Capabilities` (subgroup size, shared
-memory, f16/bf16, cooperative-matrix shapes, limits). Its `fingerprint()` keys every on-disk
-cache, so a driver update or a different GPU never reuses a stale pipeline or SPIR-V module.
-This file also owns the process-wide VkInstance and device selection (`ALPHA_JIT_DEVICE`).
+Kernel generators never talk to Vulkan: they read a `Capabilities` (the typed record in
+`caps.py`: subgroup size, shared memory, f16/bf16, cooperative-matrix shapes, limits). Its
+`fingerprint()` keys every on-disk cache, so a driver update or a different GPU never reuses a
+stale pipeline or SPIR-V module. This file fills that record from a live device and owns the
+process-wide VkInstance and device selection (`ALPHA_JIT_DEVICE`).
 """
 
 from __future__ import annotations
 
 import atexit
-import dataclasses
-import hashlib
 import os
-from dataclasses import dataclass
 from typing import Any
 
 from alpha_jit.errors import DeviceNotFoundError
 from alpha_jit.runtime import vk
+from alpha_jit.runtime.caps import Capabilities, CoopMatShape
 
 API_VERSION = (1, 3)  # requested; 1.2 drivers still work (timeline semaphores are core in 1.2)
 
@@ -44,57 +43,6 @@ RELEVANT_EXTENSIONS = (
 
 _SUBGROUP_ARITHMETIC_BIT = 0x4
 _COMPUTE_STAGE_BIT = 0x20
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    index: int
-    name: str
-    device_type: str  # 'discrete' | 'integrated' | 'virtual' | 'cpu' | 'other'
-    vendor_id: int
-    device_id: int
-    api_version: str
-    driver_version: str
-    driver_name: str
-    float16: bool
-    int8: bool
-    int16: bool
-    int64: bool
-    storage_buffer_16bit: bool
-    storage_buffer_8bit: bool
-    bfloat16: bool
-    cooperative_matrix: tuple[tuple[int, int, int, str, str, str, str, str], ...]
-    subgroup_size: int
-    min_subgroup_size: int
-    max_subgroup_size: int
-    subgroup_size_control: bool
-    subgroup_arithmetic: bool
-    vulkan_memory_model: bool
-    max_shared_memory: int
-    max_workgroup_invocations: int
-    max_workgroup_size: tuple[int, int, int]
-    max_workgroup_count: tuple[int, int, int]
-    max_storage_buffer_range: int
-    max_push_constants_size: int
-    max_storage_buffers_per_stage: int
-    min_storage_buffer_offset_alignment: int
-    max_memory_allocation_size: int
-    timestamp_period: float
-    timestamp_compute: bool  # the compute queue supports timestamp queries
-    extensions: tuple[str, ...]
-    # shaderSignedZeroInfNanPreserveFloat32: kernels can forbid the driver from folding
-    # x * 0 -> 0 or x / 0 -> 0, which would turn NaN and inf into numbers
-    inf_nan_preserve_f32: bool = False
-
-    def fingerprint(self) -> str:
-        """Identity of (device, driver, capabilities); keys every on-disk cache."""
-        fields = dataclasses.asdict(self)
-        fields.pop("index")  # enumeration order may change when another device appears
-        return hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:16]
-
-    def summary(self) -> str:
-        return (f"{self.index}: {self.name} ({self.device_type}, Vulkan {self.api_version}, "
-                f"subgroup {self.subgroup_size}, shared {self.max_shared_memory // 1024} KiB)")
 
 
 # --- instance -----------------------------------------------------------------------------
@@ -277,7 +225,7 @@ def _driver_version_str(vendor: int, v: int) -> str:
     return vk.version_str(v)
 
 
-def _cooperative_matrix(pd: Any) -> tuple:
+def _cooperative_matrix(pd: Any) -> tuple[CoopMatShape, ...]:
     fn = vk.instance_proc(instance(), "vkGetPhysicalDeviceCooperativeMatrixPropertiesKHR")
     if fn is None:
         return ()
@@ -293,8 +241,8 @@ def _cooperative_matrix(pd: Any) -> tuple:
         return _COMPONENT_NAMES.get(t, str(t))
 
     return tuple(
-        (p.MSize, p.NSize, p.KSize, name(p.AType), name(p.BType), name(p.CType),
-         name(p.ResultType), _SCOPE_NAMES.get(p.scope, str(p.scope)))
+        CoopMatShape(p.MSize, p.NSize, p.KSize, name(p.AType), name(p.BType), name(p.CType),
+                     name(p.ResultType), _SCOPE_NAMES.get(p.scope, str(p.scope)))
         for p in (arr[i] for i in range(count[0])))
 
 

@@ -28,6 +28,7 @@ _STORAGE_BUFFER = 7
 _STAGE_COMPUTE = 0x800
 _STAGE_TRANSFER = 0x1000
 _STAGE_HOST = 0x4000
+_STAGE_TOP = 0x1  # timestamps: when the command is reached
 _STAGE_BOTTOM = 0x2000  # timestamps: after everything before has finished
 _STAGE_ALL = 0x10000
 _SHADER_READ = 0x20
@@ -77,9 +78,14 @@ class BarrierCmd:
 
 @dataclass
 class TimestampCmd:
-    """Write a GPU timestamp into the recording's query pool (for `alpha-jit profile`)."""
+    """Write a GPU timestamp into the recording's query pool (for `alpha-jit profile`).
+
+    "bottom": when every earlier command has finished (an end time). "top": when the command
+    stream reaches this point, which after a barrier is when the next dispatch may start; with
+    no barrier before it, earlier dispatches may still run (a start time, possibly early)."""
 
     label: str = ""
+    stage: str = "bottom"  # bottom | top
 
 
 Command = Union[CopyCmd, FillCmd, DispatchCmd, BarrierCmd, TimestampCmd]  # noqa: UP007
@@ -310,7 +316,8 @@ def record(device: Device, commands: list[Command], name: str = "step") -> Recor
         elif isinstance(cmd, BarrierCmd):
             barrier_all(cb)
         elif isinstance(cmd, TimestampCmd):
-            lib.vkCmdWriteTimestamp(cb, _STAGE_BOTTOM, query_pool, len(rec.timestamp_labels))
+            stage = _STAGE_TOP if cmd.stage == "top" else _STAGE_BOTTOM
+            lib.vkCmdWriteTimestamp(cb, stage, query_pool, len(rec.timestamp_labels))
             rec.timestamp_labels.append(cmd.label)
     barrier_exit(cb)
     vk.call("vkEndCommandBuffer", cb)

@@ -11,21 +11,20 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from alpha_jit import dtypes
-from alpha_jit.codegen_spirv.generate import generate
-from alpha_jit.codegen_spirv.lower import Lowered, lower
+from alpha_jit.codegen_spirv.lower import Lowered
 from alpha_jit.errors import AlphaJitError
 from alpha_jit.runtime.device import Device, get_device
 from alpha_jit.runtime.executor import BarrierCmd, CopyCmd, DispatchCmd, TimestampCmd
-from alpha_jit.runtime.plan import MemoryPlan, plan_barriers, plan_memory
+from alpha_jit.runtime.plan import MemoryPlan
+from alpha_jit.runtime.step_plan import StepPlan, plan_step
 
 log = logging.getLogger("alpha_jit.runtime")
-_ALIGN = 256
 
 
 class DeviceState:
@@ -95,30 +94,27 @@ class Executable:
         self.traced = traced
         self.profile = profile or os.environ.get("ALPHA_JIT_PROFILE", "") == "1"
         self.device = dev = device or get_device()
-        self.lowered: Lowered = lower(traced.graph,
-                                      min(dev.caps.max_storage_buffers_per_stage, 64))
-        kernels = self.lowered.kernels
+        self.plan: StepPlan = plan_step(traced.graph, dev.caps, traced.state_names())
+        self.plan.check_fits()  # before the driver compiles anything
+        self.lowered: Lowered = self.plan.lowered
+        self.binaries = self.plan.binaries
         build = dev.pipelines.begin_build()  # times the build for its "cached under" note
-        self.binaries = []
-        for k in tqdm(kernels, desc="alpha_jit: generating kernels", unit="kernel",
-                      disable=len(kernels) < 64, leave=False):
-            self.binaries.append(generate(k.spec, dev.caps))
         self.pipelines = build.pipelines(self.binaries)  # the driver's compile, with its own bar
-        align = max(_ALIGN, dev.caps.min_storage_buffer_offset_alignment)
-        self.mem: MemoryPlan = plan_memory(self.lowered, align)
-        self.barriers = plan_barriers(self.lowered, self.mem)
-        self._allocate(align)
-        self.recording = dev.record(self._commands(), name=getattr(traced, "name", "step"))
+        self.mem: MemoryPlan = self.plan.memory
+        self.barriers = self.plan.barriers
+        self._allocate()
+        self.recording = dev.record(self._commands(self.profile),
+                                    name=getattr(traced, "name", "step"))
+        self._timed: Any = None  # the timestamped recording, made on first use by the profiler
         self.pending: list[DeviceValue] = []
         self.last_value = 0
+        self.last_host_s = 0.0  # host time of the last call, entry to submit (benchmarks)
 
     # ---- building ----------------------------------------------------------------------------
-    def _allocate(self, align: int) -> None:
-        dev, low = self.device, self.lowered
+    def _allocate(self) -> None:
+        dev, low, plan = self.device, self.lowered, self.plan
         self.arena = dev.alloc(self.mem.arena_bytes) if self.mem.arena_bytes else None
         self.regions: dict[int, tuple[Any, int]] = {}  # buffer id -> (region, byte offset)
-        self.staged: list[tuple[int, int, Any]] = []  # (buffer id, staging offset, buffer)
-        stage_bytes = 0
         self.states: dict[object, DeviceState] = {}
         for b in low.buffers.values():
             if b.kind == "temp":
@@ -127,20 +123,18 @@ class Executable:
                 st = resident(dev, self.traced.state[b.key])
                 self.states[b.key] = st
                 self.regions[b.id] = (st.region, 0)
-            else:  # input or hparam: a device buffer filled from staging every call
-                self.regions[b.id] = (dev.alloc(b.nbytes), 0)
-                self.staged.append((b.id, stage_bytes, b))
-                stage_bytes += -(-b.nbytes // 16) * 16
+        # inputs and hparams: a device buffer each, filled from staging every call
+        self.staged: list[tuple[int, int, Any]] = []  # (buffer id, staging offset, buffer)
+        for bid, soff in plan.staged:
+            b = low.buffers[bid]
+            self.regions[bid] = (dev.alloc(b.nbytes), 0)
+            self.staged.append((bid, soff, b))
         for key in low.state_writes:
             if key not in self.states:
                 self.states[key] = resident(dev, self.traced.state[key])
-        self.staging = dev.alloc_staging(max(stage_bytes, 16))
-        self.out_offsets = []
-        out_bytes = 0
-        for b in low.outputs:
-            self.out_offsets.append(out_bytes)
-            out_bytes += -(-low.buffers[b].nbytes // 16) * 16
-        self.readback = dev.alloc_staging(max(out_bytes, 16))
+        self.staging = dev.alloc_staging(max(plan.stage_bytes, 16))
+        self.out_offsets = plan.out_offsets
+        self.readback = dev.alloc_staging(max(plan.out_bytes, 16))
 
     @property
     def planned_bytes(self) -> int:
@@ -155,28 +149,35 @@ class Executable:
         region, off = self.regions[bid]
         return region, off, self.lowered.buffers[bid].nbytes
 
-    def _commands(self) -> list[Any]:
+    def _commands(self, timed: bool = False, serialize: bool = False) -> list[Any]:
+        """The step as commands. `timed` adds a timestamp before (top of pipe) and after
+        (bottom of pipe) every dispatch and none of the barriers the plan does not need;
+        `serialize` adds a barrier before every kernel (isolated times, a different step)."""
         low = self.lowered
         cmds: list[Any] = []
         for bid, soff, b in self.staged:
             region, off = self.regions[bid]
             cmds.append(CopyCmd(self.staging, region, b.nbytes, soff, off))
         cmds.append(BarrierCmd())
-        if self.profile:
-            cmds.append(TimestampCmd("start"))
+        if timed:
+            cmds.append(TimestampCmd("begin"))
         for i, (k, binary, pipe, bar) in enumerate(zip(low.kernels, self.binaries,
                                                        self.pipelines, self.barriers,
                                                        strict=True)):
-            if bar or self.profile:  # profiling serialises kernels so each time is its own
+            if bar or serialize:
                 cmds.append(BarrierCmd())
             bufs = [self._binding(b) for b in [*k.reads, *k.writes]]
             for j, d in enumerate(binary.dispatches):
                 if j:
                     cmds.append(BarrierCmd())  # split dispatches of one kernel may overlap
+                if timed:
+                    cmds.append(TimestampCmd(f"{i}.{j}", "top"))
                 cmds.append(DispatchCmd(pipe, bufs, d))
-            if self.profile:
-                cmds.append(TimestampCmd(str(i)))
+                if timed:
+                    cmds.append(TimestampCmd(f"{i}.{j}"))
         cmds.append(BarrierCmd())
+        if timed:
+            cmds.append(TimestampCmd("end"))
         for key, bid in low.state_writes.items():
             region, off = self.regions[bid]
             cmds.append(CopyCmd(region, self.states[key].region, low.buffers[bid].nbytes, off, 0))
@@ -184,6 +185,18 @@ class Executable:
             region, off = self.regions[bid]
             cmds.append(CopyCmd(region, self.readback, low.buffers[bid].nbytes, off, roff))
         return cmds
+
+    def timed_recording(self, serialize: bool = False) -> Any:
+        """The same step recorded with per-dispatch timestamps (made once, then reused)."""
+        if self.profile and not serialize:
+            return self.recording
+        if self._timed is None or self._timed[0] != serialize:
+            if self._timed is not None:
+                self._timed[1].release()
+            rec = self.device.record(self._commands(True, serialize),
+                                     name=getattr(self.traced, "name", "step") + " (timed)")
+            self._timed = (serialize, rec)
+        return self._timed[1]
 
     # ---- running -----------------------------------------------------------------------------
     def check_inputs(self, args: list[np.ndarray]) -> list[np.ndarray]:
@@ -211,7 +224,10 @@ class Executable:
             out.append(np.array(a, dtype=dt.np_storage, order="C"))
         return out
 
-    def __call__(self, args: list[np.ndarray]) -> list[DeviceValue]:
+    def __call__(self, args: list[np.ndarray], recording: Any = None) -> list[DeviceValue]:
+        """Write the inputs and submit the step (`recording`: another recording of it, e.g.
+        the profiler's timed one). `last_host_s` gets the host time spent, waits excluded."""
+        t0 = time.perf_counter()
         if self.released:
             raise AlphaJitError("this compiled step was released (evicted from its cache)")
         arrays = self.check_inputs(args)
@@ -223,16 +239,19 @@ class Executable:
                 providers[pid] = hp.provider.next_hparams()
             hvals[key] = providers[pid][hp.name]
         self.last_hparams = hvals  # what this call fed (tests replay it in the interpreter)
+        waited = time.perf_counter()
         if self.pending:
             self._fetch_outputs(self.last_value)  # the readback region is about to be reused
-        self.recording.wait()
+        self.device.wait(self.last_value)  # staging is about to be rewritten
+        waited = time.perf_counter() - waited
         for _, soff, b in self.staged:
             if b.kind == "input":
                 self.staging.write(arrays[b.key], soff)
             else:
                 hv = np.asarray(hvals[b.key], dtype=b.dtype.np_storage)
                 self.staging.write(hv, soff)
-        value = self.recording.submit()
+        value = (recording or self.recording).submit()
+        self.last_host_s = time.perf_counter() - t0 - waited
         self.last_value = value
         for st in self.states.values():
             st.last_value = value
@@ -271,6 +290,8 @@ class Executable:
         if self.pending:
             self._fetch_outputs(self.last_value)
         self.recording.release()  # waits for this step's last submit
+        if self._timed is not None:
+            self._timed[1].release()
         regions = [self.arena, self.staging, self.readback]
         regions += [self.regions[bid][0] for bid, _, _ in self.staged]
         for region in regions:
@@ -279,14 +300,15 @@ class Executable:
 
     def kernel_times(self) -> list[tuple[float, int, Any]]:
         """(GPU ms, kernel index, lowered kernel) of the last completed call, slowest first;
-        only for an executable built with profile=True (or ALPHA_JIT_PROFILE=1)."""
-        if self.released:
+        only for an executable built with profile=True (or ALPHA_JIT_PROFILE=1). Kernels that
+        overlap share the time they overlap (see `runtime/profiler.py`)."""
+        from alpha_jit.runtime.profiler import attribute
+
+        if self.released or not self.profile:
             return []
         stamps = self.recording.timestamps()
         if not stamps:
             return []
-        out = []
-        for (_, t0), (label, t1) in zip(stamps, stamps[1:], strict=False):
-            i = int(label)
-            out.append(((t1 - t0) / 1e6, i, self.lowered.kernels[i]))
+        per_kernel = attribute(stamps).kernel_ns
+        out = [(ns / 1e6, i, self.lowered.kernels[i]) for i, ns in per_kernel.items()]
         return sorted(out, key=lambda r: -r[0])

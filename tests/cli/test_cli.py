@@ -41,7 +41,7 @@ def test_dump_ir_prints_every_stage_and_a_kernel():
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
     for title in ("after trace (forward)", "after autodiff", "traced step (fwd + bwd + opt)",
-                  "after pass cse", "after pass dce", "== kernels:", "== memory plan ==",
+                  "after pass cse", "after pass dce", "== kernels:", "== memory plan: peak",
                   "== kernel 0:", "OpEntryPoint GLCompute"):
         assert title in text, title
     assert "train_mlp.py:" in text  # provenance reaches the kernel list

@@ -159,7 +159,7 @@ def generate_elementwise(spec: KernelSpec, caps: object = None,
             buf.store(gid, kb.cast(values[j], compute_dtype(storage_dtype(dt))))
     dispatches = [Dispatch((g, 1, 1), pack_push_constants([("u32", n), ("u32", base)]))
                   for g, base in launch_plan(n, local, caps)]
-    return kb.binary(spec, dispatches, notes={"elements": n})
+    return kb.binary(spec, dispatches, notes={"elements": n, "variant": f"flat x{local}"})
 
 
 def reference_elementwise(spec: KernelSpec, arrays: Sequence[np.ndarray],

@@ -357,5 +357,6 @@ def generate_matmul(spec: KernelSpec, caps: object = None) -> KernelBinary:
     k_starts = [(k0,) for k0 in range(0, p["k"], cfg.bk)] if "k0" in _push_fields(cfg) else [()]
     dispatches = [Dispatch(cnt, pack_push_constants([("u32", v) for v in (*base, *k0)]))
                   for k0 in k_starts for cnt, base in grid_plan(groups, caps)]
-    return kb.binary(spec, dispatches, notes={"config": cfg, "flops": 2 * p["batch"] * p["m"]
-                                              * p["n"] * p["k"]})
+    variant = f"{cfg.variant} {cfg.tm}x{cfg.tn}x{cfg.bk} micro {cfg.rm}x{cfg.rn}"
+    return kb.binary(spec, dispatches, notes={"config": cfg, "variant": variant,
+                                              "flops": 2 * p["batch"] * p["m"] * p["n"] * p["k"]})

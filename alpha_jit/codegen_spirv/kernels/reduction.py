@@ -127,7 +127,8 @@ def generate_reduction(spec: KernelSpec, caps: object = None) -> KernelBinary:
             out_buf.store(row, kb.cast(finish(serial_reduce), out_ct))
         groups = max(1, min(math.ceil(rows / local), max_groups_x(caps)))
         return kb.binary(spec, [Dispatch((groups, 1, 1))],
-                         notes={"rows": rows, "red_len": red_len, "thread_per_row": True})
+                         notes={"rows": rows, "red_len": red_len, "thread_per_row": True,
+                                "variant": f"thread per row x{local}"})
 
     reduce_group = _WorkgroupReducer(kb, local, caps)
     lid = kb.cast(kb.local_id(0), "i32")
@@ -147,7 +148,8 @@ def generate_reduction(spec: KernelSpec, caps: object = None) -> KernelBinary:
 
     groups = max(1, min(rows, max_groups_x(caps)))
     return kb.binary(spec, [Dispatch((groups, 1, 1))],
-                     notes={"rows": rows, "red_len": red_len})
+                     notes={"rows": rows, "red_len": red_len,
+                            "variant": f"workgroup per row x{local} (subgroup ops)"})
 
 
 _CPU_MIN_ROWS = 64  # CPU: a thread per row once there are enough rows for the cores

@@ -1,0 +1,248 @@
+"""Everything about a compiled step that is decided before a device is touched.
+
+`plan_step(graph, caps)` lowers the graph, generates every kernel for the capabilities, plans
+the arena and the barriers, and lays out every device allocation the step will ask for. It
+reads only the typed `Capabilities`, never a live device, so the same plan is what `Executable`
+builds from, what `alpha-jit dump-ir --json --plan-only --device-caps FILE` prints for a GPU on
+another machine, and what the profiler joins its timestamps with: per kernel its variant, grid,
+the bytes and FLOPs it moves, and the provenance of every graph node fused into it.
+A plan that cannot fit the device (an allocation over maxMemoryAllocationSize, a binding over
+maxStorageBufferRange) is known here, before any pipeline is compiled.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from alpha_jit.codegen_spirv.generate import generate
+from alpha_jit.codegen_spirv.kernel import KernelBinary
+from alpha_jit.codegen_spirv.lower import Lowered, LoweredKernel, lower
+from alpha_jit.errors import AlphaJitError
+from alpha_jit.ir.graph import Graph
+from alpha_jit.runtime.caps import Capabilities
+from alpha_jit.runtime.plan import MemoryPlan, plan_barriers, plan_memory
+
+_ALIGN = 256  # every region starts on this (descriptor offsets on any driver)
+_STAGE_ALIGN = 16  # inputs and outputs in the staging/readback regions
+
+
+class MemoryPlanError(AlphaJitError):
+    """The step's memory plan does not fit the device; the message says which allocation or
+    binding is over which limit, and how big the step's peak is."""
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """One kernel of the plan as tools show it: what runs, how big, and where it came from."""
+
+    id: int
+    family: str
+    name: str
+    variant: str  # the generator's choice for this device, e.g. "simt 128x128x8 micro 8x8"
+    grid: tuple[tuple[int, int, int], ...]  # workgroup counts of each dispatch
+    local_size: tuple[int, int, int]
+    bytes: int  # compulsory traffic: every bound buffer read or written once
+    flops: int  # arithmetic, from the spec (2mnk for a GEMM, one per element and op otherwise)
+    module: str  # module paths of the fused nodes, joined by ", "
+    phase: str  # fwd | bwd | opt, or several joined by "+"
+    sources: tuple[str, ...]  # file:line of every fused graph node, first appearance first
+    passes: tuple[str, ...]  # what created the nodes ("trace", "autodiff", a pass name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "family": self.family, "name": self.name,
+                "variant": self.variant, "grid": [list(g) for g in self.grid],
+                "local_size": list(self.local_size), "bytes": self.bytes, "flops": self.flops,
+                "module": self.module, "phase": self.phase, "sources": list(self.sources),
+                "passes": list(self.passes)}
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One region the step asks the device for."""
+
+    what: str  # "arena", "state <name>", "input 0", "hparam <name>", "staging", "readback"
+    bytes: int
+    heap: str  # device | staging
+
+
+@dataclass
+class StepPlan:
+    caps: Capabilities
+    lowered: Lowered
+    binaries: list[KernelBinary]
+    memory: MemoryPlan
+    barriers: list[bool]
+    kernels: list[KernelInfo]
+    allocations: list[Allocation]
+    staged: list[tuple[int, int]]  # (input/hparam buffer id, byte offset in staging)
+    stage_bytes: int
+    out_offsets: list[int]  # byte offset of each output in the readback region
+    out_bytes: int
+    problems: list[str] = field(default_factory=list)  # why it cannot run on caps, if so
+
+    @property
+    def peak_bytes(self) -> int:
+        """Device memory the step holds at once: every allocation lives for the whole step."""
+        return sum(a.bytes for a in self.allocations)
+
+    def check_fits(self) -> None:
+        """Raise MemoryPlanError (before any pipeline is built) if the plan cannot run."""
+        if self.problems:
+            raise MemoryPlanError(
+                f"the step cannot run on {self.caps.name}: " + "; ".join(self.problems)
+                + f" (peak {_gib(self.peak_bytes)} in {len(self.allocations)} allocations; "
+                "`alpha-jit dump-ir --plan-only` shows the plan)")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"peak_bytes": self.peak_bytes,
+                "allocations": [a.bytes for a in self.allocations],
+                "regions": [{"what": a.what, "bytes": a.bytes, "heap": a.heap}
+                            for a in self.allocations],
+                "arena_bytes": self.memory.arena_bytes,
+                "arena_without_reuse_bytes": self.memory.naive_bytes,
+                "max_allocation_bytes": self.caps.max_memory_allocation_size,
+                "max_binding_bytes": self.caps.max_storage_buffer_range,
+                "barriers": sum(self.barriers), "fits": not self.problems,
+                "problems": list(self.problems)}
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _round_up(x: int, a: int) -> int:
+    return -(-x // a) * a
+
+
+def plan_step(graph: Graph, caps: Capabilities, state_names: dict[object, str] | None = None,
+              progress: bool = True) -> StepPlan:
+    """Lower, generate and plan `graph` for a device described by `caps` (no device needed).
+    `state_names`: state key -> the parameter's name, for the allocation list."""
+    lowered = lower(graph, min(caps.max_storage_buffers_per_stage, 64))
+    kernels = lowered.kernels
+    binaries = [generate(k.spec, caps) for k in tqdm(
+        kernels, desc="alpha_jit: generating kernels", unit="kernel",
+        disable=not progress or len(kernels) < 64, leave=False)]
+    align = max(_ALIGN, caps.min_storage_buffer_offset_alignment)
+    mem = plan_memory(lowered, align)
+    barriers = plan_barriers(lowered, mem)
+    plan = StepPlan(caps, lowered, binaries, mem, barriers,
+                    [_kernel_info(i, k, b, lowered) for i, (k, b) in
+                     enumerate(zip(kernels, binaries, strict=True))], [], [], 0, [], 0)
+    _layout(plan, graph, state_names or {})
+    plan.problems = _problems(plan)
+    return plan
+
+
+def _layout(plan: StepPlan, graph: Graph, names: dict[object, str]) -> None:
+    """The allocations, in the order Executable makes them, and the staging/readback layout."""
+    low = plan.lowered
+    allocs = plan.allocations
+    if plan.memory.arena_bytes:
+        allocs.append(Allocation("arena", plan.memory.arena_bytes, "device"))
+    states: dict[object, int] = {}
+    for b in low.buffers.values():
+        if b.kind == "state":
+            states.setdefault(b.key, b.nbytes)
+        elif b.kind in ("input", "hparam"):
+            label = b.key[1] if b.kind == "hparam" else f"argument {b.key}"  # key: (owner, name)
+            allocs.append(Allocation(f"{b.kind} {label}", b.nbytes, "device"))
+            plan.staged.append((b.id, plan.stage_bytes))
+            plan.stage_bytes += _round_up(b.nbytes, _STAGE_ALIGN)
+    for key, n in graph.state_writes.items():
+        if key not in states:  # written but never read (a fresh .grad): still resident
+            states[key] = max(int(np.prod(graph.shape(n), dtype=np.int64)), 1) \
+                * graph.dtype(n).itemsize
+    for key, nbytes in states.items():
+        allocs.append(Allocation(f"state {names.get(key, key)}", nbytes, "device"))
+    allocs.append(Allocation("staging", max(plan.stage_bytes, 16), "staging"))
+    for b in low.outputs:
+        plan.out_offsets.append(plan.out_bytes)
+        plan.out_bytes += _round_up(low.buffers[b].nbytes, _STAGE_ALIGN)
+    allocs.append(Allocation("readback", max(plan.out_bytes, 16), "staging"))
+
+
+def _problems(plan: StepPlan) -> list[str]:
+    caps, low = plan.caps, plan.lowered
+    out = []
+    for a in plan.allocations:
+        if _round_up(a.bytes, _ALIGN) > caps.max_memory_allocation_size:
+            what = a.what
+            if a.what == "arena":
+                big = max((b for b in low.buffers.values() if b.kind == "temp"),
+                          key=lambda b: b.nbytes)
+                what += (f" (the step's temporaries at their peak; the largest is %{big.id} "
+                         f"{big.dtype}{list(big.shape)}, {_gib(big.nbytes)})")
+            out.append(f"{what} needs one allocation of {a.bytes} bytes ({_gib(a.bytes)}), over "
+                       f"maxMemoryAllocationSize={caps.max_memory_allocation_size} "
+                       f"({_gib(caps.max_memory_allocation_size)})")
+    for k, info in zip(low.kernels, plan.kernels, strict=True):
+        for bid in [*k.reads, *k.writes]:
+            nbytes = low.buffers[bid].nbytes
+            if nbytes > caps.max_storage_buffer_range:
+                src = info.sources[0] if info.sources else "?"
+                out.append(f"kernel {info.id} ({info.name}, {src}) binds %{bid} of {nbytes} "
+                           f"bytes, over maxStorageBufferRange={caps.max_storage_buffer_range}")
+                break
+    return out
+
+
+# ---- per-kernel facts ------------------------------------------------------------------------
+def _kernel_info(i: int, k: LoweredKernel, binary: KernelBinary, low: Lowered) -> KernelInfo:
+    g = low.graph
+    provs = [g.prov(n) for n in k.nodes if n in g.g] or [k.prov]
+    sources = tuple(dict.fromkeys(f"{p.file}:{p.line}" for p in provs))
+    modules = [m for m in dict.fromkeys(p.module for p in provs) if m]
+    phases = "+".join(dict.fromkeys(p.phase for p in provs))
+    passes = tuple(dict.fromkeys(p.created_by for p in provs))
+    nbytes = sum(low.buffers[b].nbytes for b in dict.fromkeys([*k.reads, *k.writes]))
+    return KernelInfo(i, k.spec.family, k.spec.name, binary.variant,
+                      tuple(tuple(d.groups) for d in binary.dispatches), binary.local_size,
+                      nbytes, kernel_flops(k, low), ", ".join(modules), phases, sources, passes)
+
+
+_REDUCE_FLOPS = {"sum": 1, "mean": 1, "max": 1, "lse": 4}  # lse: max, sub, exp, add
+
+
+def kernel_flops(k: LoweredKernel, low: Lowered) -> int:
+    """Arithmetic operations of one kernel, from its spec: 2*b*m*n*k for a GEMM; one per output
+    element and expression for elementwise; per input element for a reduction (lse counts 4);
+    one per added element for a scatter; none for copies and gathers."""
+    p = dict(k.spec.params)
+    fam = k.spec.family
+    if fam == "matmul":
+        return 2 * p["batch"] * p["m"] * p["n"] * p["k"]
+    if fam == "elementwise":
+        numel = int(np.prod(p["shape"], dtype=np.int64))
+        return numel * sum(1 for op, *_ in p["exprs"] if op != "copy")
+    if fam == "reduction":
+        rows = int(np.prod(p["outer_shape"], dtype=np.int64))
+        return rows * p["red_len"] * _REDUCE_FLOPS.get(p["mode"], 1)
+    if fam == "scatter":
+        return p["n"] * p["dim"]
+    return 0
+
+
+# ---- SPIR-V validation (plan-only) -----------------------------------------------------------
+def validate_spirv(plan: StepPlan) -> int:
+    """spirv-val every distinct module of the plan for its device's target environment, a few
+    at a time; raises SpirvToolError naming the first bad kernel. Returns how many were checked.
+    """
+    from alpha_jit.codegen_spirv import tools
+
+    env = plan.caps.spirv_target_env()
+    distinct = {b.words: b.name for b in plan.binaries}
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # spirv-val is a subprocess
+        for f in tqdm(concurrent.futures.as_completed(
+                [pool.submit(tools.validate, w, name, env) for w, name in distinct.items()]),
+                total=len(distinct), desc="alpha_jit: spirv-val", unit="module",
+                disable=len(distinct) < 64, leave=False):
+            f.result()
+    return len(distinct)
