@@ -22,7 +22,7 @@ from typing import Any
 from alpha_jit.errors import AlphaJitError
 
 
-class CapsFileError(AlphaJitError):
+class CapsFileError(AlphaJitError, ValueError):
     """A capabilities file that cannot describe a device: unreadable, or a field missing or of
     the wrong type."""
 
