@@ -46,6 +46,8 @@ def test_h200_file_is_typed():
     assert [(c.m, c.n, c.k) for c in bf16] == [(16, 16, 16)]
     assert isinstance(caps.max_workgroup_count, tuple) and len(caps.max_workgroup_count) == 3
     assert caps.spirv_target_env() == "vulkan1.3"
+    # written by `alpha-jit devices --json` on the H200: the record read back is the same one
+    assert caps.fingerprint() == json.loads(H200.read_text())[0]["fingerprint"]
 
 
 def test_list_entries_and_dict_entries_mean_the_same():
