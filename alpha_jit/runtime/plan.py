@@ -63,8 +63,12 @@ def plan_memory(lowered: Lowered, align: int = 256) -> MemoryPlan:
     return MemoryPlan(offsets, arena, intervals, naive)
 
 
-def plan_barriers(lowered: Lowered, mem: MemoryPlan) -> list[bool]:
-    """barrier[i]: whether kernel i must wait for the kernels before it."""
+def plan_barriers(lowered: Lowered, mem: MemoryPlan, policy: str = "hazard") -> list[bool]:
+    """barrier[i]: whether kernel i must wait for the kernels before it. "hazard": only where
+    it touches bytes written (or writes bytes read) since the last barrier; "all": before every
+    kernel (kernels never overlap)."""
+    if policy == "all":
+        return [True] * len(lowered.kernels)
 
     def ranges(ids: list[int]) -> list[tuple]:
         out = []

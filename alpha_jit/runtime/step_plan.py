@@ -120,6 +120,18 @@ def _round_up(x: int, a: int) -> int:
     return -(-x // a) * a
 
 
+BARRIER_POLICIES = ("hazard", "all")
+
+
+def barrier_policy() -> str:
+    """`ALPHA_JIT_BARRIERS`: "hazard" (default: a barrier only where kernels share bytes) or
+    "all" (a barrier before every kernel)."""
+    policy = os.environ.get("ALPHA_JIT_BARRIERS", "hazard").strip() or "hazard"
+    if policy not in BARRIER_POLICIES:
+        raise AlphaJitError(f"ALPHA_JIT_BARRIERS={policy!r}: choose one of {BARRIER_POLICIES}")
+    return policy
+
+
 def plan_step(graph: Graph, caps: Capabilities, state_names: dict[object, str] | None = None,
               progress: bool = True) -> StepPlan:
     """Lower, generate and plan `graph` for a device described by `caps` (no device needed).
@@ -131,7 +143,7 @@ def plan_step(graph: Graph, caps: Capabilities, state_names: dict[object, str] |
         disable=not progress or len(kernels) < 64, leave=False)]
     align = max(_ALIGN, caps.min_storage_buffer_offset_alignment)
     mem = plan_memory(lowered, align)
-    barriers = plan_barriers(lowered, mem)
+    barriers = plan_barriers(lowered, mem, barrier_policy())
     plan = StepPlan(caps, lowered, binaries, mem, barriers,
                     [_kernel_info(i, k, b, lowered) for i, (k, b) in
                      enumerate(zip(kernels, binaries, strict=True))], [], [], 0, [], 0)
