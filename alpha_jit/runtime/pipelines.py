@@ -304,7 +304,7 @@ class PipelineManager:
 
 
 class BuildProgress:
-    """A step's build made visible. Kernel generation has its own bar in `runtime/step.py`;
+    """A step's build made visible. Kernel generation has its own bar in `runtime/step_plan.py`;
     after it the driver compiles every new pipeline (vkCreateComputePipelines), which dominates
     a cold first step on a CPU, so that gets a bar too when it is slow. A slow build that
     generated kernels ends with one line per process saying where they are cached."""

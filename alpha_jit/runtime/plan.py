@@ -1,15 +1,19 @@
-"""The plan: where every temporary lives (a memory arena with reuse) and where barriers go.
+"""The plan: where every temporary lives (memory pools with reuse) and where barriers go.
 
 Liveness is measured in kernel positions: a temporary is live from the kernel that writes it
 to the last kernel that reads it (values leaving the step live to the end). Offsets are given
 greedily, largest first, to the lowest address not overlapping a live-at-the-same-time value,
-so the arena's peak size is known at compile time. A barrier goes before a kernel only when it
-touches bytes that an earlier kernel since the last barrier wrote (or writes bytes one read).
+so the peak size is known at compile time. No Vulkan device grants one allocation of any size
+(maxMemoryAllocationSize is about 4 GiB on an H200, 2 GiB on lavapipe), so the address space
+is cut into pools of at most `pool_limit` bytes: a temporary goes to the first pool where it
+fits below the limit, and each pool becomes one device allocation. A barrier goes before a
+kernel only when it touches bytes that an earlier kernel since the last barrier wrote (or
+writes bytes one read).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from alpha_jit.codegen_spirv.lower import Lowered
 
@@ -20,17 +24,26 @@ def _round_up(x: int, a: int) -> int:
 
 @dataclass
 class MemoryPlan:
-    offsets: dict[int, int]  # temp buffer id -> byte offset in the arena
-    arena_bytes: int
+    offsets: dict[int, int]  # temp buffer id -> byte offset in its pool
+    pool_bytes: list[int]  # size of each pool (one device allocation each)
     intervals: dict[int, tuple[int, int]]  # temp buffer id -> (first, last) kernel position
     naive_bytes: int  # what the temporaries would take without reuse
+    pool_of: dict[int, int] = field(default_factory=dict)  # temp buffer id -> pool index
+
+    @property
+    def arena_bytes(self) -> int:
+        """All pools together: the temporaries' peak."""
+        return sum(self.pool_bytes)
 
     def format(self) -> str:
-        return (f"arena: {self.arena_bytes / 2**20:.2f} MiB for {len(self.offsets)} "
+        pools = f" in {len(self.pool_bytes)} pools" if len(self.pool_bytes) > 1 else ""
+        return (f"arena: {self.arena_bytes / 2**20:.2f} MiB{pools} for {len(self.offsets)} "
                 f"temporaries (without reuse {self.naive_bytes / 2**20:.2f} MiB)")
 
 
-def plan_memory(lowered: Lowered, align: int = 256) -> MemoryPlan:
+def plan_memory(lowered: Lowered, align: int = 256, pool_limit: int | None = None
+                ) -> MemoryPlan:
+    """Offsets for every temporary; pools of at most `pool_limit` bytes (None: one pool)."""
     temps = {b.id: b for b in lowered.buffers.values() if b.kind == "temp"}
     end = len(lowered.kernels)
     first: dict[int, int] = {}
@@ -44,23 +57,39 @@ def plan_memory(lowered: Lowered, align: int = 256) -> MemoryPlan:
     for b in [*lowered.outputs, *lowered.state_writes.values()]:
         last[b] = end  # copied out after the last kernel
     intervals = {b: (first.get(b, 0), last.get(b, end)) for b in temps}
-    placed: list[tuple[int, int, int, int]] = []  # (start, end, offset, size)
+    placed: list[list[tuple[int, int, int, int]]] = []  # per pool: (start, end, offset, size)
     offsets: dict[int, int] = {}
+    pool_of: dict[int, int] = {}
     naive = 0
     for b in sorted(temps, key=lambda b: (-temps[b].nbytes, b)):
         size = _round_up(temps[b].nbytes, align)
         naive += size
         s, e = intervals[b]
-        busy = sorted((o, o + sz) for ps, pe, o, sz in placed if not (pe < s or e < ps))
-        off = 0
-        for lo, hi in busy:
-            if off + size <= lo:
+        pool, off = 0, 0
+        while pool < len(placed):
+            off = _lowest_fit(placed[pool], s, e, size, align)
+            if pool_limit is None or off + size <= pool_limit:
                 break
-            off = max(off, _round_up(hi, align))
-        offsets[b] = off
-        placed.append((s, e, off, size))
-    arena = max((o + sz for _, _, o, sz in placed), default=0)
-    return MemoryPlan(offsets, arena, intervals, naive)
+            pool += 1
+        if pool == len(placed):  # a new pool (a value over the limit gets one; plans report it)
+            placed.append([])
+            off = 0
+        offsets[b], pool_of[b] = off, pool
+        placed[pool].append((s, e, off, size))
+    pools = [max(o + sz for _, _, o, sz in items) for items in placed]
+    return MemoryPlan(offsets, pools, intervals, naive, pool_of)
+
+
+def _lowest_fit(items: list[tuple[int, int, int, int]], s: int, e: int, size: int,
+                align: int) -> int:
+    """The lowest offset where `size` bytes live over kernels [s, e] overlap nothing placed."""
+    busy = sorted((o, o + sz) for ps, pe, o, sz in items if not (pe < s or e < ps))
+    off = 0
+    for lo, hi in busy:
+        if off + size <= lo:
+            break
+        off = max(off, _round_up(hi, align))
+    return off
 
 
 def plan_barriers(lowered: Lowered, mem: MemoryPlan, policy: str = "hazard") -> list[bool]:
@@ -75,7 +104,7 @@ def plan_barriers(lowered: Lowered, mem: MemoryPlan, policy: str = "hazard") -> 
         for b in ids:
             if b in mem.offsets:
                 o = mem.offsets[b]
-                out.append(("arena", o, o + lowered.buffers[b].nbytes))
+                out.append((("pool", mem.pool_of[b]), o, o + lowered.buffers[b].nbytes))
             else:
                 out.append((b, 0, 1))
         return out

@@ -94,11 +94,11 @@ class Executable:
         self.traced = traced
         self.profile = profile or os.environ.get("ALPHA_JIT_PROFILE", "") == "1"
         self.device = dev = device or get_device()
+        build = dev.pipelines.begin_build()  # times the build for its "cached under" note
         self.plan: StepPlan = plan_step(traced.graph, dev.caps, traced.state_names())
         self.plan.check_fits()  # before the driver compiles anything
         self.lowered: Lowered = self.plan.lowered
         self.binaries = self.plan.binaries
-        build = dev.pipelines.begin_build()  # times the build for its "cached under" note
         self.pipelines = build.pipelines(self.binaries)  # the driver's compile, with its own bar
         self.mem: MemoryPlan = self.plan.memory
         self.barriers = self.plan.barriers
@@ -113,12 +113,13 @@ class Executable:
     # ---- building ----------------------------------------------------------------------------
     def _allocate(self) -> None:
         dev, low, plan = self.device, self.lowered, self.plan
-        self.arena = dev.alloc(self.mem.arena_bytes) if self.mem.arena_bytes else None
+        self.pools = [dev.alloc(n) for n in self.mem.pool_bytes]
         self.regions: dict[int, tuple[Any, int]] = {}  # buffer id -> (region, byte offset)
         self.states: dict[object, DeviceState] = {}
         for b in low.buffers.values():
             if b.kind == "temp":
-                self.regions[b.id] = (self.arena, self.mem.offsets[b.id])
+                self.regions[b.id] = (self.pools[self.mem.pool_of[b.id]],
+                                      self.mem.offsets[b.id])
             elif b.kind == "state":
                 st = resident(dev, self.traced.state[b.key])
                 self.states[b.key] = st
@@ -140,7 +141,7 @@ class Executable:
     def planned_bytes(self) -> int:
         """Device memory this step's plan asks for: the arena, parameters and optimizer state,
         input/hparam buffers, staging and readback (known before anything runs)."""
-        regions = [self.arena, self.staging, self.readback,
+        regions = [*self.pools, self.staging, self.readback,
                    *(self.regions[bid][0] for bid, _, _ in self.staged),
                    *(st.region for st in self.states.values())]
         return sum(r.size for r in regions if r is not None)
@@ -292,7 +293,7 @@ class Executable:
         self.recording.release()  # waits for this step's last submit
         if self._timed is not None:
             self._timed[1].release()
-        regions = [self.arena, self.staging, self.readback]
+        regions = [*self.pools, self.staging, self.readback]
         regions += [self.regions[bid][0] for bid, _, _ in self.staged]
         for region in regions:
             if region is not None and not region.freed:

@@ -105,6 +105,7 @@ class StepPlan:
                 "regions": [{"what": a.what, "bytes": a.bytes, "heap": a.heap}
                             for a in self.allocations],
                 "arena_bytes": self.memory.arena_bytes,
+                "pools": list(self.memory.pool_bytes),
                 "arena_without_reuse_bytes": self.memory.naive_bytes,
                 "max_allocation_bytes": self.caps.max_memory_allocation_size,
                 "max_binding_bytes": self.caps.max_storage_buffer_range,
@@ -142,7 +143,9 @@ def plan_step(graph: Graph, caps: Capabilities, state_names: dict[object, str] |
         kernels, desc="alpha_jit: generating kernels", unit="kernel",
         disable=not progress or len(kernels) < 64, leave=False)]
     align = max(_ALIGN, caps.min_storage_buffer_offset_alignment)
-    mem = plan_memory(lowered, align)
+    # a pool per device allocation, each within the device's limits (and a binding's range)
+    limit = min(caps.max_memory_allocation_size, 1 << 40) // align * align
+    mem = plan_memory(lowered, align, limit)
     barriers = plan_barriers(lowered, mem, barrier_policy())
     plan = StepPlan(caps, lowered, binaries, mem, barriers,
                     [_kernel_info(i, k, b, lowered) for i, (k, b) in
@@ -156,8 +159,10 @@ def _layout(plan: StepPlan, graph: Graph, names: dict[object, str]) -> None:
     """The allocations, in the order Executable makes them, and the staging/readback layout."""
     low = plan.lowered
     allocs = plan.allocations
-    if plan.memory.arena_bytes:
-        allocs.append(Allocation("arena", plan.memory.arena_bytes, "device"))
+    pools = plan.memory.pool_bytes
+    for i, nbytes in enumerate(pools):
+        allocs.append(Allocation("arena" if len(pools) == 1 else f"arena pool {i}", nbytes,
+                                 "device"))
     states: dict[object, int] = {}
     for b in low.buffers.values():
         if b.kind == "state":
@@ -186,11 +191,11 @@ def _problems(plan: StepPlan) -> list[str]:
     for a in plan.allocations:
         if _round_up(a.bytes, _ALIGN) > caps.max_memory_allocation_size:
             what = a.what
-            if a.what == "arena":
+            if a.what.startswith("arena"):
                 big = max((b for b in low.buffers.values() if b.kind == "temp"),
                           key=lambda b: b.nbytes)
-                what += (f" (the step's temporaries at their peak; the largest is %{big.id} "
-                         f"{big.dtype}{list(big.shape)}, {_gib(big.nbytes)})")
+                what += (f" (the largest temporary is %{big.id} {big.dtype}{list(big.shape)}, "
+                         f"{_gib(big.nbytes)})")
             out.append(f"{what} needs one allocation of {a.bytes} bytes ({_gib(a.bytes)}), over "
                        f"maxMemoryAllocationSize={caps.max_memory_allocation_size} "
                        f"({_gib(caps.max_memory_allocation_size)})")

@@ -161,3 +161,43 @@ def test_profile_switch_gives_kernel_times(monkeypatch, device):
     times = exe.kernel_times()
     assert sorted(i for _, i, _ in times) == list(range(len(exe.lowered.kernels)))
     assert all(ms >= 0 for ms, _, _ in times)
+
+
+def test_pools_split_the_arena_and_the_step_still_computes_the_same(device):
+    """A device with 512 KiB allocations: the temporaries go to several pools, none over the
+    limit, no two values live at once share bytes, and the step's results do not change."""
+    import alpha_jit.runtime.device as devmod
+    from alpha_jit.runtime.plan import plan_memory
+    from alpha_jit.runtime.step import Executable
+
+    def step_fn(x, w1, w2):
+        h = (x @ w1).relu()
+        return ((h @ w2) * h.sum(axis=1, keepdims=True)).mean(axis=0), h.max(axis=1)
+
+    rng = np.random.default_rng(3)
+    x, w1, w2 = (rng.standard_normal(s).astype(np.float32) for s in
+                 ((512, 64), (64, 256), (256, 256)))
+    f = aj.compile(step_fn)
+    want = [v.numpy() for v in f(x, w1, w2)]
+    limit = 512 * 1024  # the staging region (448 KiB of inputs) must fit too
+    small = devmod.Device(dataclasses.replace(device.caps, max_memory_allocation_size=limit))
+    try:
+        traced = aj.compile(step_fn).trace(x, w1, w2)
+        exe = Executable(traced, small)
+        mem = exe.plan.memory
+        assert len(mem.pool_bytes) > 1 and max(mem.pool_bytes) <= limit
+        assert mem.arena_bytes == plan_memory(exe.lowered, 256).arena_bytes  # same peak
+        for a in mem.offsets:
+            for b in mem.offsets:
+                if a < b and mem.pool_of[a] == mem.pool_of[b]:
+                    (s1, e1), (s2, e2) = mem.intervals[a], mem.intervals[b]
+                    o1, o2 = mem.offsets[a], mem.offsets[b]
+                    n1, n2 = (exe.lowered.buffers[i].nbytes for i in (a, b))
+                    live_together = not (e1 < s2 or e2 < s1)
+                    assert not (live_together and o1 < o2 + n2 and o2 < o1 + n1), (a, b)
+        got = [v.numpy() for v in exe([x, w1, w2])]
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+        exe.release()
+    finally:
+        small.close()
