@@ -2,11 +2,11 @@
 
 Tracing records everything the user's Python touched (a forward value never used by the loss,
 a gradient nobody reads); only what flows into a returned value or a state update is kept.
+One sweep backwards from all roots at once: a graph search per root was 70% of the trace time
+at the gpt2 shape.
 """
 
 from __future__ import annotations
-
-import networkx as nx
 
 from alpha_jit.ir.graph import Graph
 from alpha_jit.ir.passes.manager import register_pass
@@ -16,8 +16,13 @@ from alpha_jit.ir.passes.manager import register_pass
 def dce(graph: Graph) -> tuple[Graph, str]:
     g = graph.copy()
     live: set[int] = set()
-    for r in g.roots():
-        live |= nx.ancestors(g.g, r) | {r}
+    stack = list(g.roots())
+    pred = g.g.pred
+    while stack:
+        n = stack.pop()
+        if n not in live:
+            live.add(n)
+            stack.extend(u for u in pred[n] if u not in live)
     dead = [n for n in g.g.nodes if n not in live]
     g.g.remove_nodes_from(dead)
     return g, f"removed {len(dead)} dead nodes, {len(g)} remain"

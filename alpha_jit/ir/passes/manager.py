@@ -59,11 +59,15 @@ def run_passes(graph: Graph, enabled: Iterable[str] | None = None
         unknown = enabled - names
         if unknown:
             raise PassConfigError(f"unknown passes {sorted(unknown)}; available: {sorted(names)}")
+    from alpha_jit.ir.verify import verify
+
+    verify(graph, "tracing")
     history = []
     for p in passes:
         if p.name in disabled or (enabled is not None and p.name not in enabled):
             continue
         graph, summary = p.fn(graph)
+        verify(graph, f"pass {p.name}")
         log.info("pass %s: %s", p.name, summary)
         history.append((p.name, summary, graph.copy()))
     return graph, history
