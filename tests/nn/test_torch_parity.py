@@ -3,15 +3,14 @@
 The interpreter parity tests (tests/e2e) check that the compiled step computes what its own
 graph says; they cannot notice a graph that is consistently wrong (a VJP rule, the AdamW
 formula, the tied head, RoPE, GQA). This file checks the semantics against an independent
-implementation: a small PyTorch re-implementation of `alpha_jit/nn/transformer.py`, loaded
-with the same initial weights, trained with `torch.optim.AdamW` and
-`torch.nn.utils.clip_grad_norm_` on the same batches, must agree with one compiled alpha_jit
-step (loss, pre-clip gradient norm, every updated parameter) and with three in a row (losses).
+implementation: the PyTorch twin of `alpha_jit/nn/transformer.py` in `benchmarks/torch_gpt.py`
+(attention="math": op for op as alpha_jit records it), loaded with the same initial weights,
+trained with `torch.optim.AdamW` and `torch.nn.utils.clip_grad_norm_` on the same batches,
+must agree with one compiled alpha_jit step (loss, pre-clip gradient norm, every updated
+parameter) and with three in a row (losses).
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
@@ -21,8 +20,8 @@ torch = pytest.importorskip(
 
 import alpha_jit as aj  # noqa: E402
 from alpha_jit import nn  # noqa: E402
+from benchmarks.torch_gpt import from_alpha  # noqa: E402
 
-TF = torch.nn.functional
 LR, BETAS, EPS, WD, MAX_NORM = 1e-3, (0.9, 0.95), 1e-8, 0.1, 1.0
 B, T = 4, 12  # T < block_size: exercises the wpe / RoPE table slicing
 
@@ -32,76 +31,6 @@ CONFIGS = {
     "rmsnorm-swiglu-rope-gqa-nobias": nn.GPTConfig(**BASE, norm="rmsnorm", mlp="swiglu",
                                                     pos="rope", n_kv_head=2, bias=False),
 }
-
-
-# ---- the PyTorch reference: transformer.py, written again over a {name: Parameter} dict ----
-class TorchGPT:
-    """Mirrors `alpha_jit.nn.GPT` op for op; parameters keyed by alpha_jit's dotted names."""
-
-    def __init__(self, cfg: nn.GPTConfig, model: nn.GPT):
-        self.cfg = cfg
-        self.p = {name: torch.nn.Parameter(torch.from_numpy(p.numpy().copy()))
-                  for name, p in model.named_parameters()}
-        self.rope = None
-        if cfg.pos == "rope":
-            attn = model.blocks[0].attn
-            self.rope = (torch.from_numpy(attn.rope_cos.numpy().copy()),
-                         torch.from_numpy(attn.rope_sin.numpy().copy()))
-
-    def _linear(self, x, name):
-        return TF.linear(x, self.p[name + ".weight"], self.p.get(name + ".bias"))
-
-    def _norm(self, x, name):
-        w = self.p[name + ".weight"]
-        if self.cfg.norm == "rmsnorm":
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
-        return TF.layer_norm(x, (x.shape[-1],), w, self.p.get(name + ".bias"), eps=1e-5)
-
-    def _rotate(self, x):  # [B, T, H, hd], rotate-half
-        t, hd = x.shape[1], x.shape[-1]
-        cos, sin = (tab[:t].reshape(1, t, 1, hd) for tab in self.rope)
-        rot = torch.cat([-x[..., hd // 2:], x[..., :hd // 2]], dim=-1)
-        return x * cos + rot * sin
-
-    def _attn(self, x, name):
-        cfg = self.cfg
-        b, t, c = x.shape
-        h, kv = cfg.n_head, cfg.n_kv_head or cfg.n_head
-        hd = c // h
-        q = self._linear(x, name + ".q").view(b, t, h, hd)
-        k = self._linear(x, name + ".k").view(b, t, kv, hd)
-        v = self._linear(x, name + ".v").view(b, t, kv, hd)
-        if self.rope is not None:
-            q, k = self._rotate(q), self._rotate(k)
-        if kv != h:  # GQA: query head i reads kv head i // (h / kv)
-            k = k.repeat_interleave(h // kv, dim=2)
-            v = v.repeat_interleave(h // kv, dim=2)
-        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
-        att = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(hd))
-        causal = torch.ones(t, t, dtype=torch.bool).tril()
-        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
-        y = (att @ v).transpose(1, 2).reshape(b, t, c)
-        return self._linear(y, name + ".proj")
-
-    def _mlp(self, x, name):
-        if self.cfg.mlp == "swiglu":
-            return self._linear(TF.silu(self._linear(x, name + ".w1"))
-                                * self._linear(x, name + ".w3"), name + ".proj")
-        return self._linear(TF.gelu(self._linear(x, name + ".fc"), approximate="tanh"),
-                            name + ".proj")
-
-    def loss(self, idx, targets):
-        b, t = idx.shape
-        wte = self.p["wte.weight"]
-        x = wte[idx]
-        if "wpe.weight" in self.p:
-            x = x + self.p["wpe.weight"][:t]
-        for i in range(self.cfg.n_layer):
-            blk = f"blocks.{i}"
-            x = x + self._attn(self._norm(x, blk + ".ln1"), blk + ".attn")
-            x = x + self._mlp(self._norm(x, blk + ".ln2"), blk + ".mlp")
-        logits = TF.linear(self._norm(x, "ln_f"), wte)  # tied LM head
-        return TF.cross_entropy(logits.reshape(b * t, -1), targets.reshape(b * t))
 
 
 # ---- both sides of the comparison ------------------------------------------------------------
@@ -121,30 +50,31 @@ def build(cfg: nn.GPTConfig, seed: int = 0):
         opt.zero_grad()
         return loss, norm
 
-    ref = TorchGPT(cfg, model)
+    ref = from_alpha(model, attention="math")
+    ref_p = dict(ref.named_parameters())  # keyed by alpha_jit's dotted names
     name_of = {id(p): name for name, p in model.named_parameters()}
-    assert sum(len(g["params"]) for g in groups) == len(ref.p)
+    assert sum(len(g["params"]) for g in groups) == len(ref_p)
     t_opt = torch.optim.AdamW(
-        [{"params": [ref.p[name_of[id(p)]] for p in g["params"]],
+        [{"params": [ref_p[name_of[id(p)]] for p in g["params"]],
           "weight_decay": g["weight_decay"]} for g in groups],
         lr=LR, betas=BETAS, eps=EPS, foreach=False)
 
     def torch_step(x, y):
-        loss = ref.loss(torch.from_numpy(x).long(), torch.from_numpy(y).long())
+        loss = ref(torch.from_numpy(x).long(), torch.from_numpy(y).long())
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(list(ref.p.values()), MAX_NORM)
+        norm = torch.nn.utils.clip_grad_norm_(list(ref_p.values()), MAX_NORM)
         t_opt.step()
         t_opt.zero_grad()
         return loss.item(), norm.item()
 
     def torch_moments(pname):
-        st = t_opt.state[ref.p[pname]]
+        st = t_opt.state[ref_p[pname]]
         return st["exp_avg"].numpy(), st["exp_avg_sq"].numpy()
 
     def moments(p):
         return opt.m[p.state_key].numpy(), opt.v[p.state_key].numpy()
 
-    return model, step, ref, torch_step, moments, torch_moments
+    return model, step, ref_p, torch_step, moments, torch_moments
 
 
 def batch(rng, vocab: int):
@@ -178,7 +108,7 @@ def _torch_threads():
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_one_step_matches_torch(name):
     cfg = CONFIGS[name]
-    model, step, ref, torch_step, moments, torch_moments = build(cfg)
+    model, step, ref_p, torch_step, moments, torch_moments = build(cfg)
     x, y = batch(np.random.default_rng(0), cfg.vocab_size)
 
     loss, norm = step(x, y)
@@ -189,7 +119,7 @@ def test_one_step_matches_torch(name):
     bad = []
     all_got, all_want = [], []
     for pname, p in model.named_parameters():
-        got, want = p.numpy(), ref.p[pname].detach().numpy()
+        got, want = p.numpy(), ref_p[pname].detach().numpy()
         # Adam's first update is about lr * sign(g), so the parameters alone hardly test the
         # gradient values: the moments m = (1 - b1) g and v = (1 - b2) g^2 (g after clipping)
         # compare every gradient directly
