@@ -122,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
                       "torch_version": env.torch_version, "torch_device": env.torch_device,
                       "why_no_torch": env.why_no_torch, "why_no_alpha": env.why_no_alpha,
                       "inductor_cache": env.inductor_cache})
+        if env.alpha_device_type == "cpu" and any(bc.name != "tiny" for bc in cfgs):
+            log(f"alpha_jit runs on a CPU device ({env.alpha_device}): small and gpt2 take "
+                "minutes per step there; --configs tiny --gemm-square 256 is a quick look")
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
         report.text("\n".join([f"alpha-jit bench, {stamp}", *env.header()]))
         if "gemm" in sections:

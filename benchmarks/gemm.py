@@ -246,12 +246,14 @@ def alpha_gemm(case: GemmCase, seed: int, target_ms: float, trials: int) -> \
     from alpha_jit.runtime.executor import BarrierCmd, DispatchCmd, FillCmd, TimestampCmd
 
     dev = get_device()
+    bt, m, n, k = case.batch, case.m, case.n, case.k
+    na, nb = case.a.elements(bt, m, k), case.b.elements(bt, k, n)
+    out_bytes = bt * m * n * _ITEMSIZE[case.out_dtype]
+    _check_limits(case, dev.caps, na, nb, out_bytes)  # before any data is made
     binary = generate(case.spec(), dev.caps)
     [pipe] = dev.pipelines.begin_build().pipelines([binary])
-    bt, m, n, k = case.batch, case.m, case.n, case.k
-    sa, va = operand_data(case.a.dtype, case.a.elements(bt, m, k), seed)
-    sb, vb = operand_data(case.b.dtype, case.b.elements(bt, k, n), seed + 7919)
-    out_bytes = bt * m * n * _ITEMSIZE[case.out_dtype]
+    sa, va = operand_data(case.a.dtype, na, seed)
+    sb, vb = operand_data(case.b.dtype, nb, seed + 7919)
     regions, recordings = [], []
     try:
         for arr in (sa, sb):
@@ -305,6 +307,19 @@ def alpha_gemm(case: GemmCase, seed: int, target_ms: float, trials: int) -> \
     return Timing(median(times), reps, times, note), rel_error(case, got, va, vb), got
 
 
+def _check_limits(case: GemmCase, caps: Any, na: int, nb: int, out_bytes: int) -> None:
+    """A buffer the device cannot bind or allocate fails here, naming the buffer and limit."""
+    from alpha_jit.errors import AlphaJitError
+
+    for what, nbytes in (("operand A", na * _ITEMSIZE[case.a.dtype]),
+                         ("operand B", nb * _ITEMSIZE[case.b.dtype]), ("the output", out_bytes)):
+        for limit_name, limit in (("maxStorageBufferRange", caps.max_storage_buffer_range),
+                                  ("maxMemoryAllocationSize", caps.max_memory_allocation_size)):
+            if nbytes > limit:
+                raise AlphaJitError(f"{what} takes {nbytes} bytes, over {caps.name}'s "
+                                    f"{limit_name} ({limit} bytes)")
+
+
 # ---- torch --------------------------------------------------------------------------------------
 def torch_gemm(case: GemmCase, target_ms: float, trials: int) -> tuple[Timing, str]:
     """torch.matmul on CUDA over operands of the same layout; returns (timing, out dtype)."""
@@ -320,7 +335,7 @@ def torch_gemm(case: GemmCase, target_ms: float, trials: int) -> tuple[Timing, s
 
     a, b = operand(case.a, m, k), operand(case.b, k, n)
     want = tdt[case.out_dtype]
-    note = None
+    notes = []
     if want == a.dtype:
         def fn() -> Any:
             return torch.matmul(a, b)
@@ -332,13 +347,16 @@ def torch_gemm(case: GemmCase, target_ms: float, trials: int) -> tuple[Timing, s
             def fn() -> Any:
                 return op(a, b, out_dtype=want)
         except (TypeError, RuntimeError, NotImplementedError) as e:
-            note = f"torch wrote {a.dtype} (no {op.__name__} out_dtype: {short_error(e, 120)})"
+            notes.append(f"torch wrote {case.a.dtype}, alpha_jit {case.out_dtype} (no "
+                         f"{op.__name__} out_dtype here: {short_error(e, 120)})")
 
             def fn() -> Any:
                 return torch.matmul(a, b)
     if case.a.dtype == "f32" and torch.get_float32_matmul_precision() != "highest":
-        note = f"torch f32 matmul precision is {torch.get_float32_matmul_precision()!r} (TF32)"
-    out_dtype = str(fn().dtype).replace("torch.", "")
+        notes.append(f"torch f32 matmul precision is "
+                     f"{torch.get_float32_matmul_precision()!r} (TF32)")
+    wrote = fn().dtype
+    out_dtype = {v: k for k, v in tdt.items()}.get(wrote, str(wrote))
     for _ in range(3):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -357,7 +375,7 @@ def torch_gemm(case: GemmCase, target_ms: float, trials: int) -> tuple[Timing, s
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / reps)
-    return Timing(median(times), reps, tuple(times), note), out_dtype
+    return Timing(median(times), reps, tuple(times), "; ".join(notes) or None), out_dtype
 
 
 # ---- the bench ----------------------------------------------------------------------------------
@@ -381,6 +399,10 @@ def bench(cases: Iterable[GemmCase], env: Environment, seed: int = 0, target_ms:
                     notes.append(t.note)
                 if rel <= tol:
                     alpha_ms, alpha_tf = t.ms, case.flops / (t.ms * 1e-3) / 1e12
+                elif math.isinf(rel):
+                    status, valid = "INVALID", False
+                    error = "alpha_jit's output holds NaN or inf (the inputs are finite)"
+                    why["check_rel_err"] = error
                 else:
                     status, valid = "INVALID", False
                     error = (f"alpha_jit's output is wrong: relative L2 error {rel:.3g} > "

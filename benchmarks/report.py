@@ -218,7 +218,9 @@ def gemm_table(rows: Sequence[GemmRow], known: Sequence[str] = ()) -> str:
     body = []
     for r in rows:
         check = "-" if r.check_rel_err is None else f"{r.check_rel_err:.1e}"
-        body.append([r.dtype, r.out_dtype, f"{r.batch}x{r.m}x{r.n}x{r.k}", r.layout,
+        out = r.out_dtype if r.torch_out_dtype in (None, r.out_dtype) else \
+            f"{r.out_dtype} (torch {r.torch_out_dtype})"
+        body.append([r.dtype, out, f"{r.batch}x{r.m}x{r.n}x{r.k}", r.layout,
                      ",".join(r.uses)[:40], _num(r.alpha_ms, ".3f"), _num(r.alpha_tflops, ".2f"),
                      _num(r.torch_ms, ".3f"), _num(r.torch_tflops, ".2f"),
                      _num(r.ratio, ".3f"), check, _status(r, notes)])

@@ -268,3 +268,13 @@ def test_torch_twin_names_and_attention_spellings():
     arrays.pop("ln_f.weight")
     with pytest.raises(ValueError, match="ln_f.weight"):
         TorchGPT(cfg).load_arrays(arrays)
+
+
+def test_compile_probe_runs_cold_then_warm_from_the_disk_cache():
+    from benchmarks import compile_probe
+
+    cold, warm, note = compile_probe.measure(configs.resolve("tiny"), "bf16", seed=0)
+    # two fresh processes: the second found every kernel on disk (note would say otherwise)
+    # and computed the same first loss
+    assert cold is not None and warm is not None and cold > 0 and warm > 0, note
+    assert note is None
