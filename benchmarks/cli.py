@@ -30,7 +30,9 @@ def _names(text: str) -> list[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Declare `alpha-jit bench`'s options on its subparser."""
-    p.description = __doc__.split("\n\n")[0] if __doc__ else None
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the section list's lines
+    p.description = ("alpha_jit side by side with PyTorch on this machine's GPU.\n\n"
+                     + (__doc__ or "").split("\n", 2)[2])
     p.add_argument("--only", choices=["gemm", "step"], default=None,
                    help="run one section (default: gemm and step)")
     p.add_argument("--configs", default="small,gpt2", metavar="LIST",

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -237,9 +237,10 @@ class Timing:
     note: str | None = None
 
 
-def alpha_gemm(case: GemmCase, seed: int, target_ms: float, trials: int) -> \
-        tuple[Timing, float, np.ndarray]:
-    """Time alpha_jit's kernel for the case's spec; returns (timing, rel error, output)."""
+def alpha_gemm(case: GemmCase, seed: int, target_ms: float, trials: int,
+               check: Callable[..., float] = rel_error) -> tuple[Timing, float, np.ndarray]:
+    """Time alpha_jit's kernel for the case's spec; returns (timing, `check(case, output, A
+    values, B values)`: the relative error, output)."""
     from alpha_jit import dtypes
     from alpha_jit.codegen_spirv.generate import generate
     from alpha_jit.runtime.device import get_device
@@ -304,7 +305,7 @@ def alpha_gemm(case: GemmCase, seed: int, target_ms: float, trials: int) -> \
         for r in regions:
             dev.free(r)
     note = None if use_stamps else "no GPU timestamps on this queue: wall clock of submit+wait"
-    return Timing(median(times), reps, times, note), rel_error(case, got, va, vb), got
+    return Timing(median(times), reps, times, note), check(case, got, va, vb), got
 
 
 def _check_limits(case: GemmCase, caps: Any, na: int, nb: int, out_bytes: int) -> None:
@@ -380,8 +381,9 @@ def torch_gemm(case: GemmCase, target_ms: float, trials: int) -> tuple[Timing, s
 
 # ---- the bench ----------------------------------------------------------------------------------
 def bench(cases: Iterable[GemmCase], env: Environment, seed: int = 0, target_ms: float = 60.0,
-          trials: int = 3) -> Iterable[GemmRow]:
-    """Measure each case on both sides; yields one row per case as it is measured."""
+          trials: int = 3, check: Callable[..., float] = rel_error) -> Iterable[GemmRow]:
+    """Measure each case on both sides; yields one row per case as it is measured. `check`
+    scores alpha_jit's output (tests pass one that sees a deliberately wrong output)."""
     for i, case in enumerate(cases):
         label = f"{case.a.dtype} {case.batch}x{case.m}x{case.n}x{case.k} {case.layout}"
         log(f"gemm {label} ({', '.join(case.uses)})")
@@ -394,7 +396,7 @@ def bench(cases: Iterable[GemmCase], env: Environment, seed: int = 0, target_ms:
             status, error, valid = "does not run", env.why_no_alpha, False
         else:
             try:
-                t, rel, _ = alpha_gemm(case, seed + 104729 * i, target_ms, trials)
+                t, rel, _ = alpha_gemm(case, seed + 104729 * i, target_ms, trials, check)
                 if t.note:
                     notes.append(t.note)
                 if rel <= tol:

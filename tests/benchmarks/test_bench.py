@@ -278,3 +278,16 @@ def test_compile_probe_runs_cold_then_warm_from_the_disk_cache():
     # and computed the same first loss
     assert cold is not None and warm is not None and cold > 0 and warm > 0, note
     assert note is None
+
+
+def test_a_wrong_gemm_output_is_invalid_never_a_speed():
+    def off_by_a_bit(case, got, va, vb):  # the kernel's output, 0.1 % too large
+        return gemm.rel_error(case, got * 1.001, va, vb)
+
+    env = probe(want_torch=False)
+    [row] = gemm.bench([gemm.square(32, "f32")], env, target_ms=1.0, trials=1,
+                       check=off_by_a_bit)
+    assert not row.valid and row.status == "INVALID" and "wrong" in row.error
+    assert row.alpha_ms is None and row.alpha_tflops is None and row.ratio is None
+    assert row.check_rel_err > row.check_tol and "wrong" in row.why_empty["alpha_ms"]
+    assert "INVALID [1]" in report.gemm_table([row])
