@@ -68,7 +68,7 @@ def test_only_gemm_operands_are_low_precision(precision):
 
 def test_bf16_step_against_torch_autocast():
     torch = pytest.importorskip("torch", reason="the autocast comparison needs torch")
-    from tests.nn.test_torch_parity import TorchGPT
+    from benchmarks.torch_gpt import from_alpha
 
     nn.manual_seed(3)
     model = nn.GPT(CFG)
@@ -79,14 +79,13 @@ def test_bf16_step_against_torch_autocast():
     got = {n: g.numpy().astype(np.float64) for n, g in zip(names, grads, strict=True)}
 
     def torch_run(dtype, autocast: bool):
-        ref = TorchGPT(CFG, model)
-        for p in ref.p.values():
-            p.data = p.data.to(dtype)
+        ref = from_alpha(model, attention="math").to(dtype)  # op for op like alpha_jit
+        params = dict(ref.named_parameters())
         xt, yt = torch.from_numpy(x).long(), torch.from_numpy(y).long()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = ref.loss(xt, yt)
+            out = ref(xt, yt)
         out.backward()
-        return float(out.detach()), {n: ref.p[n].grad.double().numpy() for n in names}
+        return float(out.detach()), {n: params[n].grad.double().numpy() for n in names}
 
     ref_loss, ref_grads = torch_run(torch.float64, autocast=False)
     ac_loss, ac_grads = torch_run(torch.float32, autocast=True)
