@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
             text_files.append(stack.enter_context(_open(out / "bench.txt")))
         report = rp.Report(json_files, text_files, sys.stdout)
         options = {k: v for k, v in vars(args).items() if k not in ("func", "parser", "cmd")}
-        report.start({"argv": options, "device": env.alpha_device,
+        stamp = datetime.datetime.now().isoformat(timespec="seconds")
+        report.start({"options": options, "started": stamp, "device": env.alpha_device,
                       "device_type": env.alpha_device_type, "driver": env.alpha_driver,
                       "torch_version": env.torch_version, "torch_device": env.torch_device,
                       "why_no_torch": env.why_no_torch, "why_no_alpha": env.why_no_alpha,
@@ -127,7 +128,6 @@ def run(args: argparse.Namespace) -> int:
         if env.alpha_device_type == "cpu" and any(bc.name != "tiny" for bc in cfgs):
             log(f"alpha_jit runs on a CPU device ({env.alpha_device}): small and gpt2 take "
                 "minutes per step there; --configs tiny --gemm-square 256 is a quick look")
-        stamp = datetime.datetime.now().isoformat(timespec="seconds")
         report.text("\n".join([f"alpha-jit bench, {stamp}", *env.header()]))
         if "gemm" in sections:
             _gemm(args, env, cfgs, gemm_dtypes, report)

@@ -19,7 +19,8 @@ from typing import IO, Any
 
 RUN_KEYS = {
     "kind": "'run': the first line, once per run",
-    "argv": "the command-line arguments of `alpha-jit bench`",
+    "options": "the options `alpha-jit bench` ran with ({option: value})",
+    "started": "local date and time the run started (ISO 8601)",
     "device": "alpha_jit's Vulkan device name (null: none)",
     "device_type": "its Vulkan device type",
     "driver": "its driver",

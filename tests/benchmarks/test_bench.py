@@ -75,7 +75,7 @@ def test_bench_runs_and_writes_json_and_tables(bench):
     status, stdout, rows, out = bench
     assert status == 0
     assert rows[0]["kind"] == "run" and set(rows[0]) == set(report.RUN_KEYS)
-    assert rows[0]["device"] and rows[0]["argv"]["configs"] == "tiny"
+    assert rows[0]["device"] and rows[0]["options"]["configs"] == "tiny"
     assert "GEMM: alpha_jit kernel vs torch.matmul" in stdout
     assert "GPT training step" in stdout
     assert (out / "dir" / "bench.jsonl").read_text().splitlines() == \
