@@ -189,7 +189,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _status(row: RowBase, notes: list[str]) -> str:
     """The status cell; anything worth a sentence becomes a numbered footnote."""
-    if row.status == "ok" and not row.error:
+    if row.status == "ok" and not row.error and not row.notes:
         return "ok"
     notes.append(row.error or "; ".join(row.notes) or row.status)
     return f"{row.status} [{len(notes)}]"
