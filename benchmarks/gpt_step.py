@@ -17,9 +17,10 @@ side, a row with:
   right after vkQueueSubmit; eager PyTorch after launching every kernel).
 
 Parity guard: the first `parity_steps` losses (10) of alpha_jit and of PyTorch eager, from the
-same weights on the same batch, must agree to `parity_tol` (1e-2) relative at every step; where
-eager and torch.compile themselves drift apart by more than that (bf16 trajectories do, on
-`gpt2`), agreeing with torch.compile is accepted instead and the row says so (`_verdicts`).
+same weights on the same batch, must agree to `parity_tol` (1e-2) relative at every step; a
+bf16 row that misses it is still valid when it is no farther from PyTorch's f32 run (same
+weights and batch) than eager's bf16 losses are, and says so (`_verdicts`: bf16 trajectories
+drift, eager and torch.compile themselves ended up to 1.1% apart on `gpt2`).
 A row that disagrees is INVALID: it shows both losses and no speed. Without CUDA the guard runs
 eager PyTorch on the CPU when that is cheap (the tiny config); otherwise the alpha_jit row is
 "unchecked". A side that cannot run (out of memory, a
@@ -260,8 +261,12 @@ def bench_config(bc: BenchConfig, precision: str, env: Environment, opts: StepOp
         torch_why = (f"{env.why_no_torch}; the parity guard would run PyTorch on the CPU, and "
                      f"{n} steps of {bc.label} ({flops * n:.2g} FLOPs) exceed the "
                      f"{CPU_GUARD_MAX_FLOPS:.0e} it may spend there")
+    f32 = None
+    if precision != "f32" and env.torch_timed and EAGER in runs and runs[EAGER].error is None:
+        log(f"step {bc.label} {precision}: torch eager in f32 (the parity guard's arbiter)")
+        f32 = measure_torch(bc, "f32", init, xy, "cuda", False, n, 0, 0, 0)
     tol = opts.parity_tol
-    verdicts = _verdicts(runs, guard, tol, torch_why)
+    verdicts = _verdicts(runs, guard, tol, torch_why, f32)
     alpha_ok = alpha.error is None and _finite(alpha.losses) and verdicts[ALPHA].ok
     compile_times = _compile_times(bc, precision, opts, alpha_ok)
     speeds = {s: r.ms for s, r in runs.items() if r.error is None and r.ms is not None
@@ -273,15 +278,16 @@ def bench_config(bc: BenchConfig, precision: str, env: Environment, opts: StepOp
 
 
 def _verdicts(runs: dict[str, SideRun], guard: Callable[..., Parity], tol: float,
-              torch_why: str | None) -> dict[str, Parity]:
-    """alpha_jit against PyTorch: eager is the reference, torch.compile the second opinion.
+              torch_why: str | None, f32: SideRun | None = None) -> dict[str, Parity]:
+    """alpha_jit against PyTorch eager (the reference), with PyTorch in f32 as the arbiter.
 
-    In bf16 the trajectories of two correct implementations drift apart step by step; on the
-    H200 `gpt2` B8 eager and torch.compile ended 1.1% apart after 10 steps while alpha_jit and
-    torch.compile were 0.07% apart. So alpha_jit's row is valid when it agrees with eager, or
-    with torch.compile where eager and torch.compile disagree with each other; the row says
-    which. A torch.compile row that drifts from eager is still PyTorch's own measurement: it
-    keeps its time and carries the disagreement as a note (`Parity.ok` True, `why` set)."""
+    In bf16 two correct implementations drift apart step by step, and on one batch repeated at
+    lr 6e-4 the drift grows fast: on the H200, `gpt2` B8 eager and torch.compile ended 0.2% to
+    1.1% apart after 10 steps, run to run. So a bf16 alpha_jit row that misses `tol` against
+    eager is still valid when its losses are no farther from PyTorch's f32 trajectory (`f32`,
+    same weights and batch) than eager's bf16 losses are: it computes at least as accurately as
+    the reference; the row says so. A torch.compile row that drifts from eager is PyTorch's own
+    measurement: it keeps its time and carries the drift as a note (`Parity.ok` True, `why`)."""
     eager = runs.get(EAGER)
     out = {EAGER: unchecked("this is the reference", tol)}
     if eager is None or eager.error is not None:
@@ -293,8 +299,7 @@ def _verdicts(runs: dict[str, SideRun], guard: Callable[..., Parity], tol: float
         return out
     ref = f"{EAGER} on {eager.device}"
     comp = runs.get(COMPILE)
-    comp_ok = comp is not None and comp.error is None and bool(comp.losses)
-    if comp_ok:
+    if comp is not None and comp.error is None and comp.losses:
         v = guard(comp.losses, eager.losses, tol, ref)
         out[COMPILE] = v if v.ok else Parity(
             True, True, v.max_rel, v.steps, tol, ref,
@@ -302,12 +307,15 @@ def _verdicts(runs: dict[str, SideRun], guard: Callable[..., Parity], tol: float
     run = runs.get(ALPHA)
     if run is not None and run.error is None:
         v = guard(run.losses, eager.losses, tol, ref)
-        if not v.ok and comp_ok and out[COMPILE].why is not None:
-            second = guard(run.losses, comp.losses, tol, f"{COMPILE} on {comp.device}")
-            if second.ok:
-                v = Parity(True, True, second.max_rel, second.steps, tol, second.reference,
-                           f"agrees with {COMPILE} (max relative {second.max_rel:.2g}); "
-                           f"{EAGER} differs from both ({v.why})")
+        if not v.ok and v.max_rel is not None and math.isfinite(v.max_rel) \
+                and f32 is not None and f32.error is None and f32.losses:
+            ours = guard(run.losses, f32.losses, 0.0, "f32").max_rel
+            theirs = guard(eager.losses, f32.losses, 0.0, "f32").max_rel
+            if ours is not None and theirs is not None and ours <= max(tol, theirs):
+                v = Parity(True, True, v.max_rel, v.steps, tol, ref,
+                           f"{v.why}; but PyTorch in f32 (same weights and batch) is within "
+                           f"{ours:.2g} of alpha_jit and {theirs:.2g} of {EAGER} bf16: "
+                           "alpha_jit is the closer one")
         out[ALPHA] = v
     return out
 
