@@ -19,8 +19,8 @@ side, a row with:
 Parity guard: the first `parity_steps` losses (10) of alpha_jit and of PyTorch eager, from the
 same weights on the same batch, must agree to `parity_tol` (1e-2) relative at every step; a
 bf16 row that misses it is still valid when it agrees with PyTorch's f32 run (same weights and
-batch) to `parity_tol`, or no worse than eager's bf16 losses do, and says so (`_verdicts`: bf16 trajectories
-drift, eager and torch.compile themselves ended up to 1.1% apart on `gpt2`).
+batch) to `parity_tol`, or no worse than eager's bf16 losses do, and says so (`_verdicts`:
+bf16 trajectories drift, eager and torch.compile themselves ended up to 1.1% apart on `gpt2`).
 A row that disagrees is INVALID: it shows both losses and no speed. Without CUDA the guard runs
 eager PyTorch on the CPU when that is cheap (the tiny config); otherwise the alpha_jit row is
 "unchecked". A side that cannot run (out of memory, a
@@ -285,7 +285,8 @@ def _verdicts(runs: dict[str, SideRun], guard: Callable[..., Parity], tol: float
     lr 6e-4 the drift grows fast: on the H200, `gpt2` B8 eager and torch.compile ended 0.2% to
     1.1% apart after 10 steps, run to run. So a bf16 alpha_jit row that misses `tol` against
     eager is still valid when its losses agree with PyTorch's f32 trajectory (`f32`, same
-    weights and batch) within `tol`, or no worse than eager's bf16 losses do; the row says so. A torch.compile row that drifts from eager is PyTorch's own
+    weights and batch) within `tol`, or no worse than eager's bf16 losses do; the row says so.
+    A torch.compile row that drifts from eager is PyTorch's own
     measurement: it keeps its time and carries the drift as a note (`Parity.ok` True, `why`)."""
     eager = runs.get(EAGER)
     out = {EAGER: unchecked("this is the reference", tol)}
