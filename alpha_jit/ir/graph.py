@@ -27,10 +27,16 @@ class Provenance:
     module: str = ""  # module path such as "blocks.3.attn.qkv"
     phase: str = "fwd"  # fwd | bwd | opt
     created_by: str = "trace"  # the pass that created the node
+    model: str = ""  # "transformer.py:118": the line in alpha_jit's own layers, if any
 
     def where(self) -> str:
         mod = f" (module {self.module})" if self.module else ""
         return f"{self.file}:{self.line} in {self.func}{mod}"
+
+    def source(self) -> str:
+        """"file:line", plus the alpha_jit layer line behind it when there is one."""
+        base = f"{self.file}:{self.line}"
+        return f"{base} ({self.model})" if self.model else base
 
     def short(self) -> str:
         base = self.file.rsplit("/", 1)[-1]

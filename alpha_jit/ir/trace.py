@@ -25,6 +25,9 @@ _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _STACK: list[TraceContext] = []
 
 
+_MODEL_DIR = os.path.join(_PKG_DIR, "nn") + os.sep  # alpha_jit's own models and layers
+
+
 def user_frame() -> tuple[str, int, str]:
     """The innermost stack frame outside the alpha_jit package: the user's line."""
     f = sys._getframe(1)
@@ -34,6 +37,21 @@ def user_frame() -> tuple[str, int, str]:
             return fn, f.f_lineno, f.f_code.co_name
         f = f.f_back
     return "?", 0, "?"
+
+
+def model_line() -> str:
+    """"file.py:line" of the innermost frame in alpha_jit's model code (`alpha_jit/nn`), or "":
+    for alpha_jit's own GPT the user's line is only the call of the step, so profiles and dumps
+    also name the layer's line (e.g. transformer.py:118, the attention scores)."""
+    f = sys._getframe(1)
+    while f is not None:
+        fn = f.f_code.co_filename
+        if fn.startswith(_MODEL_DIR):
+            return f"{os.path.basename(fn)}:{f.f_lineno}"
+        if not fn.startswith(_PKG_DIR + os.sep):
+            return ""
+        f = f.f_back
+    return ""
 
 
 @dataclass
@@ -76,7 +94,7 @@ class TraceContext:
             return self.prov_override.with_(phase=self.phase, created_by=self.created_by)
         file, line, func = user_frame()
         return Provenance(file, line, func, ".".join(self.module_stack), self.phase,
-                          self.created_by)
+                          self.created_by, model_line())
 
     @contextmanager
     def in_phase(self, phase: str) -> Iterator[None]:

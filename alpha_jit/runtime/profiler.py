@@ -149,8 +149,10 @@ class Profile:
 
 
 def _short(source: str) -> str:
-    path, _, line = source.rpartition(":")
-    return f"{path.rsplit('/', 1)[-1]}:{line}"
+    """A source without folders: "train.py:56", or "train.py:56 (layers.py:30)"."""
+    base, sep, model = source.partition(" (")
+    path, _, line = base.rpartition(":")
+    return f"{path.rsplit('/', 1)[-1]}:{line}{sep}{model}"
 
 
 def profile(exe: Any, args: list[Any], steps: int = 10, warmup: int = 3,

@@ -51,7 +51,9 @@ class KernelInfo:
     flops: int  # arithmetic, from the spec (2mnk for a GEMM, one per element and op otherwise)
     module: str  # module paths of the fused nodes, joined by ", "
     phase: str  # fwd | bwd | opt, or several joined by "+"
-    sources: tuple[str, ...]  # file:line of every fused graph node, first appearance first
+    # file:line of every fused graph node, first appearance first, with the alpha_jit layer line
+    # behind it where there is one: "train_gpt.py:88 (transformer.py:118)"
+    sources: tuple[str, ...]
     passes: tuple[str, ...]  # what created the nodes ("trace", "autodiff", a pass name)
 
     def to_json(self) -> dict[str, Any]:
@@ -214,7 +216,7 @@ def _problems(plan: StepPlan) -> list[str]:
 def _kernel_info(i: int, k: LoweredKernel, binary: KernelBinary, low: Lowered) -> KernelInfo:
     g = low.graph
     provs = [g.prov(n) for n in k.nodes if n in g.g] or [k.prov]
-    sources = tuple(dict.fromkeys(f"{p.file}:{p.line}" for p in provs))
+    sources = tuple(dict.fromkeys(p.source() for p in provs))
     modules = [m for m in dict.fromkeys(p.module for p in provs) if m]
     phases = "+".join(dict.fromkeys(p.phase for p in provs))
     passes = tuple(dict.fromkeys(p.created_by for p in provs))
