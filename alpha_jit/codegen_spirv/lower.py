@@ -9,7 +9,9 @@ writes, which the planner turns into a memory arena and barriers.
 
 from __future__ import annotations
 
+import importlib
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -23,6 +25,34 @@ from alpha_jit.ir.graph import Graph, Provenance, freeze_attrs
 from alpha_jit.ir.ops import registry
 
 LEAVES = ("input", "state", "hparam")
+# lowering classes that become one kernel per graph node; "kernel" ops bring their own lowering
+PER_NODE = ("reduction", "matmul", "gather", "scatter", "kernel")
+_KERNEL_LOWERINGS: dict[str, Callable[[_Lowerer, int], None]] = {}
+
+
+def register_kernel_lowering(op: str) -> Callable[[Callable[[_Lowerer, int], None]],
+                                                  Callable[[_Lowerer, int], None]]:
+    """Decorator: `fn(lowerer, node)` emits the kernel(s) of an op whose lowering class is
+    "kernel" (an op with its own kernel family, e.g. fused attention), through the lowerer's
+    `need_view`, `_contiguous`, `materialize_view` and `_emit`. The module defining it is listed
+    in `codegen_spirv/kernels/__init__.py: KERNEL_MODULES`."""
+    def deco(fn: Callable[[_Lowerer, int], None]) -> Callable[[_Lowerer, int], None]:
+        _KERNEL_LOWERINGS[op] = fn
+        return fn
+
+    return deco
+
+
+def kernel_lowering(op: str) -> Callable[[_Lowerer, int], None]:
+    if op not in _KERNEL_LOWERINGS:
+        from alpha_jit.codegen_spirv.kernels import KERNEL_MODULES
+
+        for mod in KERNEL_MODULES:
+            importlib.import_module(f"alpha_jit.codegen_spirv.kernels.{mod}")
+    if op not in _KERNEL_LOWERINGS:
+        raise InternalCompilerError("lowering", f"op {op!r} has lowering class 'kernel' but no "
+                                    "registered kernel lowering (register_kernel_lowering)")
+    return _KERNEL_LOWERINGS[op]
 
 
 @dataclass
@@ -344,6 +374,8 @@ class _Lowerer:
                           ("dtype", g.dtype(n).name), ("src_offset", src.offset),
                           ("ids_offset", ids.offset))
             self._emit(cls, f"{op}_{rows}x{dim}", params, [src.base, ids.base], [n], [n], n)
+        elif cls == "kernel":
+            kernel_lowering(op)(self, n)
         else:
             raise InternalCompilerError("lowering", f"no lowering for %{n} = {op} ({cls})",
                                         g.prov(n).where())
@@ -365,7 +397,7 @@ class _Lowerer:
                 kind = g.op(n)
                 key = {"input": "index", "state": "key", "hparam": "key"}[kind]
                 self.out.buffers[n] = Buffer(n, kind, g.shape(n), g.dtype(n), g.attrs(n)[key])
-            elif cls in ("reduction", "matmul", "gather", "scatter"):
+            elif cls in PER_NODE:
                 self.out.buffers[n] = Buffer(n, "temp", g.shape(n), g.dtype(n))
             elif cls == "elementwise":
                 grp = self.group[n]
@@ -377,7 +409,7 @@ class _Lowerer:
             cls = self._cls(n)
             if cls == "elementwise":
                 unit[n] = ("g", self.group[n])
-            elif cls in ("reduction", "matmul", "gather", "scatter"):
+            elif cls in PER_NODE:
                 unit[n] = ("k", n)
             else:
                 unit[n] = ("n", n)

@@ -15,9 +15,10 @@ import numpy as np
 
 from alpha_jit.dtypes import DType
 
-# lowering classes: how lower.py turns a node into kernels
+# lowering classes: how lower.py turns a node into kernels ("kernel": the op has its own kernel
+# family and registers its lowering with `codegen_spirv.lower.register_kernel_lowering`)
 LOWERINGS = ("input", "constant", "elementwise", "view", "reduction", "matmul", "gather",
-             "scatter")
+             "scatter", "kernel")
 
 
 @dataclass(frozen=True)
