@@ -35,6 +35,12 @@ _FAMILIES = {
 
 
 def _generator(family: str) -> Any:
+    if family not in _FAMILIES:  # a family defined by a kernel module's FAMILIES dict
+        from alpha_jit.codegen_spirv.kernels import import_all
+
+        for mod in import_all():
+            for fam, fn_name in getattr(mod, "FAMILIES", {}).items():
+                _FAMILIES.setdefault(fam, (mod.__name__.rsplit(".", 1)[-1], fn_name))
     if family not in _FAMILIES:
         raise KeyError(f"no kernel generator for family {family!r}")
     mod_name, fn_name = _FAMILIES[family]

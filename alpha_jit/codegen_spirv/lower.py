@@ -9,7 +9,6 @@ writes, which the planner turns into a memory arena and barriers.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,8 +33,8 @@ def register_kernel_lowering(op: str) -> Callable[[Callable[[_Lowerer, int], Non
                                                   Callable[[_Lowerer, int], None]]:
     """Decorator: `fn(lowerer, node)` emits the kernel(s) of an op whose lowering class is
     "kernel" (an op with its own kernel family, e.g. fused attention), through the lowerer's
-    `need_view`, `_contiguous`, `materialize_view` and `_emit`. The module defining it is listed
-    in `codegen_spirv/kernels/__init__.py: KERNEL_MODULES`."""
+    `need_view`, `_contiguous`, `materialize_view` and `_emit`. Define it in a module of
+    `codegen_spirv/kernels/` (all of them are imported when such an op is lowered)."""
     def deco(fn: Callable[[_Lowerer, int], None]) -> Callable[[_Lowerer, int], None]:
         _KERNEL_LOWERINGS[op] = fn
         return fn
@@ -45,10 +44,9 @@ def register_kernel_lowering(op: str) -> Callable[[Callable[[_Lowerer, int], Non
 
 def kernel_lowering(op: str) -> Callable[[_Lowerer, int], None]:
     if op not in _KERNEL_LOWERINGS:
-        from alpha_jit.codegen_spirv.kernels import KERNEL_MODULES
+        from alpha_jit.codegen_spirv.kernels import import_all
 
-        for mod in KERNEL_MODULES:
-            importlib.import_module(f"alpha_jit.codegen_spirv.kernels.{mod}")
+        import_all()
     if op not in _KERNEL_LOWERINGS:
         raise InternalCompilerError("lowering", f"op {op!r} has lowering class 'kernel' but no "
                                     "registered kernel lowering (register_kernel_lowering)")

@@ -1,7 +1,19 @@
 """Kernel generators, one module per family.
 
-`KERNEL_MODULES` lists the modules that register a lowering for an op of lowering class
-"kernel" (`lower.register_kernel_lowering`); they are imported when such an op is lowered.
+A module may define `FAMILIES = {family: generator function name}` (families beyond the built-in
+ones in `generate.py`) and register lowerings for ops of lowering class "kernel"
+(`lower.register_kernel_lowering`); `import_all()` imports every module here so that both are
+found without a central list to edit.
 """
 
-KERNEL_MODULES: tuple[str, ...] = ()
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from types import ModuleType
+
+
+def import_all() -> list[ModuleType]:
+    """Every kernel module of this package, imported."""
+    return [importlib.import_module(f"{__name__}.{info.name}")
+            for info in pkgutil.iter_modules(__path__)]

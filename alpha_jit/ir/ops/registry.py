@@ -69,12 +69,13 @@ def scalar_rule(op: str, emitter: Any, attrs: tuple | dict, args: list[Any]) -> 
 
 
 def _ensure_loaded() -> None:
-    # importing the op modules registers them; done lazily to avoid import cycles
-    from alpha_jit.ir.ops import (  # noqa: F401
-        elementwise,
-        layout,
-        linalg,
-        random,
-        reduction,
-        sources,
-    )
+    # importing the op modules registers them; done lazily to avoid import cycles. Every module
+    # of this package is an op module, so a new one needs no list to be edited.
+    import importlib
+    import pkgutil
+
+    from alpha_jit.ir import ops
+
+    for info in pkgutil.iter_modules(ops.__path__):
+        if info.name not in ("registry", "rules"):
+            importlib.import_module(f"alpha_jit.ir.ops.{info.name}")
