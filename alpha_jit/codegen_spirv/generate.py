@@ -27,6 +27,7 @@ COUNTS: collections.Counter[str] = collections.Counter()  # memory / disk / gene
 # family -> (module under kernels/, generator function); imported on first use
 _FAMILIES = {
     "elementwise": ("elementwise", "generate_elementwise"),
+    "elementwise_multi": ("elementwise", "generate_elementwise_multi"),
     "reduction": ("reduction", "generate_reduction"),
     "matmul": ("matmul", "generate_matmul"),
     "gather": ("gather", "generate_gather"),
@@ -46,7 +47,7 @@ def _generator(family: str) -> Any:
     mod_name, fn_name = _FAMILIES[family]
     mod = importlib.import_module(f"alpha_jit.codegen_spirv.kernels.{mod_name}")
     fn = getattr(mod, fn_name)
-    if family == "elementwise":  # the IR's op registry supplies each op's scalar rule
+    if family in ("elementwise", "elementwise_multi"):  # the IR's registry supplies the rules
         return lambda spec, caps: fn(spec, caps, registry.scalar_rule)
     return fn
 

@@ -27,6 +27,7 @@ from alpha_jit.errors import AlphaJitError
 from alpha_jit.ir.graph import Graph
 from alpha_jit.runtime.caps import Capabilities
 from alpha_jit.runtime.plan import MemoryPlan, plan_barriers, plan_memory
+from alpha_jit.schedule import horizontal
 
 _ALIGN = 256  # every region starts on this (descriptor offsets on any driver)
 _STAGE_ALIGN = 16  # inputs and outputs in the staging/readback regions
@@ -140,6 +141,8 @@ def plan_step(graph: Graph, caps: Capabilities, state_names: dict[object, str] |
     """Lower, generate and plan `graph` for a device described by `caps` (no device needed).
     `state_names`: state key -> the parameter's name, for the allocation list."""
     lowered = lower(graph, min(caps.max_storage_buffers_per_stage, 64))
+    if horizontal.enabled():  # one multi-tensor kernel per group of same-expression kernels
+        horizontal.fuse_horizontally(lowered, min(caps.max_storage_buffers_per_stage, 512))
     kernels = lowered.kernels
     binaries = [generate(k.spec, caps) for k in tqdm(
         kernels, desc="alpha_jit: generating kernels", unit="kernel",
@@ -237,8 +240,9 @@ def kernel_flops(k: LoweredKernel, low: Lowered) -> int:
     fam = k.spec.family
     if fam == "matmul":
         return 2 * p["batch"] * p["m"] * p["n"] * p["k"]
-    if fam == "elementwise":
-        numel = int(np.prod(p["shape"], dtype=np.int64))
+    if fam in ("elementwise", "elementwise_multi"):
+        shapes = [p["shape"]] if fam == "elementwise" else [s[0] for s in p["segments"]]
+        numel = sum(int(np.prod(shape, dtype=np.int64)) for shape in shapes)
         return numel * sum(1 for op, *_ in p["exprs"] if op != "copy")
     if fam == "reduction":
         rows = int(np.prod(p["outer_shape"], dtype=np.int64))

@@ -109,12 +109,53 @@ def _windowed_load(kb: KernelBuilder, ix: _Indexer, buf: object, dt: str,
     return var.get()
 
 
+def _emit_region(kb: KernelBuilder, em: ScalarEmitter, lin: Value, shape: Sequence[int],
+                 inputs: Sequence[tuple], in_bufs: Sequence[Any], exprs: Sequence[tuple],
+                 outputs: Sequence[tuple], out_bufs: Sequence[Any], scalar_rule: ScalarRule,
+                 name: str) -> None:
+    """The body for element `lin` of one region: load the inputs it uses (each once), evaluate
+    the expressions with the IR's scalar rules, store every output at `lin`."""
+    ix = _Indexer(kb, lin, shape)
+    loaded: dict[int, Value] = {}
+    values: list[Value] = []
+
+    def arg(a: tuple) -> Value:
+        tag = a[0]
+        if tag == "in":
+            i = a[1]
+            if i not in loaded:  # load each input once, only if used
+                dt, strides, off, *window = inputs[i]
+                if window:  # padded input: read only inside the window, 0 outside
+                    v = _windowed_load(kb, ix, in_bufs[i], dt, strides, off, window[0])
+                else:
+                    v = in_bufs[i].load(ix.offset(strides, off))
+                loaded[i] = kb.cast(v, "bool") if dt == "bool" else v
+            return loaded[i]
+        if tag == "e":
+            return values[a[1]]
+        if tag == "const":
+            return em.const(a[1], a[2])
+        if tag == "iota":  # axis -1: the linear element index
+            return ix.axis(a[1]) if a[1] >= 0 else kb.cast(ix.lin, "i32")
+        raise ValueError(f"{name}: unknown expression argument {a!r}")
+
+    for op, _dt, attrs, args in exprs:
+        values.append(scalar_rule(op, em, _attrs(attrs), [arg(a) for a in args]))
+    for buf, (dt, j) in zip(out_bufs, outputs, strict=True):
+        buf.store(lin, kb.cast(values[j], compute_dtype(storage_dtype(dt))))
+
+
+def _need_rule(scalar_rule: ScalarRule | None) -> ScalarRule:
+    if scalar_rule is None:
+        raise TypeError("elementwise generators need the IR's scalar_rule(op, emitter, attrs, "
+                        "args)")
+    return scalar_rule
+
+
 def generate_elementwise(spec: KernelSpec, caps: object = None,
                          scalar_rule: ScalarRule | None = None) -> KernelBinary:
     """SPIR-V for one fused elementwise region (see the module docstring for the spec)."""
-    if scalar_rule is None:
-        raise TypeError("generate_elementwise needs the IR's scalar_rule(op, emitter, attrs, "
-                        "args)")
+    rule = _need_rule(scalar_rule)
     p = dict(spec.params)
     shape = tuple(p["shape"])
     inputs, exprs, outputs = p["inputs"], p["exprs"], p["outputs"]
@@ -129,37 +170,45 @@ def generate_elementwise(spec: KernelSpec, caps: object = None,
     em = ScalarEmitter(kb)
     gid = pc["base"] + kb.workgroup_id(0) * local + kb.local_id(0)
     with kb.if_(gid < pc["count"]):
-        ix = _Indexer(kb, gid, shape)
-        loaded: dict[int, Value] = {}
-
-        def arg(a: tuple) -> Value:
-            tag = a[0]
-            if tag == "in":
-                i = a[1]
-                if i not in loaded:  # load each input once, only if used
-                    dt, strides, off, *window = inputs[i]
-                    if window:  # padded input: read only inside the window, 0 outside
-                        v = _windowed_load(kb, ix, in_bufs[i], dt, strides, off, window[0])
-                    else:
-                        v = in_bufs[i].load(ix.offset(strides, off))
-                    loaded[i] = kb.cast(v, "bool") if dt == "bool" else v
-                return loaded[i]
-            if tag == "e":
-                return values[a[1]]
-            if tag == "const":
-                return em.const(a[1], a[2])
-            if tag == "iota":  # axis -1: the linear element index
-                return ix.axis(a[1]) if a[1] >= 0 else kb.cast(ix.lin, "i32")
-            raise ValueError(f"{spec.name}: unknown expression argument {a!r}")
-
-        values: list[Value] = []
-        for op, _dt, attrs, args in exprs:
-            values.append(scalar_rule(op, em, _attrs(attrs), [arg(a) for a in args]))
-        for buf, (dt, j) in zip(out_bufs, outputs, strict=True):
-            buf.store(gid, kb.cast(values[j], compute_dtype(storage_dtype(dt))))
+        _emit_region(kb, em, gid, shape, inputs, in_bufs, exprs, outputs, out_bufs, rule,
+                     spec.name)
     dispatches = [Dispatch((g, 1, 1), pack_push_constants([("u32", n), ("u32", base)]))
                   for g, base in launch_plan(n, local, caps)]
     return kb.binary(spec, dispatches, notes={"elements": n, "variant": f"flat x{local}"})
+
+
+def generate_elementwise_multi(spec: KernelSpec, caps: object = None,
+                               scalar_rule: ScalarRule | None = None) -> KernelBinary:
+    """One dispatch over several independent regions that share an expression but not shapes
+    or buffers (a multi-tensor kernel: the optimizer update or a cast of every parameter).
+
+    Spec (family "elementwise_multi"): ("bindings", ((dtype, writable), ...)) in binding order;
+    ("exprs", ...) and ("outputs", ((dtype, expr_index), ...)) shared by every segment;
+    ("segments", ((shape, ((binding, dtype, strides, offset[, window]), ...), (out binding,
+    ...)), ...)). Threads are numbered over the segments one after another; each runs the
+    region of the segment its number falls in."""
+    rule = _need_rule(scalar_rule)
+    p = dict(spec.params)
+    exprs, outputs, segments = p["exprs"], p["outputs"], p["segments"]
+    local = local_size_for(caps)
+    kb = KernelBuilder(spec.name, local, caps)
+    bufs = [kb.buffer(f"b{i}", storage_dtype(dt), writable=w)
+            for i, (dt, w) in enumerate(p["bindings"])]
+    pc = kb.push_constants([("count", "u32"), ("base", "u32")])
+    em = ScalarEmitter(kb)
+    gid = pc["base"] + kb.workgroup_id(0) * local + kb.local_id(0)
+    start = 0
+    for shape, ins, outs in segments:
+        n = math.prod(shape)
+        with kb.if_((gid >= start) & (gid < start + n)):
+            lin = gid - start if start else gid
+            _emit_region(kb, em, lin, shape, [i[1:] for i in ins], [bufs[i[0]] for i in ins],
+                         exprs, outputs, [bufs[o] for o in outs], rule, spec.name)
+        start += n
+    dispatches = [Dispatch((g, 1, 1), pack_push_constants([("u32", start), ("u32", base)]))
+                  for g, base in launch_plan(start, local, caps)]
+    return kb.binary(spec, dispatches, notes={
+        "elements": start, "variant": f"multi-tensor x{len(segments)} flat x{local}"})
 
 
 def reference_elementwise(spec: KernelSpec, arrays: Sequence[np.ndarray],

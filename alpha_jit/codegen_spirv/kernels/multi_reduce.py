@@ -1,0 +1,111 @@
+"""Multi-tensor reduction kernels: the sum of squares of many tensors in two dispatches.
+
+Stage 1 (`sumsq_partial`): every tensor gets workgroups in proportion to its size; a workgroup
+finds its tensor once (an unrolled comparison of its id against each tensor's first group),
+walks its slice of that tensor with a stride, and writes one partial sum. Stage 2
+(`sumsq_final`): one workgroup adds the partials of every stage-1 kernel. Tensors beyond the
+device's bindings per stage go to further stage-1 kernels. All sums in f32; a NaN or inf in any
+tensor reaches the result as numpy's sum would carry it.
+
+Spec "sumsq_partial": ("segments", ((binding, dtype, offset, numel, groups), ...)),
+("groups", total). Bindings: the distinct input buffers, then the partials (f32[groups]).
+Spec "sumsq_final": ("parts", (n0, n1, ...)). Bindings: each partials buffer, then the f32
+scalar output.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from alpha_jit import dtypes
+
+from ..dsl import KernelBuilder, max_groups_x
+from ..kernel import Dispatch, KernelBinary, KernelSpec
+from ..lower import Buffer, register_kernel_lowering
+from .elementwise import local_size_for, storage_dtype
+from .reduction import _WorkgroupReducer
+
+FAMILIES = {"sumsq_partial": "generate_sumsq_partial", "sumsq_final": "generate_sumsq_final"}
+_PER_THREAD = 16  # elements each thread adds before the workgroup reduction
+
+
+def generate_sumsq_partial(spec: KernelSpec, caps: object = None) -> KernelBinary:
+    p = dict(spec.params)
+    segments, total = p["segments"], int(p["groups"])
+    local = local_size_for(caps)
+    kb = KernelBuilder(spec.name, local, caps)
+    n_in = max(b for b, *_ in segments) + 1
+    dts = {b: dt for b, dt, *_ in segments}
+    bufs = [kb.buffer(f"x{i}", storage_dtype(dts[i]), writable=False) for i in range(n_in)]
+    out = kb.buffer("partials", "f32", writable=True)
+    reduce_group = _WorkgroupReducer(kb, local, caps)
+    wg = kb.cast(kb.workgroup_id(0), "i32")
+    lid = kb.cast(kb.local_id(0), "i32")
+    acc = kb.var("f32", 0.0)
+    first = 0
+    for b, _dt, offset, numel, groups in segments:
+        with kb.if_((wg >= first) & (wg < first + groups)):
+            start = (wg - first) * local + lid if first else wg * local + lid
+            with kb.loop(start, numel, groups * local) as i:
+                x = kb.cast(bufs[b].load(i + offset if offset else i), "f32")
+                acc.set(acc.get() + x * x)
+        first += groups
+    total_sum = reduce_group("add", acc.get())
+    with kb.if_(lid == 0):
+        out.store(wg, total_sum)
+    return kb.binary(spec, [Dispatch((total, 1, 1))], notes={
+        "variant": f"multi-tensor x{len(segments)} partials x{local}"})
+
+
+def generate_sumsq_final(spec: KernelSpec, caps: object = None) -> KernelBinary:
+    parts = dict(spec.params)["parts"]
+    local = local_size_for(caps)
+    kb = KernelBuilder(spec.name, local, caps)
+    bufs = [kb.buffer(f"p{i}", "f32", writable=False) for i in range(len(parts))]
+    out = kb.buffer("out", "f32", writable=True)
+    reduce_group = _WorkgroupReducer(kb, local, caps)
+    lid = kb.cast(kb.local_id(0), "i32")
+    acc = kb.var("f32", 0.0)
+    for buf, n in zip(bufs, parts, strict=True):
+        with kb.loop(lid, n, local) as i:
+            acc.set(acc.get() + buf.load(i))
+    total = reduce_group("add", acc.get())
+    with kb.if_(lid == 0):
+        out.store(0, total)
+    return kb.binary(spec, [Dispatch((1, 1, 1))], notes={"variant": f"final sum x{local}"})
+
+
+def _group_counts(numels: list[int], local: int) -> list[int]:
+    """Workgroups per tensor, in proportion to its size, in all within one dispatch."""
+    per = max(_PER_THREAD, math.ceil(sum(numels) / (local * (max_groups_x(None) // 2))))
+    return [max(1, math.ceil(k / (local * per))) for k in numels]
+
+
+@register_kernel_lowering("sum_squares")
+def lower_sum_squares(lw: Any, n: int) -> None:
+    """Stage-1 kernels over the tensors (as many as the bindings need), then the final sum."""
+    g = lw.g
+    items = [(g.dtype(a).name, lw._contiguous(a, n)) for a in g.args(n)]
+    local = local_size_for(None)  # the generators' default size: grids are planned here
+    per_kernel = max(1, lw.max_bindings - 1)  # one binding is the partials
+    chunks: list[list[tuple[str, Any]]] = [[]]
+    for dt, v in items:
+        if len({w.base for _, w in chunks[-1]} | {v.base}) > per_kernel:
+            chunks.append([])
+        chunks[-1].append((dt, v))
+    parts: list[int] = []
+    sizes: list[int] = []
+    for chunk in chunks:
+        bases = list(dict.fromkeys(v.base for _, v in chunk))
+        counts = _group_counts([v.numel for _, v in chunk], local)
+        segments = tuple((bases.index(v.base), dt, v.offset, v.numel, c)
+                         for (dt, v), c in zip(chunk, counts, strict=True))
+        buf = next(lw.copy_ids)
+        lw.out.buffers[buf] = Buffer(buf, "temp", (sum(counts),), dtypes.float32)
+        params = (("segments", segments), ("groups", sum(counts)))
+        lw._emit("sumsq_partial", f"sumsq_partial_{len(chunk)}", params, bases, [buf], [], n)
+        parts.append(buf)
+        sizes.append(sum(counts))
+    lw._emit("sumsq_final", f"sumsq_final_{len(parts)}", (("parts", tuple(sizes)),), parts,
+             [n], [n], n)

@@ -1,0 +1,135 @@
+"""Multi-tensor kernels: horizontal fusion of same-expression elementwise kernels and the
+multi-tensor sum of squares, against numpy and against the same program with the pass off."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import alpha_jit as aj
+from alpha_jit import nn
+from alpha_jit.ir import trace
+from alpha_jit.runtime.device import get_device
+from alpha_jit.runtime.step_plan import plan_step
+
+SHAPES = [(3,), (64, 33), (1000,), (7, 5, 3), (70001,)]
+
+
+def _arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+
+
+def _families(fn, args):
+    plan = plan_step(fn.trace(*args).graph, get_device().caps, progress=False)
+    return [k.family for k in plan.kernels], plan
+
+
+def test_sum_squares_of_many_tensors_matches_numpy():
+    arrs = _arrays()
+
+    @aj.compile
+    def f(*xs):
+        return trace.apply("sum_squares", list(xs))
+
+    want = sum(np.sum(a.astype(np.float64) ** 2) for a in arrs)
+    assert float(f(*arrs)) == pytest.approx(want, rel=1e-6)
+    fams, _ = _families(f, arrs)
+    assert fams.count("sumsq_partial") >= 1 and fams.count("sumsq_final") == 1
+    arrs[2][5] = np.inf
+    assert float(f(*arrs)) == np.inf
+    arrs[0][1] = np.nan
+    assert np.isnan(float(f(*arrs)))
+
+
+def test_sum_squares_beyond_the_binding_limit_splits_into_stage_one_kernels():
+    caps = get_device().caps
+    n = caps.max_storage_buffers_per_stage + 5  # more tensors than one kernel can bind
+    rng = np.random.default_rng(1)
+    arrs = [rng.standard_normal(3 + i).astype(np.float32) for i in range(n)]
+
+    @aj.compile
+    def f(*xs):
+        return trace.apply("sum_squares", list(xs))
+
+    want = sum(np.sum(a.astype(np.float64) ** 2) for a in arrs)
+    assert float(f(*arrs)) == pytest.approx(want, rel=1e-6)
+    fams, _ = _families(f, arrs)
+    assert fams.count("sumsq_partial") >= 2
+
+
+def _per_tensor_step():
+    @aj.compile
+    def f(*xs):  # the same expression on every tensor: one kernel each without the pass
+        return [(x * 1.5 + 0.25).exp() - x for x in xs]
+
+    return f
+
+
+def test_horizontal_fusion_merges_independent_kernels_and_keeps_values(monkeypatch):
+    arrs = _arrays(2)
+    want = [(a * np.float32(1.5) + np.float32(0.25)).astype(np.float32) for a in arrs]
+    want = [np.exp(w) - a for w, a in zip(want, arrs, strict=True)]
+    fused = _per_tensor_step()
+    got = [v.numpy() for v in fused(*arrs)]
+    fams, _ = _families(fused, arrs)
+    assert fams.count("elementwise_multi") >= 1 and len(fams) < len(SHAPES)
+    monkeypatch.setenv("ALPHA_JIT_DISABLE_PASSES", "horizontal")
+    plain = _per_tensor_step()
+    ref = [v.numpy() for v in plain(*arrs)]
+    fams_off, _ = _families(plain, arrs)
+    assert "elementwise_multi" not in fams_off and len(fams_off) == len(SHAPES)
+    for g, r, w in zip(got, ref, want, strict=True):
+        np.testing.assert_array_equal(g, r)  # the same arithmetic, merged or not
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_dependent_kernels_are_not_merged():
+    """y = f(x) then z = f(y): same expression, but z needs y, so two kernels in order."""
+    x = np.random.default_rng(3).standard_normal((50, 7)).astype(np.float32)
+
+    @aj.compile
+    def f(x):
+        y = (x * 0.5 + 0.25).exp() - x
+        return y, ((y * 0.5 + 0.25).exp() - y).sum()
+
+    y, z = f(x)
+    yw = np.exp(x * np.float32(0.5) + np.float32(0.25)) - x
+    np.testing.assert_allclose(y.numpy(), yw, rtol=1e-6)
+    zw = (np.exp(yw.astype(np.float64) * 0.5 + 0.25) - yw).sum()
+    assert float(z) == pytest.approx(zw, rel=1e-5)
+    fams, _ = _families(f, [x])
+    assert "elementwise_multi" not in fams
+
+
+def test_gpt_step_uses_multi_tensor_kernels_and_matches_the_unfused_step(monkeypatch):
+    cfg = nn.GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 32, (2, 8)).astype(np.int32)
+    y = rng.integers(0, 32, (2, 8)).astype(np.int32)
+
+    def run():
+        nn.manual_seed(0)
+        model = nn.GPT(cfg)
+        opt = nn.optim.AdamW(model.optim_groups(0.1), lr=1e-2)
+
+        @aj.compile
+        def step(x, y):
+            loss = model(x, y)
+            loss.backward()
+            norm = nn.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            opt.zero_grad()
+            return loss, norm
+
+        out = [(float(a), float(b)) for a, b in (step(x, y) for _ in range(3))]
+        return out, [p.numpy() for p in model.parameters()], step
+
+    fused, w_fused, step = run()
+    fams, _ = _families(step, [x, y])
+    assert fams.count("elementwise_multi") >= 2  # AdamW groups, weight casts
+    monkeypatch.setenv("ALPHA_JIT_DISABLE_PASSES", "horizontal")
+    plain, w_plain, _ = run()
+    assert fused == plain
+    for a, b in zip(w_fused, w_plain, strict=True):
+        np.testing.assert_array_equal(a, b)
