@@ -10,6 +10,7 @@ writes, which the planner turns into a memory arena and barriers.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -118,6 +119,7 @@ class _Lowerer:
         self.views: dict[int, View | None] = {}
         self.copy_ids = itertools.count(-1, -1)
         self.group: dict[int, int] = {}  # elementwise node -> group id
+        self.absorbed: set[int] = set()  # casts the GEMMs reading them do on load
         self.members: dict[int, list[int]] = {}
 
     # ---- grouping -------------------------------------------------------------------------
@@ -148,7 +150,7 @@ class _Lowerer:
 
         for n in order:
             args = g.args(n)
-            if self._cls(n) == "elementwise":
+            if self._cls(n) == "elementwise" and n not in self.absorbed:
                 cands = list(dict.fromkeys(
                     self.group[u] for u in args
                     if u in self.group and self.group[u] not in frozen
@@ -203,8 +205,9 @@ class _Lowerer:
         self.views[n] = v
         return v
 
-    def _apply_view(self, n: int, src: View) -> View:
-        """View op n applied to its source's view (copying when no strided form exists)."""
+    def _apply_view(self, n: int, src: View, dtype: DType | None = None) -> View:
+        """View op n applied to its source's view (copying when no strided form exists; the
+        copy is of `dtype`, default n's: an absorbed cast's views still hold f32 data)."""
         g = self.g
         op, attrs = g.op(n), g.attrs(n)
         if op == "transpose":
@@ -215,7 +218,7 @@ class _Lowerer:
             return src.slice(attrs["starts"], attrs["stops"])
         v = src.reshape(attrs["shape"])
         if v is None:  # no strided form: copy the source to contiguous memory first
-            v = self.materialize_view(src, g.dtype(n), n).reshape(attrs["shape"])
+            v = self.materialize_view(src, dtype or g.dtype(n), n).reshape(attrs["shape"])
         if v is None:
             raise InternalCompilerError("lowering", f"reshape of %{n} to {attrs['shape']} has "
                                         "no strided form after a copy", g.prov(n).where())
@@ -247,13 +250,18 @@ class _Lowerer:
             ("outputs", ((g.dtype(n).name, 0),))), [], [buf], [n], for_node)
         return View.of(buf, g.shape(n))
 
-    def materialize_view(self, src: View, dtype: DType, for_node: int) -> View:
+    def materialize_view(self, src: View, dtype: DType, for_node: int,
+                         cast_to: DType | None = None) -> View:
+        """A contiguous copy of `src` (data of `dtype`), converted to `cast_to` if given."""
+        out = cast_to or dtype
         buf = next(self.copy_ids)
-        self.out.buffers[buf] = Buffer(buf, "temp", src.shape, dtype)
+        self.out.buffers[buf] = Buffer(buf, "temp", src.shape, out)
+        expr = ("cast", out.name, (("dtype", out.name),), (("in", 0),)) if cast_to else \
+            ("copy", out.name, (), (("in", 0),))
         spec = (("shape", src.shape), ("inputs", ((dtype.name, src.strides, src.offset),)),
-                ("exprs", (("copy", dtype.name, (), (("in", 0),)),)),
-                ("outputs", ((dtype.name, 0),)))
-        self._emit("elementwise", "copy_view", spec, [src.base], [buf], [], for_node)
+                ("exprs", (expr,)), ("outputs", ((out.name, 0),)))
+        self._emit("elementwise", "cast_view" if cast_to else "copy_view", spec, [src.base],
+                   [buf], [], for_node)
         return View.of(buf, src.shape)
 
     # ---- kernels --------------------------------------------------------------------------
@@ -341,22 +349,21 @@ class _Lowerer:
             batch = out_shape[:-2]
             m, nn = out_shape[-2], out_shape[-1]
             ops = []
-            for a, rows_cols in ((args[0], None), (args[1], None)):
-                v = self.need_view(a, n)
+            for a in args[:2]:
+                v, dt, rnd = self._operand(a, n)
                 v = v.broadcast_to((*batch, *v.shape[-2:]))
                 cb = v.collapse_batch()
                 if cb is None:
-                    v = self.materialize_view(v, g.dtype(a), n)
+                    v = self.materialize_view(v, dt, n)
                     cb = v.collapse_batch()
-                ops.append((v, cb, rows_cols))
-            (va, (nb, sba), _), (vb, (_, sbb), _) = ops
+                ops.append((v, cb, dt, rnd))
+            (va, (nb, sba), a_dt, a_rnd), (vb, (_, sbb), b_dt, b_rnd) = ops
             k = va.shape[-1]
             params = (("batch", nb), ("m", m), ("n", nn), ("k", k),
-                      ("a", (g.dtype(args[0]).name, va.offset, sba, va.strides[-2],
-                             va.strides[-1])),
-                      ("b", (g.dtype(args[1]).name, vb.offset, sbb, vb.strides[-2],
-                             vb.strides[-1])),
+                      ("a", (a_dt.name, va.offset, sba, va.strides[-2], va.strides[-1])),
+                      ("b", (b_dt.name, vb.offset, sbb, vb.strides[-2], vb.strides[-1])),
                       ("out_dtype", g.dtype(n).name))
+            params += tuple((f"{x}_round", r) for x, r in (("a", a_rnd), ("b", b_rnd)) if r)
             self._emit("matmul", f"matmul_{nb}x{m}x{nn}x{k}", params, [va.base, vb.base], [n],
                        [n], n)
         elif cls in ("gather", "scatter"):
@@ -378,6 +385,44 @@ class _Lowerer:
             raise InternalCompilerError("lowering", f"no lowering for %{n} = {op} ({cls})",
                                         g.prov(n).where())
 
+    def _absorbed_casts(self, order: list[int]) -> set[int]:
+        """Casts of f32 values to bf16 that only GEMMs read (directly or through views): the
+        GEMM rounds its operand on load, so the cast gets no kernel and no buffer.
+        `ALPHA_JIT_DISABLE_PASSES=gemm_prologue` keeps them as kernels."""
+        g = self.g
+        roots = set(g.roots())
+        if "gemm_prologue" in os.environ.get("ALPHA_JIT_DISABLE_PASSES", "").split(","):
+            return set()
+
+        def only_gemms(u: int) -> bool:
+            if u in roots or not g.users(u):
+                return False
+            return all(g.op(v) == "matmul" or (self._cls(v) == "view" and only_gemms(v))
+                       for v in g.users(u))
+
+        return {n for n in order if g.op(n) == "cast" and g.dtype(n).name == "bf16"
+                and g.dtype(g.args(n)[0]).name == "f32" and only_gemms(n)}
+
+    def _operand(self, a: int, n: int) -> tuple[View, DType, str | None]:
+        """How matmul n reads operand a: (view, dtype of the data, rounding on load). An
+        absorbed cast is read as its f32 source through the same views, rounded to bf16."""
+        g = self.g
+        chain = []
+        u = a
+        while self._cls(u) == "view":
+            chain.append(u)
+            u = g.args(u)[0]
+        if u not in self.absorbed:
+            return self.need_view(a, n), g.dtype(a), None
+        src = g.args(u)[0]
+        v, dt, rnd = self.need_view(src, n), g.dtype(src), g.dtype(u).name
+        for w in reversed(chain):
+            if rnd and g.op(w) == "reshape" and v.reshape(g.attrs(w)["shape"]) is None:
+                # a copy is needed anyway: let it do the cast (half the bytes of an f32 copy)
+                v, dt, rnd = self.materialize_view(v, dt, n, cast_to=g.dtype(u)), g.dtype(u), None
+            v = self._apply_view(w, v, dt)
+        return v, dt, rnd
+
     def _contiguous(self, a: int, n: int) -> View:
         v = self.need_view(a, n)
         return v if v.is_contiguous() else self.materialize_view(v, self.g.dtype(a), n)
@@ -387,6 +432,7 @@ class _Lowerer:
         g = self.g
         order = g.topo()
         self.position = {n: i for i, n in enumerate(order)}
+        self.absorbed = self._absorbed_casts(order)
         self.fuse(order)
         roots = set(g.roots())
         for n in order:
@@ -397,7 +443,7 @@ class _Lowerer:
                 self.out.buffers[n] = Buffer(n, kind, g.shape(n), g.dtype(n), g.attrs(n)[key])
             elif cls in PER_NODE:
                 self.out.buffers[n] = Buffer(n, "temp", g.shape(n), g.dtype(n))
-            elif cls == "elementwise":
+            elif cls == "elementwise" and n not in self.absorbed:
                 grp = self.group[n]
                 if n in roots or any(self.group.get(v) != grp for v in g.users(n)):
                     self.out.buffers[n] = Buffer(n, "temp", g.shape(n), g.dtype(n))
@@ -405,7 +451,7 @@ class _Lowerer:
         unit: dict[int, tuple] = {}
         for n in order:
             cls = self._cls(n)
-            if cls == "elementwise":
+            if cls == "elementwise" and n not in self.absorbed:
                 unit[n] = ("g", self.group[n])
             elif cls in PER_NODE:
                 unit[n] = ("k", n)

@@ -133,3 +133,37 @@ def test_gpt_step_uses_multi_tensor_kernels_and_matches_the_unfused_step(monkeyp
     assert fused == plain
     for a, b in zip(w_fused, w_plain, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_bf16_casts_feeding_gemms_are_rounded_on_load(monkeypatch):
+    """Under bf16 the operand casts of every GEMM disappear into the GEMM's loads, with the
+    same rounding: results are bit-identical to the step with the cast kernels."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((37, 29)).astype(np.float32)
+    w = rng.standard_normal((23, 29)).astype(np.float32)
+    b = rng.standard_normal((23,)).astype(np.float32)
+
+    def build():
+        @aj.compile(precision="bf16")
+        def f(x, w, b):
+            h = nn.functional.linear(x, w, b).relu()
+            return (h @ h.T).sum(axis=0), h
+
+        return f
+
+    def run():
+        f = build()
+        out = [v.numpy() for v in f(x, w, b)]
+        fams, plan = _families(f, [x, w, b])
+        bf16 = sum(1 for b in plan.lowered.buffers.values() if b.dtype.name == "bf16")
+        rounded = sum(1 for k in plan.lowered.kernels if k.spec.family == "matmul"
+                      and any(key.endswith("_round") for key, _ in k.spec.params))
+        return out, bf16, rounded, len(fams)
+
+    got, bf16, rounded, n = run()
+    monkeypatch.setenv("ALPHA_JIT_DISABLE_PASSES", "gemm_prologue")
+    ref, bf16_off, rounded_off, n_off = run()
+    # no bf16 copy of any operand is stored; every GEMM operand is rounded on load
+    assert bf16 == 0 and rounded >= 2 and bf16_off >= 3 and rounded_off == 0 and n <= n_off
+    for a, r in zip(got, ref, strict=True):
+        np.testing.assert_array_equal(a, r)

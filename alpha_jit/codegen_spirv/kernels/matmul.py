@@ -11,6 +11,8 @@ capabilities; a cooperative-matrix variant will register beside "simt" in `_VARI
 Spec (family "matmul"), params as (key, value) pairs, exactly:
     ("batch", B), ("m", M), ("n", N), ("k", K),
     ("a", (dtype, offset, sb, sm, sk)), ("b", (dtype, offset, sb, sk, sn)), ("out_dtype", dtype)
+    optional ("a_round", "bf16") / ("b_round", "bf16"): the operand is f32 data that the graph
+    cast to bf16; the kernel rounds it on load (the cast's kernel and buffer are gone)
 a[bi, i, kk] is element offset + bi*sb + i*sm + kk*sk of binding 0, b[bi, kk, j] likewise of
 binding 1 (strides in elements, any may be 0); binding 2 is the contiguous (B, M, N) output.
 Push constants (base_x, base_y, base_z) offset the workgroup ids when the grid is split over
@@ -25,6 +27,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..dsl import Buffer, KernelBuilder, Value, cap, pack_push_constants
 from ..kernel import Dispatch, KernelBinary, KernelSpec
@@ -168,6 +171,16 @@ def _prologue(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> tuple:
     return abuf, bbuf, out, kb.local_index(), row0, col0, bi, pc
 
 
+def _rounder(kb: KernelBuilder, dtype: str | None) -> Any:
+    """The operand prologue: f32 data rounded on load to the `dtype` the graph cast it to
+    ("bf16": nearest even, as the cast kernel it replaces stored it), or the value as is."""
+    if dtype is None:
+        return lambda v: v
+    if dtype != "bf16":
+        raise ValueError(f"matmul operand rounding to {dtype!r} is not supported")
+    return lambda v: kb.bitcast(kb.bf16_bits(v) << 16, "f32")
+
+
 def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
     """The tiled SIMT GEMM body: shared-memory tiles of a and b, a rm x rn micro-tile each."""
     m, n, k = p["m"], p["n"], p["k"]
@@ -195,21 +208,21 @@ def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
                 g_o = kb.fmin(g_o, size - 1)
             addr = base + g_o * _u(kb, s_outer) if s_outer else base
             slots.append((kk, kk * ld + o, addr, e < tile * bk if guard else None))
-        return sh, ld, slots, buf, s_k
+        return sh, ld, slots, buf, s_k, _rounder(kb, p.get(f"{name}_round"))
 
     ops = [operand(abuf, a_off, a_sb, a_sm, a_sk, tm, m, "a"),
            operand(bbuf, b_off, b_sb, b_sn, b_sk, tn, n, "b")]
     tx, ty = tid % (tn // rn), tid / (tn // rn)
     acc = [[kb.var("f32", 0.0) for _ in range(rn)] for _ in range(rm)]
     with kb.loop(kb.u32(0), k, bk) as k0:
-        for sh, _ld, slots, buf, s_k in ops:
+        for sh, _ld, slots, buf, s_k, rounded in ops:
             for kk, sidx, addr, guard in slots:
                 kg = k0 + kk
                 if check_k:  # past K: load a valid element, store 0 (0 * anything finite)
                     kc = kb.fmin(kg, k - 1)
-                    v = kb.select(kg < k, buf.load(addr + kc * _u(kb, s_k)), 0.0)
+                    v = kb.select(kg < k, rounded(buf.load(addr + kc * _u(kb, s_k))), 0.0)
                 else:
-                    v = buf.load(addr + kg * _u(kb, s_k))
+                    v = rounded(buf.load(addr + kg * _u(kb, s_k)))
                 if guard is None:
                     sh.store(sidx, v)
                 else:
@@ -257,6 +270,7 @@ def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
     a_dt, a_off, a_sb, a_sm, a_sk = p["a"]
     b_dt, b_off, b_sb, b_sk, b_sn = p["b"]
     abuf, bbuf, out, tid, row0, col0, bi, pc = _prologue(kb, cfg, p)
+    a_round, b_round = _rounder(kb, p.get("a_round")), _rounder(kb, p.get("b_round"))
     tm, tn, bk, rn, threads = cfg.tm, cfg.tn, cfg.bk, cfg.rn, cfg.threads
     split, ragged = bk < k, k % bk != 0  # ragged: the last chunk is short
     k0 = pc["k0"]
@@ -293,7 +307,7 @@ def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
         g = row0 + r
         if m % tm:
             g = kb.fmin(g, m - 1)
-        v = in_k(kk, abuf.load(a_base + g * _u(kb, a_sm) + k_off(kk, a_sk)))
+        v = in_k(kk, a_round(abuf.load(a_base + g * _u(kb, a_sm) + k_off(kk, a_sk))))
         if (rnd + 1) * threads > tm * bk:
             with kb.if_(e < tm * bk):
                 a_sh.store(r * bk + kk, v)
@@ -303,7 +317,7 @@ def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
     sums: list[list[Value | float]] = [[0.0] * rn for _ in range(tm)]
     for kk in range(bk):
         off = k_off(kk, b_sk)
-        bv = [in_k(kk, bbuf.load(b_cols[c] + off)) for c in range(rn)]
+        bv = [in_k(kk, b_round(bbuf.load(b_cols[c] + off))) for c in range(rn)]
         for r in range(tm):
             av = a_sh.load(kb.u32(r * bk + kk))
             for c in range(rn):
