@@ -27,6 +27,29 @@ def _norm_axis(axis: int, ndim: int, op: str) -> int:
     return axis % max(ndim, 1)
 
 
+def _merge_adjacent(shape: tuple, axes: list[int]) -> tuple[tuple, list[int]] | None:
+    """`shape` with each run of adjacent reduced axes merged into one, and the merged axes'
+    new indices; None when no two reduced axes are adjacent."""
+    ax = set(axes)
+    if not any(a + 1 in ax for a in ax):
+        return None
+    out: list[int] = []
+    new_axes: list[int] = []
+    d = 0
+    while d < len(shape):
+        if d in ax:
+            size = 1
+            while d < len(shape) and d in ax:
+                size *= shape[d]
+                d += 1
+            new_axes.append(len(out))
+            out.append(size)
+        else:
+            out.append(shape[d])
+            d += 1
+    return tuple(out), new_axes
+
+
 class TensorOps:
     """Operators and methods shared by traced and state tensors."""
 
@@ -154,6 +177,13 @@ class TensorOps:
             return out.reshape(*([1] * t.ndim)) if keepdims else out
         axes = [axis] if isinstance(axis, int) else list(axis)
         axes = sorted({_norm_axis(a, t.ndim, op) for a in axes}, reverse=True)
+        if op != "logsumexp" and len(axes) > 1:
+            merged = _merge_adjacent(t.shape, axes)
+            if merged is not None:  # adjacent axes as one: one reduction kernel, not a chain
+                shape, new_axes = merged
+                out = t.reshape(*shape)._reduce(op, new_axes, False)
+                kept = [1 if d in axes else s for d, s in enumerate(t.shape)]
+                return out.reshape(*kept) if keepdims else out
         for a in axes:  # highest axis first so the remaining indices stay valid
             t = trace.apply(op, [t], {"axis": a, "keepdims": keepdims})
         return t

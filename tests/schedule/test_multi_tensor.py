@@ -167,3 +167,26 @@ def test_bf16_casts_feeding_gemms_are_rounded_on_load(monkeypatch):
     assert bf16 == 0 and rounded >= 2 and bf16_off >= 3 and rounded_off == 0 and n <= n_off
     for a, r in zip(got, ref, strict=True):
         np.testing.assert_array_equal(a, r)
+
+
+@pytest.mark.parametrize("op", ["sum", "mean", "max"])
+def test_reductions_over_adjacent_axes_are_one_kernel(op):
+    x = np.random.default_rng(6).standard_normal((4, 5, 6, 7)).astype(np.float32)
+    x[1, 2, 3, 4] = np.nan if op == "max" else x[1, 2, 3, 4]
+
+    @aj.compile
+    def f(x):
+        return (getattr(x, op)(axis=(0, 1)), getattr(x, op)(axis=(1, 2), keepdims=True),
+                getattr(x, op)(axis=(0, 2)))
+
+    got = [v.numpy() for v in f(x)]
+    ref = getattr(np, op)
+    want = [ref(x.astype(np.float64), axis=(0, 1)), ref(x.astype(np.float64), axis=(1, 2),
+                                                         keepdims=True),
+            ref(x.astype(np.float64), axis=(0, 2))]
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    fams, plan = _families(f, [x])
+    # (0, 1) and (1, 2) merge into one reduction each; (0, 2) is not adjacent: two
+    assert fams.count("reduction") == 4
