@@ -85,14 +85,17 @@ def cross_entropy(logits: Any, labels: Any, ignore_index: int | None = None) -> 
         raise ShapeError("cross_entropy", f"expects logits [N, C] and labels [N], got logits "
                          f"{z.shape} and labels {y.shape}", where)
     note_index_bound(y, z.shape[1], "cross_entropy", also=ignore_index)
-    logp = log_softmax(z, axis=-1)
-    picked = (logp * one_hot(y, z.shape[1])).sum(axis=-1)
+    # one fused kernel: per row (lse - z[y], lse) in f32, no one-hot; the backward forms
+    # softmax - onehot on the fly from the saved lse (ir/ops/rowwise.py)
+    rows = trace.apply("cross_entropy_rows", [z, y], {"ignore_index": ignore_index})[:, 0]
     if ignore_index is None:
-        return -picked.mean()
-    keep = y.ne(ignore_index)  # an ignored label's one-hot row is all zeros already
-    from alpha_jit.tensor import maximum
+        loss = rows.mean()
+    else:
+        keep = y.ne(ignore_index)  # an ignored row's loss is 0 already
+        from alpha_jit.tensor import maximum
 
-    return -(picked * keep).sum() / maximum(keep.sum(), 1.0)
+        loss = rows.sum() / maximum(keep.sum(), 1.0)
+    return loss.astype(z.dtype)
 
 
 def embedding(ids: Any, table: Any) -> Tensor:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from alpha_jit.ir import trace
 from alpha_jit.nn import functional as F
 from alpha_jit.nn.layers import Embedding, Linear, rng
 from alpha_jit.nn.module import Module, Parameter
@@ -58,10 +59,9 @@ class LayerNorm(Module):
         self.eps = eps
 
     def forward(self, x: Any) -> Tensor:
-        x = as_tensor(x)
-        xc = x - x.mean(axis=-1, keepdims=True)
-        y = xc * ((xc * xc).mean(axis=-1, keepdims=True) + self.eps).rsqrt() * self.weight
-        return y + self.bias if self.bias is not None else y
+        # one fused kernel per direction (ir/ops/rowwise.py), f32 math
+        args = [x, self.weight] + ([self.bias] if self.bias is not None else [])
+        return trace.apply("layer_norm", args, {"eps": float(self.eps)})
 
 
 class RMSNorm(Module):
@@ -71,8 +71,7 @@ class RMSNorm(Module):
         self.eps = eps
 
     def forward(self, x: Any) -> Tensor:
-        x = as_tensor(x)
-        return x * ((x * x).mean(axis=-1, keepdims=True) + self.eps).rsqrt() * self.weight
+        return trace.apply("rms_norm", [x, self.weight], {"eps": float(self.eps)})
 
 
 def norm(cfg: GPTConfig, dim: int) -> Module:

@@ -110,4 +110,19 @@ CASES = [
     Case("cross_entropy_ignore", lambda z, y: F.cross_entropy(z, y - 1, ignore_index=-1),
          [(13, 10), (13,)], ["f32", "i32"], int_high=11),
     Case("softmax", lambda z: F.softmax(z, axis=-1), [(6, 10)]),
+    # fused row ops (ir/ops/rowwise.py): forward with gradients, backward ops as their VJP calls
+    Case("layer_norm", lambda x, w, b: trace.apply("layer_norm", [x, w, b], {"eps": 1e-5}),
+         [(3, 5, 37), (37,), (37,)]),
+    Case("rms_norm", lambda x, w: trace.apply("rms_norm", [x, w], {"eps": 1e-6}),
+         [(11, 29), (29,)]),
+    Case("norm_dx_dwb", lambda x, w, g: trace.apply("norm_dx", [x, w, g, trace.apply(
+        "norm_stats", [x], {"eps": 1e-5, "rms": False})], {"rms": False}).sum(axis=0)
+         + trace.apply("norm_dwb", [x, g, trace.apply("norm_stats", [x], {"eps": 1e-5,
+                       "rms": False})], {"rms": False, "bias": True}),
+         [(7, 19), (19,), (7, 19)], grad=False),
+    Case("cross_entropy_rows_grad", lambda z, y, g: trace.apply(
+        "cross_entropy_rows_grad", [z, y, trace.apply("cross_entropy_rows", [z, y],
+                                                      {"ignore_index": 3}), g],
+        {"ignore_index": 3}), [(9, 13), (9,), (9, 2)], ["f32", "i32", "f32"], int_high=13,
+         grad=False),
 ]

@@ -1,0 +1,398 @@
+"""Fused row kernels: LayerNorm / RMSNorm forward and backward, cross-entropy forward and
+backward (the ops of `ir/ops/rowwise.py`), and their lowerings.
+
+Why: each is one kernel per direction instead of a chain of reductions and elementwise kernels,
+and the cross-entropy never materialises a one-hot. Rows are owned by one workgroup each
+(grid-striding when rows outnumber the workgroups allowed); the row is re-read per pass (mean,
+variance, output) rather than held in registers, and reduced in f32 through subgroup operations
+and shared memory (`reduction._WorkgroupReducer`: no subgroup size assumed, NaN-propagating
+max). Parameter gradients of a norm (dw, db) are one column reduction: each workgroup owns a
+strip of columns, its threads stride over rows, and a fixed-order shared-memory fold finishes,
+so the sums are deterministic (no atomics, no second pass). The cross-entropy backward needs no
+reduction at all: the forward saved each row's logsumexp, so softmax(z) - onehot(y) is formed
+per element.
+
+Families (params as (key, value) pairs; every operand is contiguous, `(dtype, offset)`):
+    norm_fwd:   rows, dim, rms, eps, x, w[, b], out_dtype  -> out [rows, dim]
+    norm_stats: rows, dim, rms, eps, x                      -> out [rows, 2] f32 (mean, rstd)
+    norm_dx:    rows, dim, rms, x, w, g, stats, out_dtype   -> dx [rows, dim]
+    norm_dwb:   rows, dim, rms, bias, x, g, stats           -> [1 or 2, dim] f32 (dw[, db])
+    ce_fwd:     rows, classes, ignore (bool, int), z, y     -> [rows, 2] f32 (loss, lse)
+    ce_bwd:     rows, classes, ignore, z, y, r, g, out_dtype -> dz [rows, classes]
+Bindings: operands in that order, then the output. stats/r/g offsets are element offsets of
+f32 [rows, 2] buffers; y is i32.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..dsl import KernelBuilder, Value, max_groups_x, pack_push_constants
+from ..kernel import Dispatch, KernelBinary, KernelSpec
+from ..lower import _Lowerer, register_kernel_lowering
+from ..scalar import ScalarEmitter, compute_dtype, nan_minmax
+from .elementwise import launch_plan, local_size_for, storage_dtype
+from .reduction import _WorkgroupReducer
+
+FAMILIES = {"norm_fwd": "generate_norm_fwd", "norm_stats": "generate_norm_stats",
+            "norm_dx": "generate_norm_dx", "norm_dwb": "generate_norm_dwb",
+            "ce_fwd": "generate_ce_fwd", "ce_bwd": "generate_ce_bwd"}
+_NAN = 0x7FC00000
+
+
+def _check_i32(spec: KernelSpec, numel: int) -> None:
+    # element indices are i32 in these kernels: a bigger tensor must not wrap around quietly
+    if numel + 2 * int(dict(spec.params).get("rows", 0)) >= 2**31:
+        raise ValueError(f"{spec.name}: {numel} elements exceed the 2**31 index range of the "
+                         "row kernels")
+
+
+def _row_local(dim: int, caps: object) -> int:
+    """Threads per row: enough to cover short rows without idling most of the group."""
+    want = 256 if dim >= 1024 else (128 if dim >= 256 else 64)
+    return local_size_for(caps, want)
+
+
+class _Rows:
+    """A workgroup-per-row kernel: bindings, the row loop and block reductions."""
+
+    def __init__(self, spec: KernelSpec, caps: object, dim: int):
+        self.p = dict(spec.params)
+        _check_i32(spec, int(self.p["rows"]) * dim)
+        self.local = _row_local(dim, caps)
+        self.kb = KernelBuilder(spec.name, self.local, caps)
+        self.caps, self.dim, self.spec = caps, dim, spec
+        self.em = ScalarEmitter(self.kb)
+
+    def operand(self, key: str, dtype: str | None = None):
+        dt, off = self.p[key] if dtype is None else (dtype, self.p[key])
+        return self.kb.buffer(key, storage_dtype(dt), writable=False), int(off)
+
+    def start(self) -> None:
+        kb = self.kb
+        self.red = _WorkgroupReducer(kb, self.local, self.caps)  # after the bindings
+        self.lid = kb.cast(kb.local_id(0), "i32")
+
+    def row_sum(self, f) -> Value:
+        """Sum over the row of f(j) (f32), visible to every thread."""
+        kb = self.kb
+        acc = kb.var("f32", 0.0)
+        with kb.loop(self.lid, self.dim, self.local) as j:
+            acc.set(acc.get() + f(j))
+        return self.red("add", acc.get())
+
+    def row_max(self, f) -> Value:
+        kb = self.kb
+        acc = kb.var("f32", float("-inf"))
+        with kb.loop(self.lid, self.dim, self.local) as j:
+            acc.set(nan_minmax(kb, "max", acc.get(), f(j)))
+        return self.red("max", acc.get())
+
+    def rows_loop(self):
+        kb = self.kb
+        return kb.loop(kb.cast(kb.workgroup_id(0), "i32"), int(self.p["rows"]),
+                       kb.cast(kb.num_workgroups(0), "i32"))
+
+    def finish(self, notes: dict) -> KernelBinary:
+        groups = max(1, min(int(self.p["rows"]), max_groups_x(self.caps)))
+        notes = {"rows": self.p["rows"], "variant": f"workgroup per row x{self.local}", **notes}
+        return self.kb.binary(self.spec, [Dispatch((groups, 1, 1))], notes=notes)
+
+
+def _stats(r: _Rows, x, xoff: int, base: Value) -> tuple[Value, Value]:
+    """(mean, rstd) of the row at `base` (mean 0 for RMS): two passes, f32."""
+    kb, dim = r.kb, r.dim
+    load = lambda j: kb.cast(x.load(base + j + xoff), "f32")  # noqa: E731
+    square = lambda v: v * v  # noqa: E731
+    if r.p["rms"]:
+        mean = kb.f32(0.0)
+        sq = r.row_sum(lambda j: square(load(j)))
+    else:
+        mean = r.row_sum(load) / float(dim)
+        sq = r.row_sum(lambda j: square(load(j) - mean))
+    rstd = r.em.unary("rsqrt", sq / float(dim) + float(r.p["eps"]))
+    return mean, rstd
+
+
+def generate_norm_fwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
+    """out = (x - mean) * rstd * w (+ b), per row of `dim` (see the module docstring)."""
+    dim = int(dict(spec.params)["dim"])
+    r = _Rows(spec, caps, dim)
+    kb = r.kb
+    x, xo = r.operand("x")
+    w, wo = r.operand("w")
+    b = r.operand("b") if "b" in r.p else None
+    out = kb.buffer("out", storage_dtype(r.p["out_dtype"]), writable=True)
+    ct = compute_dtype(storage_dtype(r.p["out_dtype"]))
+    r.start()
+    with r.rows_loop() as row:
+        base = row * dim
+        mean, rstd = _stats(r, x, xo, base)
+        with kb.loop(r.lid, dim, r.local) as j:
+            y = (kb.cast(x.load(base + j + xo), "f32") - mean) * rstd * w.load(j + wo)
+            if b is not None:
+                y = y + b[0].load(j + b[1])
+            out.store(base + j, kb.cast(y, ct))
+    return r.finish({"dim": dim})
+
+
+def generate_norm_stats(spec: KernelSpec, caps: object = None) -> KernelBinary:
+    """out[row] = (mean, rstd) as f32 (mean 0 for RMS)."""
+    dim = int(dict(spec.params)["dim"])
+    r = _Rows(spec, caps, dim)
+    kb = r.kb
+    x, xo = r.operand("x")
+    out = kb.buffer("out", "f32", writable=True)
+    r.start()
+    with r.rows_loop() as row:
+        mean, rstd = _stats(r, x, xo, row * dim)
+        with kb.if_(r.lid == 0):
+            out.store(row * 2, mean)
+            out.store(row * 2 + 1, rstd)
+    return r.finish({"dim": dim})
+
+
+def generate_norm_dx(spec: KernelSpec, caps: object = None) -> KernelBinary:
+    """dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)) (no mean(g*w) term for RMS)."""
+    dim = int(dict(spec.params)["dim"])
+    r = _Rows(spec, caps, dim)
+    kb = r.kb
+    x, xo = r.operand("x")
+    w, wo = r.operand("w")
+    g, go = r.operand("g")
+    st, so = r.operand("stats", "f32")
+    out = kb.buffer("out", storage_dtype(r.p["out_dtype"]), writable=True)
+    ct = compute_dtype(storage_dtype(r.p["out_dtype"]))
+    r.start()
+    with r.rows_loop() as row:
+        base = row * dim
+        mean, rstd = st.load(row * 2 + so), st.load(row * 2 + 1 + so)
+
+        def xhat(j: Value) -> Value:
+            return (kb.cast(x.load(base + j + xo), "f32") - mean) * rstd
+
+        def dxhat(j: Value) -> Value:
+            return kb.cast(g.load(base + j + go), "f32") * w.load(j + wo)
+
+        c2 = r.row_sum(lambda j: dxhat(j) * xhat(j)) / float(dim)
+        c1 = kb.f32(0.0) if r.p["rms"] else r.row_sum(dxhat) / float(dim)
+        with kb.loop(r.lid, dim, r.local) as j:
+            inner = dxhat(j) - xhat(j) * c2
+            if not r.p["rms"]:
+                inner = inner - c1
+            out.store(base + j, kb.cast(rstd * inner, ct))
+    return r.finish({"dim": dim})
+
+
+def _dwb_local(dim: int, caps: object) -> tuple[int, int]:
+    """(columns, row lanes) of a dw/db workgroup: 32 adjacent columns read together."""
+    total = local_size_for(caps)
+    lx = min(32, 1 << max(0, dim - 1).bit_length(), total)
+    return lx, max(1, total // lx)
+
+
+def generate_norm_dwb(spec: KernelSpec, caps: object = None) -> KernelBinary:
+    """dw[j] = sum_rows g * xhat, db[j] = sum_rows g: one column strip per workgroup, threads
+    striding over rows, then a fixed-order fold of the row lanes (deterministic)."""
+    p = dict(spec.params)
+    rows, dim, bias = int(p["rows"]), int(p["dim"]), bool(p["bias"])
+    _check_i32(spec, rows * dim)
+    lx, ly = _dwb_local(dim, caps)
+    kb = KernelBuilder(spec.name, (lx, ly, 1), caps)
+    x = kb.buffer("x", storage_dtype(p["x"][0]), writable=False)
+    g = kb.buffer("g", storage_dtype(p["g"][0]), writable=False)
+    st = kb.buffer("stats", "f32", writable=False)
+    out = kb.buffer("out", "f32", writable=True)
+    xo, go, so = int(p["x"][1]), int(p["g"][1]), int(p["stats"])
+    n_out = 2 if bias else 1
+    part = kb.shared("f32", lx * ly * n_out)
+    tx, ty = kb.cast(kb.local_id(0), "i32"), kb.cast(kb.local_id(1), "i32")
+    col = kb.cast(kb.workgroup_id(0), "i32") * lx + tx
+    acc = [kb.var("f32", 0.0) for _ in range(n_out)]
+    with kb.if_(col < dim):
+        with kb.loop(ty, rows, ly) as i:
+            gv = kb.cast(g.load(i * dim + col + go), "f32")
+            xh = (kb.cast(x.load(i * dim + col + xo), "f32") - st.load(i * 2 + so)) \
+                * st.load(i * 2 + 1 + so)
+            acc[0].set(acc[0].get() + gv * xh)
+            if bias:
+                acc[1].set(acc[1].get() + gv)
+    for k in range(n_out):
+        part.store((k * ly + ty) * lx + tx, acc[k].get())
+    kb.barrier()
+    with kb.if_((ty == 0) & (col < dim)):
+        for k in range(n_out):
+            tot = part.load(k * ly * lx + tx)
+            for lane in range(1, ly):  # fixed order: the same bits every run
+                tot = tot + part.load((k * ly + lane) * lx + tx)
+            out.store(k * dim + col, tot)
+    groups = math.ceil(dim / lx)
+    if groups > max_groups_x(caps):
+        raise ValueError(f"{spec.name}: {dim} columns need {groups} workgroups, over the "
+                         f"device's {max_groups_x(caps)}")
+    return kb.binary(spec, [Dispatch((groups, 1, 1))],
+                     notes={"rows": rows, "dim": dim, "variant": f"column strips {lx}x{ly}"})
+
+
+def _label(kb: KernelBuilder, p: dict, y: Value, classes: int) -> tuple[Value, Value]:
+    """(keep, valid): the row counts (not ignore_index), the label is in [0, classes)."""
+    has_ignore, ignore = p["ignore"]
+    keep = (y != int(ignore)) if has_ignore else kb.bool_(True)
+    return keep, (y >= 0) & (y < classes)
+
+
+def generate_ce_fwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
+    """out[row] = (loss, lse): loss = lse - z[y] (0 if ignored, NaN for a bad label)."""
+    classes = int(dict(spec.params)["classes"])
+    r = _Rows(spec, caps, classes)
+    kb = r.kb
+    z, zo = r.operand("z")
+    y, yo = r.operand("y", "i32")
+    out = kb.buffer("out", "f32", writable=True)
+    r.start()
+    with r.rows_loop() as row:
+        base = row * classes + zo
+        load = lambda j: kb.cast(z.load(base + j), "f32")  # noqa: E731
+        m = r.row_max(load)
+        m = kb.select(kb.isinf(m), kb.f32(0.0), m)  # an infinite max shifts by 0 (as numpy ref)
+        lse = r.em.unary("log", r.row_sum(lambda j: kb.exp(load(j) - m))) + m
+        with kb.if_(r.lid == 0):
+            lab = y.load(row + yo)
+            keep, valid = _label(kb, r.p, lab, classes)
+            picked = load(kb.select(valid, lab, kb.i32(0)))
+            nan = kb.bitcast(kb.u32(_NAN), "f32")
+            loss = kb.select(keep, kb.select(valid, lse - picked, nan), kb.f32(0.0))
+            out.store(row * 2, loss)
+            out.store(row * 2 + 1, lse)
+    return r.finish({"classes": classes})
+
+
+def generate_ce_bwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
+    """dz = softmax(z) * (coef + g_lse) - onehot(y) * coef, coef = g_loss (0 if ignored, NaN
+    for a bad label), softmax from the saved lse: one thread per element, no reduction."""
+    p = dict(spec.params)
+    rows, classes = int(p["rows"]), int(p["classes"])
+    if rows * classes + int(p["z"][1]) >= 2**32:
+        raise ValueError(f"{spec.name}: {rows}x{classes} logits exceed the u32 index range")
+    local = local_size_for(caps)
+    kb = KernelBuilder(spec.name, local, caps)
+    z = kb.buffer("z", storage_dtype(p["z"][0]), writable=False)
+    y = kb.buffer("y", "i32", writable=False)
+    rr = kb.buffer("r", "f32", writable=False)
+    g = kb.buffer("g", "f32", writable=False)
+    out = kb.buffer("out", storage_dtype(p["out_dtype"]), writable=True)
+    ct = compute_dtype(storage_dtype(p["out_dtype"]))
+    zo, yo, ro, go = int(p["z"][1]), int(p["y"]), int(p["r"]), int(p["g"])
+    pc = kb.push_constants([("count", "u32"), ("base", "u32")])
+    i = pc["base"] + kb.workgroup_id(0) * local + kb.local_id(0)
+    with kb.if_(i < pc["count"]):
+        row = kb.cast(i / classes, "i32")
+        j = kb.cast(i % classes, "i32")
+        lab = y.load(row + yo)
+        keep, valid = _label(kb, p, lab, classes)
+        prob = kb.exp(kb.cast(z.load(i + zo), "f32") - rr.load(row * 2 + 1 + ro))
+        g0, g1 = g.load(row * 2 + go), g.load(row * 2 + 1 + go)
+        nan = kb.bitcast(kb.u32(_NAN), "f32")
+        coef = kb.select(keep, kb.select(valid, g0, nan), kb.f32(0.0))
+        zero = kb.f32(0.0)
+        # an ignored row and a zero lse cotangent contribute nothing, even through a NaN softmax
+        dz = kb.select(keep, prob * coef, zero) + kb.select(g1 == 0.0, zero, prob * g1)
+        dz = dz - kb.select(j == lab, coef, zero)
+        out.store(i, kb.cast(dz, ct))
+    n = rows * classes
+    dispatches = [Dispatch((gr, 1, 1), pack_push_constants([("u32", n), ("u32", b)]))
+                  for gr, b in launch_plan(n, local, caps)]
+    return kb.binary(spec, dispatches, notes={"rows": rows, "classes": classes,
+                                              "variant": f"flat x{local}"})
+
+
+# ---- lowering ------------------------------------------------------------------------------
+def _operand(lw: _Lowerer, a: int, n: int) -> tuple[tuple[str, int], int]:
+    """((dtype, element offset), buffer) of a contiguous read of node a by node n."""
+    v = lw._contiguous(a, n)
+    return (lw.g.dtype(a).name, int(v.offset)), v.base
+
+
+def _rows_dim(lw: _Lowerer, a: int) -> tuple[int, int]:
+    shape = lw.g.shape(a)
+    return math.prod(shape[:-1]), shape[-1]
+
+
+def _lower_norm(lw: _Lowerer, n: int) -> None:
+    g = lw.g
+    args = g.args(n)
+    rows, dim = _rows_dim(lw, args[0])
+    ops = [_operand(lw, a, n) for a in args]
+    rms = g.op(n) == "rms_norm"
+    params: list[tuple] = [("rows", rows), ("dim", dim), ("rms", rms),
+                           ("eps", float(g.attrs(n)["eps"])), ("x", ops[0][0]), ("w", ops[1][0])]
+    if len(ops) > 2:
+        params.append(("b", ops[2][0]))
+    params.append(("out_dtype", g.dtype(n).name))
+    lw._emit("norm_fwd", f"{g.op(n)}_{dim}", tuple(params), [o[1] for o in ops], [n], [n], n)
+
+
+register_kernel_lowering("layer_norm")(_lower_norm)
+register_kernel_lowering("rms_norm")(_lower_norm)
+
+
+@register_kernel_lowering("norm_stats")
+def _lower_stats(lw: _Lowerer, n: int) -> None:
+    g = lw.g
+    (x,) = g.args(n)
+    rows, dim = _rows_dim(lw, x)
+    (xd, xb) = _operand(lw, x, n)
+    params = (("rows", rows), ("dim", dim), ("rms", bool(g.attrs(n)["rms"])),
+              ("eps", float(g.attrs(n)["eps"])), ("x", xd))
+    lw._emit("norm_stats", f"norm_stats_{dim}", params, [xb], [n], [n], n)
+
+
+@register_kernel_lowering("norm_dx")
+def _lower_dx(lw: _Lowerer, n: int) -> None:
+    g = lw.g
+    args = g.args(n)
+    rows, dim = _rows_dim(lw, args[0])
+    (xd, xb), (wd, wb), (gd, gb), (sd, sb) = (_operand(lw, a, n) for a in args)
+    params = (("rows", rows), ("dim", dim), ("rms", bool(g.attrs(n)["rms"])), ("x", xd),
+              ("w", wd), ("g", gd), ("stats", sd[1]), ("out_dtype", g.dtype(n).name))
+    lw._emit("norm_dx", f"norm_dx_{dim}", params, [xb, wb, gb, sb], [n], [n], n)
+
+
+@register_kernel_lowering("norm_dwb")
+def _lower_dwb(lw: _Lowerer, n: int) -> None:
+    g = lw.g
+    args = g.args(n)
+    rows, dim = _rows_dim(lw, args[0])
+    (xd, xb), (gd, gb), (sd, sb) = (_operand(lw, a, n) for a in args)
+    params = (("rows", rows), ("dim", dim), ("rms", bool(g.attrs(n)["rms"])),
+              ("bias", bool(g.attrs(n)["bias"])), ("x", xd), ("g", gd), ("stats", sd[1]))
+    lw._emit("norm_dwb", f"norm_dwb_{dim}", params, [xb, gb, sb], [n], [n], n)
+
+
+def _ignore(lw: _Lowerer, n: int) -> tuple[bool, int]:
+    ii = lw.g.attrs(n)["ignore_index"]
+    return (ii is not None, 0 if ii is None else int(ii))
+
+
+@register_kernel_lowering("cross_entropy_rows")
+def _lower_ce(lw: _Lowerer, n: int) -> None:
+    g = lw.g
+    z, y = g.args(n)
+    rows, classes = g.shape(z)
+    (zd, zb), (yd, yb) = _operand(lw, z, n), _operand(lw, y, n)
+    params = (("rows", rows), ("classes", classes), ("ignore", _ignore(lw, n)), ("z", zd),
+              ("y", yd[1]))
+    lw._emit("ce_fwd", f"cross_entropy_{classes}", params, [zb, yb], [n], [n], n)
+
+
+@register_kernel_lowering("cross_entropy_rows_grad")
+def _lower_ce_grad(lw: _Lowerer, n: int) -> None:
+    g = lw.g
+    args = g.args(n)
+    rows, classes = g.shape(args[0])
+    (zd, zb), (yd, yb), (rd, rb), (gd, gb) = (_operand(lw, a, n) for a in args)
+    params = (("rows", rows), ("classes", classes), ("ignore", _ignore(lw, n)), ("z", zd),
+              ("y", yd[1]), ("r", rd[1]), ("g", gd[1]), ("out_dtype", g.dtype(n).name))
+    lw._emit("ce_bwd", f"cross_entropy_grad_{classes}", params, [zb, yb, rb, gb], [n], [n], n)
+
+
