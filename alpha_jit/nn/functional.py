@@ -120,3 +120,46 @@ def note_index_bound(ids: Tensor, high: int, op: str, also: int | None = None) -
             hi = min(hi, ctx.index_bounds[idx][1])
             also = also if also == ctx.index_bounds[idx][4] else None
         ctx.index_bounds[idx] = (lo, hi, op, ctx.provenance().where(), also)
+
+
+def scaled_dot_product_attention(q: Any, k: Any, v: Any, is_causal: bool = False,
+                                 scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
+    """softmax(q @ k^T * scale [causal mask]) @ v as one fused `attention` op (flash kernels
+    forward and backward, no [T, T] tensor). q [B, H, T, hd], k and v [B, Hkv, T, hd] with H a
+    multiple of Hkv (grouped-query attention). Under `precision="bf16"|"f16"` q, k, v are read
+    in the low type and the result is f32, like a GEMM. `scale` defaults to 1/sqrt(hd)."""
+    import logging
+    import math
+
+    q, k, v = as_tensor(q), as_tensor(k), as_tensor(v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if dropout_p > 0.0:
+        # the fused kernels do not draw the counter-based dropout mask yet: the unfused path
+        # keeps dropout identical to the reference's
+        logging.getLogger("alpha_jit.attention").info(
+            "scaled_dot_product_attention: dropout_p=%s runs unfused (the fused kernels have "
+            "no dropout mask yet)", dropout_p)
+        return _attention_unfused(q, k, v, is_causal, scale, dropout_p)
+    ctx = trace.current()
+    attrs: dict = {"causal": bool(is_causal), "scale": scale}
+    if ctx.autocast is not None:  # the precision policy, as for GEMMs: low operands, f32 out
+        q, k, v = (t.astype(ctx.autocast) if t.dtype != ctx.autocast else t for t in (q, k, v))
+        attrs["out_dtype"] = "f32"
+    return trace.apply("attention", [q, k, v], attrs)
+
+
+def _attention_unfused(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                       dropout_p: float) -> Tensor:
+    from alpha_jit.tensor import where
+
+    if q.ndim == 4 and k.ndim == 4 and k.shape[1] != q.shape[1] and k.shape[1] \
+            and q.shape[1] % k.shape[1] == 0:  # GQA: each kv head serves H / Hkv query heads
+        b, hkv, t, hd = k.shape
+        rep = q.shape[1] // hkv
+        k, v = (z.reshape(b, hkv, 1, t, hd).broadcast_to((b, hkv, rep, t, hd))
+                .reshape(b, hkv * rep, t, hd) for z in (k, v))
+    att = (q @ k.swap_last()) * scale
+    if causal:
+        t, s = att.shape[-2], att.shape[-1]
+        att = where(iota((t, s), 0) >= iota((t, s), 1), att, float("-inf"))
+    return dropout(softmax(att, axis=-1), dropout_p) @ v

@@ -18,7 +18,7 @@ from alpha_jit.ir import trace
 from alpha_jit.nn import functional as F
 from alpha_jit.nn.layers import Embedding, Linear, rng
 from alpha_jit.nn.module import Module, Parameter
-from alpha_jit.tensor import StateTensor, Tensor, as_tensor, concat, iota, where
+from alpha_jit.tensor import StateTensor, Tensor, as_tensor, concat
 
 
 @dataclass
@@ -153,18 +153,12 @@ class CausalSelfAttention(Module):
         v = self.v(x).reshape(b, t, self.n_kv, self.hd)
         if self.rope:
             q, k = self._rotate(q, t), self._rotate(k, t)
-        if self.n_kv != self.n_head:  # GQA: each kv head serves n_head / n_kv query heads
-            rep = self.n_head // self.n_kv
-            k = k.reshape(b, t, self.n_kv, 1, self.hd).broadcast_to(
-                (b, t, self.n_kv, rep, self.hd)).reshape(b, t, self.n_head, self.hd)
-            v = v.reshape(b, t, self.n_kv, 1, self.hd).broadcast_to(
-                (b, t, self.n_kv, rep, self.hd)).reshape(b, t, self.n_head, self.hd)
-        q, k, v = (z.transpose(0, 2, 1, 3) for z in (q, k, v))  # [B, H, T, hd]
-        att = (q @ k.swap_last()) * (1.0 / math.sqrt(self.hd))
-        causal = iota((t, t), 0) >= iota((t, t), 1)
-        att = where(causal, att, float("-inf"))
-        att = F.dropout(F.softmax(att, axis=-1), self.dropout)
-        y = (att @ v).transpose(0, 2, 1, 3).reshape(b, t, c)
+        q, k, v = (z.transpose(0, 2, 1, 3) for z in (q, k, v))  # [B, H or Hkv, T, hd]
+        # one fused attention op (GQA inside: kv head h // (n_head / n_kv) serves query head h)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           scale=1.0 / math.sqrt(self.hd),
+                                           dropout_p=self.dropout)
+        y = y.transpose(0, 2, 1, 3).reshape(b, t, c)
         return F.dropout(self.proj(y), self.dropout)
 
 

@@ -125,4 +125,17 @@ CASES = [
                                                       {"ignore_index": 3}), g],
         {"ignore_index": 3}), [(9, 13), (9,), (9, 2)], ["f32", "i32", "f32"], int_high=13,
          grad=False),
+    Case("attention_causal_gqa",
+         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+         [(1, 4, 5, 3), (1, 2, 5, 3), (1, 2, 5, 3)]),
+    Case("attention_full", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=0.7),
+         [(2, 2, 6, 4), (2, 2, 6, 4), (2, 2, 6, 4)]),
+    # the backward ops appear only inside VJPs: each also on its own, with any o, lse and dO
+    *[Case(op, lambda q, k, v, o, lse, do, op=op: trace.apply(
+        op, [q, k, v, o, lse, do], {"causal": True, "scale": 0.5}),
+        [(1, 2, 7, 3), (1, 1, 7, 3), (1, 1, 7, 3), (1, 2, 7, 3), (1, 2, 7), (1, 2, 7, 3)],
+        grad=False) for op in ("attention_bwd_dq", "attention_bwd_dk", "attention_bwd_dv")],
+    Case("attention_lse", lambda q, k, v: trace.apply(
+        "attention_lse", [q, k, v], {"causal": True, "scale": 0.5}) * 1.0,
+        [(1, 2, 7, 3), (1, 1, 7, 3), (1, 1, 7, 3)], grad=False),
 ]

@@ -1,0 +1,453 @@
+"""Flash attention kernel families: fused forward (online softmax) and fused backward.
+
+Why: unfused attention materialises [B, H, T, T] scores and probabilities in forward and again
+in backward; these kernels stream keys (forward, dq) or queries (dk/dv) through shared memory in
+small tiles and never hold more than one tile of scores, so memory grows with T, not T^2.
+Portable SIMT on every device (the cooperative-matrix version is a later variant).
+
+Shape of the work. One invocation owns one row: a query row (forward, dq) or a key row (dk/dv);
+a workgroup owns `rows` consecutive rows of one (batch, head) and walks tiles of `block` keys
+(or queries) staged in shared memory, each row's vectors (q, dO, accumulators) held in registers
+(head dim unrolled). Causal tiles entirely below the diagonal run a mask-free body; tiles that
+touch the diagonal or the ragged end of T run a masked body, in which a masked position adds
+exactly nothing (selects, not 0 * x: a NaN in v at a position a row may not see stays out of it).
+Nothing depends on the subgroup size.
+
+Specs (families "attention_fwd", "attention_dq", "attention_dkdv"), params as (key, value):
+    ("b", B), ("h", H), ("hkv", Hkv), ("t", T), ("hd", hd), ("causal", bool), ("scale", float),
+    ("q" | "k" | "v" | "o" | "do", (dtype, offset, (sb, sh, st, sd))), ("lse", (...(sb, sh, st)))
+    fwd:  ("out_dtype", dtype), ("outputs", subset of ("o", "lse"))   reads q, k, v
+    dq:   reads q, k, v, o, lse, do; writes dq f32
+    dkdv: ("outputs", subset of ("dk", "dv")); reads q, k, v, o, lse, do; writes f32
+Outputs are contiguous ([B, H, T, hd], lse [B, H, T], dk/dv [B, Hkv, T, hd]). Push constants
+(base_x, base_y, base_z) offset the workgroup ids when the grid is split for device limits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import reduce
+
+from ..dsl import KernelBuilder, Value, cap, pack_push_constants
+from ..kernel import Dispatch, KernelBinary, KernelSpec
+from ..lower import register_kernel_lowering
+from ..scalar import ScalarEmitter, ieee_div, nan_minmax
+from .elementwise import storage_dtype
+from .matmul import grid_plan
+
+FAMILIES = {"attention_fwd": "generate_attention_fwd", "attention_dq": "generate_attention_dq",
+            "attention_dkdv": "generate_attention_dkdv"}
+_U32 = 1 << 32
+_NEG_INF = float("-inf")
+# unrolled multiply-adds per row and tile (block * hd): bounds module size and registers
+_FWD_WORK, _BWD_WORK = 512, 256
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    rows: int  # invocations per workgroup = rows it owns
+    block: int  # keys (forward, dq) or queries (dk/dv) per shared tile; divides rows
+
+
+def choose_config(t: int, hd: int, caps: object, work: int) -> AttnConfig:
+    limit = min(int(cap(caps, "max_workgroup_invocations", 1024)), 64)  # type: ignore
+    rows = max(8, min(limit, 1 << max(0, t - 1).bit_length()))
+    block = max(1, min(rows, 1 << max(0, (work // hd).bit_length() - 1)))
+    return AttnConfig(rows, block)
+
+
+def _u(kb: KernelBuilder, x: int) -> Value:
+    return kb.u32(x % _U32)  # u32 arithmetic wraps: a negative stride still lands exactly
+
+
+class _Operand:
+    """A strided [B, heads, T(, hd)] input: binding plus address arithmetic."""
+
+    def __init__(self, kb: KernelBuilder, name: str, entry: tuple):
+        dt, off, strides = entry
+        self.kb, self.strides, self.off = kb, tuple(strides), off
+        self.buf = kb.buffer(name, storage_dtype(dt), writable=False)
+
+    def base(self, b: Value, h: Value) -> Value:
+        kb, (sb, sh) = self.kb, self.strides[:2]
+        return _u(kb, self.off) + b * _u(kb, sb) + h * _u(kb, sh)
+
+    def at(self, base: Value, t: Value, d: int | Value | None = None) -> Value:
+        kb = self.kb
+        idx = base + t * _u(kb, self.strides[2])
+        if d is not None:
+            idx = idx + (_u(kb, d * self.strides[3]) if isinstance(d, int) else
+                         d * _u(kb, self.strides[3]))
+        return self.buf.load(idx)
+
+
+@dataclass
+class _Ctx:
+    """What every family's prologue sets up."""
+
+    kb: KernelBuilder
+    p: dict
+    cfg: AttnConfig
+    tid: Value
+    blk0: Value  # first row of this workgroup
+    head: Value  # query head (fwd, dq) or kv head (dk/dv)
+    bi: Value
+
+
+def _prologue(spec: KernelSpec, caps: object, work: int, inputs: tuple[str, ...],
+              outputs: list[tuple[str, str]]) -> tuple[_Ctx, dict, dict]:
+    p = dict(spec.params)
+    cfg = choose_config(p["t"], p["hd"], caps, work)
+    kb = KernelBuilder(spec.name, cfg.rows, caps)
+    ins = {n: _Operand(kb, n, p[n]) for n in inputs}
+    outs = {n: kb.buffer(n, storage_dtype(dt), writable=True) for n, dt in outputs}
+    pc = kb.push_constants([("base_x", "u32"), ("base_y", "u32"), ("base_z", "u32")])
+    blk0 = (kb.workgroup_id(0) + pc["base_x"]) * cfg.rows
+    ctx = _Ctx(kb, p, cfg, kb.local_index(), blk0, kb.workgroup_id(1) + pc["base_y"],
+               kb.workgroup_id(2) + pc["base_z"])
+    return ctx, ins, outs
+
+
+def _dot(kb: KernelBuilder, xs: list[Value], load: Callable[[int], Value]) -> Value:
+    acc = xs[0] * load(0)
+    for d in range(1, len(xs)):
+        acc = kb.fma(xs[d], load(d), acc)
+    return acc
+
+
+def _load_tiles(c: _Ctx, j0: Value, tiles: list[tuple], masked: bool) -> None:
+    """Stage rows j0 .. j0+block of each (operand, base, shared array) tile; rows past T are
+    zero (and masked) in a masked tile."""
+    kb, t, hd, rows, blk = c.kb, c.p["t"], c.p["hd"], c.cfg.rows, c.cfg.block
+    for r in range(math.ceil(blk * hd / rows)):
+        e = c.tid + r * rows
+        jj, d = (e / hd, e % hd) if hd > 1 else (e, kb.u32(0))
+        j = j0 + jj
+        guard = e < blk * hd if (r + 1) * rows > blk * hd else None
+        jc = kb.fmin(j, t - 1) if masked else j
+        vals = [op.at(base, jc, d) for op, base, _ in tiles]
+        if masked:
+            vals = [kb.select(j < t, v, 0.0) for v in vals]
+        for (_, _, sh), v in zip(tiles, vals, strict=True):
+            if guard is None:
+                sh.store(e, v)
+            else:
+                with kb.if_(guard):
+                    sh.store(e, v)
+
+
+def _masked_ranges(c: _Ctx, own_end: Callable[[], Value] | None
+                   ) -> tuple[Value | int, Value | int, Value | int, Value | int]:
+    """Tile ranges as (masked_lo, masked_hi, full_lo, full_hi) for a row block whose causal
+    diagonal tiles are [blk0, own_end) (None: not causal, only the ragged tail is masked)."""
+    kb, t, blk = c.kb, c.p["t"], c.cfg.block
+    if own_end is None:
+        full = (t // blk) * blk
+        return full, t, 0, full
+    return c.blk0, own_end(), kb.u32(0), c.blk0
+
+
+def _loop_tiles(c: _Ctx, lo: Value | int, hi: Value | int, body: Callable[[Value], None]
+                ) -> None:
+    kb = c.kb
+    with kb.loop(kb.value(lo, "u32"), kb.value(hi, "u32"), c.cfg.block) as j0:
+        body(j0)
+
+
+def _grid(c: _Ctx, heads: int, caps: object) -> list[Dispatch]:
+    groups = (math.ceil(c.p["t"] / c.cfg.rows), heads, c.p["b"])
+    return [Dispatch(cnt, pack_push_constants([("u32", v) for v in base]))
+            for cnt, base in grid_plan(groups, caps)]
+
+
+def _allowed(c: _Ctx, key: Value, query: Value) -> Value:
+    """May `query` see `key` (inside T, and not in its future when causal)."""
+    ok = key < c.p["t"]
+    return ok & (key <= query) if c.p["causal"] else ok
+
+
+def _is_inf(kb: KernelBuilder, x: Value) -> Value:
+    # on the bits: a driver may fold OpIsInf away when it assumes no infinities
+    return (kb.bitcast(x, "u32") & 0x7FFFFFFF) == 0x7F800000
+
+
+def generate_attention_fwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
+    """O = softmax(q k^T * scale) v with an online softmax over key tiles; also the per-row
+    log-sum-exp (shift + log l) that backward recomputes the probabilities from."""
+    p = dict(spec.params)
+    outputs = p["outputs"]
+    outs_decl = [(n, p["out_dtype"] if n == "o" else "f32") for n in outputs]
+    c, ins, outs = _prologue(spec, caps, _FWD_WORK, ("q", "k", "v"), outs_decl)
+    kb, t, hd, h, blk = c.kb, p["t"], p["hd"], p["h"], c.cfg.block
+    q, k, v = ins["q"], ins["k"], ins["v"]
+    hk = c.head / (h // p["hkv"]) if h != p["hkv"] else c.head
+    i = c.blk0 + c.tid
+    qb = q.base(c.bi, c.head)
+    qv = [q.at(qb, kb.fmin(i, t - 1), d) * p["scale"] for d in range(hd)]
+    kbase, vbase = k.base(c.bi, hk), v.base(c.bi, hk)
+    k_sh, v_sh = kb.shared("f32", blk * hd), kb.shared("f32", blk * hd)
+    acc = [kb.var("f32", 0.0) for _ in range(hd)]
+    l_var, m_var, shift_var = kb.var("f32", 0.0), kb.var("f32", _NEG_INF), kb.var("f32", 0.0)
+
+    def body(j0: Value, masked: bool) -> None:
+        kb.barrier()  # the previous tile's readers are done
+        _load_tiles(c, j0, [(k, kbase, k_sh), (v, vbase, v_sh)], masked)
+        kb.barrier()
+        s = [_dot(kb, qv, lambda d, j=j: k_sh.load(j * hd + d)) for j in range(blk)]
+        oks = [_allowed(c, j0 + j, i) for j in range(blk)] if masked else []
+        if masked:
+            s = [kb.select(ok, sj, _NEG_INF) for ok, sj in zip(oks, s, strict=True)]
+        m_new = nan_minmax(kb, "max", m_var.get(), reduce(
+            lambda a, b: nan_minmax(kb, "max", a, b), s))
+        # an infinite max shifts by 0 (as the logsumexp reduction does): exp never sees
+        # -inf - -inf; NaN stays NaN
+        shift = kb.select(_is_inf(kb, m_new), kb.f32(0.0), m_new)
+        # nothing seen yet (max -inf): l and acc are 0, and exp(0 - shift) may overflow
+        m_old = m_var.get()
+        corr = kb.select(kb.bitcast(m_old, "u32") == 0xFF800000, kb.f32(0.0),
+                         kb.exp(shift_var.get() - shift))
+        ps = [kb.exp(sj - shift) for sj in s]
+        l_var.set(reduce(lambda a, b: a + b, ps, l_var.get() * corr))
+        for d in range(hd):
+            a = acc[d].get() * corr
+            for j in range(blk):
+                vv = v_sh.load(j * hd + d)
+                a = kb.fma(ps[j], kb.select(oks[j], vv, 0.0) if masked else vv, a)
+            acc[d].set(a)
+        m_var.set(m_new)
+        shift_var.set(shift)
+
+    own_end = (lambda: kb.fmin(c.blk0 + c.cfg.rows, kb.u32(t))) if p["causal"] else None
+    m_lo, m_hi, f_lo, f_hi = _masked_ranges(c, own_end)
+    _loop_tiles(c, f_lo, f_hi, lambda j0: body(j0, False))
+    _loop_tiles(c, m_lo, m_hi, lambda j0: body(j0, True))
+    lv = l_var.get()
+    row = (c.bi * h + c.head) * t + i
+    with kb.if_(i < t):
+        if "o" in outs:
+            for d in range(hd):
+                outs["o"].store(row * hd + d, ieee_div(kb, acc[d].get(), lv))
+        if "lse" in outs:
+            outs["lse"].store(row, ScalarEmitter(kb).unary("log", lv) + shift_var.get())
+    dispatches = _grid(c, h, caps)
+    flops = 4 * p["b"] * h * t * t * hd // (2 if p["causal"] else 1)
+    return kb.binary(spec, dispatches, notes={
+        "flops": flops, "variant": f"simt flash rows {c.cfg.rows} tile {blk}"})
+
+
+def _bwd_row_stats(c: _Ctx, ins: dict, row_t: Value, head: Value) -> tuple[Value, Value]:
+    """(lse, D = dO . O) of query row `row_t` (clamped by the caller) of `head`."""
+    kb, hd = c.kb, c.p["hd"]
+    ob, dob = ins["o"].base(c.bi, head), ins["do"].base(c.bi, head)
+    dd = _dot(kb, [ins["do"].at(dob, row_t, d) for d in range(hd)],
+              lambda d: ins["o"].at(ob, row_t, d))
+    lse = ins["lse"].at(ins["lse"].base(c.bi, head), row_t)
+    return lse, dd
+
+
+_BWD_INPUTS = ("q", "k", "v", "o", "lse", "do")
+
+
+def generate_attention_dq(spec: KernelSpec, caps: object = None) -> KernelBinary:
+    """dq = scale * sum_j dS_ij k_j, dS = P (dP - D), recomputing P from lse per key tile."""
+    p = dict(spec.params)
+    c, ins, outs = _prologue(spec, caps, _BWD_WORK, _BWD_INPUTS, [("dq", "f32")])
+    kb, t, hd, h, blk, scale = c.kb, p["t"], p["hd"], p["h"], c.cfg.block, p["scale"]
+    q, k, v, dout = ins["q"], ins["k"], ins["v"], ins["do"]
+    hk = c.head / (h // p["hkv"]) if h != p["hkv"] else c.head
+    i = c.blk0 + c.tid
+    ic = kb.fmin(i, t - 1)
+    qb, dob = q.base(c.bi, c.head), dout.base(c.bi, c.head)
+    qv = [q.at(qb, ic, d) * scale for d in range(hd)]
+    dov = [dout.at(dob, ic, d) for d in range(hd)]
+    lse, dd = _bwd_row_stats(c, ins, ic, c.head)
+    kbase, vbase = k.base(c.bi, hk), v.base(c.bi, hk)
+    k_sh, v_sh = kb.shared("f32", blk * hd), kb.shared("f32", blk * hd)
+    acc = [kb.var("f32", 0.0) for _ in range(hd)]
+
+    def body(j0: Value, masked: bool) -> None:
+        kb.barrier()
+        _load_tiles(c, j0, [(k, kbase, k_sh), (v, vbase, v_sh)], masked)
+        kb.barrier()
+        dss, oks = [], []
+        for j in range(blk):
+            pj = kb.exp(_dot(kb, qv, lambda d, j=j: k_sh.load(j * hd + d)) - lse)
+            ds = pj * (_dot(kb, dov, lambda d, j=j: v_sh.load(j * hd + d)) - dd)
+            if masked:
+                oks.append(_allowed(c, j0 + j, i))
+                ds = kb.select(oks[-1], ds, 0.0)
+            dss.append(ds)
+        for d in range(hd):
+            a = acc[d].get()
+            for j in range(blk):
+                kv = k_sh.load(j * hd + d)
+                a = kb.fma(dss[j], kb.select(oks[j], kv, 0.0) if masked else kv, a)
+            acc[d].set(a)
+
+    own_end = (lambda: kb.fmin(c.blk0 + c.cfg.rows, kb.u32(t))) if p["causal"] else None
+    m_lo, m_hi, f_lo, f_hi = _masked_ranges(c, own_end)
+    _loop_tiles(c, f_lo, f_hi, lambda j0: body(j0, False))
+    _loop_tiles(c, m_lo, m_hi, lambda j0: body(j0, True))
+    row = (c.bi * h + c.head) * t + i
+    with kb.if_(i < t):
+        for d in range(hd):
+            outs["dq"].store(row * hd + d, acc[d].get() * scale)
+    flops = 6 * p["b"] * h * t * t * hd // (2 if p["causal"] else 1)
+    return kb.binary(spec, _grid(c, h, caps), notes={
+        "flops": flops, "variant": f"simt flash dq rows {c.cfg.rows} tile {blk}"})
+
+
+def generate_attention_dkdv(spec: KernelSpec, caps: object = None) -> KernelBinary:
+    """dv_j = sum_i P_ij dO_i, dk_j = scale * sum_i dS_ij q_i over every query head of the kv
+    head (GQA) and query tile; D_i = dO_i . O_i is computed per tile, never stored."""
+    p = dict(spec.params)
+    outputs = p["outputs"]
+    c, ins, outs = _prologue(spec, caps, _BWD_WORK, _BWD_INPUTS, [(n, "f32") for n in outputs])
+    kb, t, hd, h, hkv, blk, scale = c.kb, p["t"], p["hd"], p["h"], p["hkv"], c.cfg.block, \
+        p["scale"]
+    q, k, v, dout = ins["q"], ins["k"], ins["v"], ins["do"]
+    rep = h // hkv
+    j = c.blk0 + c.tid  # this invocation's key row
+    jc = kb.fmin(j, t - 1)
+    kb_base, vb_base = k.base(c.bi, c.head), v.base(c.bi, c.head)
+    kv = [k.at(kb_base, jc, d) * scale for d in range(hd)]
+    vv = [v.at(vb_base, jc, d) for d in range(hd)]
+    q_sh, do_sh = kb.shared("f32", blk * hd), kb.shared("f32", blk * hd)
+    lse_sh, dd_sh = kb.shared("f32", blk), kb.shared("f32", blk)
+    dk = [kb.var("f32", 0.0) for _ in range(hd)]
+    dv = [kb.var("f32", 0.0) for _ in range(hd)]
+
+    def body(hh: Value, i0: Value, masked: bool) -> None:
+        kb.barrier()
+        qb, dob = q.base(c.bi, hh), dout.base(c.bi, hh)
+        _load_tiles(c, i0, [(q, qb, q_sh), (dout, dob, do_sh)], masked)
+        with kb.if_(c.tid < blk):  # one row's lse and D per invocation of the first `blk`
+            ii = i0 + c.tid
+            lse, dd = _bwd_row_stats(c, ins, kb.fmin(ii, t - 1), hh)
+            inside = ii < t
+            lse_sh.store(c.tid, kb.select(inside, lse, 0.0))
+            dd_sh.store(c.tid, kb.select(inside, dd, 0.0))
+        kb.barrier()
+        terms = []
+        for r in range(blk):
+            pr = kb.exp(_dot(kb, kv, lambda d, r=r: q_sh.load(r * hd + d)) - lse_sh.load(r))
+            ds = pr * (_dot(kb, vv, lambda d, r=r: do_sh.load(r * hd + d)) - dd_sh.load(r))
+            ok = None
+            if masked:  # key j visible to query i0 + r (inside T, not in its future)
+                ii = i0 + r
+                ok = (ii < t) & (j <= ii) if p["causal"] else ii < t
+                pr, ds = kb.select(ok, pr, 0.0), kb.select(ok, ds, 0.0)
+            terms.append((pr, ds, ok))
+        for d in range(hd):
+            a_dk, a_dv = dk[d].get(), dv[d].get()
+            for r, (pr, ds, ok) in enumerate(terms):
+                qx, dox = q_sh.load(r * hd + d), do_sh.load(r * hd + d)
+                if ok is not None:
+                    qx, dox = kb.select(ok, qx, 0.0), kb.select(ok, dox, 0.0)
+                a_dv = kb.fma(pr, dox, a_dv)
+                a_dk = kb.fma(ds, qx, a_dk)
+            dk[d].set(a_dk)
+            dv[d].set(a_dv)
+
+    # query tiles: the diagonal [blk0, blk0 + rows) and the ragged tail are masked (one loop
+    # over both, numbered n1 then n3), the rest mask-free
+    if p["causal"]:
+        d_end = kb.fmin(c.blk0 + c.cfg.rows, kb.u32(t))
+        f_lo = d_end
+        f_hi = d_end + ((kb.u32(t) - d_end) / blk) * blk
+        diag_lo, n1 = c.blk0, (d_end - c.blk0 + (blk - 1)) / blk
+    else:
+        f_lo, f_hi = kb.u32(0), kb.u32((t // blk) * blk)
+        diag_lo, n1 = kb.u32(0), kb.u32(0)
+    n3 = (kb.u32(t) - f_hi + (blk - 1)) / blk
+    with kb.loop(kb.u32(0), kb.u32(rep)) as r_head:
+        hh = c.head * rep + r_head if rep > 1 else c.head
+        with kb.loop(f_lo, f_hi, blk) as i0:
+            body(hh, i0, False)
+        with kb.loop(kb.u32(0), n1 + n3) as idx:
+            i0 = kb.select(idx < n1, diag_lo + idx * blk, f_hi + (idx - n1) * blk)
+            body(hh, i0, True)
+    row = (c.bi * hkv + c.head) * t + j
+    with kb.if_(j < t):
+        for d in range(hd):
+            if "dk" in outs:
+                outs["dk"].store(row * hd + d, dk[d].get() * scale)
+            if "dv" in outs:
+                outs["dv"].store(row * hd + d, dv[d].get())
+    flops = 8 * p["b"] * h * t * t * hd // (2 if p["causal"] else 1)
+    return kb.binary(spec, _grid(c, hkv, caps), notes={
+        "flops": flops, "variant": f"simt flash dkdv rows {c.cfg.rows} tile {blk}"})
+
+
+# ---- lowering -------------------------------------------------------------------------------
+def _entry(lw, a: int, n: int) -> tuple[tuple, int]:
+    v = lw.need_view(a, n)
+    return (lw.g.dtype(a).name, v.offset, tuple(v.strides)), v.base
+
+
+def _shape_params(g, n: int) -> tuple:
+    q, k = g.args(n)[:2]
+    b, h, t, hd = g.shape(q)
+    a = g.attrs(n)
+    return (("b", b), ("h", h), ("hkv", g.shape(k)[1]), ("t", t), ("hd", hd),
+            ("causal", bool(a["causal"])), ("scale", float(a["scale"])))
+
+
+def _siblings(lw, n: int, ops: tuple[str, ...]) -> dict[str, int]:
+    """Nodes of `ops` over the same arguments and attrs as n (one kernel computes them all),
+    not lowered yet; includes n."""
+    g = lw.g
+    done = lw.__dict__.setdefault("_attention_done", set())
+    key = (g.args(n), g.attrs(n)["causal"], g.attrs(n)["scale"])
+    found: dict[str, int] = {}
+    for u in [n, *g.users(g.args(n)[0])]:
+        if g.op(u) in ops and u not in done and g.op(u) not in found and \
+                (g.args(u), g.attrs(u)["causal"], g.attrs(u)["scale"]) == key:
+            found[g.op(u)] = u
+    done.update(found.values())
+    return found
+
+
+def _lower(lw, n: int, family: str, ops: tuple[str, ...], out_names: dict[str, str],
+           inputs: tuple[str, ...]) -> None:
+    g = lw.g
+    if n in lw.__dict__.get("_attention_done", set()):
+        return  # written by a sibling's kernel
+    sib = _siblings(lw, n, ops)
+    names = tuple(out_names[o] for o in ops if o in sib)
+    params = list(_shape_params(g, n))
+    reads = []
+    for name, a in zip(inputs, g.args(n), strict=True):
+        entry, base = _entry(lw, a, n)
+        params.append((name, entry))
+        reads.append(base)
+    if family == "attention_fwd":
+        params.append(("out_dtype", g.dtype(sib["attention"]).name if "attention" in sib
+                       else "f32"))
+    if family != "attention_dq":
+        params.append(("outputs", names))
+    writes = [sib[o] for o in ops if o in sib]
+    b, h, t, hd = g.shape(g.args(n)[0])
+    lw._emit(family, f"{family}_{b}x{h}x{t}x{hd}", tuple(params), reads, writes, writes, n)
+
+
+@register_kernel_lowering("attention")
+@register_kernel_lowering("attention_lse")
+def _lower_fwd(lw, n: int) -> None:
+    _lower(lw, n, "attention_fwd", ("attention", "attention_lse"),
+           {"attention": "o", "attention_lse": "lse"}, ("q", "k", "v"))
+
+
+@register_kernel_lowering("attention_bwd_dq")
+def _lower_dq(lw, n: int) -> None:
+    _lower(lw, n, "attention_dq", ("attention_bwd_dq",), {"attention_bwd_dq": "dq"},
+           _BWD_INPUTS)
+
+
+@register_kernel_lowering("attention_bwd_dk")
+@register_kernel_lowering("attention_bwd_dv")
+def _lower_dkdv(lw, n: int) -> None:
+    _lower(lw, n, "attention_dkdv", ("attention_bwd_dk", "attention_bwd_dv"),
+           {"attention_bwd_dk": "dk", "attention_bwd_dv": "dv"}, _BWD_INPUTS)
