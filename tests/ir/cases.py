@@ -110,6 +110,9 @@ CASES = [
     Case("cross_entropy_ignore", lambda z, y: F.cross_entropy(z, y - 1, ignore_index=-1),
          [(13, 10), (13,)], ["f32", "i32"], int_high=11),
     Case("softmax", lambda z: F.softmax(z, axis=-1), [(6, 10)]),
+    # multi-tensor (ir/ops/multi.py): the norm of several tensors of different shapes
+    Case("sum_squares", lambda a, b, c: trace.apply("sum_squares", [a, b, c]),
+         [(3, 4), (17,), (2, 3, 5)]),
     # fused row ops (ir/ops/rowwise.py): forward with gradients, backward ops as their VJP calls
     Case("layer_norm", lambda x, w, b: trace.apply("layer_norm", [x, w, b], {"eps": 1e-5}),
          [(3, 5, 37), (37,), (37,)]),
