@@ -386,22 +386,26 @@ class _Lowerer:
                                         g.prov(n).where())
 
     def _absorbed_casts(self, order: list[int]) -> set[int]:
-        """Casts of f32 values to bf16 that only GEMMs read (directly or through views): the
-        GEMM rounds its operand on load, so the cast gets no kernel and no buffer.
+        """Casts of f32 values to bf16 that only GEMMs of the same phase read (directly or
+        through views): the GEMM rounds its operand on load, so the cast gets no kernel and no
+        buffer.
         `ALPHA_JIT_DISABLE_PASSES=gemm_prologue` keeps them as kernels."""
         g = self.g
         roots = set(g.roots())
         if "gemm_prologue" in os.environ.get("ALPHA_JIT_DISABLE_PASSES", "").split(","):
             return set()
 
-        def only_gemms(u: int) -> bool:
+        def only_gemms(u: int, phase: str) -> bool:
             if u in roots or not g.users(u):
                 return False
-            return all(g.op(v) == "matmul" or (self._cls(v) == "view" and only_gemms(v))
+            # a GEMM of another phase (an activation cast for forward, read again by the
+            # weight-gradient GEMM) would keep the f32 source alive instead of a bf16 copy
+            return all((g.op(v) == "matmul" and g.prov(v).phase == phase)
+                       or (self._cls(v) == "view" and only_gemms(v, phase))
                        for v in g.users(u))
 
         return {n for n in order if g.op(n) == "cast" and g.dtype(n).name == "bf16"
-                and g.dtype(g.args(n)[0]).name == "f32" and only_gemms(n)}
+                and g.dtype(g.args(n)[0]).name == "f32" and only_gemms(n, g.prov(n).phase)}
 
     def _operand(self, a: int, n: int) -> tuple[View, DType, str | None]:
         """How matmul n reads operand a: (view, dtype of the data, rounding on load). An

@@ -88,8 +88,9 @@ def test_gemm_rows_are_correct_against_numpy(bench):
     gemms = _rows(rows, "gemm")
     uses = {u for r in gemms for u in r["uses"]}
     assert "square 64^3" in uses and any(u.startswith("tiny@4 bf16") for u in uses)
-    # every GEMM of the traced tiny step is there: the head, attention's batched ones, the MLP
-    assert any(r["batch"] > 1 for r in gemms) and any(r["n"] == 256 for r in gemms)
+    # every GEMM of the traced tiny step is there: the head (n = vocab 256), the MLP
+    # (attention's batched GEMMs are inside the fused attention kernels now)
+    assert any(r["n"] == 256 for r in gemms)
     for r in gemms:
         _check_types(r, report.GemmRow)
         assert r["valid"] and r["status"] == "ok", r
