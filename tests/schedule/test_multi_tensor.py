@@ -44,7 +44,8 @@ def test_sum_squares_of_many_tensors_matches_numpy():
 
 def test_sum_squares_beyond_the_binding_limit_splits_into_stage_one_kernels():
     caps = get_device().caps
-    n = caps.max_storage_buffers_per_stage + 5  # more tensors than one kernel can bind
+    # more tensors than one kernel binds (lowering binds at most 64 per kernel on any device)
+    n = min(caps.max_storage_buffers_per_stage, 64) + 5
     rng = np.random.default_rng(1)
     arrs = [rng.standard_normal(3 + i).astype(np.float32) for i in range(n)]
 
