@@ -195,6 +195,22 @@ def test_every_module_validates():
             assert binary.shared_bytes <= caps.max_shared_memory
 
 
+def test_cpu_modules_stay_small():
+    """llvmpipe compiles a module at its first dispatch in time that grows faster than its
+    size: with 16-key tiles the first GPT step on 2 cores took 100 s (10 s with 1-key tiles).
+    CPU devices get modules a few times smaller than a GPU's."""
+    import dataclasses
+
+    from alpha_jit.runtime.device import get_device
+
+    cpu = dataclasses.replace(get_device().caps, device_type="cpu")
+    gpu = dataclasses.replace(get_device().caps, device_type="discrete")
+    for spec in _specs():
+        gen = getattr(K, K.FAMILIES[spec.family])
+        small, big = len(gen(spec, cpu).words) // 4, len(gen(spec, gpu).words) // 4  # words
+        assert small <= 25_000 and small * 3 <= big * 2, (spec.family, small, big)
+
+
 def test_shape_errors_name_op_shapes_and_line():
     @aj.compile
     def f(q, k):

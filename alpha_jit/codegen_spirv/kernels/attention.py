@@ -54,6 +54,11 @@ class AttnConfig:
 def choose_config(t: int, hd: int, caps: object, work: int) -> AttnConfig:
     limit = min(int(cap(caps, "max_workgroup_invocations", 1024)), 64)  # type: ignore
     rows = max(8, min(limit, 1 << max(0, t - 1).bit_length()))
+    if cap(caps, "device_type", None) == "cpu":
+        # llvmpipe compiles a module at its first dispatch, in time that grows faster than its
+        # size: one key per tile keeps the module a tenth as big (the first GPT step on 2
+        # cores took 100 s with 16-key tiles)
+        work = min(work, hd)
     block = max(1, min(rows, 1 << max(0, (work // hd).bit_length() - 1)))
     return AttnConfig(rows, block)
 
