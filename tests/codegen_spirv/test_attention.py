@@ -26,6 +26,7 @@ from alpha_jit.errors import ShapeError
 from alpha_jit.ir import interpreter
 from alpha_jit.nn import functional as F
 from alpha_jit.nn.module import Parameter
+from tests.e2e.util import lm_step
 
 H200 = Path(__file__).resolve().parents[1] / "data" / "h200-caps.json"
 
@@ -248,13 +249,7 @@ def _gpt_plan(monkeypatch, fused: bool):
                                 n_kv_head=2))
     opt = nn.optim.AdamW(model.parameters(), lr=1e-3)
 
-    @aj.compile(precision="bf16")
-    def step(x, y):
-        loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
+    step = lm_step(model, opt, "bf16")
 
     x = np.zeros((2, t), np.int32) + np.arange(t, dtype=np.int32)
     from alpha_jit.runtime.device import get_device

@@ -22,6 +22,7 @@ from alpha_jit.ir import autodiff, interpreter, trace
 from alpha_jit.nn import functional as F
 from alpha_jit.runtime import caps as caps_mod
 from alpha_jit.runtime.step_plan import plan_step
+from tests.e2e.util import lm_step
 
 rng = np.random.default_rng(7)
 H200 = Path(__file__).resolve().parents[1] / "data" / "h200-caps.json"
@@ -177,13 +178,7 @@ def test_gpt_step_has_fused_norms_and_no_one_hot():
     model = nn.GPT(cfg)
     opt = nn.optim.AdamW(model.parameters(), lr=1e-3)
 
-    @aj.compile(precision="bf16")
-    def step(x, y):
-        loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
+    step = lm_step(model, opt, "bf16")
 
     x = rng.integers(0, 97, (3, 16)).astype(np.int32)
     traced = step.trace(x, x)

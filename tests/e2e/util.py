@@ -1,4 +1,4 @@
-"""The classifier training step most end-to-end tests compile."""
+"""The training steps most end-to-end tests compile: a classifier, a language model."""
 
 from __future__ import annotations
 
@@ -16,5 +16,23 @@ def classifier_step(model, opt) -> aj.CompiledFunction:
         opt.step()
         opt.zero_grad()
         return loss
+
+    return step
+
+
+def lm_step(model, opt, precision: str = "f32", clip: float | None = None
+            ) -> aj.CompiledFunction:
+    """A GPT's step: forward with targets, backward, optional clip_grad_norm_, update,
+    zero_grad; returns the loss (and the pre-clip norm when clipping)."""
+    from alpha_jit import nn
+
+    @aj.compile(precision=precision)
+    def step(x, y):
+        loss = model(x, y)
+        loss.backward()
+        norm = nn.clip_grad_norm_(model.parameters(), clip) if clip is not None else None
+        opt.step()
+        opt.zero_grad()
+        return loss if norm is None else (loss, norm)
 
     return step

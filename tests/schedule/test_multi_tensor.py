@@ -11,6 +11,7 @@ from alpha_jit import nn
 from alpha_jit.ir import trace
 from alpha_jit.runtime.device import get_device
 from alpha_jit.runtime.step_plan import plan_step
+from tests.e2e.util import lm_step
 
 SHAPES = [(3,), (64, 33), (1000,), (7, 5, 3), (70001,)]
 
@@ -114,15 +115,7 @@ def test_gpt_step_uses_multi_tensor_kernels_and_matches_the_unfused_step(monkeyp
         model = nn.GPT(cfg)
         opt = nn.optim.AdamW(model.optim_groups(0.1), lr=1e-2)
 
-        @aj.compile
-        def step(x, y):
-            loss = model(x, y)
-            loss.backward()
-            norm = nn.clip_grad_norm_(model.parameters(), 0.5)
-            opt.step()
-            opt.zero_grad()
-            return loss, norm
-
+        step = lm_step(model, opt, clip=0.5)
         out = [(float(a), float(b)) for a, b in (step(x, y) for _ in range(3))]
         return out, [p.numpy() for p in model.parameters()], step
 
