@@ -226,7 +226,9 @@ def _kernel_info(i: int, k: LoweredKernel, binary: KernelBinary, low: Lowered) -
     nbytes = sum(low.buffers[b].nbytes for b in dict.fromkeys([*k.reads, *k.writes]))
     return KernelInfo(i, k.spec.family, k.spec.name, binary.variant,
                       tuple(tuple(d.groups) for d in binary.dispatches), binary.local_size,
-                      nbytes, kernel_flops(k, low), ", ".join(modules), phases, sources, passes)
+                      # the generator's own count where it gives one (attention, GEMM)
+                      nbytes, int(binary.notes.get("flops") or kernel_flops(k, low)),
+                      ", ".join(modules), phases, sources, passes)
 
 
 _REDUCE_FLOPS = {"sum": 1, "mean": 1, "max": 1, "lse": 4}  # lse: max, sub, exp, add
