@@ -47,7 +47,8 @@ def _generator(family: str) -> Any:
     mod_name, fn_name = _FAMILIES[family]
     mod = importlib.import_module(f"alpha_jit.codegen_spirv.kernels.{mod_name}")
     fn = getattr(mod, fn_name)
-    if family in ("elementwise", "elementwise_multi"):  # the IR's registry supplies the rules
+    # the IR's registry supplies the scalar rules (a GEMM's epilogue is an elementwise region)
+    if family in ("elementwise", "elementwise_multi", "matmul"):
         return lambda spec, caps: fn(spec, caps, registry.scalar_rule)
     return fn
 

@@ -23,6 +23,7 @@ from alpha_jit.dtypes import DType
 from alpha_jit.errors import InternalCompilerError
 from alpha_jit.ir.graph import Graph, Provenance, freeze_attrs
 from alpha_jit.ir.ops import registry
+from alpha_jit.schedule import epilogue
 
 LEAVES = ("input", "state", "hparam")
 # lowering classes that become one kernel per graph node; "kernel" ops bring their own lowering
@@ -76,6 +77,23 @@ class LoweredKernel:
     writes: list[int]  # buffer ids, in binding order after the reads
     nodes: list[int]  # graph nodes this kernel computes
     prov: Provenance
+    fused_by: tuple[str, ...] = ()  # scheduling passes that shaped this kernel
+
+
+@dataclass(frozen=True)
+class Region:
+    """An elementwise group as the elementwise family's spec sees it: iteration shape, input
+    entries and the buffers behind them, expressions, outputs (dtype, expression) and the
+    buffers they go to, and the graph nodes it computes."""
+
+    shape: tuple
+    inputs: tuple
+    reads: tuple
+    exprs: tuple
+    outputs: tuple
+    outs: tuple
+    members: tuple
+    name: str
 
 
 @dataclass(frozen=True)
@@ -112,15 +130,17 @@ def _shape_key(shape: tuple) -> int:
 
 
 class _Lowerer:
-    def __init__(self, graph: Graph, max_bindings: int):
+    def __init__(self, graph: Graph, max_bindings: int, caps: object = None):
         self.g = graph
         self.max_bindings = max_bindings
+        self.caps = caps
         self.out = Lowered(graph)
         self.views: dict[int, View | None] = {}
         self.copy_ids = itertools.count(-1, -1)
         self.group: dict[int, int] = {}  # elementwise node -> group id
         self.absorbed: set[int] = set()  # casts the GEMMs reading them do on load
         self.members: dict[int, list[int]] = {}
+        self.epilogues: dict[int, epilogue.Epilogue] = {}  # group id -> the GEMM it ends
 
     # ---- grouping -------------------------------------------------------------------------
     def _cls(self, n: int) -> str:
@@ -266,9 +286,13 @@ class _Lowerer:
 
     # ---- kernels --------------------------------------------------------------------------
     def _emit(self, family: str, name: str, params: tuple, reads: list[int], writes: list[int],
-              nodes: list[int], prov_node: int) -> None:
+              nodes: list[int], prov_node: int, fused_by: tuple[str, ...] = ()) -> None:
         self.out.kernels.append(LoweredKernel(KernelSpec(family, name, params), reads, writes,
-                                              nodes, self.g.prov(prov_node)))
+                                              nodes, self.g.prov(prov_node), fused_by))
+
+    def add_temp(self, n: int) -> None:
+        """Give node n a buffer of its own (a kernel writes it)."""
+        self.out.buffers[n] = Buffer(n, "temp", self.g.shape(n), self.g.dtype(n))
 
     def _const(self, u: int) -> tuple | None:
         """("const", value, dtype) when u is a constant, or any view of one (a reshaped or
@@ -280,7 +304,9 @@ class _Lowerer:
             return ("const", g.attrs(u)["value"], g.dtype(u).name)
         return None
 
-    def elementwise(self, gid: int) -> None:
+    def region(self, gid: int, acc: frozenset = frozenset()) -> Region:
+        """Group gid as an elementwise region over its shape; members read the nodes in `acc`
+        as ("acc",) (a GEMM epilogue's accumulator)."""
         g = self.g
         members = sorted(self.members[gid], key=self.position.__getitem__)
         mset = set(members)
@@ -295,6 +321,8 @@ class _Lowerer:
             for u in g.args(n):
                 if u in mset:
                     args.append(("e", expr_of[u]))
+                elif u in acc:
+                    args.append(("acc",))
                 elif self._const(u) is not None:
                     args.append(self._const(u))
                 else:
@@ -312,9 +340,15 @@ class _Lowerer:
         outs = [n for n in members if n in self.out.buffers]
         outputs = tuple((g.dtype(n).name, expr_of[n]) for n in outs)
         name = "_".join(dict.fromkeys(g.op(n) for n in members))[:40]
-        params = (("shape", shape), ("inputs", tuple(inputs)), ("exprs", tuple(exprs)),
-                  ("outputs", outputs))
-        self._emit("elementwise", name, params, reads, outs, members, members[-1])
+        return Region(shape, tuple(inputs), tuple(reads), tuple(exprs), outputs, tuple(outs),
+                      tuple(members), name)
+
+    def elementwise(self, gid: int) -> None:
+        r = self.region(gid)
+        params = (("shape", r.shape), ("inputs", r.inputs), ("exprs", r.exprs),
+                  ("outputs", r.outputs))
+        self._emit("elementwise", r.name, params, list(r.reads), list(r.outs), list(r.members),
+                   r.members[-1])
 
     def _input_entry(self, u: int, n: int, shape: tuple) -> tuple[tuple, int]:
         """How group member n reads external value u: (dtype, strides, offset[, window])."""
@@ -345,27 +379,10 @@ class _Lowerer:
                       ("out_dtype", g.dtype(n).name))
             self._emit("reduction", f"{op}_{v.shape[ax]}", params, [v.base], [n], [n], n)
         elif cls == "matmul":
-            out_shape = g.shape(n)
-            batch = out_shape[:-2]
-            m, nn = out_shape[-2], out_shape[-1]
-            ops = []
-            for a in args[:2]:
-                v, dt, rnd = self._operand(a, n)
-                v = v.broadcast_to((*batch, *v.shape[-2:]))
-                cb = v.collapse_batch()
-                if cb is None:
-                    v = self.materialize_view(v, dt, n)
-                    cb = v.collapse_batch()
-                ops.append((v, cb, dt, rnd))
-            (va, (nb, sba), a_dt, a_rnd), (vb, (_, sbb), b_dt, b_rnd) = ops
-            k = va.shape[-1]
-            params = (("batch", nb), ("m", m), ("n", nn), ("k", k),
-                      ("a", (a_dt.name, va.offset, sba, va.strides[-2], va.strides[-1])),
-                      ("b", (b_dt.name, vb.offset, sbb, vb.strides[-2], vb.strides[-1])),
-                      ("out_dtype", g.dtype(n).name))
-            params += tuple((f"{x}_round", r) for x, r in (("a", a_rnd), ("b", b_rnd)) if r)
-            self._emit("matmul", f"matmul_{nb}x{m}x{nn}x{k}", params, [va.base, vb.base], [n],
-                       [n], n)
+            params, reads = self.matmul_params(n)
+            p = dict(params)
+            self._emit("matmul", f"matmul_{p['batch']}x{p['m']}x{p['n']}x{p['k']}", params,
+                       reads, [n], [n], n)
         elif cls in ("gather", "scatter"):
             src, ids = (self._contiguous(a, n) for a in args)
             if cls == "gather":
@@ -384,6 +401,30 @@ class _Lowerer:
         else:
             raise InternalCompilerError("lowering", f"no lowering for %{n} = {op} ({cls})",
                                         g.prov(n).where())
+
+    def matmul_params(self, n: int) -> tuple[tuple, list[int]]:
+        """The matmul spec's params for node n and the buffers its operands read."""
+        g = self.g
+        out_shape = g.shape(n)
+        batch = out_shape[:-2]
+        m, nn = out_shape[-2], out_shape[-1]
+        ops = []
+        for a in g.args(n)[:2]:
+            v, dt, rnd = self._operand(a, n)
+            v = v.broadcast_to((*batch, *v.shape[-2:]))
+            cb = v.collapse_batch()
+            if cb is None:
+                v = self.materialize_view(v, dt, n)
+                cb = v.collapse_batch()
+            ops.append((v, cb, dt, rnd))
+        (va, (nb, sba), a_dt, a_rnd), (vb, (_, sbb), b_dt, b_rnd) = ops
+        k = va.shape[-1]
+        params = (("batch", nb), ("m", m), ("n", nn), ("k", k),
+                  ("a", (a_dt.name, va.offset, sba, va.strides[-2], va.strides[-1])),
+                  ("b", (b_dt.name, vb.offset, sbb, vb.strides[-2], vb.strides[-1])),
+                  ("out_dtype", g.dtype(n).name))
+        params += tuple((f"{x}_round", r) for x, r in (("a", a_rnd), ("b", b_rnd)) if r)
+        return params, [va.base, vb.base]
 
     def _absorbed_casts(self, order: list[int]) -> set[int]:
         """Casts of f32 values to bf16 that only GEMMs of the same phase read (directly or
@@ -438,6 +479,9 @@ class _Lowerer:
         self.position = {n: i for i, n in enumerate(order)}
         self.absorbed = self._absorbed_casts(order)
         self.fuse(order)
+        if epilogue.enabled():
+            self.epilogues = epilogue.find(self, order)
+        in_epilogue = {u: ep.group for ep in self.epilogues.values() for u in ep.chain}
         roots = set(g.roots())
         for n in order:
             cls = self._cls(n)
@@ -445,8 +489,8 @@ class _Lowerer:
                 kind = g.op(n)
                 key = {"input": "index", "state": "key", "hparam": "key"}[kind]
                 self.out.buffers[n] = Buffer(n, kind, g.shape(n), g.dtype(n), g.attrs(n)[key])
-            elif cls in PER_NODE:
-                self.out.buffers[n] = Buffer(n, "temp", g.shape(n), g.dtype(n))
+            elif cls in PER_NODE and n not in in_epilogue:
+                self.add_temp(n)
             elif cls == "elementwise" and n not in self.absorbed:
                 grp = self.group[n]
                 if n in roots or any(self.group.get(v) != grp for v in g.users(n)):
@@ -455,7 +499,9 @@ class _Lowerer:
         unit: dict[int, tuple] = {}
         for n in order:
             cls = self._cls(n)
-            if cls == "elementwise" and n not in self.absorbed:
+            if n in in_epilogue:  # the GEMM and the reshapes of its result join the group
+                unit[n] = ("g", in_epilogue[n])
+            elif cls == "elementwise" and n not in self.absorbed:
                 unit[n] = ("g", self.group[n])
             elif cls in PER_NODE:
                 unit[n] = ("k", n)
@@ -471,7 +517,9 @@ class _Lowerer:
                 q.add_edge(unit[u], unit[v])
         for un in nx.lexicographical_topological_sort(q, key=lambda x: first[x]):
             if un[0] == "g":
-                self.elementwise(un[1])
+                ep = self.epilogues.get(un[1])
+                if ep is None or not epilogue.emit(self, ep):
+                    self.elementwise(un[1])
             elif un[0] == "k":
                 self.single(un[1])
         for o in g.outputs:
@@ -496,7 +544,8 @@ class _Lowerer:
         return self.materialize_view(v, self.g.dtype(n), n).base
 
 
-def lower(graph: Graph, max_bindings: int = 32) -> Lowered:
+def lower(graph: Graph, max_bindings: int = 32, caps: object = None) -> Lowered:
     """Kernels (in execution order) and buffers for a graph that passes have run on.
-    `max_bindings`: the device's storage buffers per stage; fused groups stay within it."""
-    return _Lowerer(graph, max_bindings).run()
+    `max_bindings`: the device's storage buffers per stage; fused groups stay within it.
+    `caps`: the device's capabilities, where a kernel's layout depends on its variant."""
+    return _Lowerer(graph, max_bindings, caps).run()

@@ -140,7 +140,7 @@ def plan_step(graph: Graph, caps: Capabilities, state_names: dict[object, str] |
               progress: bool = True) -> StepPlan:
     """Lower, generate and plan `graph` for a device described by `caps` (no device needed).
     `state_names`: state key -> the parameter's name, for the allocation list."""
-    lowered = lower(graph, min(caps.max_storage_buffers_per_stage, 64))
+    lowered = lower(graph, min(caps.max_storage_buffers_per_stage, 64), caps)
     if horizontal.enabled():  # one multi-tensor kernel per group of same-expression kernels
         horizontal.fuse_horizontally(lowered, min(caps.max_storage_buffers_per_stage, 512))
     kernels = lowered.kernels
@@ -222,7 +222,7 @@ def _kernel_info(i: int, k: LoweredKernel, binary: KernelBinary, low: Lowered) -
     sources = tuple(dict.fromkeys(p.source() for p in provs))
     modules = [m for m in dict.fromkeys(p.module for p in provs) if m]
     phases = "+".join(dict.fromkeys(p.phase for p in provs))
-    passes = tuple(dict.fromkeys(p.created_by for p in provs))
+    passes = tuple(dict.fromkeys([*(p.created_by for p in provs), *k.fused_by]))
     nbytes = sum(low.buffers[b].nbytes for b in dict.fromkeys([*k.reads, *k.writes]))
     return KernelInfo(i, k.spec.family, k.spec.name, binary.variant,
                       tuple(tuple(d.groups) for d in binary.dispatches), binary.local_size,

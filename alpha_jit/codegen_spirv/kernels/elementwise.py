@@ -62,12 +62,14 @@ def local_size_for(caps: object, want: int = DEFAULT_LOCAL_SIZE) -> int:
     return int(min(want, int(cap(caps, "max_workgroup_invocations", want))))  # type: ignore
 
 
-class _Indexer:
-    """Row-major index decomposition of the linear element id, computed once per axis."""
+class Indexer:
+    """Row-major index decomposition of the linear element id, computed once per axis.
+    `known`: axis indices the caller already has (a GEMM's batch, row and column), as i32."""
 
-    def __init__(self, kb: KernelBuilder, lin: Value, shape: Sequence[int]):
+    def __init__(self, kb: KernelBuilder, lin: Value, shape: Sequence[int],
+                 known: dict[int, Value] | None = None):
         self.kb, self.lin, self.shape = kb, lin, tuple(shape)
-        self._idx: dict[int, Value] = {}
+        self._idx: dict[int, Value] = dict(known or {})
 
     def axis(self, d: int) -> Value:
         if d not in self._idx:
@@ -90,7 +92,7 @@ class _Indexer:
         return total + offset if offset else total
 
 
-def _windowed_load(kb: KernelBuilder, ix: _Indexer, buf: object, dt: str,
+def _windowed_load(kb: KernelBuilder, ix: Indexer, buf: object, dt: str,
                    strides: Sequence[int], off: int, window: Sequence[tuple[int, int]]) -> Value:
     """Load where lo <= idx[d] < hi on every windowed axis, else 0 (the `pad` op)."""
     cond = None
@@ -109,13 +111,14 @@ def _windowed_load(kb: KernelBuilder, ix: _Indexer, buf: object, dt: str,
     return var.get()
 
 
-def _emit_region(kb: KernelBuilder, em: ScalarEmitter, lin: Value, shape: Sequence[int],
-                 inputs: Sequence[tuple], in_bufs: Sequence[Any], exprs: Sequence[tuple],
-                 outputs: Sequence[tuple], out_bufs: Sequence[Any], scalar_rule: ScalarRule,
-                 name: str) -> None:
-    """The body for element `lin` of one region: load the inputs it uses (each once), evaluate
-    the expressions with the IR's scalar rules, store every output at `lin`."""
-    ix = _Indexer(kb, lin, shape)
+def emit_region(kb: KernelBuilder, em: ScalarEmitter, ix: Indexer, inputs: Sequence[tuple],
+                in_bufs: Sequence[Any], exprs: Sequence[tuple], outputs: Sequence[tuple],
+                out_bufs: Sequence[Any], scalar_rule: ScalarRule, name: str,
+                acc: Value | None = None) -> None:
+    """The body for element `ix.lin` of one region: load the inputs it uses (each once),
+    evaluate the expressions with the IR's scalar rules, store every output at `ix.lin`.
+    `acc`: the value of argument ("acc",) (a GEMM epilogue's accumulator)."""
+    lin = ix.lin
     loaded: dict[int, Value] = {}
     values: list[Value] = []
 
@@ -137,6 +140,8 @@ def _emit_region(kb: KernelBuilder, em: ScalarEmitter, lin: Value, shape: Sequen
             return em.const(a[1], a[2])
         if tag == "iota":  # axis -1: the linear element index
             return ix.axis(a[1]) if a[1] >= 0 else kb.cast(ix.lin, "i32")
+        if tag == "acc" and acc is not None:
+            return acc
         raise ValueError(f"{name}: unknown expression argument {a!r}")
 
     for op, _dt, attrs, args in exprs:
@@ -170,8 +175,8 @@ def generate_elementwise(spec: KernelSpec, caps: object = None,
     em = ScalarEmitter(kb)
     gid = pc["base"] + kb.workgroup_id(0) * local + kb.local_id(0)
     with kb.if_(gid < pc["count"]):
-        _emit_region(kb, em, gid, shape, inputs, in_bufs, exprs, outputs, out_bufs, rule,
-                     spec.name)
+        emit_region(kb, em, Indexer(kb, gid, shape), inputs, in_bufs, exprs, outputs, out_bufs,
+                    rule, spec.name)
     dispatches = [Dispatch((g, 1, 1), pack_push_constants([("u32", n), ("u32", base)]))
                   for g, base in launch_plan(n, local, caps)]
     return kb.binary(spec, dispatches, notes={"elements": n, "variant": f"flat x{local}"})
@@ -202,8 +207,9 @@ def generate_elementwise_multi(spec: KernelSpec, caps: object = None,
         n = math.prod(shape)
         with kb.if_((gid >= start) & (gid < start + n)):
             lin = gid - start if start else gid
-            _emit_region(kb, em, lin, shape, [i[1:] for i in ins], [bufs[i[0]] for i in ins],
-                         exprs, outputs, [bufs[o] for o in outs], rule, spec.name)
+            emit_region(kb, em, Indexer(kb, lin, shape), [i[1:] for i in ins],
+                        [bufs[i[0]] for i in ins], exprs, outputs, [bufs[o] for o in outs], rule,
+                        spec.name)
         start += n
     dispatches = [Dispatch((g, 1, 1), pack_push_constants([("u32", start), ("u32", base)]))
                   for g, base in launch_plan(start, local, caps)]

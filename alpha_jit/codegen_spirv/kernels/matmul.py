@@ -13,8 +13,14 @@ Spec (family "matmul"), params as (key, value) pairs, exactly:
     ("a", (dtype, offset, sb, sm, sk)), ("b", (dtype, offset, sb, sk, sn)), ("out_dtype", dtype)
     optional ("a_round", "bf16") / ("b_round", "bf16"): the operand is f32 data that the graph
     cast to bf16; the kernel rounds it on load (the cast's kernel and buffer are gone)
+    optional ("epilogue", (inputs, exprs, outputs)): an elementwise region (the elementwise
+    family's spec over the (B, M, N) iteration space, its expressions reading the accumulator as
+    ("acc",)) that runs in the store: bias, GELU, residual add, output cast. It replaces the
+    plain output; with ("acc_buffer", True) an f32 (B, M, N) binding still receives the sums
+    (the CPU variant adds K chunks there and runs the epilogue after the last one).
 a[bi, i, kk] is element offset + bi*sb + i*sm + kk*sk of binding 0, b[bi, kk, j] likewise of
-binding 1 (strides in elements, any may be 0); binding 2 is the contiguous (B, M, N) output.
+binding 1 (strides in elements, any may be 0); then the epilogue's inputs, then the contiguous
+(B, M, N) output (absent with an epilogue and no acc_buffer), then the epilogue's outputs.
 Push constants (base_x, base_y, base_z) offset the workgroup ids when the grid is split over
 several dispatches to respect maxComputeWorkGroupCount. The CPU "rows" variant adds k0: it splits
 K over sequential dispatches (the runtime puts a barrier between the dispatches of one kernel),
@@ -29,9 +35,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..dsl import Buffer, KernelBuilder, Value, cap, pack_push_constants
+from ..dsl import KernelBuilder, Value, cap, pack_push_constants
 from ..kernel import Dispatch, KernelBinary, KernelSpec
-from .elementwise import storage_dtype
+from ..scalar import ScalarEmitter
+from .elementwise import Indexer, ScalarRule, emit_region, storage_dtype
 
 _U32 = 1 << 32
 
@@ -125,10 +132,24 @@ def _cpu_config(p: dict, max_threads: int, max_shared: int) -> MatmulConfig | No
         tm //= 2  # enough workgroups to share between the cores
     kmax = max(1, min(_CPU_UNROLL, min(max_shared, 16384) // 4) // tm)
     chunks = math.ceil(k / kmax)
-    if chunks > 1 and p["out_dtype"] != "f32":
+    if chunks > 1 and (p["out_dtype"] != "f32"
+                       or ("epilogue" in p and not p.get("acc_buffer"))):
         return None
     bk = math.ceil(k / chunks)  # balanced chunks: K = 512 -> 16 x 32, K = 200 -> 7 x 29
     return MatmulConfig("rows", tm=tm, tn=threads, bk=bk, rm=tm, rn=1)
+
+
+def needs_acc_buffer(params: tuple, caps: object) -> bool:
+    """Whether a GEMM with an epilogue needs its f32 sums in memory on this device: the CPU
+    variant splits K over dispatches and adds the chunks there. Lowering asks, so the buffer
+    exists only where the variant uses it."""
+    p = dict(params)
+    if cap(caps, "device_type", None) != "cpu":
+        return False
+    probe = KernelSpec("matmul", "probe", tuple((k, v) for k, v in params if k != "epilogue")
+                       + (("out_dtype", "f32"),))
+    cfg = choose_config(probe, caps)
+    return cfg.variant == "rows" and cfg.bk < p["k"]
 
 
 def _axis0(v: object) -> int:
@@ -158,17 +179,53 @@ def _push_fields(cfg: MatmulConfig) -> list[str]:
     return ["base_x", "base_y", "base_z"] + (["k0"] if cfg.variant == "rows" else [])
 
 
-def _prologue(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> tuple:
-    """What every variant declares first: bindings a, b, out (in the contract's order), the
-    push constants, and this workgroup's first row/column and batch index."""
+class _Store:
+    """Where a finished sum goes: the plain output, or the epilogue region run on it (its
+    inputs read at the element's (batch, row, column), its outputs stored at the element)."""
+
+    def __init__(self, kb: KernelBuilder, p: dict, rule: ScalarRule | None):
+        self.kb, self.p = kb, p
+        self.m, self.n = p["m"], p["n"]
+        ep = p.get("epilogue")
+        self.epilogue = None
+        if ep is not None:
+            if rule is None:
+                raise TypeError("matmul with an epilogue needs the IR's scalar_rule")
+            inputs, exprs, outputs = ep
+            self.epilogue = (inputs, exprs, outputs, rule)
+            self.in_bufs = [kb.buffer(f"ep_in{i}", storage_dtype(dt), writable=False)
+                            for i, (dt, *_) in enumerate(inputs)]
+        self.out = kb.buffer("out", storage_dtype(p["out_dtype"]), writable=True) \
+            if ep is None or p.get("acc_buffer") else None
+        if ep is not None:
+            self.out_bufs = [kb.buffer(f"ep_out{i}", storage_dtype(dt), writable=True)
+                             for i, (dt, _) in enumerate(ep[2])]
+            self.em = ScalarEmitter(kb)
+
+    def finish(self, bi: Value, row: Value, col: Value, idx: Value, v: Value) -> None:
+        """Element (bi, row, col) at linear index idx is complete with sum v."""
+        if self.epilogue is None:
+            self.out.store(idx, v)  # type: ignore[union-attr]
+            return
+        inputs, exprs, outputs, rule = self.epilogue
+        kb = self.kb
+        known = {0: kb.cast(bi, "i32"), 1: kb.cast(row, "i32"), 2: kb.cast(col, "i32")}
+        ix = Indexer(kb, idx, (self.p["batch"], self.m, self.n), known)
+        emit_region(kb, self.em, ix, inputs, self.in_bufs, exprs, outputs, self.out_bufs, rule,
+                    "matmul epilogue", acc=v)
+
+
+def _prologue(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule | None) -> tuple:
+    """What every variant declares first: bindings a, b and the store's (in the contract's
+    order), the push constants, and this workgroup's first row/column and batch index."""
     abuf = kb.buffer("a", storage_dtype(p["a"][0]), writable=False)
     bbuf = kb.buffer("b", storage_dtype(p["b"][0]), writable=False)
-    out = kb.buffer("out", storage_dtype(p["out_dtype"]), writable=True)
+    store = _Store(kb, p, rule)
     pc = kb.push_constants([(f, "u32") for f in _push_fields(cfg)])
     col0 = (kb.workgroup_id(0) + pc["base_x"]) * cfg.tn
     row0 = (kb.workgroup_id(1) + pc["base_y"]) * cfg.tm
     bi = kb.workgroup_id(2) + pc["base_z"]
-    return abuf, bbuf, out, kb.local_index(), row0, col0, bi, pc
+    return abuf, bbuf, store, kb.local_index(), row0, col0, bi, pc
 
 
 def _rounder(kb: KernelBuilder, dtype: str | None) -> Any:
@@ -181,12 +238,12 @@ def _rounder(kb: KernelBuilder, dtype: str | None) -> Any:
     return lambda v: kb.bitcast(kb.bf16_bits(v) << 16, "f32")
 
 
-def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
+def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule | None) -> None:
     """The tiled SIMT GEMM body: shared-memory tiles of a and b, a rm x rn micro-tile each."""
     m, n, k = p["m"], p["n"], p["k"]
     a_dt, a_off, a_sb, a_sm, a_sk = p["a"]
     b_dt, b_off, b_sb, b_sk, b_sn = p["b"]
-    abuf, bbuf, out, tid, row0, col0, bi, _ = _prologue(kb, cfg, p)
+    abuf, bbuf, store, tid, row0, col0, bi, _ = _prologue(kb, cfg, p, rule)
     tm, tn, bk, rm, rn, threads = cfg.tm, cfg.tn, cfg.bk, cfg.rm, cfg.rn, cfg.threads
     check_k = k % bk != 0
 
@@ -250,12 +307,12 @@ def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
             if conds:
                 ok = conds[0] if len(conds) == 1 else conds[0] & conds[1]
                 with kb.if_(ok):
-                    out.store(idx, acc[r][c].get())
+                    store.finish(bi, row, col, idx, acc[r][c].get())
             else:
-                out.store(idx, acc[r][c].get())
+                store.finish(bi, row, col, idx, acc[r][c].get())
 
 
-def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
+def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule | None) -> None:
     """Loop-free GEMM for CPU devices (llvmpipe): one K chunk of bk per dispatch, unrolled.
 
     A workgroup owns tm rows; each thread owns rn columns (col0 + tid + c * threads). The
@@ -269,7 +326,7 @@ def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
     m, n, k = p["m"], p["n"], p["k"]
     a_dt, a_off, a_sb, a_sm, a_sk = p["a"]
     b_dt, b_off, b_sb, b_sk, b_sn = p["b"]
-    abuf, bbuf, out, tid, row0, col0, bi, pc = _prologue(kb, cfg, p)
+    abuf, bbuf, store, tid, row0, col0, bi, pc = _prologue(kb, cfg, p, rule)
     a_round, b_round = _rounder(kb, p.get("a_round")), _rounder(kb, p.get("b_round"))
     tm, tn, bk, rn, threads = cfg.tm, cfg.tn, cfg.bk, cfg.rn, cfg.threads
     split, ragged = bk < k, k % bk != 0  # ragged: the last chunk is short
@@ -280,6 +337,7 @@ def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
         a_base = a_base + k0 * _u(kb, a_sk) if a_sk else a_base
         b_base = b_base + k0 * _u(kb, b_sk) if b_sk else b_base
     left = k - k0 if ragged else None  # k steps from k0 to the end of K
+    last = (math.ceil(k / bk) - 1) * bk  # where the last chunk starts
 
     def k_off(kk: Value | int, stride: int) -> Value:
         """Element offset of k step kk of this chunk (past the end of K: of the last k)."""
@@ -335,37 +393,49 @@ def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict) -> None:
             if conds:
                 ok = conds[0] if len(conds) == 1 else conds[0] & conds[1]
                 with kb.if_(ok):
-                    _store_partial(kb, out, idx, v, k0 if split else None)
+                    _store_partial(kb, store, bi, row, col, idx, v, k0 if split else None, last)
             else:
-                _store_partial(kb, out, idx, v, k0 if split else None)
+                _store_partial(kb, store, bi, row, col, idx, v, k0 if split else None, last)
 
 
-def _store_partial(kb: KernelBuilder, out: Buffer, idx: Value, v: Value,
-                   k0: Value | None) -> None:
-    """out[idx] = v, plus the sums of the earlier K chunks when this is not the first one."""
-    if k0 is not None:
-        total = kb.var("f32", v)
-        with kb.if_(k0 != 0):
-            total.set(out.load(idx) + v)
-        v = total.get()
-    out.store(idx, v)
+def _store_partial(kb: KernelBuilder, store: _Store, bi: Value, row: Value, col: Value,
+                   idx: Value, v: Value, k0: Value | None, last: int) -> None:
+    """out[idx] = v, plus the sums of the earlier K chunks when this is not the first one;
+    an epilogue runs on the total after the last chunk (chunk `last` starts there)."""
+    if k0 is None:
+        store.finish(bi, row, col, idx, v)
+        return
+    out = store.out
+    assert out is not None  # a split K always has the f32 accumulator binding
+    total = kb.var("f32", v)
+    with kb.if_(k0 != 0):
+        total.set(out.load(idx) + v)
+    if store.epilogue is None:
+        out.store(idx, total.get())
+        return
+    with kb.if_(k0 != last):
+        out.store(idx, total.get())
+    with kb.if_(k0 == last):
+        store.finish(bi, row, col, idx, total.get())
 
 
-_VARIANTS: dict[str, Callable[[KernelBuilder, MatmulConfig, dict], None]] = {
+_VARIANTS: dict[str, Callable[[KernelBuilder, MatmulConfig, dict, ScalarRule | None], None]] = {
     "simt": _emit_simt,
     "rows": _emit_rows,
 }
 
 
-def generate_matmul(spec: KernelSpec, caps: object = None) -> KernelBinary:
-    """SPIR-V for one batched strided matmul (see the module docstring for the spec)."""
+def generate_matmul(spec: KernelSpec, caps: object = None,
+                    scalar_rule: ScalarRule | None = None) -> KernelBinary:
+    """SPIR-V for one batched strided matmul (see the module docstring for the spec);
+    `scalar_rule`: the IR's, for an epilogue's expressions."""
     p = dict(spec.params)
     for key in ("batch", "m", "n", "k", "a", "b", "out_dtype"):
         if key not in p:
             raise ValueError(f"{spec.name}: matmul spec lacks {key!r}")
     cfg = choose_config(spec, caps)
     kb = KernelBuilder(spec.name, cfg.threads, caps)
-    _VARIANTS[cfg.variant](kb, cfg, p)
+    _VARIANTS[cfg.variant](kb, cfg, p, scalar_rule)
     groups = (math.ceil(p["n"] / cfg.tn), math.ceil(p["m"] / cfg.tm), p["batch"])
     # one pass over the grid per K chunk, in K order ("rows" only; the others take K whole)
     k_starts = [(k0,) for k0 in range(0, p["k"], cfg.bk)] if "k0" in _push_fields(cfg) else [()]
