@@ -1,0 +1,145 @@
+"""GEMM epilogues: bias, GELU, residual adds and casts run in the matmul's store. Values against
+numpy and against the same program with the pass off; where the pattern must fire (kernel
+families) and where it must not (the GEMM result read through a transpose, a broadcast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import alpha_jit as aj
+from alpha_jit.nn import functional as F
+from alpha_jit.runtime.device import get_device
+from alpha_jit.runtime.step_plan import plan_step
+
+GELU_C = np.sqrt(2.0 / np.pi)
+
+
+def gelu(x):
+    return 0.5 * x * (1.0 + np.tanh(GELU_C * (x + 0.044715 * x ** 3)))
+
+
+def _plan(fn, args):
+    return plan_step(fn.trace(*args).graph, get_device().caps, progress=False)
+
+
+def _matmuls(plan):
+    """(has an epilogue, acc buffer) per matmul kernel."""
+    out = []
+    for k in plan.lowered.kernels:
+        if k.spec.family == "matmul":
+            p = dict(k.spec.params)
+            out.append(("epilogue" in p, bool(p.get("acc_buffer"))))
+    return out
+
+
+def _both(make, args, monkeypatch):
+    """The program's results with the pass on and with it off, and the two plans."""
+    on = make()
+    got = on(*args)
+    plan_on = _plan(on, args)
+    monkeypatch.setenv("ALPHA_JIT_DISABLE_PASSES", "gemm_epilogue")
+    off = make()
+    ref = off(*args)
+    plan_off = _plan(off, args)
+    monkeypatch.delenv("ALPHA_JIT_DISABLE_PASSES")
+    as_list = (lambda v: [x.numpy() for x in v]) if isinstance(got, tuple | list) else \
+        (lambda v: [v.numpy()])
+    return as_list(got), as_list(ref), plan_on, plan_off
+
+
+def _rand(*shape, seed=0):
+    return np.random.default_rng(seed + sum(shape)).standard_normal(shape).astype(np.float32)
+
+
+# K = 29 fits one chunk of the CPU variant; K = 300 is split over dispatches there (the f32
+# accumulator buffer path); M, N are not multiples of any tile.
+@pytest.mark.parametrize("cin", [29, 300])
+def test_bias_gelu_residual_in_the_store_f32(monkeypatch, cin):
+    x, w, b = _rand(3, 37, cin), _rand(45, cin) * 0.2, _rand(45)
+    r = _rand(3, 37, 45, seed=1)
+
+    def make():
+        @aj.compile
+        def f(x, w, b, r):
+            h = F.linear(x, w, b)
+            return F.gelu(h) + r, h
+
+        return f
+
+    got, ref, plan_on, plan_off = _both(make, (x, w, b, r), monkeypatch)
+    h = x.astype(np.float64) @ w.T.astype(np.float64) + b
+    np.testing.assert_allclose(got[1], h, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[0], gelu(h) + r, rtol=1e-4, atol=1e-4)
+    for a, c in zip(got, ref, strict=True):
+        np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-6)
+    assert [e for e, _ in _matmuls(plan_on)] == [True]
+    assert [k.family for k in plan_on.kernels] == ["matmul"]  # no elementwise kernel left
+    assert "gemm_epilogue" in plan_on.kernels[0].passes
+    assert [e for e, _ in _matmuls(plan_off)] == [False]
+    assert len(plan_off.kernels) == 2
+    cpu_split = get_device().caps.device_type == "cpu" and cin > 32
+    assert _matmuls(plan_on)[0][1] == cpu_split
+
+
+@pytest.mark.filterwarnings("ignore:invalid value")
+def test_several_gemms_into_one_group_and_nan_inf(monkeypatch):
+    x = _rand(50, 24)
+    x[3, 5], x[7, 0] = np.inf, np.nan
+    ws = [_rand(33, 24, seed=i) for i in range(3)]
+
+    def make():
+        @aj.compile
+        def f(x, w1, w2, w3):  # the q/k/v input-gradient sum of attention's backward
+            return x @ w1.T + x @ w2.T - (x @ w3.T) * 0.5
+
+        return f
+
+    got, ref, plan_on, _ = _both(make, (x, *ws), monkeypatch)
+    want = x @ ws[0].T + x @ ws[1].T - (x @ ws[2].T) * 0.5
+    np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(np.isnan(got[0]), np.isnan(want))
+    np.testing.assert_array_equal(got[0], ref[0])
+    assert sorted(e for e, _ in _matmuls(plan_on)) == [False, False, True]
+    assert all(k.family == "matmul" for k in plan_on.kernels)
+
+
+def test_bf16_linear_writes_its_cast_in_the_store(monkeypatch):
+    x, w, b = _rand(4, 19, 40), _rand(70, 40) * 0.2, _rand(70)
+
+    def make():
+        @aj.compile(precision="bf16")
+        def f(x, w, b):
+            return F.gelu(F.linear(x, w, b)).astype("bf16")
+
+        return f
+
+    got, ref, plan_on, _ = _both(make, (x, w, b), monkeypatch)
+    assert got[0].dtype == ref[0].dtype
+    np.testing.assert_array_equal(got[0].astype(np.float32), ref[0].astype(np.float32))
+    to_bf16 = (lambda a: (a.astype(np.float32).view(np.uint32) + 0x8000) & 0xFFFF0000)
+    xb, wb = (to_bf16(a).view(np.float32) for a in (x, w))
+    want = gelu(xb.astype(np.float64) @ wb.T.astype(np.float64) + b)
+    np.testing.assert_allclose(got[0].astype(np.float32), want, rtol=1e-2, atol=1e-2)
+    assert any(e for e, _ in _matmuls(plan_on))
+
+
+def test_not_fused_when_the_result_is_read_otherwise(monkeypatch):
+    x, w = _rand(20, 30), _rand(26, 30)
+    z = _rand(3, 20, 26, seed=4)
+
+    def make():
+        @aj.compile
+        def f(x, w, z):
+            y = x @ w.T
+            return y + 1.0, y.T * 2.0, (x @ w.T) * 3.0 + z  # a transpose; a broadcast
+
+        return f
+
+    got, ref, plan_on, _ = _both(make, (x, w, z), monkeypatch)
+    y = x.astype(np.float64) @ w.T.astype(np.float64)
+    for a, want in zip(got, (y + 1.0, y.T * 2.0, y * 3.0 + z), strict=True):
+        np.testing.assert_allclose(a, want, rtol=1e-5, atol=1e-5)
+    for a, c in zip(got, ref, strict=True):
+        np.testing.assert_array_equal(a, c)
+    assert not any(e for e, _ in _matmuls(plan_on))
