@@ -78,6 +78,9 @@ class LoweredKernel:
     nodes: list[int]  # graph nodes this kernel computes
     prov: Provenance
     fused_by: tuple[str, ...] = ()  # scheduling passes that shaped this kernel
+    # (read buffer, write buffer) pairs the kernel may run in place: each element of the write
+    # is stored only by the thread that alone read the same element of the read
+    inplace: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -286,9 +289,37 @@ class _Lowerer:
 
     # ---- kernels --------------------------------------------------------------------------
     def _emit(self, family: str, name: str, params: tuple, reads: list[int], writes: list[int],
-              nodes: list[int], prov_node: int, fused_by: tuple[str, ...] = ()) -> None:
+              nodes: list[int], prov_node: int, fused_by: tuple[str, ...] = (),
+              inplace: tuple[tuple[int, int], ...] = ()) -> None:
         self.out.kernels.append(LoweredKernel(KernelSpec(family, name, params), reads, writes,
-                                              nodes, self.g.prov(prov_node), fused_by))
+                                              nodes, self.g.prov(prov_node), fused_by, inplace))
+
+    def inplace_pairs(self, shape: tuple, entries: list[tuple[int, tuple | None, int]],
+                      outs: list[tuple[int, set[int]]]) -> tuple[tuple[int, int], ...]:
+        """(read, write) buffer pairs safe to share memory in a one-thread-per-element kernel
+        over `shape`: the read is a whole temporary read once, contiguously from offset 0, with
+        the write's element size, and the written value depends on it (so no compiler can
+        store it before the load). entries: (buffer, strides or None if it can never pair,
+        offset) per input; outs: (buffer, indices of the entries its value depends on)."""
+        seen: dict[int, int] = {}
+        for b, *_ in entries:
+            seen[b] = seen.get(b, 0) + 1
+        numel = _shape_key(shape)
+        contiguous = tuple(View.of(0, shape).strides)
+        free = list(outs)
+        pairs = []
+        for i, (b, strides, off) in enumerate(entries):
+            buf = self.out.buffers[b]
+            if strides is None or seen[b] != 1 or buf.kind != "temp" or off != 0 \
+                    or _shape_key(buf.shape) != numel or tuple(strides) != contiguous:
+                continue
+            size = buf.dtype.itemsize
+            match = next((o for o in free if i in o[1]
+                          and self.out.buffers[o[0]].dtype.itemsize == size), None)
+            if match is not None:
+                free.remove(match)
+                pairs.append((b, match[0]))
+        return tuple(pairs)
 
     def add_temp(self, n: int) -> None:
         """Give node n a buffer of its own (a kernel writes it)."""
@@ -347,8 +378,21 @@ class _Lowerer:
         r = self.region(gid)
         params = (("shape", r.shape), ("inputs", r.inputs), ("exprs", r.exprs),
                   ("outputs", r.outputs))
+        entries = [(b, e[1] if len(e) == 3 else None, e[2])  # a windowed read never pairs
+                   for b, e in zip(r.reads, r.inputs, strict=True)]
+        deps: list[set[int]] = []  # per expression: the inputs it reads, transitively
+        for _op, _dt, _attrs, args in r.exprs:
+            d: set[int] = set()
+            for a in args:
+                if a[0] == "in":
+                    d.add(a[1])
+                elif a[0] == "e":
+                    d |= deps[a[1]]
+            deps.append(d)
+        outs = [(o, deps[j]) for o, (_, j) in zip(r.outs, r.outputs, strict=True)]
+        pairs = self.inplace_pairs(r.shape, entries, outs)
         self._emit("elementwise", r.name, params, list(r.reads), list(r.outs), list(r.members),
-                   r.members[-1])
+                   r.members[-1], inplace=pairs)
 
     def _input_entry(self, u: int, n: int, shape: tuple) -> tuple[tuple, int]:
         """How group member n reads external value u: (dtype, strides, offset[, window])."""

@@ -45,13 +45,21 @@ def dropout(x: Any, p: float) -> Tensor:
 
 
 def linear(x: Any, weight: Any, bias: Any = None) -> Tensor:
-    """x @ weight.T + bias, weight stored [out, in] as in PyTorch."""
+    """x @ weight.T + bias, weight stored [out, in] as in PyTorch.
+
+    Under bf16/f16 autocast the result is in the low dtype, as PyTorch's autocast linear:
+    f32 accumulation, the bias added to the f32 sum, one rounding (all in the GEMM's store).
+    Activations saved for the backward (the GELU input, the logits) then take half the
+    memory; whatever mixes them with f32 values (residual adds, norms, losses) computes in
+    f32."""
     x, w = as_tensor(x), as_tensor(weight)
     if x.ndim > 2:
         y = (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])
     else:
         y = x @ w.T
-    return y + bias if bias is not None else y
+    y = y + bias if bias is not None else y
+    low = trace.current().autocast
+    return y.astype(low) if low is not None and y.dtype != low else y
 
 
 def log_softmax(x: Any, axis: int = -1) -> Tensor:
@@ -95,7 +103,10 @@ def cross_entropy(logits: Any, labels: Any, ignore_index: int | None = None) -> 
         from alpha_jit.tensor import maximum
 
         loss = rows.sum() / maximum(keep.sum(), 1.0)
-    return loss.astype(z.dtype)
+    # under autocast the loss is f32 whatever the logits' dtype (PyTorch's autocast runs
+    # cross_entropy in f32): a bf16/f16 loss would round it, and an f16 one overflows the
+    # loss scale
+    return loss if ctx.autocast is not None else loss.astype(z.dtype)
 
 
 def embedding(ids: Any, table: Any) -> Tensor:

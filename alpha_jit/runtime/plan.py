@@ -57,14 +57,18 @@ def plan_memory(lowered: Lowered, align: int = 256, pool_limit: int | None = Non
     for b in [*lowered.outputs, *lowered.state_writes.values()]:
         last[b] = end  # copied out after the last kernel
     intervals = {b: (first.get(b, 0), last.get(b, end)) for b in temps}
+    slots = _inplace_slots(lowered, temps, first, last)
+    members: dict[int, list[int]] = {}
+    for b in temps:
+        members.setdefault(slots.get(b, b), []).append(b)
     placed: list[list[tuple[int, int, int, int]]] = []  # per pool: (start, end, offset, size)
     offsets: dict[int, int] = {}
     pool_of: dict[int, int] = {}
-    naive = 0
-    for b in sorted(temps, key=lambda b: (-temps[b].nbytes, b)):
-        size = _round_up(temps[b].nbytes, align)
-        naive += size
-        s, e = intervals[b]
+    naive = sum(_round_up(temps[b].nbytes, align) for b in temps)
+    for b in sorted(members, key=lambda b: (-temps[b].nbytes, b)):
+        size = _round_up(max(temps[m].nbytes for m in members[b]), align)
+        s = min(intervals[m][0] for m in members[b])
+        e = max(intervals[m][1] for m in members[b])
         pool, off = 0, 0
         while pool < len(placed):
             off = _lowest_fit(placed[pool], s, e, size, align)
@@ -74,10 +78,26 @@ def plan_memory(lowered: Lowered, align: int = 256, pool_limit: int | None = Non
         if pool == len(placed):  # a new pool (a value over the limit gets one; plans report it)
             placed.append([])
             off = 0
-        offsets[b], pool_of[b] = off, pool
+        for m in members[b]:
+            offsets[m], pool_of[m] = off, pool
         placed[pool].append((s, e, off, size))
     pools = [max(o + sz for _, _, o, sz in items) for items in placed]
     return MemoryPlan(offsets, pools, intervals, naive, pool_of)
+
+
+def _inplace_slots(lowered: Lowered, temps: dict, first: dict[int, int], last: dict[int, int]
+                   ) -> dict[int, int]:
+    """buffer -> the buffer whose memory it takes: a kernel's in-place pair (read, write) when
+    that kernel is the read's last use and the write's first (the cross-entropy gradient takes
+    the logits' memory, a residual add its input's). Chains resolve to their first buffer."""
+    share: dict[int, int] = {}
+    for i, k in enumerate(lowered.kernels):
+        for r, w in k.inplace:
+            if r in temps and w in temps and r != w and last.get(r) == i \
+                    and first.get(w) == i and w not in share \
+                    and temps[r].nbytes == temps[w].nbytes:
+                share[w] = share.get(r, r)
+    return share
 
 
 def _lowest_fit(items: list[tuple[int, int, int, int]], s: int, e: int, size: int,

@@ -122,5 +122,12 @@ def _merge(members: list[LoweredKernel]) -> LoweredKernel:
     params = (("bindings", bindings), ("exprs", first["exprs"]), ("outputs", first["outputs"]),
               ("segments", tuple(segments)))
     name = f"multi{len(members)}_{members[0].spec.name}"[:48]
+    # a member's in-place pair holds if no other segment reads that buffer
+    count: dict[int, int] = {}
+    for k in members:
+        for b in set(k.reads):
+            count[b] = count.get(b, 0) + 1
+    pairs = tuple(pr for k in members for pr in k.inplace if count[pr[0]] == 1)
     return LoweredKernel(KernelSpec("elementwise_multi", name, params), reads, writes,
-                         [n for k in members for n in k.nodes], members[-1].prov)
+                         [n for k in members for n in k.nodes], members[-1].prov,
+                         inplace=pairs)

@@ -188,8 +188,12 @@ def test_gpt_step_has_fused_norms_and_no_one_hot():
     plan = plan_step(g, _h200(), progress=False)
     fams = [k.family for k in plan.kernels]
     norms = 2 * cfg.n_layer + 1
-    for fam in ("norm_fwd", "norm_stats", "norm_dx", "norm_dwb"):
+    for fam in ("norm_fwd", "norm_dx", "norm_dwb"):
         assert fams.count(fam) == norms, fam
+    # the backward's statistics come from the forward kernel (no norm_stats kernel)
+    assert fams.count("norm_stats") == 0
+    assert all(dict(k.spec.params).get("stats_out") and len(k.writes) == 2
+               for k in plan.lowered.kernels if k.spec.family == "norm_fwd")
     assert fams.count("ce_fwd") == 1 and fams.count("ce_bwd") == 1
     big = [b for b in plan.lowered.buffers.values() if b.shape == nv and b.kind == "temp"]
     assert len(big) <= 3, [(b.shape, b.dtype) for b in big]  # logits, dz, its bf16 copy

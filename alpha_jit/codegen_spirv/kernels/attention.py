@@ -19,7 +19,9 @@ Specs (families "attention_fwd", "attention_dq", "attention_dkdv"), params as (k
     fwd:  ("out_dtype", dtype), ("outputs", subset of ("o", "lse"))   reads q, k, v
     dq:   reads q, k, v, o, lse, do; writes dq f32
     dkdv: ("outputs", subset of ("dk", "dv")); reads q, k, v, o, lse, do; writes f32
-Outputs are contiguous ([B, H, T, hd], lse [B, H, T], dk/dv [B, Hkv, T, hd]). Push constants
+    optional ("out_layout", "bthd"): o / dq / dk / dv are stored as [B, T, heads, hd] (the
+    layout the model's head transpose and reshape read for free), else as [B, heads, T, hd].
+lse is [B, H, T]. Push constants
 (base_x, base_y, base_z) offset the workgroup ids when the grid is split for device limits.
 """
 
@@ -34,6 +36,7 @@ from ..dsl import KernelBuilder, Value, cap, pack_push_constants
 from ..kernel import Dispatch, KernelBinary, KernelSpec
 from ..lower import register_kernel_lowering
 from ..scalar import ScalarEmitter, ieee_div, nan_minmax
+from ..views import View
 from .elementwise import storage_dtype
 from .matmul import grid_plan
 
@@ -113,6 +116,14 @@ def _prologue(spec: KernelSpec, caps: object, work: int, inputs: tuple[str, ...]
     ctx = _Ctx(kb, p, cfg, kb.local_index(), blk0, kb.workgroup_id(1) + pc["base_y"],
                kb.workgroup_id(2) + pc["base_z"])
     return ctx, ins, outs
+
+
+def _out_base(c: _Ctx, heads: int, head: Value, i: Value) -> Value:
+    """Element index of (batch, head, row i, 0) in an o / dq / dk / dv output."""
+    t, hd = c.p["t"], c.p["hd"]
+    if c.p.get("out_layout") == "bthd":
+        return ((c.bi * t + i) * heads + head) * hd
+    return ((c.bi * heads + head) * t + i) * hd
 
 
 def _dot(kb: KernelBuilder, xs: list[Value], load: Callable[[int], Value]) -> Value:
@@ -232,8 +243,9 @@ def generate_attention_fwd(spec: KernelSpec, caps: object = None) -> KernelBinar
     row = (c.bi * h + c.head) * t + i
     with kb.if_(i < t):
         if "o" in outs:
+            ob = _out_base(c, h, c.head, i)
             for d in range(hd):
-                outs["o"].store(row * hd + d, ieee_div(kb, acc[d].get(), lv))
+                outs["o"].store(ob + d, ieee_div(kb, acc[d].get(), lv))
         if "lse" in outs:
             outs["lse"].store(row, ScalarEmitter(kb).unary("log", lv) + shift_var.get())
     dispatches = _grid(c, h, caps)
@@ -295,10 +307,10 @@ def generate_attention_dq(spec: KernelSpec, caps: object = None) -> KernelBinary
     m_lo, m_hi, f_lo, f_hi = _masked_ranges(c, own_end)
     _loop_tiles(c, f_lo, f_hi, lambda j0: body(j0, False))
     _loop_tiles(c, m_lo, m_hi, lambda j0: body(j0, True))
-    row = (c.bi * h + c.head) * t + i
     with kb.if_(i < t):
+        qb = _out_base(c, h, c.head, i)
         for d in range(hd):
-            outs["dq"].store(row * hd + d, acc[d].get() * scale)
+            outs["dq"].store(qb + d, acc[d].get() * scale)
     flops = 6 * p["b"] * h * t * t * hd // (2 if p["causal"] else 1)
     return kb.binary(spec, _grid(c, h, caps), notes={
         "flops": flops, "variant": f"simt flash dq rows {c.cfg.rows} tile {blk}"})
@@ -374,13 +386,13 @@ def generate_attention_dkdv(spec: KernelSpec, caps: object = None) -> KernelBina
         with kb.loop(kb.u32(0), n1 + n3) as idx:
             i0 = kb.select(idx < n1, diag_lo + idx * blk, f_hi + (idx - n1) * blk)
             body(hh, i0, True)
-    row = (c.bi * hkv + c.head) * t + j
     with kb.if_(j < t):
+        kvb = _out_base(c, hkv, c.head, j)
         for d in range(hd):
             if "dk" in outs:
-                outs["dk"].store(row * hd + d, dk[d].get() * scale)
+                outs["dk"].store(kvb + d, dk[d].get() * scale)
             if "dv" in outs:
-                outs["dv"].store(row * hd + d, dv[d].get())
+                outs["dv"].store(kvb + d, dv[d].get())
     flops = 8 * p["b"] * h * t * t * hd // (2 if p["causal"] else 1)
     return kb.binary(spec, _grid(c, hkv, caps), notes={
         "flops": flops, "variant": f"simt flash dkdv rows {c.cfg.rows} tile {blk}"})
@@ -434,8 +446,26 @@ def _lower(lw, n: int, family: str, ops: tuple[str, ...], out_names: dict[str, s
     if family != "attention_dq":
         params.append(("outputs", names))
     writes = [sib[o] for o in ops if o in sib]
+    heads = [w for w in writes if g.op(w) != "attention_lse"]
+    if heads and all(_read_head_transposed(g, w) for w in heads):
+        params.append(("out_layout", "bthd"))
+        for w in heads:  # consumers read the [B, heads, T, hd] value through these strides
+            b_, h_, t_, d_ = g.shape(w)
+            lw.views[w] = View(w, 0, (b_, h_, t_, d_), (t_ * h_ * d_, d_, h_ * d_, 1))
     b, h, t, hd = g.shape(g.args(n)[0])
     lw._emit(family, f"{family}_{b}x{h}x{t}x{hd}", tuple(params), reads, writes, writes, n)
+
+
+def _read_head_transposed(g, w: int) -> bool:
+    """Whether every use of attention result w reads it with heads and time swapped (the
+    model's y.transpose(0, 2, 1, 3)) or is attention's own backward (any strides): then it is
+    stored [B, T, heads, hd] and the reshape back to [B, T, C] needs no copy."""
+    if w in g.roots():
+        return False
+    users = g.users(w)
+    return any(g.op(u) == "transpose" for u in users) and all(
+        (g.op(u) == "transpose" and tuple(g.attrs(u)["perm"]) == (0, 2, 1, 3))
+        or g.op(u).startswith("attention_bwd") for u in users)
 
 
 @register_kernel_lowering("attention")

@@ -144,10 +144,22 @@ def emit_region(kb: KernelBuilder, em: ScalarEmitter, ix: Indexer, inputs: Seque
             return acc
         raise ValueError(f"{name}: unknown expression argument {a!r}")
 
-    for op, _dt, attrs, args in exprs:
-        values.append(scalar_rule(op, em, _attrs(attrs), [arg(a) for a in args]))
+    for op, dt, attrs, args in exprs:
+        values.append(round_to(kb, scalar_rule(op, em, _attrs(attrs), [arg(a) for a in args]),
+                               dt))
     for buf, (dt, j) in zip(out_bufs, outputs, strict=True):
         buf.store(lin, kb.cast(values[j], compute_dtype(storage_dtype(dt))))
+
+
+def round_to(kb: KernelBuilder, v: Value, dtype: str) -> Value:
+    """A 16-bit float node's value as it would be stored (nearest even), kept in f32: a fused
+    intermediate rounds exactly where the reference interpreter rounds every node, so
+    overflow to inf and the bits of every result agree with it."""
+    if dtype == "bf16":
+        return kb.bitcast(kb.bf16_bits(v) << 16, "f32")
+    if dtype == "f16":
+        return kb.cast(kb.cast(v, "f16"), "f32")
+    return v
 
 
 def _need_rule(scalar_rule: ScalarRule | None) -> ScalarRule:

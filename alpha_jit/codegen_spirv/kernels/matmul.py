@@ -38,7 +38,7 @@ from typing import Any
 from ..dsl import KernelBuilder, Value, cap, pack_push_constants
 from ..kernel import Dispatch, KernelBinary, KernelSpec
 from ..scalar import ScalarEmitter
-from .elementwise import Indexer, ScalarRule, emit_region, storage_dtype
+from .elementwise import Indexer, ScalarRule, emit_region, round_to, storage_dtype
 
 _U32 = 1 << 32
 
@@ -235,7 +235,7 @@ def _rounder(kb: KernelBuilder, dtype: str | None) -> Any:
         return lambda v: v
     if dtype != "bf16":
         raise ValueError(f"matmul operand rounding to {dtype!r} is not supported")
-    return lambda v: kb.bitcast(kb.bf16_bits(v) << 16, "f32")
+    return lambda v: round_to(kb, v, "bf16")
 
 
 def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule | None) -> None:

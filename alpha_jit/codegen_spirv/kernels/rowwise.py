@@ -13,7 +13,8 @@ reduction at all: the forward saved each row's logsumexp, so softmax(z) - onehot
 per element.
 
 Families (params as (key, value) pairs; every operand is contiguous, `(dtype, offset)`):
-    norm_fwd:   rows, dim, rms, eps, x, w[, b], out_dtype  -> out [rows, dim]
+    norm_fwd:   rows, dim, rms, eps, x, w[, b], out_dtype[, stats_out]
+                                                            -> out [rows, dim][, stats]
     norm_stats: rows, dim, rms, eps, x                      -> out [rows, 2] f32 (mean, rstd)
     norm_dx:    rows, dim, rms, x, w, g, stats, out_dtype   -> dx [rows, dim]
     norm_dwb:   rows, dim, rms, bias, x, g, stats           -> [1 or 2, dim] f32 (dw[, db])
@@ -123,11 +124,17 @@ def generate_norm_fwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
     w, wo = r.operand("w")
     b = r.operand("b") if "b" in r.p else None
     out = kb.buffer("out", storage_dtype(r.p["out_dtype"]), writable=True)
+    # the backward's statistics, written here instead of recomputed by a norm_stats kernel
+    stats = kb.buffer("stats", "f32", writable=True) if r.p.get("stats_out") else None
     ct = compute_dtype(storage_dtype(r.p["out_dtype"]))
     r.start()
     with r.rows_loop() as row:
         base = row * dim
         mean, rstd = _stats(r, x, xo, base)
+        if stats is not None:
+            with kb.if_(r.lid == 0):
+                stats.store(row * 2, mean)
+                stats.store(row * 2 + 1, rstd)
         with kb.loop(r.lid, dim, r.local) as j:
             y = (kb.cast(x.load(base + j + xo), "f32") - mean) * rstd * w.load(j + wo)
             if b is not None:
@@ -329,7 +336,28 @@ def _lower_norm(lw: _Lowerer, n: int) -> None:
     if len(ops) > 2:
         params.append(("b", ops[2][0]))
     params.append(("out_dtype", g.dtype(n).name))
-    lw._emit("norm_fwd", f"{g.op(n)}_{dim}", tuple(params), [o[1] for o in ops], [n], [n], n)
+    writes = [n]
+    stats = _stats_sibling(lw, n)
+    if stats is not None:  # the backward's norm_stats of the same x: written by this kernel
+        params.append(("stats_out", True))
+        writes.append(stats)
+    lw._emit("norm_fwd", f"{g.op(n)}_{dim}", tuple(params), [o[1] for o in ops], writes,
+             writes, n)
+
+
+def _stats_sibling(lw: _Lowerer, n: int) -> int | None:
+    """A norm_stats node over the same x, eps and kind as norm n, not lowered yet (it runs
+    later: the backward's)."""
+    g = lw.g
+    x = g.args(n)[0]
+    rms, eps = g.op(n) == "rms_norm", float(g.attrs(n)["eps"])
+    done = lw.__dict__.setdefault("_norm_stats_done", set())
+    for u in g.users(x):
+        if g.op(u) == "norm_stats" and u not in done and bool(g.attrs(u)["rms"]) == rms \
+                and float(g.attrs(u)["eps"]) == eps:
+            done.add(u)
+            return u
+    return None
 
 
 register_kernel_lowering("layer_norm")(_lower_norm)
@@ -338,6 +366,10 @@ register_kernel_lowering("rms_norm")(_lower_norm)
 
 @register_kernel_lowering("norm_stats")
 def _lower_stats(lw: _Lowerer, n: int) -> None:
+    done = lw.__dict__.setdefault("_norm_stats_done", set())
+    if n in done:
+        return  # the forward norm kernel wrote it
+    done.add(n)
     g = lw.g
     (x,) = g.args(n)
     rows, dim = _rows_dim(lw, x)
@@ -393,6 +425,10 @@ def _lower_ce_grad(lw: _Lowerer, n: int) -> None:
     (zd, zb), (yd, yb), (rd, rb), (gd, gb) = (_operand(lw, a, n) for a in args)
     params = (("rows", rows), ("classes", classes), ("ignore", _ignore(lw, n)), ("z", zd),
               ("y", yd[1]), ("r", rd[1]), ("g", gd[1]), ("out_dtype", g.dtype(n).name))
-    lw._emit("ce_bwd", f"cross_entropy_grad_{classes}", params, [zb, yb, rb, gb], [n], [n], n)
+    # one thread per element of dz reads only the same element of z: dz may take z's memory
+    pairs = lw.inplace_pairs((rows, classes), [(zb, (classes, 1), zd[1]), (yb, None, 0),
+                                               (rb, None, 0), (gb, None, 0)], [(n, {0})])
+    lw._emit("ce_bwd", f"cross_entropy_grad_{classes}", params, [zb, yb, rb, gb], [n], [n], n,
+             inplace=pairs)
 
 

@@ -43,7 +43,8 @@ def _norm_infer(name: str):
                 raise ShapeError(name, f"weight/bias must have shape ({x[-1]},) for input "
                                  f"{x}, got {s}")
         require_float(name, shapes, dts)
-        return tuple(x), dts[0]
+        # out_dtype: set by the cast_fold pass when the only use is a low-precision cast
+        return tuple(x), dtypes.dtype(attrs["out_dtype"]) if "out_dtype" in attrs else dts[0]
 
     return infer
 

@@ -41,9 +41,9 @@ def register_pass(name: str, doc: str):
 
 
 def available() -> list[Pass]:
-    from alpha_jit.ir.passes import cse, dce  # noqa: F401  (registration)
+    from alpha_jit.ir.passes import cast_fold, cse, dce  # noqa: F401  (registration)
 
-    order = ["cse", "dce"]
+    order = ["cse", "cast_fold", "dce"]
     return sorted(_PASSES, key=lambda p: order.index(p.name) if p.name in order else 99)
 
 

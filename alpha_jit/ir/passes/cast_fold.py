@@ -1,0 +1,125 @@
+"""Cast folding: a low-precision cast is computed by the kernel that produces its input.
+
+Why: under bf16/f16 autocast every GEMM and attention operand is cast from the f32 value that
+produced it: the LayerNorm output, the GELU output, the attention output (after its head
+transpose). Each cast was a kernel of its own reading the f32 tensor back, and the f32 tensor
+itself stayed alive. Two rewrites remove them:
+
+1. A cast of views (reshape, transpose) of an elementwise value becomes the same views of the
+   cast, so lowering fuses the cast into the group (or GEMM epilogue) that computes the value:
+   `gelu(x @ w + b)` writes its bf16 copy in the GEMM's store, and so do the q/k/v projections
+   (attention reads them through the head transpose's strides).
+2. A cast whose input (through views) is the only use of a LayerNorm / RMSNorm result, or an
+   attention result read otherwise only by attention's backward, makes that op produce the
+   cast's dtype (its `out_dtype`): the norm or flash kernel stores bf16 directly. Attention's
+   backward then reads the bf16 output, as PyTorch's flash attention does.
+
+Values are unchanged by rewrite 1 and by rewrite 2 for norms (a cast of the f32 result is what
+the kernel stores); the reference interpreter runs the rewritten graph, so every result stays
+checkable. Before both, a round trip low -> f32 -> low is dropped (exact).
+`ALPHA_JIT_DISABLE_PASSES=cast_fold` switches it off.
+"""
+
+from __future__ import annotations
+
+from alpha_jit import dtypes
+from alpha_jit.ir.graph import Graph
+from alpha_jit.ir.ops import registry
+from alpha_jit.ir.passes.manager import register_pass
+
+_VIEWS = ("reshape", "transpose")
+_PRODUCERS = ("layer_norm", "rms_norm", "attention")
+_ATTENTION_READERS = ("attention_bwd_dq", "attention_bwd_dk", "attention_bwd_dv")
+_LOW = ("bf16", "f16")
+
+
+def _chain(g: Graph, c: int, ops: tuple[str, ...]) -> tuple[list[int], int]:
+    """The views (of `ops`) between cast c and the value it reads, innermost last, and that
+    value."""
+    chain = []
+    u = g.args(c)[0]
+    while g.op(u) in ops:
+        chain.append(u)
+        u = g.args(u)[0]
+    return chain, u
+
+
+def _sink(g: Graph, c: int) -> bool:
+    """Rewrite 1: cast(views(x)) -> views(cast(x)) for an elementwise x (the same views)."""
+    chain, x = _chain(g, c, _VIEWS)
+    if not chain or registry.get(g.op(x)).lowering != "elementwise":
+        return False
+    prov = g.prov(c).with_(created_by="cast_fold")
+    out = g.add("cast", [x], dict(g.attrs(c)), g.shape(x), g.dtype(c), prov)
+    for v in reversed(chain):
+        out = g.add(g.op(v), [out], dict(g.attrs(v)), g.shape(v), g.dtype(c), prov)
+    g.replace_uses(c, out)
+    g.remove(c)
+    return True
+
+
+def _into_producer(g: Graph, c: int, roots: set[int]) -> bool:
+    """Rewrite 2: the producer stores the cast's dtype; the views carry it."""
+    chain, n = _chain(g, c, _VIEWS)
+    if g.op(n) not in _PRODUCERS or g.dtype(n) != dtypes.float32 or n in roots:
+        return False
+    if any(len(g.users(v)) != 1 or v in roots for v in chain):
+        return False
+    others = [u for u in g.users(n) if u != (chain[-1] if chain else c)]
+    allowed = _ATTENTION_READERS if g.op(n) == "attention" else ()
+    if any(g.op(u) not in allowed for u in others):
+        return False
+    low = g.dtype(c)
+    g.node(n)["dtype"] = low
+    g.node(n)["attrs"] = {**g.attrs(n), "out_dtype": low.name}
+    for v in chain:
+        g.node(v)["dtype"] = low
+    g.replace_uses(c, chain[0] if chain else n)
+    g.remove(c)
+    return True
+
+
+def _cast_below(g: Graph, top: int) -> int:
+    """The cast at the bottom of the views that `_sink` just stacked on it."""
+    while g.op(top) != "cast":
+        top = g.args(top)[0]
+    return top
+
+
+def _round_trip(g: Graph, c: int) -> bool:
+    """Rewrite 0: cast(cast(x: low -> f32) -> low) is x (widening is exact). The backward of
+    a bf16 activation casts its gradient to f32 for the op before, and the next GEMM casts
+    it back."""
+    inner = g.args(c)[0]
+    if g.op(inner) != "cast" or g.dtype(inner) != dtypes.float32:
+        return False
+    x = g.args(inner)[0]
+    if g.dtype(x) != g.dtype(c):
+        return False
+    g.replace_uses(c, x)
+    g.remove(c)
+    return True
+
+
+@register_pass("cast_fold", "compute low-precision casts in the kernel producing their input")
+def cast_fold(graph: Graph) -> tuple[Graph, str]:
+    g = graph.copy()
+    roots = set(g.roots())
+    trips = sunk = folded = 0
+    work = g.topo()
+    while work:  # a cast moved before views may now close a round trip: look again
+        moved = []
+        for c in work:
+            if c not in g.g or g.op(c) != "cast" or c in roots or g.dtype(c).name not in _LOW:
+                continue
+            if _round_trip(g, c):
+                trips += 1
+            elif _into_producer(g, c, roots):
+                folded += 1
+            elif _sink(g, c):
+                sunk += 1
+                moved.append(max(g.g.nodes))
+        work = [_cast_below(g, v) for v in moved]
+    return g, (f"{trips} round trips through f32 removed, {folded} casts computed by their "
+               f"producer (norm, attention), {sunk} moved before views to fuse with their "
+               "input")
