@@ -23,7 +23,7 @@ from alpha_jit.dtypes import DType
 from alpha_jit.errors import InternalCompilerError
 from alpha_jit.ir.graph import Graph, Provenance, freeze_attrs
 from alpha_jit.ir.ops import registry
-from alpha_jit.schedule import epilogue
+from alpha_jit.schedule import colsum, epilogue
 
 LEAVES = ("input", "state", "hparam")
 # lowering classes that become one kernel per graph node; "kernel" ops bring their own lowering
@@ -144,6 +144,9 @@ class _Lowerer:
         self.absorbed: set[int] = set()  # casts the GEMMs reading them do on load
         self.members: dict[int, list[int]] = {}
         self.epilogues: dict[int, epilogue.Epilogue] = {}  # group id -> the GEMM it ends
+        self.colsums: dict[int, int] = {}  # bias-gradient reduction <-> its dW GEMM, both ways
+        self.done: set[int] = set()  # nodes another node's kernel already computed
+        self.written: set[int] = set()  # buffers the kernels emitted so far write
 
     # ---- grouping -------------------------------------------------------------------------
     def _cls(self, n: int) -> str:
@@ -293,6 +296,7 @@ class _Lowerer:
               inplace: tuple[tuple[int, int], ...] = ()) -> None:
         self.out.kernels.append(LoweredKernel(KernelSpec(family, name, params), reads, writes,
                                               nodes, self.g.prov(prov_node), fused_by, inplace))
+        self.written.update(writes)
 
     def inplace_pairs(self, shape: tuple, entries: list[tuple[int, tuple | None, int]],
                       outs: list[tuple[int, set[int]]]) -> tuple[tuple[int, int], ...]:
@@ -411,22 +415,17 @@ class _Lowerer:
         g = self.g
         op, attrs, cls = g.op(n), g.attrs(n), self._cls(n)
         args = g.args(n)
+        if n in self.done:
+            return  # another node's kernel computed it
         if cls == "reduction":
-            v = self.need_view(args[0], n)
-            ax = attrs["axis"]
-            outer = tuple(s for i, s in enumerate(v.shape) if i != ax)
-            ostr = tuple(s for i, s in enumerate(v.strides) if i != ax)
-            mode = {"sum": "sum", "mean": "mean", "max": "max", "logsumexp": "lse"}[op]
-            params = (("mode", mode), ("outer_shape", outer), ("outer_strides", ostr),
-                      ("offset", v.offset), ("red_len", v.shape[ax]),
-                      ("red_stride", v.strides[ax]), ("in_dtype", g.dtype(args[0]).name),
-                      ("out_dtype", g.dtype(n).name))
-            self._emit("reduction", f"{op}_{v.shape[ax]}", params, [v.base], [n], [n], n)
+            if colsum.emit_early(self, n):
+                return
+            params, reads = self.reduction_params(n)
+            self._emit("reduction", f"{op}_{dict(params)['red_len']}", params, reads, [n], [n],
+                       n)
         elif cls == "matmul":
             params, reads = self.matmul_params(n)
-            p = dict(params)
-            self._emit("matmul", f"matmul_{p['batch']}x{p['m']}x{p['n']}x{p['k']}", params,
-                       reads, [n], [n], n)
+            colsum.emit_matmul(self, n, params, reads)
         elif cls in ("gather", "scatter"):
             src, ids = (self._contiguous(a, n) for a in args)
             if cls == "gather":
@@ -445,6 +444,19 @@ class _Lowerer:
         else:
             raise InternalCompilerError("lowering", f"no lowering for %{n} = {op} ({cls})",
                                         g.prov(n).where())
+
+    def reduction_params(self, n: int) -> tuple[tuple, list[int]]:
+        """The reduction spec's params for node n and the buffer it reads."""
+        g = self.g
+        a = g.args(n)[0]
+        v, dt, _ = self._operand(a, n)
+        ax = g.attrs(n)["axis"]
+        outer = tuple(s for i, s in enumerate(v.shape) if i != ax)
+        ostr = tuple(s for i, s in enumerate(v.strides) if i != ax)
+        mode = {"sum": "sum", "mean": "mean", "max": "max", "logsumexp": "lse"}[g.op(n)]
+        return (("mode", mode), ("outer_shape", outer), ("outer_strides", ostr),
+                ("offset", v.offset), ("red_len", v.shape[ax]), ("red_stride", v.strides[ax]),
+                ("in_dtype", dt.name), ("out_dtype", g.dtype(n).name)), [v.base]
 
     def matmul_params(self, n: int) -> tuple[tuple, list[int]]:
         """The matmul spec's params for node n and the buffers its operands read."""
@@ -489,8 +501,18 @@ class _Lowerer:
                        or (self._cls(v) == "view" and only_gemms(v, phase))
                        for v in g.users(u))
 
-        return {n for n in order if g.op(n) == "cast" and g.dtype(n).name == "bf16"
-                and g.dtype(g.args(n)[0]).name == "f32" and only_gemms(n, g.prov(n).phase)}
+        def only_reductions(u: int) -> bool:
+            if u in roots or not g.users(u):
+                return False
+            return all(self._cls(v) == "reduction"
+                       or (self._cls(v) == "view" and only_reductions(v)) for v in g.users(u))
+
+        def widening(n: int) -> bool:  # exact: the reduction reads the 16-bit source
+            return g.dtype(n).name == "f32" and g.dtype(g.args(n)[0]).name in ("bf16", "f16")
+
+        return {n for n in order if g.op(n) == "cast" and (
+            (g.dtype(n).name == "bf16" and g.dtype(g.args(n)[0]).name == "f32"
+             and only_gemms(n, g.prov(n).phase)) or (widening(n) and only_reductions(n)))}
 
     def _operand(self, a: int, n: int) -> tuple[View, DType, str | None]:
         """How matmul n reads operand a: (view, dtype of the data, rounding on load). An
@@ -504,7 +526,8 @@ class _Lowerer:
         if u not in self.absorbed:
             return self.need_view(a, n), g.dtype(a), None
         src = g.args(u)[0]
-        v, dt, rnd = self.need_view(src, n), g.dtype(src), g.dtype(u).name
+        narrowing = g.dtype(u).itemsize < g.dtype(src).itemsize
+        v, dt, rnd = self.need_view(src, n), g.dtype(src), g.dtype(u).name if narrowing else None
         for w in reversed(chain):
             if rnd and g.op(w) == "reshape" and v.reshape(g.attrs(w)["shape"]) is None:
                 # a copy is needed anyway: let it do the cast (half the bytes of an f32 copy)
@@ -526,6 +549,8 @@ class _Lowerer:
         if epilogue.enabled():
             self.epilogues = epilogue.find(self, order)
         in_epilogue = {u: ep.group for ep in self.epilogues.values() for u in ep.chain}
+        if colsum.enabled():
+            self.colsums = colsum.pairs(self, order, set(in_epilogue))
         roots = set(g.roots())
         for n in order:
             cls = self._cls(n)

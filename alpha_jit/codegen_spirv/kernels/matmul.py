@@ -18,6 +18,9 @@ Spec (family "matmul"), params as (key, value) pairs, exactly:
     ("acc",)) that runs in the store: bias, GELU, residual add, output cast. It replaces the
     plain output; with ("acc_buffer", True) an f32 (B, M, N) binding still receives the sums
     (the CPU variant adds K chunks there and runs the epilogue after the last one).
+    optional ("colsum_b", True) (batch 1): also the column sums of b as loaded, before any
+    rounding, sum over kk of b[kk, j] -> f32 [N], the last binding: a bias gradient computed
+    by the weight-gradient GEMM that reads the same dY (schedule/colsum.py).
 a[bi, i, kk] is element offset + bi*sb + i*sm + kk*sk of binding 0, b[bi, kk, j] likewise of
 binding 1 (strides in elements, any may be 0); then the epilogue's inputs, then the contiguous
 (B, M, N) output (absent with an epilogue and no acc_buffer), then the epilogue's outputs.
@@ -201,6 +204,7 @@ class _Store:
             self.out_bufs = [kb.buffer(f"ep_out{i}", storage_dtype(dt), writable=True)
                              for i, (dt, _) in enumerate(ep[2])]
             self.em = ScalarEmitter(kb)
+        self.colsum = kb.buffer("colsum", "f32", writable=True) if p.get("colsum_b") else None
 
     def finish(self, bi: Value, row: Value, col: Value, idx: Value, v: Value) -> None:
         """Element (bi, row, col) at linear index idx is complete with sum v."""
@@ -271,15 +275,20 @@ def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule |
            operand(bbuf, b_off, b_sb, b_sn, b_sk, tn, n, "b")]
     tx, ty = tid % (tn // rn), tid / (tn // rn)
     acc = [[kb.var("f32", 0.0) for _ in range(rn)] for _ in range(rm)]
+    # column sums of b: each load slot keeps a fixed column, so a running sum per slot
+    csums = [kb.var("f32", 0.0) for _ in ops[1][2]] if store.colsum is not None else []
     with kb.loop(kb.u32(0), k, bk) as k0:
-        for sh, _ld, slots, buf, s_k, rounded in ops:
-            for kk, sidx, addr, guard in slots:
+        for oi, (sh, _ld, slots, buf, s_k, rounded) in enumerate(ops):
+            for si, (kk, sidx, addr, guard) in enumerate(slots):
                 kg = k0 + kk
                 if check_k:  # past K: load a valid element, store 0 (0 * anything finite)
                     kc = kb.fmin(kg, k - 1)
-                    v = kb.select(kg < k, rounded(buf.load(addr + kc * _u(kb, s_k))), 0.0)
+                    raw = kb.select(kg < k, buf.load(addr + kc * _u(kb, s_k)), 0.0)
                 else:
-                    v = rounded(buf.load(addr + kg * _u(kb, s_k)))
+                    raw = buf.load(addr + kg * _u(kb, s_k))
+                v = rounded(raw)
+                if oi == 1 and csums:
+                    csums[si].set(csums[si].get() + raw)
                 if guard is None:
                     sh.store(sidx, v)
                 else:
@@ -297,6 +306,8 @@ def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule |
             for c in range(rn):
                 acc[r][c].set(sums[r][c])
         kb.barrier()  # everyone is done reading the tiles before the next step overwrites them
+    if csums:
+        _colsum_simt(kb, cfg, store, ops[1], csums, tid, row0, col0, n)
     out_base = bi * (m * n)
     for r in range(rm):
         row = row0 + ty + r * (tm // rm)
@@ -310,6 +321,30 @@ def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule |
                     store.finish(bi, row, col, idx, acc[r][c].get())
             else:
                 store.finish(bi, row, col, idx, acc[r][c].get())
+
+
+def _colsum_simt(kb: KernelBuilder, cfg: MatmulConfig, store: _Store, b_op: tuple,
+                 csums: list, tid: Value, row0: Value, col0: Value, n: int) -> None:
+    """Fold the per-slot column sums through b's shared tile (a slot's place there is its
+    column and k offset), and let the first row of workgroups store them."""
+    sh, ld, slots, *_ = b_op
+    for (_kk, sidx, _addr, guard), cs in zip(slots, csums, strict=True):
+        if guard is None:
+            sh.store(sidx, cs.get())
+        else:
+            with kb.if_(guard):
+                sh.store(sidx, cs.get())
+    kb.barrier()
+    col = col0 + tid
+    ok = (tid < cfg.tn) & (row0 == 0)
+    if n % cfg.tn:
+        ok = ok & (col < n)
+    with kb.if_(ok):
+        total = sh.load(tid)
+        for kk in range(1, cfg.bk):
+            total = total + sh.load(tid + kk * ld)
+        store.colsum.store(col, total)  # type: ignore[union-attr]
+    kb.barrier()
 
 
 def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule | None) -> None:
@@ -373,14 +408,31 @@ def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule |
             a_sh.store(r * bk + kk, v)
     kb.barrier()
     sums: list[list[Value | float]] = [[0.0] * rn for _ in range(tm)]
+    csum: list[Value | float] = [0.0] * rn  # this thread's columns of b, summed over the chunk
     for kk in range(bk):
         off = k_off(kk, b_sk)
-        bv = [in_k(kk, b_round(bbuf.load(b_cols[c] + off))) for c in range(rn)]
+        raw = [in_k(kk, bbuf.load(b_cols[c] + off)) for c in range(rn)]
+        bv = [b_round(v) for v in raw]
+        if store.colsum is not None:
+            csum = [v if isinstance(s_, float) else s_ + v for s_, v in zip(csum, raw,
+                                                                            strict=True)]
         for r in range(tm):
             av = a_sh.load(kb.u32(r * bk + kk))
             for c in range(rn):
                 s = sums[r][c]
                 sums[r][c] = av * bv[c] if isinstance(s, float) else kb.fma(av, bv[c], s)
+    if store.colsum is not None:
+        for c in range(rn):
+            col = col0 + (tid + c * threads)
+            ok = row0 == 0
+            if n % tn:
+                ok = ok & (col < n)
+            with kb.if_(ok):
+                total = kb.var("f32", csum[c])
+                if split:
+                    with kb.if_(k0 != 0):
+                        total.set(store.colsum.load(col) + csum[c])
+                store.colsum.store(col, total.get())
     out_base = bi * (m * n)
     for r in range(tm):
         row = row0 + r
