@@ -48,7 +48,7 @@ def _generator(family: str) -> Any:
     mod = importlib.import_module(f"alpha_jit.codegen_spirv.kernels.{mod_name}")
     fn = getattr(mod, fn_name)
     # the IR's registry supplies the scalar rules (a GEMM's epilogue is an elementwise region)
-    if family in ("elementwise", "elementwise_multi", "matmul"):
+    if family in ("elementwise", "elementwise_multi", "matmul", "norm_dx"):
         return lambda spec, caps: fn(spec, caps, registry.scalar_rule)
     return fn
 

@@ -1,4 +1,5 @@
-"""GEMM epilogues: the elementwise group that consumes a matmul's result runs in the GEMM's store.
+"""Epilogues: the elementwise group that consumes a GEMM's (or a norm gradient's) result runs in
+that kernel's store.
 
 Why: after a GEMM a transformer adds a bias, applies GELU, adds the residual, or (backward)
 multiplies by the GELU derivative and sums the q/k/v input gradients. Each was a kernel of its
@@ -12,6 +13,9 @@ keep the element order) is inside that one group; the group is not larger than t
 through strides; and the kernel stays within the device's bindings. Groups fed by several
 GEMMs take the last one's epilogue (the others are ordinary inputs). Anything else stays a
 separate kernel, and `ALPHA_JIT_DISABLE_PASSES=gemm_epilogue` turns the pass off.
+
+The same holds for any kernel registered as a host (`register_host`): the LayerNorm/RMSNorm
+input gradient takes the residual gradient's add (and the bf16 copy for the next GEMM).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -54,7 +59,7 @@ def find(lw: _Lowerer, order: list[int]) -> dict[int, Epilogue]:
     written = set(g.state_writes.values())
     found: dict[int, Epilogue] = {}
     for n in order:
-        if lw._cls(n) != "matmul" or n in roots or n in written:
+        if g.op(n) not in _HOST_OPS or n in roots or n in written:
             continue
         chain, readers = {n}, []
         stack, ok = [n], True
@@ -114,39 +119,82 @@ def regroup(shape: tuple, strides: tuple, new_shape: tuple) -> tuple | None:
     return tuple(out)
 
 
-def emit(lw: _Lowerer, ep: Epilogue) -> bool:
-    """Emit matmul `ep.matmul` with group `ep.group` in its store and return True; or, when an
-    input has no strided form at the GEMM's (batch, row, column) or the bindings do not fit,
-    emit the plain matmul and return False (the caller then emits the group)."""
-    params, reads = lw.matmul_params(ep.matmul)
-    region = lw.region(ep.group, ep.chain)
+@dataclass(frozen=True)
+class Host:
+    """A kernel that can run an epilogue: its family, name, params and reads without one,
+    its iteration space, and whether its plain output stays bound (an f32 accumulator)."""
+
+    family: str
+    name: str
+    params: tuple
+    reads: tuple
+    grid: tuple
+    acc_buffer: bool = False
+
+
+HostFn = Callable[["_Lowerer", int], Host]
+_HOSTS: dict[str, HostFn] = {}
+_HOST_OPS = ("matmul", "norm_dx")  # ops whose kernels take an epilogue
+
+
+def register_host(op: str) -> Callable[[HostFn], HostFn]:
+    """Decorator: `fn(lowerer, node) -> Host` for an op whose kernel takes an epilogue
+    (defined beside the op's kernel lowering)."""
+    def deco(fn: HostFn) -> HostFn:
+        _HOSTS[op] = fn
+        return fn
+
+    return deco
+
+
+def _host(lw: _Lowerer, n: int) -> Host:
+    op = lw.g.op(n)
+    if op not in _HOSTS:
+        from alpha_jit.codegen_spirv.kernels import import_all
+
+        import_all()
+    return _HOSTS[op](lw, n)
+
+
+@register_host("matmul")
+def _matmul_host(lw: _Lowerer, n: int) -> Host:
+    params, reads = lw.matmul_params(n)
     p = dict(params)
-    grid = (p["batch"], p["m"], p["n"])
-    inputs = []
-    for dt, strides, off, *_ in region.inputs:
-        inputs.append((dt, regroup(region.shape, strides, grid), off))
-    acc = needs_acc_buffer(params, lw.caps)
+    params = tuple((k, "f32" if k == "out_dtype" else v) for k, v in params)
+    return Host("matmul", f"matmul_{p['batch']}x{p['m']}x{p['n']}x{p['k']}", params,
+                tuple(reads), (p["batch"], p["m"], p["n"]), needs_acc_buffer(params, lw.caps))
+
+
+def emit(lw: _Lowerer, ep: Epilogue) -> bool:
+    """Emit the host kernel of `ep.matmul` with group `ep.group` in its store and return True;
+    or, when an input has no strided form at the host's element or the bindings do not fit,
+    emit the plain host kernel and return False (the caller then emits the group)."""
+    n = ep.matmul
+    host = _host(lw, n)
+    region = lw.region(ep.group, ep.chain)
+    inputs = [(dt, regroup(region.shape, strides, host.grid), off)
+              for dt, strides, off, *_ in region.inputs]
     why = None
     if any(st is None for _, st, _ in inputs):
-        why = "an input of the group has no strided form at the GEMM's element"
-    elif 2 + len(inputs) + len(region.outs) + acc > lw.max_bindings:
+        why = "an input of the group has no strided form at the kernel's element"
+    elif len(host.reads) + len(inputs) + len(region.outs) + host.acc_buffer > lw.max_bindings:
         why = "the bindings would exceed the device's limit"
     if why is not None:
-        log.info("%s: %%%d (%s) keeps its own kernel: %s", PASS_NAME, ep.matmul,
-                 lw.g.prov(ep.matmul).where(), why)
-        lw.add_temp(ep.matmul)
-        lw._emit("matmul", f"matmul_{p['batch']}x{p['m']}x{p['n']}x{p['k']}", params, reads,
-                 [ep.matmul], [ep.matmul], ep.matmul)
+        log.info("%s: %%%d (%s) keeps its own kernel: %s", PASS_NAME, n, lw.g.prov(n).where(),
+                 why)
+        lw.add_temp(n)
+        plain = tuple(kv for kv in host.params if kv[0] != "out_dtype") + (
+            ("out_dtype", lw.g.dtype(n).name),)
+        lw._emit(host.family, host.name, plain, list(host.reads), [n], [n], n)
         return False
-    params = tuple((k, "f32" if k == "out_dtype" else v) for k, v in params) + (
-        ("epilogue", (tuple(inputs), region.exprs, region.outputs)),)
+    params = host.params + (("epilogue", (tuple(inputs), region.exprs, region.outputs)),)
     writes = list(region.outs)
-    if acc:  # the f32 sums live in the matmul node's own buffer
+    if host.acc_buffer:  # the f32 sums live in the host node's own buffer
         params += (("acc_buffer", True),)
-        lw.add_temp(ep.matmul)
-        writes.insert(0, ep.matmul)
-    name = f"matmul_{p['batch']}x{p['m']}x{p['n']}x{p['k']}_{region.name}"[:60]
-    nodes = [ep.matmul, *sorted(ep.chain - {ep.matmul}), *region.members]
-    lw._emit("matmul", name, params, reads + list(region.reads), writes, nodes,
-             region.members[-1], fused_by=(PASS_NAME,))
+        lw.add_temp(n)
+        writes.insert(0, n)
+    nodes = [n, *sorted(ep.chain - {n}), *region.members]
+    lw._emit(host.family, f"{host.name}_{region.name}"[:60], params,
+             list(host.reads) + list(region.reads), writes, nodes, region.members[-1],
+             fused_by=(PASS_NAME,))
     return True

@@ -143,3 +143,45 @@ def test_not_fused_when_the_result_is_read_otherwise(monkeypatch):
     for a, c in zip(got, ref, strict=True):
         np.testing.assert_array_equal(a, c)
     assert not any(e for e, _ in _matmuls(plan_on))
+
+
+def test_norm_gradient_takes_the_residual_add(monkeypatch):
+    from alpha_jit import nn
+
+    rng = np.random.default_rng(9)
+    x0 = rng.standard_normal((5, 7, 48)).astype(np.float32)
+    t = rng.standard_normal((5, 7, 48)).astype(np.float32)
+
+    def make():
+        nn.manual_seed(2)
+        p, ln = nn.Parameter(x0), nn.LayerNorm(48)
+
+        @aj.compile
+        def f(t):
+            h = p + ln(p)  # the residual stream: dx = t + norm_dx(t)
+            (h * t).sum().backward()
+            g = p.grad
+            p.grad = None
+            return g
+
+        return f, ln
+
+    f, ln = make()
+    got = f(t).numpy()
+    plan_on = _plan(f, (t,))
+    monkeypatch.setenv("ALPHA_JIT_DISABLE_PASSES", "gemm_epilogue")
+    f_off, _ = make()
+    ref = f_off(t).numpy()
+    plan_off = _plan(f_off, (t,))
+    x = x0.astype(np.float64)
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    rstd = 1 / np.sqrt(var + 1e-5)
+    xh = (x - mean) * rstd
+    gw = t * ln.weight.numpy()
+    want = t + rstd * (gw - gw.mean(-1, keepdims=True) - xh * (gw * xh).mean(-1, keepdims=True))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got, ref)
+    on = [k for k in plan_on.lowered.kernels if k.spec.family == "norm_dx"]
+    assert len(on) == 1 and "epilogue" in dict(on[0].spec.params)
+    off = [k for k in plan_off.lowered.kernels if k.spec.family == "norm_dx"]
+    assert len(off) == 1 and "epilogue" not in dict(off[0].spec.params)

@@ -162,6 +162,45 @@ def round_to(kb: KernelBuilder, v: Value, dtype: str) -> Value:
     return v
 
 
+class EpilogueStore:
+    """Where another family's kernel puts each finished value: its plain output, or, with
+    the spec param ("epilogue", (inputs, exprs, outputs)), an elementwise region run on the
+    value (read as ("acc",)) with its inputs read at the element's index in the kernel's
+    iteration space `grid` and its outputs stored at the element. A GEMM's bias, GELU and
+    residual add, a norm gradient's residual add. Bindings, in this order: the epilogue's
+    inputs, the plain output (absent with an epilogue unless `keep_out`), its outputs."""
+
+    def __init__(self, kb: KernelBuilder, p: dict, rule: ScalarRule | None, grid: tuple,
+                 keep_out: bool = False):
+        self.kb, self.grid = kb, tuple(grid)
+        ep = p.get("epilogue")
+        self.epilogue = None
+        if ep is not None:
+            if rule is None:
+                raise TypeError("a kernel with an epilogue needs the IR's scalar_rule")
+            self.epilogue = (*ep, rule)
+            self.in_bufs = [kb.buffer(f"ep_in{i}", storage_dtype(dt), writable=False)
+                            for i, (dt, *_) in enumerate(ep[0])]
+        self.out_dtype = storage_dtype(p["out_dtype"])
+        self.out = kb.buffer("out", self.out_dtype, writable=True) \
+            if ep is None or keep_out else None
+        if ep is not None:
+            self.out_bufs = [kb.buffer(f"ep_out{i}", storage_dtype(dt), writable=True)
+                             for i, (dt, _) in enumerate(ep[2])]
+            self.em = ScalarEmitter(kb)
+
+    def finish(self, axes: Sequence[Value], idx: Value, v: Value) -> None:
+        """The element at `axes` of the grid (linear index idx) is complete with value v."""
+        kb = self.kb
+        if self.epilogue is None:
+            self.out.store(idx, kb.cast(v, compute_dtype(self.out_dtype)))  # type: ignore
+            return
+        inputs, exprs, outputs, rule = self.epilogue
+        known = {d: kb.cast(a, "i32") for d, a in enumerate(axes)}
+        emit_region(kb, self.em, Indexer(kb, idx, self.grid, known), inputs, self.in_bufs,
+                    exprs, outputs, self.out_bufs, rule, "epilogue", acc=v)
+
+
 def _need_rule(scalar_rule: ScalarRule | None) -> ScalarRule:
     if scalar_rule is None:
         raise TypeError("elementwise generators need the IR's scalar_rule(op, emitter, attrs, "

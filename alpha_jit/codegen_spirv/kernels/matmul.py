@@ -40,8 +40,7 @@ from typing import Any
 
 from ..dsl import KernelBuilder, Value, cap, pack_push_constants
 from ..kernel import Dispatch, KernelBinary, KernelSpec
-from ..scalar import ScalarEmitter
-from .elementwise import Indexer, ScalarRule, emit_region, round_to, storage_dtype
+from .elementwise import EpilogueStore, ScalarRule, round_to, storage_dtype
 
 _U32 = 1 << 32
 
@@ -182,41 +181,12 @@ def _push_fields(cfg: MatmulConfig) -> list[str]:
     return ["base_x", "base_y", "base_z"] + (["k0"] if cfg.variant == "rows" else [])
 
 
-class _Store:
-    """Where a finished sum goes: the plain output, or the epilogue region run on it (its
-    inputs read at the element's (batch, row, column), its outputs stored at the element)."""
+class _Store(EpilogueStore):
+    """The GEMM's store over (batch, row, column), plus the column sums of b if asked."""
 
     def __init__(self, kb: KernelBuilder, p: dict, rule: ScalarRule | None):
-        self.kb, self.p = kb, p
-        self.m, self.n = p["m"], p["n"]
-        ep = p.get("epilogue")
-        self.epilogue = None
-        if ep is not None:
-            if rule is None:
-                raise TypeError("matmul with an epilogue needs the IR's scalar_rule")
-            inputs, exprs, outputs = ep
-            self.epilogue = (inputs, exprs, outputs, rule)
-            self.in_bufs = [kb.buffer(f"ep_in{i}", storage_dtype(dt), writable=False)
-                            for i, (dt, *_) in enumerate(inputs)]
-        self.out = kb.buffer("out", storage_dtype(p["out_dtype"]), writable=True) \
-            if ep is None or p.get("acc_buffer") else None
-        if ep is not None:
-            self.out_bufs = [kb.buffer(f"ep_out{i}", storage_dtype(dt), writable=True)
-                             for i, (dt, _) in enumerate(ep[2])]
-            self.em = ScalarEmitter(kb)
+        super().__init__(kb, p, rule, (p["batch"], p["m"], p["n"]), bool(p.get("acc_buffer")))
         self.colsum = kb.buffer("colsum", "f32", writable=True) if p.get("colsum_b") else None
-
-    def finish(self, bi: Value, row: Value, col: Value, idx: Value, v: Value) -> None:
-        """Element (bi, row, col) at linear index idx is complete with sum v."""
-        if self.epilogue is None:
-            self.out.store(idx, v)  # type: ignore[union-attr]
-            return
-        inputs, exprs, outputs, rule = self.epilogue
-        kb = self.kb
-        known = {0: kb.cast(bi, "i32"), 1: kb.cast(row, "i32"), 2: kb.cast(col, "i32")}
-        ix = Indexer(kb, idx, (self.p["batch"], self.m, self.n), known)
-        emit_region(kb, self.em, ix, inputs, self.in_bufs, exprs, outputs, self.out_bufs, rule,
-                    "matmul epilogue", acc=v)
 
 
 def _prologue(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule | None) -> tuple:
@@ -318,9 +288,9 @@ def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule |
             if conds:
                 ok = conds[0] if len(conds) == 1 else conds[0] & conds[1]
                 with kb.if_(ok):
-                    store.finish(bi, row, col, idx, acc[r][c].get())
+                    store.finish((bi, row, col), idx, acc[r][c].get())
             else:
-                store.finish(bi, row, col, idx, acc[r][c].get())
+                store.finish((bi, row, col), idx, acc[r][c].get())
 
 
 def _colsum_simt(kb: KernelBuilder, cfg: MatmulConfig, store: _Store, b_op: tuple,
@@ -455,7 +425,7 @@ def _store_partial(kb: KernelBuilder, store: _Store, bi: Value, row: Value, col:
     """out[idx] = v, plus the sums of the earlier K chunks when this is not the first one;
     an epilogue runs on the total after the last chunk (chunk `last` starts there)."""
     if k0 is None:
-        store.finish(bi, row, col, idx, v)
+        store.finish((bi, row, col), idx, v)
         return
     out = store.out
     assert out is not None  # a split K always has the f32 accumulator binding
@@ -468,7 +438,7 @@ def _store_partial(kb: KernelBuilder, store: _Store, bi: Value, row: Value, col:
     with kb.if_(k0 != last):
         out.store(idx, total.get())
     with kb.if_(k0 == last):
-        store.finish(bi, row, col, idx, total.get())
+        store.finish((bi, row, col), idx, total.get())
 
 
 _VARIANTS: dict[str, Callable[[KernelBuilder, MatmulConfig, dict, ScalarRule | None], None]] = {

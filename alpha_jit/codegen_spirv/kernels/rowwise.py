@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import math
 
+from ...schedule import epilogue
 from ..dsl import KernelBuilder, Value, max_groups_x, pack_push_constants
 from ..kernel import Dispatch, KernelBinary, KernelSpec
 from ..lower import _Lowerer, register_kernel_lowering
 from ..scalar import ScalarEmitter, compute_dtype, nan_minmax
-from .elementwise import launch_plan, local_size_for, storage_dtype
+from .elementwise import EpilogueStore, ScalarRule, launch_plan, local_size_for, storage_dtype
 from .reduction import _WorkgroupReducer
 
 FAMILIES = {"norm_fwd": "generate_norm_fwd", "norm_stats": "generate_norm_stats",
@@ -159,8 +160,10 @@ def generate_norm_stats(spec: KernelSpec, caps: object = None) -> KernelBinary:
     return r.finish({"dim": dim})
 
 
-def generate_norm_dx(spec: KernelSpec, caps: object = None) -> KernelBinary:
-    """dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)) (no mean(g*w) term for RMS)."""
+def generate_norm_dx(spec: KernelSpec, caps: object = None,
+                     scalar_rule: ScalarRule | None = None) -> KernelBinary:
+    """dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)) (no mean(g*w) term for RMS);
+    an epilogue (the residual gradient's add) may take dx over the (rows, dim) grid."""
     dim = int(dict(spec.params)["dim"])
     r = _Rows(spec, caps, dim)
     kb = r.kb
@@ -168,8 +171,7 @@ def generate_norm_dx(spec: KernelSpec, caps: object = None) -> KernelBinary:
     w, wo = r.operand("w")
     g, go = r.operand("g")
     st, so = r.operand("stats", "f32")
-    out = kb.buffer("out", storage_dtype(r.p["out_dtype"]), writable=True)
-    ct = compute_dtype(storage_dtype(r.p["out_dtype"]))
+    out = EpilogueStore(kb, r.p, scalar_rule, (int(r.p["rows"]), dim))
     r.start()
     with r.rows_loop() as row:
         base = row * dim
@@ -187,7 +189,7 @@ def generate_norm_dx(spec: KernelSpec, caps: object = None) -> KernelBinary:
             inner = dxhat(j) - xhat(j) * c2
             if not r.p["rms"]:
                 inner = inner - c1
-            out.store(base + j, kb.cast(rstd * inner, ct))
+            out.finish((row, j), base + j, rstd * inner)
     return r.finish({"dim": dim})
 
 
@@ -379,15 +381,21 @@ def _lower_stats(lw: _Lowerer, n: int) -> None:
     lw._emit("norm_stats", f"norm_stats_{dim}", params, [xb], [n], [n], n)
 
 
-@register_kernel_lowering("norm_dx")
-def _lower_dx(lw: _Lowerer, n: int) -> None:
+@epilogue.register_host("norm_dx")
+def _dx_host(lw: _Lowerer, n: int) -> epilogue.Host:
     g = lw.g
     args = g.args(n)
     rows, dim = _rows_dim(lw, args[0])
     (xd, xb), (wd, wb), (gd, gb), (sd, sb) = (_operand(lw, a, n) for a in args)
     params = (("rows", rows), ("dim", dim), ("rms", bool(g.attrs(n)["rms"])), ("x", xd),
               ("w", wd), ("g", gd), ("stats", sd[1]), ("out_dtype", g.dtype(n).name))
-    lw._emit("norm_dx", f"norm_dx_{dim}", params, [xb, wb, gb, sb], [n], [n], n)
+    return epilogue.Host("norm_dx", f"norm_dx_{dim}", params, (xb, wb, gb, sb), (rows, dim))
+
+
+@register_kernel_lowering("norm_dx")
+def _lower_dx(lw: _Lowerer, n: int) -> None:
+    h = _dx_host(lw, n)
+    lw._emit(h.family, h.name, h.params, list(h.reads), [n], [n], n)
 
 
 @register_kernel_lowering("norm_dwb")
