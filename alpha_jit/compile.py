@@ -141,10 +141,11 @@ def unflatten(values: list[Any], structure: Any) -> Any:
 
 
 def trace_step(fn: Callable, args: tuple, precision: str = "f32",
-               loss_scaler: Any = None) -> TracedStep:
+               loss_scaler: Any = None, passes: list[str] | None = None) -> TracedStep:
     """Run `fn` once with tracer tensors and return the recorded step."""
     sig = signature_of(args, precision)
     ctx = trace.TraceContext()
+    ctx.passes = frozenset(passes) if passes is not None else None
     if precision != "f32":
         ctx.autocast = dtypes.dtype(precision)
     ctx.loss_scaler = loss_scaler
@@ -218,7 +219,7 @@ class CompiledFunction:
         where = "{}:{} in {}".format(*trace.user_frame())
         # the user's own Python errors while tracing stay theirs; a failed assertion is ours
         with internal_errors("tracing", where, (AssertionError,)):
-            traced = trace_step(self.fn, args, self.precision, self.loss_scaler)
+            traced = trace_step(self.fn, args, self.precision, self.loss_scaler, self.passes)
         with internal_errors("the passes", where):
             traced.graph, traced.pass_history = run_passes(traced.graph, self.passes)
         for p, holder in traced.grad_updates:

@@ -39,6 +39,18 @@ class View:
         dims = [(s, st) for s, st in zip(self.shape, self.strides, strict=True) if s != 1]
         return [st for _, st in dims] == list(contiguous_strides(tuple(s for s, _ in dims)))
 
+    def dense(self) -> bool:
+        """Whether the view covers a gap-free block from its offset in some axis order (a
+        transpose of a contiguous tensor): an order-free reader (a sum of squares) can read the
+        block flat."""
+        expected = 1
+        for st, s in sorted((st, s) for s, st in zip(self.shape, self.strides, strict=True)
+                            if s != 1):
+            if st != expected:
+                return False
+            expected *= s
+        return True
+
     def transpose(self, perm: tuple) -> View:
         return View(self.base, self.offset, tuple(self.shape[p] for p in perm),
                     tuple(self.strides[p] for p in perm))
@@ -60,13 +72,8 @@ class View:
         """A strided view with the new shape, or None if the data would have to move."""
         if self.is_contiguous():
             return View(self.base, self.offset, tuple(shape), contiguous_strides(tuple(shape)))
-        # dropping or adding size-1 axes keeps the strides of the others
-        old = [(s, st) for s, st in zip(self.shape, self.strides, strict=True) if s != 1]
-        if [s for s, _ in old] == [s for s in shape if s != 1]:
-            it = iter(st for _, st in old)
-            return View(self.base, self.offset, tuple(shape),
-                        tuple(0 if s == 1 else next(it) for s in shape))
-        return None
+        strides = regroup(self.shape, self.strides, tuple(shape))
+        return None if strides is None else View(self.base, self.offset, tuple(shape), strides)
 
     def collapse_batch(self) -> tuple[int, int] | None:
         """(batch size, single batch stride) if the leading axes (all but the last two)
@@ -82,3 +89,35 @@ class View:
             if st0 != st1 * s1:
                 return None
         return n, dims[-1][1]
+
+
+def regroup(shape: tuple, strides: tuple, new_shape: tuple) -> tuple | None:
+    """Strides that read the same elements as (shape, strides) in the row-major order of
+    `new_shape` (same element count), or None where no strided form exists."""
+    old = [(s, st) for s, st in zip(shape, strides, strict=True) if s != 1]
+    out = []
+    i = 0
+    for t in new_shape:
+        if t == 1:
+            out.append(0)
+            continue
+        need, parts = t, []
+        while need > 1:
+            if i >= len(old):
+                return None
+            s, st = old[i]
+            if need % s == 0:  # the whole old axis goes into this one
+                parts.append((s, st))
+                need //= s
+                i += 1
+            elif s % need == 0:  # split the old axis: its outer part goes into this one
+                parts.append((need, st * (s // need)))
+                old[i] = (s // need, st)
+                need = 1
+            else:
+                return None
+        for (_, st0), (s1, st1) in zip(parts, parts[1:], strict=False):
+            if st0 != st1 * s1:
+                return None
+        out.append(parts[-1][1])
+    return tuple(out)

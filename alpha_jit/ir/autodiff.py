@@ -68,6 +68,13 @@ def backward(loss: Tensor) -> None:
     """`loss.backward()`: accumulate gradients into `p.grad` for every trainable parameter."""
     ctx = trace.current()
     trace.snapshot("after trace (forward)")
+    if not ctx.grads_taken:  # forward rewrites, so autodiff differentiates the merged graph
+        from alpha_jit.ir.passes.gemm_merge import PASS_NAME, merge_sibling_gemms
+
+        summary = merge_sibling_gemms(ctx, ctx.pass_enabled)
+        if summary != "off":
+            trace.snapshot(f"pass {PASS_NAME} (forward): {summary}")
+    ctx.grads_taken += 1
     params = [h for h in ctx.state.values() if getattr(h, "requires_grad", False)]
     nodes = {ctx.state_value[p.state_key]: p for p in params}
     scaler = ctx.loss_scaler

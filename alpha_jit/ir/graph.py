@@ -134,6 +134,14 @@ class Graph:
     def remove(self, n: int) -> None:
         self.g.remove_node(n)
 
+    def rewire(self, n: int, op: str, args: list[int], attrs: dict) -> None:
+        """Make node n compute `op` of `args` instead, keeping its id, shape, dtype and
+        provenance (a rewrite before autodiff: tensors the user holds keep meaning n)."""
+        self.g.remove_edges_from(list(self.g.in_edges(n, keys=True)))
+        self.g.nodes[n]["op"], self.g.nodes[n]["attrs"] = op, dict(attrs)
+        for i, a in enumerate(args):
+            self.g.add_edge(a, n, key=i)
+
     def __len__(self) -> int:
         return self.g.number_of_nodes()
 

@@ -87,6 +87,15 @@ class TraceContext:
     autocast: DType | None = None
     loss_scaler: Any = None  # f16: alpha_jit.nn.loss_scale.LossScaler
     grad_ok: Any = None  # f32 mask: 1 when every gradient of this step is finite
+    passes: frozenset[str] | None = None  # compile(passes=...): None runs every pass
+    grads_taken: int = 0  # backward() calls so far (forward rewrites run before the first)
+
+    def pass_enabled(self, name: str) -> bool:
+        """A pass runs unless `passes=` leaves it out or ALPHA_JIT_DISABLE_PASSES names it."""
+        import os
+
+        off = {s.strip() for s in os.environ.get("ALPHA_JIT_DISABLE_PASSES", "").split(",")}
+        return name not in off and (self.passes is None or name in self.passes)
 
     # ---- provenance ---------------------------------------------------------------------------
     def provenance(self) -> Provenance:

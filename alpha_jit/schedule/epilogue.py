@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from alpha_jit.codegen_spirv.kernels.matmul import needs_acc_buffer
+from alpha_jit.codegen_spirv.views import regroup
 
 if TYPE_CHECKING:
     from alpha_jit.codegen_spirv.lower import _Lowerer
@@ -85,38 +86,6 @@ def find(lw: _Lowerer, order: list[int]) -> dict[int, Epilogue]:
             continue
         found[gid] = Epilogue(n, gid, frozenset(chain))  # a later GEMM feeding it wins
     return found
-
-
-def regroup(shape: tuple, strides: tuple, new_shape: tuple) -> tuple | None:
-    """Strides that read the same elements as (shape, strides) in the row-major order of
-    `new_shape` (same element count), or None where no strided form exists."""
-    old = [(s, st) for s, st in zip(shape, strides, strict=True) if s != 1]
-    out = []
-    i = 0
-    for t in new_shape:
-        if t == 1:
-            out.append(0)
-            continue
-        need, parts = t, []
-        while need > 1:
-            if i >= len(old):
-                return None
-            s, st = old[i]
-            if need % s == 0:  # the whole old axis goes into this one
-                parts.append((s, st))
-                need //= s
-                i += 1
-            elif s % need == 0:  # split the old axis: its outer part goes into this one
-                parts.append((need, st * (s // need)))
-                old[i] = (s // need, st)
-                need = 1
-            else:
-                return None
-        for (_, st0), (s1, st1) in zip(parts, parts[1:], strict=False):
-            if st0 != st1 * s1:
-                return None
-        out.append(parts[-1][1])
-    return tuple(out)
 
 
 @dataclass(frozen=True)

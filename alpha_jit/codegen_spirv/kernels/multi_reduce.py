@@ -18,11 +18,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from alpha_jit import dtypes
 
 from ..dsl import KernelBuilder, max_groups_x
 from ..kernel import Dispatch, KernelBinary, KernelSpec
 from ..lower import Buffer, register_kernel_lowering
+from ..views import View
 from .elementwise import local_size_for, storage_dtype
 from .reduction import _WorkgroupReducer
 
@@ -82,11 +85,54 @@ def _group_counts(numels: list[int], local: int) -> list[int]:
     return [max(1, math.ceil(k / (local * per))) for k in numels]
 
 
+def _flat(lw: Any, v: View, n: int) -> View:
+    """View v as one flat block: element order does not matter to a sum of squares, so a
+    transposed gradient (a weight-gradient GEMM's result) is read where it is, uncopied."""
+    if not (v.is_contiguous() or v.dense()):
+        v = lw.materialize_view(v, lw.out.buffers[v.base].dtype, n)
+    return View(v.base, v.offset, (v.numel,), (1,))
+
+
+def _partitions(items: list[tuple[str, View]], lw: Any) -> list[tuple[str, View]]:
+    """Views that together cover one buffer exactly once (the q/k/v weight gradients, slices
+    of one merged weight-gradient GEMM's result) become that whole buffer, read flat."""
+    by_base: dict[int, list[int]] = {}
+    for i, (_, v) in enumerate(items):
+        if not (v.is_contiguous() or v.dense()):
+            by_base.setdefault(v.base, []).append(i)
+    whole: dict[int, int] = {}  # first item of a covered buffer -> the buffer
+    drop: set[int] = set()
+    for base, idx in by_base.items():
+        size = math.prod(lw.out.buffers[base].shape)
+        if len(idx) < 2 or sum(items[i][1].numel for i in idx) != size:
+            continue
+        count = np.zeros(size, np.int32)
+        for i in idx:
+            v = items[i][1]
+            at = v.offset + sum(np.arange(s).reshape([-1 if d == k else 1
+                                                      for k in range(len(v.shape))]) * st
+                                for d, (s, st) in enumerate(zip(v.shape, v.strides,
+                                                                strict=True)))
+            np.add.at(count, np.asarray(at).reshape(-1), 1)
+        if (count == 1).all():
+            whole[idx[0]] = base
+            drop.update(idx[1:])
+    out = []
+    for i, (dt, v) in enumerate(items):
+        if i in whole:
+            shape = lw.out.buffers[whole[i]].shape
+            out.append((dt, View(whole[i], 0, (math.prod(shape),), (1,))))
+        elif i not in drop:
+            out.append((dt, v))
+    return out
+
+
 @register_kernel_lowering("sum_squares")
 def lower_sum_squares(lw: Any, n: int) -> None:
     """Stage-1 kernels over the tensors (as many as the bindings need), then the final sum."""
     g = lw.g
-    items = [(g.dtype(a).name, lw._contiguous(a, n)) for a in g.args(n)]
+    items = _partitions([(g.dtype(a).name, lw.need_view(a, n)) for a in g.args(n)], lw)
+    items = [(dt, _flat(lw, v, n)) for dt, v in items]
     local = local_size_for(None)  # the generators' default size: grids are planned here
     per_kernel = max(1, lw.max_bindings - 1)  # one binding is the partials
     chunks: list[list[tuple[str, Any]]] = [[]]

@@ -30,6 +30,9 @@ class Pass:
 
 
 _PASSES: list[Pass] = []
+# passes on the forward graph, run by `loss.backward()` before autodiff (gemm_merge.py);
+# `passes=` may name them too
+FORWARD_PASSES = ("gemm_merge",)
 
 
 def register_pass(name: str, doc: str):
@@ -53,7 +56,7 @@ def run_passes(graph: Graph, enabled: Iterable[str] | None = None
     disabled = {s.strip() for s in os.environ.get("ALPHA_JIT_DISABLE_PASSES", "").split(",")
                 if s.strip()}
     passes = available()
-    names = {p.name for p in passes}
+    names = {p.name for p in passes} | set(FORWARD_PASSES)
     if enabled is not None:
         enabled = set(enabled)
         unknown = enabled - names
