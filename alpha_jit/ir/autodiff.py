@@ -70,8 +70,10 @@ def backward(loss: Tensor) -> None:
     trace.snapshot("after trace (forward)")
     if not ctx.grads_taken:  # forward rewrites, so autodiff differentiates the merged graph
         from alpha_jit.ir.passes.gemm_merge import PASS_NAME, merge_sibling_gemms
+        from alpha_jit.ir.passes.manager import pass_errors
 
-        summary = merge_sibling_gemms(ctx, ctx.pass_enabled)
+        with pass_errors(PASS_NAME):
+            summary = merge_sibling_gemms(ctx, ctx.pass_enabled)
         if summary != "off":
             trace.snapshot(f"pass {PASS_NAME} (forward): {summary}")
     ctx.grads_taken += 1

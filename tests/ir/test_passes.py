@@ -47,3 +47,15 @@ def test_results_do_not_depend_on_passes(monkeypatch):
     without = float(aj.compile(f)(x))
     assert with_all == pytest.approx(without, rel=1e-6)
     assert with_all == pytest.approx(float((x * 4).sum()), rel=1e-5)
+
+
+def test_a_failing_pass_names_itself_and_the_escape_hatch(monkeypatch):
+    from alpha_jit.errors import InternalCompilerError
+    from alpha_jit.ir.passes import manager
+
+    def broken(graph):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(manager, "_PASSES", [manager.Pass("cse", broken, "broken")])
+    with pytest.raises(InternalCompilerError, match="(?s)pass cse.*ALPHA_JIT_DISABLE_PASSES=cse"):
+        _traced(monkeypatch)

@@ -117,7 +117,10 @@ def test_bf16_linear_writes_its_cast_in_the_store(monkeypatch):
     got, ref, plan_on, _ = _both(make, (x, w, b), monkeypatch)
     assert got[0].dtype == ref[0].dtype
     np.testing.assert_array_equal(got[0].astype(np.float32), ref[0].astype(np.float32))
-    to_bf16 = (lambda a: (a.astype(np.float32).view(np.uint32) + 0x8000) & 0xFFFF0000)
+
+    def to_bf16(a):  # round to nearest (ties away; random data has no ties)
+        return (a.astype(np.float32).view(np.uint32) + 0x8000) & 0xFFFF0000
+
     xb, wb = (to_bf16(a).view(np.float32) for a in (x, w))
     want = gelu(xb.astype(np.float64) @ wb.T.astype(np.float64) + b)
     np.testing.assert_allclose(got[0].astype(np.float32), want, rtol=1e-2, atol=1e-2)

@@ -184,3 +184,22 @@ def test_reductions_over_adjacent_axes_are_one_kernel(op):
     fams, plan = _families(f, [x])
     # (0, 1) and (1, 2) merge into one reduction each; (0, 2) is not adjacent: two
     assert fams.count("reduction") == 4
+
+
+def test_sum_squares_reads_transposed_and_partitioned_tensors_in_place():
+    x = np.random.default_rng(8).standard_normal((6, 10)).astype(np.float32)
+
+    @aj.compile
+    def f(x):
+        y = x * 2.0 + 1.0
+        parts = [y[:, :4], y[:, 4:7], y[:, 7:]]  # columns: each strided, together all of y
+        z = (x - 1.0).T  # transposed: dense in another order
+        w = y[:2, :3]  # a strided part that covers nothing whole: copied
+        return trace.apply("sum_squares", [*parts, z, w])
+
+    y = x.astype(np.float64) * 2 + 1
+    want = (y ** 2).sum() + ((x - 1.0) ** 2).sum() + (y[:2, :3] ** 2).sum()
+    assert float(f(x)) == pytest.approx(want, rel=1e-5)
+    fams, plan = _families(f, [x])
+    copies = [k for k in plan.lowered.kernels if k.spec.name.endswith("copy_view")]
+    assert len(copies) == 1  # only w's

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from alpha_jit.errors import AlphaJitError
@@ -50,6 +51,25 @@ def available() -> list[Pass]:
     return sorted(_PASSES, key=lambda p: order.index(p.name) if p.name in order else 99)
 
 
+@contextmanager
+def pass_errors(name: str) -> Iterator[None]:
+    """A pass that fails (or leaves a broken graph) says which pass, and how to skip it."""
+    from alpha_jit.errors import InternalCompilerError
+
+    try:
+        yield
+    except InternalCompilerError as e:
+        raise InternalCompilerError(
+            f"pass {name}", f"{e}\n  ALPHA_JIT_DISABLE_PASSES={name} skips this pass",
+            e.where) from e
+    except AlphaJitError:
+        raise
+    except Exception as e:
+        raise InternalCompilerError(
+            f"pass {name}", f"{type(e).__name__}: {e}\n  ALPHA_JIT_DISABLE_PASSES={name} "
+            "skips this pass") from e
+
+
 def run_passes(graph: Graph, enabled: Iterable[str] | None = None
                ) -> tuple[Graph, list[tuple[str, str, Graph]]]:
     """Run the enabled passes; returns the final graph and (name, summary, graph) per pass."""
@@ -69,8 +89,9 @@ def run_passes(graph: Graph, enabled: Iterable[str] | None = None
     for p in passes:
         if p.name in disabled or (enabled is not None and p.name not in enabled):
             continue
-        graph, summary = p.fn(graph)
-        verify(graph, f"pass {p.name}")
+        with pass_errors(p.name):
+            graph, summary = p.fn(graph)
+            verify(graph, f"pass {p.name}")
         log.info("pass %s: %s", p.name, summary)
         history.append((p.name, summary, graph.copy()))
     return graph, history
