@@ -83,6 +83,7 @@ class TracedStep:
     grad_updates: list[tuple[Any, Any]] = field(default_factory=list)
     # parameter -> whether it had a kept gradient when traced (the graph reads it if so)
     grad_guard: list[tuple[Any, bool]] = field(default_factory=list)
+    memory_budget: int | None = None  # compile(memory_budget=...): bytes the plan may use
 
     def state_names(self) -> dict[int, str]:
         """State key -> the parameter's (or moment's, gradient's) name."""
@@ -192,15 +193,21 @@ class CompiledFunction:
 
     def __init__(self, fn: Callable, precision: str = "f32", passes: list[str] | None = None,
                  loss_scale: dict | None = None, cache_size: int | None = DEFAULT_CACHE_SIZE,
-                 max_recompiles: int | None = None):
+                 max_recompiles: int | None = None, memory_budget: int | None = None):
         if precision not in PRECISIONS:
             raise AlphaJitError(f"precision {precision!r} is not supported; "
                                 f"choose one of {PRECISIONS}")
         for name, n in (("cache_size", cache_size), ("max_recompiles", max_recompiles)):
             if n is not None and (not isinstance(n, int) or n < 1):
                 raise AlphaJitError(f"{name} must be a positive int or None, got {n!r}")
+        if memory_budget is not None and (not isinstance(memory_budget, int)
+                                          or isinstance(memory_budget, bool)
+                                          or memory_budget < 1):
+            raise AlphaJitError(f"memory_budget must be a positive number of bytes or None, "
+                                f"got {memory_budget!r}")
         functools.update_wrapper(self, fn)
         self.fn, self.precision, self.passes = fn, precision, passes
+        self.memory_budget = memory_budget
         self.cache_size, self.max_recompiles = cache_size, max_recompiles
         self.loss_scaler = None
         if precision == "f16":  # f16 gradients need dynamic loss scaling (bf16's range does not)
@@ -224,6 +231,7 @@ class CompiledFunction:
             traced.graph, traced.pass_history = run_passes(traced.graph, self.passes)
         for p, holder in traced.grad_updates:
             p._grad_holder = holder
+        traced.memory_budget = self.memory_budget
         self.traces += 1
         self.last_traced = traced
         return traced
@@ -272,7 +280,8 @@ class CompiledFunction:
         from alpha_jit.runtime.step_plan import plan_step
 
         with internal_errors("planning the step", "{}:{} in {}".format(*trace.user_frame())):
-            plan = plan_step(traced.graph, _PLAN_ONLY, traced.state_names())
+            plan = plan_step(traced.graph, _PLAN_ONLY, traced.state_names(),
+                             memory_budget=traced.memory_budget)
         if _BUILD_HOOK is not None:
             _BUILD_HOOK(traced, plan, None)
         raise AlphaJitError("a plan-only build has no step to run (the build hook must stop "
@@ -379,7 +388,7 @@ def _why(cache: dict, sig: tuple) -> str:
 def compile(fn: Callable | None = None, *, precision: str = "f32",  # noqa: A001
             passes: list[str] | None = None, loss_scale: dict | None = None,
             cache_size: int | None = DEFAULT_CACHE_SIZE,
-            max_recompiles: int | None = None) -> Any:
+            max_recompiles: int | None = None, memory_budget: int | None = None) -> Any:
     """Decorator: `@alpha_jit.compile` or `@alpha_jit.compile(precision="bf16")`.
 
     precision: "f32", "bf16" (GEMM inputs in bf16, f32 accumulation and master weights) or
@@ -389,9 +398,13 @@ def compile(fn: Callable | None = None, *, precision: str = "f32",  # noqa: A001
     its device memory freed; a signature seen again retraces); None keeps every one.
     max_recompiles: None warns once (RecompileWarning) when the function is traced more than
     8 times, naming the argument that keeps changing; N raises RecompileError instead of
-    tracing an (N+1)-th time (the first trace counts)."""
+    tracing an (N+1)-th time (the first trace counts).
+    memory_budget: bytes of device memory the step may plan; over it, LayerNorm/RMSNorm and
+    GELU outputs are recomputed in backward instead of kept, and a step still over budget
+    raises MemoryPlanError before anything is built."""
     def make(f: Callable) -> CompiledFunction:
-        return CompiledFunction(f, precision, passes, loss_scale, cache_size, max_recompiles)
+        return CompiledFunction(f, precision, passes, loss_scale, cache_size, max_recompiles,
+                                memory_budget)
 
     return make if fn is None else make(fn)
 

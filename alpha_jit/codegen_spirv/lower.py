@@ -578,9 +578,9 @@ class _Lowerer:
                 unit[n] = ("n", n)
         q = nx.DiGraph()
         first = {}
-        for n in order:
+        for i, n in enumerate(order):
             q.add_node(unit[n])
-            first.setdefault(unit[n], n)
+            first.setdefault(unit[n], i)  # units run in the order of their first node
         for u, v in g.g.edges():
             if unit[u] != unit[v]:
                 q.add_edge(unit[u], unit[v])

@@ -107,8 +107,48 @@ class Graph:
         return sorted({v for _, v in self.g.out_edges(n)})
 
     def topo(self) -> list[int]:
-        """Deterministic topological order (ties broken by node id = creation order)."""
-        return list(nx.lexicographical_topological_sort(self.g))
+        """Deterministic topological order (ties broken by node id = creation order), except
+        that a node a pass created to serve later readers (recompute) comes right before its
+        first reader rather than last."""
+        late = {n for n, d in self.g.nodes(data=True) if d["prov"].created_by == "recompute"}
+        if not late:
+            return list(nx.lexicographical_topological_sort(self.g))
+        # the others in their usual order; each late node just before its first reader (its
+        # inputs come earlier anyway: they precede that reader)
+        h = nx.DiGraph(self.g.subgraph(set(self.g) - late))
+        for n in late:  # keep what flows through a late node ordered: its inputs first
+            ins, outs = self._around(n, late, up=True), self._around(n, late, up=False)
+            h.add_edges_from((a, c) for a in ins for c in outs)
+        base = nx.lexicographical_topological_sort(h)
+        key: dict[int, tuple[int, int]] = {n: (i, 0) for i, n in enumerate(base)}
+        from alpha_jit.ir.ops import registry
+
+        def view(u: int) -> bool:
+            return registry.get(self.op(u)).lowering == "view"
+
+        def first_use(n: int) -> tuple[int, int]:  # a view is read where its readers are
+            keys = [first_use(u) if view(u) else key[u] for u in self.users(n)]
+            return min(keys, default=(len(key), 0))
+
+        for n in reversed(list(nx.lexicographical_topological_sort(self.g))):
+            if n in late:
+                first = first_use(n)
+                key[n] = (first[0], first[1] - 1)
+        # by those keys, each node still after its arguments (a base view may sit before its
+        # late source)
+        return list(nx.lexicographical_topological_sort(self.g, key=key.__getitem__))
+
+    def _around(self, n: int, late: set[int], up: bool) -> set[int]:
+        """The nearest nodes outside `late` above (inputs) or below (readers) node n."""
+        out, stack = set(), [n]
+        while stack:
+            u = stack.pop()
+            for v in (self.args(u) if up else self.users(u)):
+                if v in late:
+                    stack.append(v)
+                else:
+                    out.add(v)
+        return out
 
     def roots(self) -> list[int]:
         """Nodes whose values leave the step: returned outputs and state writes."""

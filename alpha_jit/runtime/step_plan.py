@@ -13,6 +13,7 @@ maxStorageBufferRange) is known here, before any pipeline is compiled.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,8 @@ from alpha_jit.ir.graph import Graph
 from alpha_jit.runtime.caps import Capabilities
 from alpha_jit.runtime.plan import MemoryPlan, plan_barriers, plan_memory
 from alpha_jit.schedule import horizontal
+
+log = logging.getLogger("alpha_jit.plan")
 
 _ALIGN = 256  # every region starts on this (descriptor offsets on any driver)
 _STAGE_ALIGN = 16  # inputs and outputs in the staging/readback regions
@@ -88,6 +91,7 @@ class StepPlan:
     out_offsets: list[int]  # byte offset of each output in the readback region
     out_bytes: int
     problems: list[str] = field(default_factory=list)  # why it cannot run on caps, if so
+    recompute: str = ""  # what memory_budget made the plan recompute in backward, if anything
 
     @property
     def peak_bytes(self) -> int:
@@ -113,7 +117,7 @@ class StepPlan:
                 "max_allocation_bytes": self.caps.max_memory_allocation_size,
                 "max_binding_bytes": self.caps.max_storage_buffer_range,
                 "barriers": sum(self.barriers), "fits": not self.problems,
-                "problems": list(self.problems)}
+                "problems": list(self.problems), "recompute": self.recompute}
 
 
 def _gib(n: int) -> str:
@@ -137,9 +141,31 @@ def barrier_policy() -> str:
 
 
 def plan_step(graph: Graph, caps: Capabilities, state_names: dict[object, str] | None = None,
-              progress: bool = True) -> StepPlan:
+              progress: bool = True, memory_budget: int | None = None) -> StepPlan:
     """Lower, generate and plan `graph` for a device described by `caps` (no device needed).
-    `state_names`: state key -> the parameter's name, for the allocation list."""
+    `state_names`: state key -> the parameter's name, for the allocation list.
+    `memory_budget` (bytes): over it, norms and GELU are recomputed in backward
+    (`ir/passes/recompute.py`) and the step planned again; still over, the plan has a problem
+    (`check_fits` raises)."""
+    plan = _plan(graph, caps, state_names, progress)
+    if memory_budget is None or plan.peak_bytes <= memory_budget:
+        return plan
+    from alpha_jit.ir.passes.recompute import PASS_NAME, recompute_in_backward
+
+    rewritten, summary = recompute_in_backward(graph)
+    log.info("%s: planned peak %s over memory_budget %s: %s", PASS_NAME, _gib(plan.peak_bytes),
+             _gib(memory_budget), summary)
+    plan = _plan(rewritten, caps, state_names, progress)
+    plan.recompute = summary
+    if plan.peak_bytes > memory_budget:
+        plan.problems.append(f"the planned peak {_gib(plan.peak_bytes)} exceeds memory_budget "
+                             f"{_gib(memory_budget)} even with norm and GELU outputs "
+                             "recomputed in backward (a smaller batch fits less)")
+    return plan
+
+
+def _plan(graph: Graph, caps: Capabilities, state_names: dict[object, str] | None,
+          progress: bool) -> StepPlan:
     lowered = lower(graph, min(caps.max_storage_buffers_per_stage, 64), caps)
     if horizontal.enabled():  # one multi-tensor kernel per group of same-expression kernels
         horizontal.fuse_horizontally(lowered, min(caps.max_storage_buffers_per_stage, 512))
