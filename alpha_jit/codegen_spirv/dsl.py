@@ -270,6 +270,8 @@ class KernelBuilder:
         self.native_bf16 = bool(cap(caps, "bfloat16", False)) and self.storage16
         self.m = Module((1, 5), arith16=bool(cap(caps, "float16", True)))
         self.bindings: list[Binding] = []
+        # set before declaring buffers when the kernel may run in place (spec ("aliased", True))
+        self.aliased = False
         self.push_constant_size = 0
         self.shared_bytes = 0
         self._builtins: dict[str, int] = {}
@@ -466,10 +468,12 @@ class KernelBuilder:
         m.emit("OpDecorate", arr, "ArrayStride", _SIZE[storage])
         block = m.emit("OpTypeStruct", arr, dedupe=False)  # own struct: own NonWritable
         m.emit("OpMemberDecorate", block, 0, "Offset", 0)
-        if not writable:
+        if not writable and not self.aliased:
             m.emit("OpMemberDecorate", block, 0, "NonWritable")
         m.emit("OpDecorate", block, "Block")
         var = m.emit("OpVariable", self.ptr_type("StorageBuffer", block), "StorageBuffer")
+        if self.aliased:  # an in-place kernel: its input and output may be the same memory
+            m.emit("OpDecorate", var, "Aliased")
         m.emit("OpDecorate", var, "DescriptorSet", 0)
         m.emit("OpDecorate", var, "Binding", len(self.bindings))
         m.emit("OpName", var, name)

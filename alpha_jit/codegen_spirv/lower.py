@@ -395,6 +395,8 @@ class _Lowerer:
             deps.append(d)
         outs = [(o, deps[j]) for o, (_, j) in zip(r.outs, r.outputs, strict=True)]
         pairs = self.inplace_pairs(r.shape, entries, outs)
+        if pairs:
+            params += (("aliased", True),)
         self._emit("elementwise", r.name, params, list(r.reads), list(r.outs), list(r.members),
                    r.members[-1], inplace=pairs)
 

@@ -40,6 +40,15 @@ def _source(lw: _Lowerer, u: int) -> int:
     return u
 
 
+def _computed(lw: _Lowerer, u: int) -> bool:
+    """Whether u's value exists at this point of the emitted kernel list (a leaf, a constant,
+    or written by a kernel already emitted); checked on the graph, before any view of an
+    operand is made (making one may emit a copy)."""
+    g = lw.g
+    return lw._cls(u) in ("input", "constant") or g.op(u) in ("full", "iota") \
+        or u in lw.written
+
+
 def pairs(lw: _Lowerer, order: list[int], taken: set[int]) -> dict[int, int]:
     """reduction -> GEMM and GEMM -> reduction for the candidate pairs (GEMMs in an epilogue,
     `taken`, and batched GEMMs are left alone)."""
@@ -97,10 +106,12 @@ def emit_early(lw: _Lowerer, r: int) -> bool:
     m = lw.colsums.get(r)
     if m is None or m in lw.done:
         return False
-    params, reads = lw.matmul_params(m)
-    ready = all(b in lw.written or lw.out.buffers[b].kind != "temp" for b in reads)
+    if not all(_computed(lw, _source(lw, a)) for a in lw.g.args(m)):
+        lw.colsums.pop(m, None)  # its operands come later: each is emitted on its own
+        return False
+    params, reads = lw.matmul_params(m)  # safe now: any copy it makes reads computed values
     rp, r_reads = lw.reduction_params(r)
-    if not ready or not _matches(dict(rp), dict(params), r_reads[0], reads):
+    if not _matches(dict(rp), dict(params), r_reads[0], reads):
         lw.colsums.pop(m, None)  # not this pair: each is emitted on its own
         return False
     _emit(lw, m, params, reads, r)

@@ -144,8 +144,12 @@ def emit(lw: _Lowerer, ep: Epilogue) -> bool:
     inputs = [(dt, regroup(region.shape, strides, host.grid), off)
               for dt, strides, off, *_ in region.inputs]
     why = None
+    iotas = {a[1] for _op, _dt, _at, args in region.exprs for a in args
+             if a[0] == "iota" and a[1] >= 0}
     if any(st is None for _, st, _ in inputs):
         why = "an input of the group has no strided form at the kernel's element"
+    elif iotas and tuple(region.shape) != tuple(host.grid):
+        why = "the group indexes its own axes (iota), which are not the kernel's"
     elif len(host.reads) + len(inputs) + len(region.outs) + host.acc_buffer > lw.max_bindings:
         why = "the bindings would exceed the device's limit"
     if why is not None:
@@ -156,7 +160,9 @@ def emit(lw: _Lowerer, ep: Epilogue) -> bool:
             ("out_dtype", lw.g.dtype(n).name),)
         lw._emit(host.family, host.name, plain, list(host.reads), [n], [n], n)
         return False
-    params = host.params + (("epilogue", (tuple(inputs), region.exprs, region.outputs)),)
+    # the group reads the host's value as the graph stores it: rounded if 16-bit
+    params = host.params + (("epilogue", (tuple(inputs), region.exprs, region.outputs)),
+                            ("acc_dtype", lw.g.dtype(n).name))
     writes = list(region.outs)
     if host.acc_buffer:  # the f32 sums live in the host node's own buffer
         params += (("acc_buffer", True),)

@@ -128,6 +128,8 @@ def _merge(members: list[LoweredKernel]) -> LoweredKernel:
         for b in set(k.reads):
             count[b] = count.get(b, 0) + 1
     pairs = tuple(pr for k in members for pr in k.inplace if count[pr[0]] == 1)
+    if pairs:
+        params += (("aliased", True),)
     return LoweredKernel(KernelSpec("elementwise_multi", name, params), reads, writes,
                          [n for k in members for n in k.nodes], members[-1].prov,
                          inplace=pairs)

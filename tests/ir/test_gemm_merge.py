@@ -113,3 +113,27 @@ def test_left_alone_when_inputs_differ_or_one_feeds_the_other():
     want = (a, x @ w2.numpy().T, z @ w1.numpy().T, np.ones((7, C)).T @ x)
     for g_, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g_, w, rtol=1e-5, atol=1e-5)
+
+
+def test_left_alone_when_a_bias_depends_on_a_sibling():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    w1, w2 = (nn.Parameter(rng.standard_normal((5, 8)).astype(np.float32)) for _ in range(2))
+    b2 = nn.Parameter(rng.standard_normal((5,)).astype(np.float32))
+
+    @aj.compile
+    def f(x):
+        y2 = x @ w2.T + b2
+        y1 = x @ w1.T + y2.sum(0)  # its bias is computed from the sibling's result
+        loss = (y1 * y1).sum()
+        loss.backward()
+        grad = w1.grad
+        w1.grad = w2.grad = b2.grad = None
+        return loss, grad
+
+    loss, grad = (v.numpy() for v in f(x))
+    xd = x.astype(np.float64)
+    y2 = xd @ w2.numpy().T + b2.numpy()
+    y1 = xd @ w1.numpy().T + y2.sum(0)
+    assert float(loss) == pytest.approx((y1 * y1).sum(), rel=1e-5)
+    np.testing.assert_allclose(grad, 2 * y1.T @ xd, rtol=1e-4, atol=1e-3)

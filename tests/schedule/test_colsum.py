@@ -79,3 +79,22 @@ def test_not_fused_when_no_gemm_reads_the_summed_value():
         np.testing.assert_allclose(a, want, rtol=1e-4, atol=1e-4)
     plan = plan_step(f.trace(x, w).graph, get_device().caps, progress=False)
     assert not _colsum_kernels(plan)
+
+
+def test_gemm_whose_operand_is_not_computed_yet_is_not_pulled_forward():
+    """The bias-like sum comes first; the GEMM's left operand (a copy: no strided form) is
+    computed later. The GEMM must not run at the sum's place."""
+    rng = np.random.default_rng(0)
+    dy = rng.standard_normal((8, 5)).astype(np.float32)
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+
+    @aj.compile
+    def f(dy, x):
+        r = dy.sum(0)
+        z = x * x.sum()
+        return r, z.T.reshape(3, 8) @ dy
+
+    r, m = (v.numpy() for v in f(dy, x))
+    z = x.astype(np.float64) * x.sum()
+    np.testing.assert_allclose(r, dy.sum(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(m, z.T.reshape(3, 8) @ dy, rtol=1e-5, atol=1e-4)

@@ -190,3 +190,31 @@ def test_norm_gradient_takes_the_residual_add(monkeypatch):
     assert len(on) == 1 and "epilogue" in dict(on[0].spec.params)
     off = [k for k in plan_off.lowered.kernels if k.spec.family == "norm_dx"]
     assert len(off) == 1 and "epilogue" not in dict(off[0].spec.params)
+
+
+def test_an_epilogue_using_its_own_indices_stays_correct():
+    """A group indexing its own axes (iota: masks, one-hot) after a GEMM: the epilogue's
+    indices are the GEMM's, so it must not run there unless they coincide."""
+    x, w = _rand(6, 8), _rand(5, 8)
+
+    @aj.compile
+    def f(x, w):
+        y = x @ w.T
+        return y + aj.iota((6, 5), 0).astype("f32") * 100.0 + \
+            aj.iota((6, 5), 1).astype("f32") * 1000.0
+
+    want = x.astype(np.float64) @ w.T + np.arange(6)[:, None] * 100.0 + \
+        np.arange(5)[None, :] * 1000.0
+    np.testing.assert_allclose(f(x, w).numpy(), want, rtol=1e-5, atol=1e-3)
+
+
+def test_a_16_bit_gemm_result_is_rounded_before_its_epilogue():
+    x, w = _rand(8, 16), _rand(12, 16)
+
+    @aj.compile
+    def f(x, w):
+        y = x.astype("bf16") @ w.astype("bf16").T  # no autocast: the result itself is bf16
+        return y.astype("f32") * 1.0
+
+    got = f(x, w).numpy()
+    assert not (got.view(np.uint32) & 0xFFFF).any()  # every value a bf16 value, as stored

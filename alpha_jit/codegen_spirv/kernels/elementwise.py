@@ -11,6 +11,8 @@ Spec (family "elementwise"), params as (key, value) pairs:
     ("exprs", ((op, dtype, attrs, args), ...))   args: ("in", i) | ("e", j) | ("const", v, dtype)
                                                         | ("iota", axis)  (index along axis, i32)
     ("outputs", ((dtype, expr_index), ...))     each contiguous over the shape
+    optional ("aliased", True): an input and an output may share memory (in-place), so every
+    binding is decorated Aliased
 Buffers bind inputs first, then outputs. Floats compute in f32, i32 in i32; "bool" tensors are
 stored as i32 0/1. Push constants (count, base) split huge tensors over several dispatches.
 """
@@ -188,6 +190,8 @@ class EpilogueStore:
             self.out_bufs = [kb.buffer(f"ep_out{i}", storage_dtype(dt), writable=True)
                              for i, (dt, _) in enumerate(ep[2])]
             self.em = ScalarEmitter(kb)
+        # the host node's own dtype: a 16-bit result is rounded before the epilogue reads it
+        self.acc_dtype = p.get("acc_dtype", "f32")
 
     def finish(self, axes: Sequence[Value], idx: Value, v: Value) -> None:
         """The element at `axes` of the grid (linear index idx) is complete with value v."""
@@ -198,7 +202,8 @@ class EpilogueStore:
         inputs, exprs, outputs, rule = self.epilogue
         known = {d: kb.cast(a, "i32") for d, a in enumerate(axes)}
         emit_region(kb, self.em, Indexer(kb, idx, self.grid, known), inputs, self.in_bufs,
-                    exprs, outputs, self.out_bufs, rule, "epilogue", acc=v)
+                    exprs, outputs, self.out_bufs, rule, "epilogue",
+                    acc=round_to(kb, v, self.acc_dtype))
 
 
 def _need_rule(scalar_rule: ScalarRule | None) -> ScalarRule:
@@ -218,6 +223,7 @@ def generate_elementwise(spec: KernelSpec, caps: object = None,
     n = math.prod(shape)
     local = local_size_for(caps)
     kb = KernelBuilder(spec.name, local, caps)
+    kb.aliased = bool(p.get("aliased"))
     in_bufs = [kb.buffer(f"in{i}", storage_dtype(dt), writable=False)
                for i, (dt, *_) in enumerate(inputs)]
     out_bufs = [kb.buffer(f"out{k}", storage_dtype(dt), writable=True)
@@ -248,6 +254,7 @@ def generate_elementwise_multi(spec: KernelSpec, caps: object = None,
     exprs, outputs, segments = p["exprs"], p["outputs"], p["segments"]
     local = local_size_for(caps)
     kb = KernelBuilder(spec.name, local, caps)
+    kb.aliased = bool(p.get("aliased"))
     bufs = [kb.buffer(f"b{i}", storage_dtype(dt), writable=w)
             for i, (dt, w) in enumerate(p["bindings"])]
     pc = kb.push_constants([("count", "u32"), ("base", "u32")])

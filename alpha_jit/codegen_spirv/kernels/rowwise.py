@@ -285,6 +285,7 @@ def generate_ce_bwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
         raise ValueError(f"{spec.name}: {rows}x{classes} logits exceed the u32 index range")
     local = local_size_for(caps)
     kb = KernelBuilder(spec.name, local, caps)
+    kb.aliased = bool(dict(spec.params).get("aliased"))  # dz may take z's memory
     z = kb.buffer("z", storage_dtype(p["z"][0]), writable=False)
     y = kb.buffer("y", "i32", writable=False)
     rr = kb.buffer("r", "f32", writable=False)
@@ -436,6 +437,8 @@ def _lower_ce_grad(lw: _Lowerer, n: int) -> None:
     # one thread per element of dz reads only the same element of z: dz may take z's memory
     pairs = lw.inplace_pairs((rows, classes), [(zb, (classes, 1), zd[1]), (yb, None, 0),
                                                (rb, None, 0), (gb, None, 0)], [(n, {0})])
+    if pairs:
+        params += (("aliased", True),)
     lw._emit("ce_bwd", f"cross_entropy_grad_{classes}", params, [zb, yb, rb, gb], [n], [n], n,
              inplace=pairs)
 

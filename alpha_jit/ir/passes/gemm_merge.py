@@ -114,6 +114,8 @@ def _merge(ctx: Any, ms: list[int], roots: set[int]) -> None:
     depth = 1
     while all(len(c) > depth for c in chains) and _compatible(g, chains, depth):
         depth += 1
+    if _entangled(g, chains, depth):
+        return
     widths = [g.shape(m)[-1] for m in ms]
     first = ms[0]
     a = g.args(first)[0]
@@ -138,6 +140,20 @@ def _merge(ctx: Any, ms: list[int], roots: set[int]) -> None:
         stops = tuple([*shape[:-1], at + w])
         g.rewire(last, "slice", [t.node], {"starts": starts, "stops": stops})
         at += w
+
+
+def _entangled(g: Graph, chains: list[list[tuple[str, int]]], depth: int) -> bool:
+    """Whether a member's other operands (weight, bias) depend on another member's merged
+    chain: the merged chain would then read its own result."""
+    import networkx as nx
+
+    nodes = [{n for _, n in c[:depth]} for c in chains]
+    for i, c in enumerate(chains):
+        extra = [g.args(c[0][1])[1]] + [g.args(n)[1] for kind, n in c[:depth] if kind == "bias"]
+        anc = set().union(*(nx.ancestors(g.g, e) | {e} for e in extra))
+        if any(anc & other for j, other in enumerate(nodes) if j != i):
+            return True
+    return False
 
 
 def _independent(g: Graph, ms: list[int]) -> list[int]:
