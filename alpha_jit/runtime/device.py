@@ -53,6 +53,7 @@ class Device:
                                       "memory_blocks": 0, "uploads": 0, "downloads": 0}
         self.handle: Any = None
         self._lock = threading.RLock()  # submit/wait/frees from several threads stay ordered
+        self._submits: dict[int, tuple] = {}  # command buffer -> its reusable submit structs
         self._recordings: weakref.WeakSet[Recording] = weakref.WeakSet()
         self.last_submitted = 0  # the highest timeline value a successful submit will signal
         self._completed = 0
@@ -195,6 +196,7 @@ class Device:
             vk.call("vkEndCommandBuffer", cb)
             self.wait(self.submit_command_buffer(cb))
         finally:
+            self.forget_command_buffer(cb)
             arr = vk.new("VkCommandBuffer[1]", [cb])
             lib.vkFreeCommandBuffers(self.handle, self.command_pool, 1, arr)
 
@@ -223,10 +225,24 @@ class Device:
     def submit_command_buffer(self, command_buffer: Any) -> int:
         """Submit, signalling the timeline with the next value, and return that value.
         A failed submit raises VulkanError and leaves the counter where it was."""
-        mod = vk.load()
         with self._lock:
             value = self.last_submitted + 1
-            values = vk.new("uint64_t[1]", [value])
+            values, info = self._submit_info(command_buffer)
+            values[0] = value
+            self._queue_submit(info)
+            self.last_submitted = value  # only after the driver accepted it
+            self.stats["submits"] += 1
+            self._collect(self.completed_value(process=False))
+            return value
+
+    def _submit_info(self, command_buffer: Any) -> tuple[Any, Any]:
+        """The submit structs of a command buffer, built once and reused by every replay (the
+        signal value is written in place): building them per call was host time per step."""
+        key = int(vk.ffi().cast("uintptr_t", command_buffer))
+        cached = self._submits.get(key)
+        if cached is None:
+            mod = vk.load()
+            values = vk.new("uint64_t[1]", [0])
             timeline_info = vk.new("VkTimelineSemaphoreSubmitInfo*", {
                 "sType": mod.VK_STRUCTURE_TYPE_TIMELINE_SEMAPHORE_SUBMIT_INFO,
                 "signalSemaphoreValueCount": 1, "pSignalSemaphoreValues": values})
@@ -236,11 +252,13 @@ class Device:
                 "sType": mod.VK_STRUCTURE_TYPE_SUBMIT_INFO, "pNext": timeline_info,
                 "commandBufferCount": 1, "pCommandBuffers": cbs,
                 "signalSemaphoreCount": 1, "pSignalSemaphores": sems})
-            self._queue_submit(info)
-            self.last_submitted = value  # only after the driver accepted it
-            self.stats["submits"] += 1
-            self._collect(self.completed_value(process=False))
-            return value
+            # the structs point at each other: keep every one alive with the entry
+            cached = self._submits[key] = (values, info, timeline_info, cbs, sems)
+        return cached[0], cached[1]
+
+    def forget_command_buffer(self, command_buffer: Any) -> None:
+        """Drop the cached submit structs of a freed command buffer."""
+        self._submits.pop(int(vk.ffi().cast("uintptr_t", command_buffer)), None)
 
     def _queue_submit(self, info: Any) -> None:
         """The one vkQueueSubmit call (a seam for tests that simulate a failing driver)."""

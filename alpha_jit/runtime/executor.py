@@ -227,6 +227,7 @@ class Recording:
         self.wait()
         ffi = vk.ffi()
         lib = vk.lib()
+        self.device.forget_command_buffer(self.command_buffer)
         cbs = vk.new("VkCommandBuffer[1]", [self.command_buffer])
         lib.vkFreeCommandBuffers(self.device.handle, self.device.command_pool, 1, cbs)
         if self.descriptor_pool is not None:

@@ -208,6 +208,11 @@ class Executable:
             # checks read the caller's values: narrowing first would turn 2**32 + 1 into 1
             if i in self.traced.index_bounds:
                 lo, hi, op, where, also = self.traced.index_bounds[i]
+                if a.size and lo <= a.min() and a.max() < hi:
+                    bounds_ok = True  # the common case in two reductions, no masks
+                else:
+                    bounds_ok = False
+            if i in self.traced.index_bounds and not bounds_ok:
                 outside = (a < lo) | (a >= hi)
                 if also is not None:
                     outside &= a != also
@@ -223,7 +228,10 @@ class Executable:
                         f"argument {i} ({a.dtype}{list(a.shape)}) holds "
                         f"{int(a[outside].ravel()[0])}, which does not fit the device's "
                         f"{dt.name} (range [{info.min}, {info.max}])")
-            out.append(np.array(a, dtype=dt.np_storage, order="C"))
+            storage = np.dtype(dt.np_storage)
+            # staging copies it at once: only a conversion or a strided array needs a copy here
+            out.append(a if a.dtype == storage and a.flags.c_contiguous
+                       else np.array(a, dtype=storage, order="C"))
         return out
 
     def __call__(self, args: list[np.ndarray], recording: Any = None) -> list[DeviceValue]:
