@@ -139,24 +139,25 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, is_causal: bool = False
     forward and backward, no [T, T] tensor). q [B, H, T, hd], k and v [B, Hkv, T, hd] with H a
     multiple of Hkv (grouped-query attention). Under `precision="bf16"|"f16"` q, k, v are read
     in the low type and the result is f32, like a GEMM. `scale` defaults to 1/sqrt(hd)."""
-    import logging
     import math
 
     q, k, v = as_tensor(q), as_tensor(k), as_tensor(v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if dropout_p > 0.0:
-        # the fused kernels do not draw the counter-based dropout mask yet: the unfused path
-        # keeps dropout identical to the reference's
-        logging.getLogger("alpha_jit.attention").info(
-            "scaled_dot_product_attention: dropout_p=%s runs unfused (the fused kernels have "
-            "no dropout mask yet)", dropout_p)
-        return _attention_unfused(q, k, v, is_causal, scale, dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1), got "
+                         f"{dropout_p}")
     ctx = trace.current()
     attrs: dict = {"causal": bool(is_causal), "scale": scale}
     if ctx.autocast is not None:  # the precision policy, as for GEMMs: low operands, f32 out
         q, k, v = (t.astype(ctx.autocast) if t.dtype != ctx.autocast else t for t in (q, k, v))
         attrs["out_dtype"] = "f32"
-    return trace.apply("attention", [q, k, v], attrs)
+    extra = []
+    if dropout_p > 0.0:  # the kernels draw the mask nn.functional.dropout would draw unfused
+        from alpha_jit.nn.random import counter, default_generator, next_salt
+
+        attrs.update(dropout=float(dropout_p), seed=default_generator.seed, salt=next_salt())
+        extra = [counter()]
+    return trace.apply("attention", [q, k, v, *extra], attrs)
 
 
 def _attention_unfused(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,

@@ -39,11 +39,24 @@ def manual_seed(seed: int) -> None:
     default_generator.calls = 0
 
 
+def counter(generator: Generator | None = None) -> Tensor:
+    """The generator's per-call counter as an i32 scalar of the trace."""
+    gen = generator or default_generator
+    return Tensor(trace.current().hparam(gen, "counter", dtypes.int32), (), dtypes.int32)
+
+
+def next_salt() -> int:
+    """The salt of the next random draw in this trace: one per draw site, counting the
+    draws fused attention makes for its dropout, so the fused and unfused forms of a program
+    draw the same masks."""
+    g = trace.current().graph
+    return 1 + sum(1 for n in g.g.nodes if g.op(n) == "rand_uniform"
+                   or (g.op(n) == "attention" and g.attrs(n).get("dropout", 0.0) > 0))
+
+
 def uniform(shape: tuple, generator: Generator | None = None) -> Tensor:
     """f32 values in [0, 1) of `shape`, new on every call of the compiled step."""
     gen = generator or default_generator
-    ctx = trace.current()
-    ctr = Tensor(ctx.hparam(gen, "counter", dtypes.int32), (), dtypes.int32)
-    salt = sum(1 for n in ctx.graph.g.nodes if ctx.graph.op(n) == "rand_uniform")
-    return trace.apply("rand_uniform", [ctr, iota(tuple(shape), -1)],
-                       {"seed": gen.seed, "salt": salt + 1})
+    salt = next_salt()
+    return trace.apply("rand_uniform", [counter(gen), iota(tuple(shape), -1)],
+                       {"seed": gen.seed, "salt": salt})

@@ -9,7 +9,6 @@ H200's); and the GPT step's plan: no [.., T, T] buffer left, fewer kernels.
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from pathlib import Path
@@ -222,18 +221,54 @@ def test_shape_errors_name_op_shapes_and_line():
         f(q, np.ones((1, 2, 4, 8), np.float32))
 
 
-def test_dropout_runs_unfused_and_says_why(caplog):
-    q, k, v, _ = _inputs(1, 2, 2, 6, 4)
+@pytest.mark.parametrize("b,h,hkv,t,hd,causal", [(2, 2, 2, 13, 8, True), (1, 4, 2, 9, 4, False)])
+def test_dropout_in_the_fused_kernels_draws_the_unfused_mask(b, h, hkv, t, hd, causal):
+    """The fused op with dropout (forward and every gradient) against the unfused math with
+    nn.functional.dropout, compiled the same way: the same counter-based mask, so the same
+    values, and about p of the probabilities dropped."""
+    from alpha_jit import nn
 
-    @aj.compile
-    def f(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.5)
+    rng = np.random.default_rng(t)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in
+               ((b, h, t, hd), (b, hkv, t, hd), (b, hkv, t, hd)))
+    w = rng.standard_normal((b, h, t, hd)).astype(np.float32)
 
-    with caplog.at_level(logging.INFO, logger="alpha_jit.attention"):
-        got = f(q, k, v).numpy()
-    assert "runs unfused" in caplog.text
-    assert not f.last_traced.graph.nodes_with_op("attention")
-    assert np.isfinite(got).all()
+    from alpha_jit.nn.random import manual_seed as dropout_seed
+
+    def run(fused):
+        dropout_seed(11)  # the same seed and call counter: the same draws
+        ps = [nn.Parameter(a) for a in (q, k, v)]
+
+        @aj.compile
+        def f(w):
+            qq, kk, vv = ps
+            if fused:
+                o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal,
+                                                   dropout_p=0.3)
+            else:
+                if hkv != h:
+                    rep = h // hkv
+                    kk, vv = (z.reshape(b, hkv, 1, t, hd).broadcast_to((b, hkv, rep, t, hd))
+                              .reshape(b, h, t, hd) for z in (kk, vv))
+                o = F._attention_unfused(qq, kk, vv, causal, 1.0 / np.sqrt(hd), 0.3)
+            (o * w).sum().backward()
+            grads = [p.grad for p in ps]
+            for p in ps:
+                p.grad = None
+            return (o, *grads)
+
+        out = [x.numpy() for x in f(w)]
+        return out, f.last_traced.graph
+
+    got, g_fused = run(True)
+    want, g_plain = run(False)
+    assert g_fused.nodes_with_op("attention") and not g_plain.nodes_with_op("attention")
+    for a, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, r, rtol=2e-4, atol=2e-5)
+    # dropout happened: the no-dropout output differs
+    plain = aj.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v,
+                                                                      is_causal=causal))
+    assert np.abs(plain(q, k, v).numpy() - got[0]).max() > 1e-3
 
 
 def _gpt_plan(monkeypatch, fused: bool):

@@ -16,6 +16,7 @@ OPTIONS = {
     "base": {},
     "rmsnorm_swiglu_rope_gqa": dict(norm="rmsnorm", mlp="swiglu", pos="rope", n_kv_head=2),
     "mqa": dict(n_kv_head=1, pos="rope"),
+    "dropout_gqa": dict(dropout=0.2, n_kv_head=2),  # fused attention draws the mask
 }
 
 
@@ -31,7 +32,10 @@ def batch(rng, b=4, t=16, vocab=32):
 
 
 def one_step_parity(precision: str, options: dict, tol: float) -> None:
+    from alpha_jit.nn.random import manual_seed as dropout_seed
+
     nn.manual_seed(0)
+    dropout_seed(0)  # dropout draws do not depend on which tests ran before
     model = nn.GPT(nn.GPTConfig(**{**TINY, **options}))
     opt = nn.optim.AdamW(model.optim_groups(0.1), lr=1e-3)
 
@@ -73,7 +77,9 @@ def one_step_parity(precision: str, options: dict, tol: float) -> None:
 
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_gpt_step_matches_reference_f32(name):
-    one_step_parity("f32", OPTIONS[name], 1e-5)
+    # with dropout some weights get tiny gradients, whose AdamW update g/(|g|+eps) amplifies
+    # f32 round-off (the 1e-4 per-tensor tolerance the PyTorch parity tests use)
+    one_step_parity("f32", OPTIONS[name], 1e-4 if "dropout" in OPTIONS[name] else 1e-5)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "f16"])

@@ -16,6 +16,8 @@ Nothing depends on the subgroup size.
 Specs (families "attention_fwd", "attention_dq", "attention_dkdv"), params as (key, value):
     ("b", B), ("h", H), ("hkv", Hkv), ("t", T), ("hd", hd), ("causal", bool), ("scale", float),
     ("q" | "k" | "v" | "o" | "do", (dtype, offset, (sb, sh, st, sd))), ("lse", (...(sb, sh, st)))
+    optional ("dropout", p), ("seed", s), ("salt", n), ("ctr", offset): dropout with the
+    counter-based mask of `rand_uniform` (an i32 counter binding after the inputs)
     fwd:  ("out_dtype", dtype), ("outputs", subset of ("o", "lse"))   reads q, k, v
     dq:   reads q, k, v, o, lse, do; writes dq f32
     dkdv: ("outputs", subset of ("dk", "dv")); reads q, k, v, o, lse, do; writes f32
@@ -102,6 +104,23 @@ class _Ctx:
     blk0: Value  # first row of this workgroup
     head: Value  # query head (fwd, dq) or kv head (dk/dv)
     bi: Value
+    ctr: Value | None = None  # the dropout RNG's counter (None: no dropout)
+
+    def keep(self, head: Value, i: Value, j: Value) -> Value | None:
+        """Dropout's factor for query row i, key j of query head `head`: 1/(1-p) or 0, from
+        the hash `rand_uniform` applies to the unfused [B, H, T, T] element's linear index;
+        None without dropout."""
+        if self.ctr is None:
+            return None
+        from alpha_jit.ir.ops import registry
+
+        p, kb, t = self.p, self.kb, self.p["t"]
+        lin = ((self.bi * p["h"] + head) * t + i) * t + j
+        u = registry.scalar_rule("rand_uniform", ScalarEmitter(kb),
+                                 {"seed": p["seed"], "salt": p["salt"]},
+                                 [self.ctr, kb.cast(lin, "i32")])
+        return kb.select(u >= float(p["dropout"]), kb.f32(1.0 / (1.0 - p["dropout"])),
+                         kb.f32(0.0))
 
 
 def _prologue(spec: KernelSpec, caps: object, work: int, inputs: tuple[str, ...],
@@ -110,11 +129,14 @@ def _prologue(spec: KernelSpec, caps: object, work: int, inputs: tuple[str, ...]
     cfg = choose_config(p["t"], p["hd"], caps, work)
     kb = KernelBuilder(spec.name, cfg.rows, caps)
     ins = {n: _Operand(kb, n, p[n]) for n in inputs}
+    drop = None
+    if p.get("dropout", 0.0) > 0:  # the RNG counter binding, then the outputs
+        drop = kb.buffer("ctr", "i32", writable=False).load(kb.u32(int(p["ctr"])))
     outs = {n: kb.buffer(n, storage_dtype(dt), writable=True) for n, dt in outputs}
     pc = kb.push_constants([("base_x", "u32"), ("base_y", "u32"), ("base_z", "u32")])
     blk0 = (kb.workgroup_id(0) + pc["base_x"]) * cfg.rows
     ctx = _Ctx(kb, p, cfg, kb.local_index(), blk0, kb.workgroup_id(1) + pc["base_y"],
-               kb.workgroup_id(2) + pc["base_z"])
+               kb.workgroup_id(2) + pc["base_z"], drop)
     return ctx, ins, outs
 
 
@@ -226,6 +248,8 @@ def generate_attention_fwd(spec: KernelSpec, caps: object = None) -> KernelBinar
                          kb.exp(shift_var.get() - shift))
         ps = [kb.exp(sj - shift) for sj in s]
         l_var.set(reduce(lambda a, b: a + b, ps, l_var.get() * corr))
+        keeps = [c.keep(c.head, i, j0 + j) for j in range(blk)]
+        ps = [pj if kj is None else pj * kj for pj, kj in zip(ps, keeps, strict=True)]
         for d in range(hd):
             a = acc[d].get() * corr
             for j in range(blk):
@@ -291,7 +315,9 @@ def generate_attention_dq(spec: KernelSpec, caps: object = None) -> KernelBinary
         dss, oks = [], []
         for j in range(blk):
             pj = kb.exp(_dot(kb, qv, lambda d, j=j: k_sh.load(j * hd + d)) - lse)
-            ds = pj * (_dot(kb, dov, lambda d, j=j: v_sh.load(j * hd + d)) - dd)
+            dp = _dot(kb, dov, lambda d, j=j: v_sh.load(j * hd + d))
+            kj = c.keep(c.head, i, j0 + j)  # dropout scales dP as it scaled P forward
+            ds = pj * ((dp if kj is None else dp * kj) - dd)
             if masked:
                 oks.append(_allowed(c, j0 + j, i))
                 ds = kb.select(oks[-1], ds, 0.0)
@@ -350,7 +376,10 @@ def generate_attention_dkdv(spec: KernelSpec, caps: object = None) -> KernelBina
         terms = []
         for r in range(blk):
             pr = kb.exp(_dot(kb, kv, lambda d, r=r: q_sh.load(r * hd + d)) - lse_sh.load(r))
-            ds = pr * (_dot(kb, vv, lambda d, r=r: do_sh.load(r * hd + d)) - dd_sh.load(r))
+            dp = _dot(kb, vv, lambda d, r=r: do_sh.load(r * hd + d))
+            kr = c.keep(hh, i0 + r, j)  # dropout: dV takes the dropped P, dS the dropped dP
+            ds = pr * ((dp if kr is None else dp * kr) - dd_sh.load(r))
+            pr = pr if kr is None else pr * kr
             ok = None
             if masked:  # key j visible to query i0 + r (inside T, not in its future)
                 ii = i0 + r
@@ -417,11 +446,13 @@ def _siblings(lw, n: int, ops: tuple[str, ...]) -> dict[str, int]:
     not lowered yet; includes n."""
     g = lw.g
     done = lw.__dict__.setdefault("_attention_done", set())
-    key = (g.args(n), g.attrs(n)["causal"], g.attrs(n)["scale"])
+    def key(u: int) -> tuple:  # the dropout counter (a 4th/7th argument) is no difference
+        a = g.attrs(u)
+        return (tuple(g.args(u)[:3]), a["causal"], a["scale"])
+
     found: dict[str, int] = {}
     for u in [n, *g.users(g.args(n)[0])]:
-        if g.op(u) in ops and u not in done and g.op(u) not in found and \
-                (g.args(u), g.attrs(u)["causal"], g.attrs(u)["scale"]) == key:
+        if g.op(u) in ops and u not in done and g.op(u) not in found and key(u) == key(n):
             found[g.op(u)] = u
     done.update(found.values())
     return found
@@ -436,9 +467,17 @@ def _lower(lw, n: int, family: str, ops: tuple[str, ...], out_names: dict[str, s
     names = tuple(out_names[o] for o in ops if o in sib)
     params = list(_shape_params(g, n))
     reads = []
-    for name, a in zip(inputs, g.args(n), strict=True):
+    args = g.args(n)
+    for name, a in zip(inputs, args[:len(inputs)], strict=True):
         entry, base = _entry(lw, a, n)
         params.append((name, entry))
+        reads.append(base)
+    drop = next((g.attrs(u) for u in sib.values() if g.attrs(u).get("dropout", 0.0) > 0), None)
+    if drop is not None:  # the counter comes after the named inputs
+        ctr = next(a for u in sib.values() for a in g.args(u)[len(inputs):])
+        entry, base = _entry(lw, ctr, n)
+        params += [("dropout", float(drop["dropout"])), ("seed", int(drop["seed"])),
+                   ("salt", int(drop["salt"])), ("ctr", entry[1])]
         reads.append(base)
     if family == "attention_fwd":
         params.append(("out_dtype", g.dtype(sib["attention"]).name if "attention" in sib

@@ -10,6 +10,11 @@ Shapes: q [B, H, T, hd], k and v [B, Hkv, T, hd] with H a multiple of Hkv (group
 attention: query head h reads kv head h // (H // Hkv)). Attrs: `causal` (bool), `scale` (float),
 optional `out_dtype` (the precision policy's f32 result for bf16/f16 operands). Gradients are f32.
 
+Dropout (attrs `dropout` > 0, `seed`, `salt`, and a fourth argument: the RNG's i32 counter): the
+probabilities are scaled by 1/(1-p) where kept and zeroed where dropped, with the mask that
+`nn.functional.dropout` draws on the unfused [B, H, T, T] probabilities (`keep_scale`); the
+normaliser (lse) is the undropped one. The backward ops take the counter too.
+
 Semantics at masked positions: a masked key contributes exactly nothing (not 0 * v), so a NaN or
 inf in v (or k, q) at a position that a row may not see never reaches that row; the references
 below spell this out so the kernels and the interpreter agree on non-finite inputs.
@@ -47,8 +52,20 @@ def _check_qkv(op: str, shapes: list[tuple], dts: list) -> tuple[int, int, int, 
     return b, h, hkv, t, hd
 
 
+def _check_dropout(op: str, shapes, dts, attrs, at: int) -> None:
+    """With attrs dropout > 0 the op takes one more argument: the RNG's i32 scalar counter."""
+    want = at + 1 if attrs.get("dropout", 0.0) > 0 else at
+    if len(shapes) != want:
+        raise ShapeError(op, f"takes {want} operands (dropout {attrs.get('dropout', 0.0)}), "
+                         f"got {len(shapes)}")
+    if want > at and (shapes[at] != () or dts[at] != dtypes.int32):
+        raise DTypeError(op, f"the dropout counter must be an i32 scalar, got "
+                         f"{dts[at]}{list(shapes[at])}")
+
+
 def _fwd_infer(shapes, dts, attrs):
     _check_qkv("attention", shapes, dts)
+    _check_dropout("attention", shapes, dts, attrs, 3)
     out = dtypes.dtype(attrs["out_dtype"]) if "out_dtype" in attrs else dts[0]
     return tuple(shapes[0]), out
 
@@ -62,6 +79,7 @@ def _bwd_infer(which: str):
     def infer(shapes, dts, attrs):
         op = f"attention_bwd_{which}"
         b, h, hkv, t, hd = _check_qkv(op, shapes, dts)
+        _check_dropout(op, shapes, dts, attrs, 6)
         o, lse, do = shapes[3:6]
         if o != (b, h, t, hd) or do != (b, h, t, hd) or lse != (b, h, t):
             raise ShapeError(op, f"needs o and do {[b, h, t, hd]} and lse {[b, h, t]}, got o "
@@ -107,9 +125,24 @@ def _probs(q, k, attrs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return p, lse[..., 0], allowed
 
 
+def keep_scale(shape: tuple, ctr: np.ndarray | None, attrs: dict) -> np.ndarray | float:
+    """Dropout on the probabilities [B, H, T, T]: 1/(1-p) where kept, 0 where dropped, drawn
+    as `nn.functional.dropout` draws it on the unfused scores (rand_uniform of the element's
+    linear index, with the op's seed and salt); 1.0 without dropout."""
+    p = attrs.get("dropout", 0.0)
+    if p <= 0:
+        return 1.0
+    from alpha_jit.ir.ops.random import _ref as uniform_ref
+
+    lin = np.arange(int(np.prod(shape)), dtype=np.int64).astype(np.int32).reshape(shape)
+    u = uniform_ref([np.asarray(ctr), lin], {"seed": attrs["seed"], "salt": attrs["salt"]})
+    return np.where(u >= np.float32(p), np.float32(1.0 / (1.0 - p)), np.float32(0.0))
+
+
 def _fwd_ref(a, attrs):
-    q, k, v = a
+    q, k, v = a[:3]
     p, _, allowed = _probs(q, k, attrs)
+    p = p * keep_scale(p.shape, a[3] if len(a) > 3 else None, attrs)
     with np.errstate(invalid="ignore", over="ignore"):
         return _masked_matmul(p, _expand_kv(v, q.shape[1]), allowed)
 
@@ -125,7 +158,7 @@ def _group_sum(x: np.ndarray, hkv: int) -> np.ndarray:
 
 def _bwd_ref(which: str):
     def ref(a, attrs):
-        q, k, v, o, lse, do = a
+        q, k, v, o, lse, do = a[:6]
         h, hkv, scale = q.shape[1], k.shape[1], attrs["scale"]
         t = q.shape[2]
         allowed = allowed_mask(t, attrs["causal"])
@@ -133,10 +166,12 @@ def _bwd_ref(which: str):
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             s = np.matmul(q, np.swapaxes(kk, -1, -2)) * scale
             p = np.where(allowed, np.exp(s - lse[..., None]), 0)
+            keep = keep_scale(p.shape, a[6] if len(a) > 6 else None, attrs)
             at = allowed.T
             if which == "dv":
-                return _group_sum(_masked_matmul(np.swapaxes(p, -1, -2), do, at), hkv)
-            dp = np.matmul(do, np.swapaxes(vv, -1, -2))  # masked entries are dropped below
+                return _group_sum(_masked_matmul(np.swapaxes(p * keep, -1, -2), do, at), hkv)
+            # masked entries are dropped below; dropout scales dP as it scaled P forward
+            dp = np.matmul(do, np.swapaxes(vv, -1, -2)) * keep
             dd = np.sum(do * o, axis=-1, keepdims=True)
             ds = np.where(allowed, p * (dp - dd), 0)
             if which == "dq":
@@ -150,17 +185,21 @@ def _plain_attrs(attrs: dict) -> dict:
     return {"causal": attrs["causal"], "scale": attrs["scale"]}
 
 
+_DROPOUT_KEYS = ("dropout", "seed", "salt")
+
+
 def _fwd_vjp(g, args, out, attrs):
     from alpha_jit.ir import trace
 
-    q, k, v = args
+    q, k, v = args[:3]
     plain = _plain_attrs(attrs)
     lse = trace.apply("attention_lse", [q, k, v], plain)
-    saved = [q, k, v, out, lse, g]
-    return [trace.apply(op, saved, plain) for op in BWD_OPS]
+    saved = [q, k, v, out, lse, g, *args[3:]]  # the dropout counter, if any
+    bwd = {**plain, **{key: attrs[key] for key in _DROPOUT_KEYS if key in attrs}}
+    return [trace.apply(op, saved, bwd) for op in BWD_OPS] + [None] * (len(args) - 3)
 
 
-register(OpDef("attention", "kernel", _fwd_infer, _fwd_ref, _fwd_vjp))
+register(OpDef("attention", "kernel", _fwd_infer, _fwd_ref, _fwd_vjp, nondiff_args=(3,)))
 # the log-sum-exp rows are saved for backward only: no gradient flows through them
 register(OpDef("attention_lse", "kernel", _lse_infer, _lse_ref, None))
 for _w in ("dq", "dk", "dv"):
