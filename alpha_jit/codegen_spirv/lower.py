@@ -10,7 +10,6 @@ writes, which the planner turns into a memory arena and barriers.
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,7 +22,7 @@ from alpha_jit.dtypes import DType
 from alpha_jit.errors import InternalCompilerError
 from alpha_jit.ir.graph import Graph, Provenance, freeze_attrs
 from alpha_jit.ir.ops import registry
-from alpha_jit.schedule import colsum, epilogue
+from alpha_jit.schedule import colsum, epilogue, prologue
 
 LEAVES = ("input", "state", "hparam")
 # lowering classes that become one kernel per graph node; "kernel" ops bring their own lowering
@@ -484,38 +483,6 @@ class _Lowerer:
         params += tuple((f"{x}_round", r) for x, r in (("a", a_rnd), ("b", b_rnd)) if r)
         return params, [va.base, vb.base]
 
-    def _absorbed_casts(self, order: list[int]) -> set[int]:
-        """Casts of f32 values to bf16 that only GEMMs of the same phase read (directly or
-        through views): the GEMM rounds its operand on load, so the cast gets no kernel and no
-        buffer.
-        `ALPHA_JIT_DISABLE_PASSES=gemm_prologue` keeps them as kernels."""
-        g = self.g
-        roots = set(g.roots())
-        if "gemm_prologue" in os.environ.get("ALPHA_JIT_DISABLE_PASSES", "").split(","):
-            return set()
-
-        def only_gemms(u: int, phase: str) -> bool:
-            if u in roots or not g.users(u):
-                return False
-            # a GEMM of another phase (an activation cast for forward, read again by the
-            # weight-gradient GEMM) would keep the f32 source alive instead of a bf16 copy
-            return all((g.op(v) == "matmul" and g.prov(v).phase == phase)
-                       or (self._cls(v) == "view" and only_gemms(v, phase))
-                       for v in g.users(u))
-
-        def only_reductions(u: int) -> bool:
-            if u in roots or not g.users(u):
-                return False
-            return all(self._cls(v) == "reduction"
-                       or (self._cls(v) == "view" and only_reductions(v)) for v in g.users(u))
-
-        def widening(n: int) -> bool:  # exact: the reduction reads the 16-bit source
-            return g.dtype(n).name == "f32" and g.dtype(g.args(n)[0]).name in ("bf16", "f16")
-
-        return {n for n in order if g.op(n) == "cast" and (
-            (g.dtype(n).name == "bf16" and g.dtype(g.args(n)[0]).name == "f32"
-             and only_gemms(n, g.prov(n).phase)) or (widening(n) and only_reductions(n)))}
-
     def _operand(self, a: int, n: int) -> tuple[View, DType, str | None]:
         """How matmul n reads operand a: (view, dtype of the data, rounding on load). An
         absorbed cast is read as its f32 source through the same views, rounded to bf16."""
@@ -546,7 +513,7 @@ class _Lowerer:
         g = self.g
         order = g.topo()
         self.position = {n: i for i, n in enumerate(order)}
-        self.absorbed = self._absorbed_casts(order)
+        self.absorbed = prologue.absorbed_casts(self, order)
         self.fuse(order)
         if epilogue.enabled():
             self.epilogues = epilogue.find(self, order)
