@@ -16,6 +16,8 @@ Values are identical (the same op on the same arguments).
 
 from __future__ import annotations
 
+import math
+
 from alpha_jit.ir.graph import Graph
 from alpha_jit.ir.ops import registry
 
@@ -60,12 +62,6 @@ def recompute_in_backward(graph: Graph) -> tuple[Graph, str]:
         copy = g.add(g.op(n), g.args(n), dict(g.attrs(n)), g.shape(n), g.dtype(n), prov)
         _serve_late(g, n, copy)
         done += 1
-        saved += int(g.dtype(n).itemsize * _numel(g.shape(n)))
+        saved += g.dtype(n).itemsize * math.prod(g.shape(n))
     return g, f"recomputed {done} norm/GELU outputs in backward ({saved / 2**30:.2f} GiB)"
 
-
-def _numel(shape: tuple) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
