@@ -1,0 +1,1 @@
+"""Feasibility probes: scripts that measure a technique before the compiler adopts it."""
