@@ -13,9 +13,10 @@ requires it), spirv-val'd for the device's target env.
 checks odd shapes against float64 numpy and times 4096^3. Measured on the H200 (driver
 580.159.04, 2026-11-23): rel. L2 <= 5e-6 on every shape; 4096^3 bf16 103 TFLOP/s (the SIMT
 GEMM: 8.3 bf16-out, ~30 f32-out; torch.matmul 700), f16 36 TFLOP/s (not understood yet).
-What the production variant still needs (see the issue 9 notes): the DSL's SPIR-V version and memory model as options, a typed
-cooperative-matrix handle instead of raw `emit`, `required_subgroup_size` plumbing, epilogue /
-colsum / rounding, 16-byte loads and double buffering.
+What the production variant still needs (see the issue 9 notes): the DSL's SPIR-V version and
+memory model as options, a typed cooperative-matrix handle instead of raw `emit`,
+`required_subgroup_size` plumbing, epilogue / colsum / rounding, 16-byte loads and double
+buffering.
 """
 
 from __future__ import annotations
