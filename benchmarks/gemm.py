@@ -80,6 +80,9 @@ class GemmCase:
     b: Operand
     out_dtype: str
     uses: tuple[str, ...]
+    # an f32 operand the step's kernel rounds on load (its graph cast it): "bf16", or None
+    a_round: str | None = None
+    b_round: str | None = None
 
     @property
     def params(self) -> tuple:
@@ -87,7 +90,9 @@ class GemmCase:
         a, b = self.a, self.b
         return (("batch", self.batch), ("m", self.m), ("n", self.n), ("k", self.k),
                 ("a", (a.dtype, a.offset, a.sb, a.s0, a.s1)),
-                ("b", (b.dtype, b.offset, b.sb, b.s0, b.s1)), ("out_dtype", self.out_dtype))
+                ("b", (b.dtype, b.offset, b.sb, b.s0, b.s1)), ("out_dtype", self.out_dtype)) \
+            + tuple((f"{x}_round", r) for x, r in (("a", self.a_round), ("b", self.b_round))
+                    if r)
 
     def spec(self) -> Any:
         from alpha_jit.codegen_spirv.kernel import KernelSpec
@@ -107,7 +112,7 @@ class GemmCase:
     def from_params(params: tuple, use: str) -> GemmCase:
         p = dict(params)
         return GemmCase(p["batch"], p["m"], p["n"], p["k"], Operand(*p["a"]), Operand(*p["b"]),
-                        p["out_dtype"], (use,))
+                        p["out_dtype"], (use,), p.get("a_round"), p.get("b_round"))
 
 
 def square(n: int, dtype: str) -> GemmCase:
@@ -255,6 +260,9 @@ def alpha_gemm(case: GemmCase, seed: int, target_ms: float, trials: int,
     [pipe] = dev.pipelines.begin_build().pipelines([binary])
     sa, va = operand_data(case.a.dtype, na, seed)
     sb, vb = operand_data(case.b.dtype, nb, seed + 7919)
+    # the reference multiplies what the kernel does: operands rounded on load, rounded
+    va, vb = (dtypes.bf16_to_f32(dtypes.f32_to_bf16(v)) if r == "bf16" else v
+              for v, r in ((va, case.a_round), (vb, case.b_round)))
     regions, recordings = [], []
     try:
         for arr in (sa, sb):
@@ -329,12 +337,14 @@ def torch_gemm(case: GemmCase, target_ms: float, trials: int) -> tuple[Timing, s
     tdt = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
     bt, m, n, k = case.batch, case.m, case.n, case.k
 
-    def operand(op: Operand, rows: int, cols: int) -> Any:
-        flat = torch.randn(op.elements(bt, rows, cols), device="cuda", dtype=tdt[op.dtype])
+    def operand(op: Operand, rows: int, cols: int, rounded: str | None) -> Any:
+        # an operand the kernel rounds on load is a bf16 operand to torch (what autocast has)
+        dt = tdt[rounded or op.dtype]
+        flat = torch.randn(op.elements(bt, rows, cols), device="cuda", dtype=dt)
         view = flat.as_strided((bt, rows, cols), (op.sb, op.s0, op.s1), op.offset)
         return view[0] if bt == 1 else view  # batch 1: a plain 2-D GEMM, as the step's are
 
-    a, b = operand(case.a, m, k), operand(case.b, k, n)
+    a, b = operand(case.a, m, k, case.a_round), operand(case.b, k, n, case.b_round)
     want = tdt[case.out_dtype]
     notes = []
     if want == a.dtype:
@@ -353,7 +363,8 @@ def torch_gemm(case: GemmCase, target_ms: float, trials: int) -> tuple[Timing, s
 
             def fn() -> Any:
                 return torch.matmul(a, b)
-    if case.a.dtype == "f32" and torch.get_float32_matmul_precision() != "highest":
+    if case.a.dtype == "f32" and not case.a_round \
+            and torch.get_float32_matmul_precision() != "highest":
         notes.append(f"torch f32 matmul precision is "
                      f"{torch.get_float32_matmul_precision()!r} (TF32)")
     wrote = fn().dtype

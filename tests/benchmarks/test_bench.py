@@ -316,3 +316,16 @@ def test_a_wrong_gemm_output_is_invalid_never_a_speed():
     assert row.alpha_ms is None and row.alpha_tflops is None and row.ratio is None
     assert row.check_rel_err > row.check_tol and "wrong" in row.why_empty["alpha_ms"]
     assert "INVALID [1]" in report.gemm_table([row])
+
+
+def test_gemm_case_keeps_the_steps_operand_rounding():
+    """A step GEMM that rounds an f32 operand on load is benchmarked as that kernel (the spec's
+    round flag kept) and checked against the rounded operand; torch gets a bf16 operand."""
+    from benchmarks.gemm import GemmCase, alpha_gemm
+
+    params = (("batch", 1), ("m", 33), ("n", 20), ("k", 70), ("a", ("f32", 0, 0, 70, 1)),
+              ("b", ("bf16", 0, 0, 20, 1)), ("out_dtype", "f32"), ("a_round", "bf16"))
+    case = GemmCase.from_params(params, "test")
+    assert case.params == params and case.spec().params == params
+    _, rel, _ = alpha_gemm(case, seed=3, target_ms=0.1, trials=1)
+    assert rel < 1e-5  # against float64 of the bf16-rounded A: it would be ~1e-3 unrounded
