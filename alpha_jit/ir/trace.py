@@ -92,10 +92,9 @@ class TraceContext:
 
     def pass_enabled(self, name: str) -> bool:
         """A pass runs unless `passes=` leaves it out or ALPHA_JIT_DISABLE_PASSES names it."""
-        import os
+        from alpha_jit.ir.passes.manager import disabled_passes
 
-        off = {s.strip() for s in os.environ.get("ALPHA_JIT_DISABLE_PASSES", "").split(",")}
-        return name not in off and (self.passes is None or name in self.passes)
+        return name not in disabled_passes() and (self.passes is None or name in self.passes)
 
     # ---- provenance ---------------------------------------------------------------------------
     def provenance(self) -> Provenance:

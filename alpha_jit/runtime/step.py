@@ -206,13 +206,10 @@ class Executable:
         for i, a in enumerate(args):
             dt = dtypes.from_numpy(a)
             # checks read the caller's values: narrowing first would turn 2**32 + 1 into 1
-            if i in self.traced.index_bounds:
-                lo, hi, op, where, also = self.traced.index_bounds[i]
-                if a.size and lo <= a.min() and a.max() < hi:
-                    bounds_ok = True  # the common case in two reductions, no masks
-                else:
-                    bounds_ok = False
-            if i in self.traced.index_bounds and not bounds_ok:
+            bounds = self.traced.index_bounds.get(i)
+            # the common case costs two reductions; masks only when something is outside
+            if bounds is not None and a.size and not bounds[0] <= a.min() <= a.max() < bounds[1]:
+                lo, hi, op, where, also = bounds
                 outside = (a < lo) | (a >= hi)
                 if also is not None:
                     outside &= a != also

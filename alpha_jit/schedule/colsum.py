@@ -17,7 +17,6 @@ owns it. `ALPHA_JIT_DISABLE_PASSES=gemm_colsum` turns it off.
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -28,8 +27,9 @@ PASS_NAME = "gemm_colsum"
 
 
 def enabled() -> bool:
-    off = {s.strip() for s in os.environ.get("ALPHA_JIT_DISABLE_PASSES", "").split(",")}
-    return PASS_NAME not in off
+    from alpha_jit.ir.passes.manager import disabled_passes
+
+    return PASS_NAME not in disabled_passes()
 
 
 def _source(lw: _Lowerer, u: int) -> int:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -48,8 +47,9 @@ class Epilogue:
 
 
 def enabled() -> bool:
-    off = {s.strip() for s in os.environ.get("ALPHA_JIT_DISABLE_PASSES", "").split(",")}
-    return PASS_NAME not in off
+    from alpha_jit.ir.passes.manager import disabled_passes
+
+    return PASS_NAME not in disabled_passes()
 
 
 def find(lw: _Lowerer, order: list[int]) -> dict[int, Epilogue]:

@@ -17,7 +17,6 @@ A group also closes when one more member would exceed the device's bindings per 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 from alpha_jit.codegen_spirv.kernel import KernelSpec
@@ -46,8 +45,9 @@ def _signature(k: LoweredKernel) -> tuple | None:
 
 
 def enabled() -> bool:
-    off = {s.strip() for s in os.environ.get("ALPHA_JIT_DISABLE_PASSES", "").split(",")}
-    return PASS_NAME not in off
+    from alpha_jit.ir.passes.manager import disabled_passes
+
+    return PASS_NAME not in disabled_passes()
 
 
 def hoist_leaf_kernels(low: Lowered) -> None:

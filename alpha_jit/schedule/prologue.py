@@ -10,7 +10,6 @@ sources. `ALPHA_JIT_DISABLE_PASSES=gemm_prologue` keeps both kinds as kernels.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -22,7 +21,9 @@ def absorbed_casts(lw: _Lowerer, order: list[int]) -> set[int]:
     the same phase, and exact 16-bit -> f32 read only by reductions (see the module)."""
     g = lw.g
     roots = set(g.roots())
-    if "gemm_prologue" in os.environ.get("ALPHA_JIT_DISABLE_PASSES", "").split(","):
+    from alpha_jit.ir.passes.manager import disabled_passes
+
+    if "gemm_prologue" in disabled_passes():
         return set()
 
     def only_gemms(u: int, phase: str) -> bool:

@@ -51,6 +51,13 @@ def available() -> list[Pass]:
     return sorted(_PASSES, key=lambda p: order.index(p.name) if p.name in order else 99)
 
 
+def disabled_passes() -> set[str]:
+    """The pass names `ALPHA_JIT_DISABLE_PASSES=a,b` switches off (graph, forward and
+    scheduling passes alike)."""
+    return {s.strip() for s in os.environ.get("ALPHA_JIT_DISABLE_PASSES", "").split(",")
+            if s.strip()}
+
+
 @contextmanager
 def pass_errors(name: str) -> Iterator[None]:
     """A pass that fails (or leaves a broken graph) says which pass, and how to skip it."""
@@ -73,8 +80,7 @@ def pass_errors(name: str) -> Iterator[None]:
 def run_passes(graph: Graph, enabled: Iterable[str] | None = None
                ) -> tuple[Graph, list[tuple[str, str, Graph]]]:
     """Run the enabled passes; returns the final graph and (name, summary, graph) per pass."""
-    disabled = {s.strip() for s in os.environ.get("ALPHA_JIT_DISABLE_PASSES", "").split(",")
-                if s.strip()}
+    disabled = disabled_passes()
     passes = available()
     names = {p.name for p in passes} | set(FORWARD_PASSES)
     if enabled is not None:
