@@ -189,8 +189,12 @@ def operand_data(dtype: str, count: int, seed: int) -> tuple[np.ndarray, np.ndar
 
 
 def tolerance(case: GemmCase) -> float:
-    """f32 accumulation over K (10x the expected random-walk error) + two output roundoffs."""
-    return max(1e-5, 4.0 * math.sqrt(case.k) * 2.0 ** -24) + 2 * _UNIT_ROUNDOFF[case.out_dtype]
+    """f32 accumulation over K (10x the expected random-walk error) + two output roundoffs.
+    16-bit operands run on tensor cores, which add each fragment step's products with
+    truncated alignment rather than IEEE rounding: 4x that allowance (DESIGN.md allows 1e-2)."""
+    low = {case.a.dtype, case.b.dtype, case.a_round, case.b_round} & {"bf16", "f16"}
+    walk = (16.0 if low else 4.0) * math.sqrt(case.k) * 2.0 ** -24
+    return max(1e-5, walk) + 2 * _UNIT_ROUNDOFF[case.out_dtype]
 
 
 def _view(values: np.ndarray, op: Operand, shape: tuple[int, int, int]) -> np.ndarray:

@@ -210,7 +210,9 @@ class Buffer:
             bits = (word >> ((i & 1) * 16)) & 0xFFFF
             return kb.bitcast(bits << 16, "f32")
         raw = self.load_raw(index)
-        if self.dtype == "bf16" and self.storage == "u16":
+        if self.storage == "bf16n":  # widen through the bits: exact, and no FConvert needed
+            raw = kb.bitcast(raw, "u16")
+        if self.dtype == "bf16" and raw.dtype == "u16":
             return kb.bitcast(kb.cast(raw, "u32") << 16, "f32")
         return kb.cast(raw, self.compute)
 
@@ -231,10 +233,9 @@ class Buffer:
                 return
             v = kb.cast(bits, "u16")
         elif self.storage == "bf16n":
-            # round to nearest even in integer bits first: the native conversion's rounding
-            # is the driver's choice (NVIDIA truncates), an exactly representable value is not
-            exact = kb.bitcast(kb.bf16_bits(v) << 16, "f32")
-            v = kb.cast(exact, "bf16n")
+            # round to nearest even in integer bits and store the bits: the native conversion's
+            # rounding is the driver's choice (NVIDIA truncates) and it costs instructions
+            v = kb.to_bf16n(v)
         elif self.storage != self.compute:
             v = kb.cast(v, self.storage)
         kb.m.emit("OpStore", self.ptr(index), v)
@@ -449,6 +450,15 @@ class KernelBuilder:
         u = self.bitcast(x, "u32")
         rounded = (u + (((u >> 16) & 1) + 0x7FFF)) >> 16
         return self.select(self.isnan(x), self.u32(0x7FC0), rounded)
+
+    def to_bf16n(self, x: Value) -> Value:
+        """f32 `x` as a native bf16 value, rounded to nearest even through its bits (the
+        driver's OpFConvert may truncate, and NVIDIA's is slower than the integer path)."""
+        return self.bitcast(self.cast(self.bf16_bits(x), "u16"), "bf16n")
+
+    def from_bf16n(self, x: Value) -> Value:
+        """A native bf16 value widened to f32 exactly, through its bits."""
+        return self.bitcast(self.cast(self.bitcast(x, "u16"), "u32") << 16, "f32")
 
     # -- resources ------------------------------------------------------------------------
 

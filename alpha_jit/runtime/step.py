@@ -96,7 +96,8 @@ class Executable:
         self.device = dev = device or get_device()
         build = dev.pipelines.begin_build()  # times the build for its "cached under" note
         self.plan: StepPlan = plan_step(traced.graph, dev.caps, traced.state_names(),
-                                        memory_budget=getattr(traced, "memory_budget", None))
+                                        memory_budget=getattr(traced, "memory_budget", None),
+                                        device=dev)
         self.plan.check_fits()  # before the driver compiles anything
         self.lowered: Lowered = self.plan.lowered
         self.binaries = self.plan.binaries

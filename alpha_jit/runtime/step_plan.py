@@ -26,6 +26,7 @@ from alpha_jit.codegen_spirv.kernel import KernelBinary
 from alpha_jit.codegen_spirv.lower import Lowered, LoweredKernel, lower
 from alpha_jit.errors import AlphaJitError
 from alpha_jit.ir.graph import Graph
+from alpha_jit.runtime import autotune
 from alpha_jit.runtime.caps import Capabilities
 from alpha_jit.runtime.plan import MemoryPlan, plan_barriers, plan_memory
 from alpha_jit.schedule import horizontal
@@ -141,13 +142,15 @@ def barrier_policy() -> str:
 
 
 def plan_step(graph: Graph, caps: Capabilities, state_names: dict[object, str] | None = None,
-              progress: bool = True, memory_budget: int | None = None) -> StepPlan:
+              progress: bool = True, memory_budget: int | None = None,
+              device: Any = None) -> StepPlan:
     """Lower, generate and plan `graph` for a device described by `caps` (no device needed).
     `state_names`: state key -> the parameter's name, for the allocation list.
     `memory_budget` (bytes): over it, norms and GELU are recomputed in backward
     (`ir/passes/recompute.py`) and the step planned again; still over, the plan has a problem
-    (`check_fits` raises)."""
-    plan = _plan(graph, caps, state_names, progress)
+    (`check_fits` raises). `device`: a live device on which GEMM shapes not tuned yet are
+    measured (`autotune.py`); without one, tuned choices come from the disk cache only."""
+    plan = _plan(graph, caps, state_names, progress, device)
     if memory_budget is None or plan.peak_bytes <= memory_budget:
         return plan
     from alpha_jit.ir.passes.recompute import PASS_NAME, recompute_in_backward
@@ -155,7 +158,7 @@ def plan_step(graph: Graph, caps: Capabilities, state_names: dict[object, str] |
     rewritten, summary = recompute_in_backward(graph)
     log.info("%s: planned peak %s over memory_budget %s: %s", PASS_NAME, _gib(plan.peak_bytes),
              _gib(memory_budget), summary)
-    plan = _plan(rewritten, caps, state_names, progress)
+    plan = _plan(rewritten, caps, state_names, progress, device)
     plan.recompute = summary
     if plan.peak_bytes > memory_budget:
         plan.problems.append(f"the planned peak {_gib(plan.peak_bytes)} exceeds memory_budget "
@@ -165,11 +168,12 @@ def plan_step(graph: Graph, caps: Capabilities, state_names: dict[object, str] |
 
 
 def _plan(graph: Graph, caps: Capabilities, state_names: dict[object, str] | None,
-          progress: bool) -> StepPlan:
+          progress: bool, device: Any = None) -> StepPlan:
     lowered = lower(graph, min(caps.max_storage_buffers_per_stage, 64), caps)
     if horizontal.enabled():  # one multi-tensor kernel per group of same-expression kernels
         horizontal.fuse_horizontally(lowered, min(caps.max_storage_buffers_per_stage, 512))
     kernels = lowered.kernels
+    autotune.resolve(kernels, caps, device)  # every GEMM's tiling, explicit in its spec
     binaries = [generate(k.spec, caps) for k in tqdm(
         kernels, desc="alpha_jit: generating kernels", unit="kernel",
         disable=not progress or len(kernels) < 64, leave=False)]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,7 @@ _U32 = 1 << 32
 @dataclass(frozen=True)
 class MatmulConfig:
     """One variant's shape: workgroup tile tm x tn, k-step bk (rows: the K chunk of one
-    dispatch), per-thread micro-tile rm x rn."""
+    dispatch), micro-tile rm x rn per thread (coopmat: per subgroup of `lanes` threads)."""
 
     variant: str = "simt"
     tm: int = 64
@@ -56,10 +57,23 @@ class MatmulConfig:
     bk: int = 16
     rm: int = 4  # 4x4 micro-tile: 16 accumulators, 8 shared loads per 16 FMAs
     rn: int = 4
+    lanes: int = 1
 
     @property
     def threads(self) -> int:
-        return (self.tm // self.rm) * (self.tn // self.rn)
+        return (self.tm // self.rm) * (self.tn // self.rn) * self.lanes
+
+    def label(self) -> str:
+        """How profiles and plans name the variant."""
+        if self.variant == "coopmat":
+            return (f"coopmat {self.tm}x{self.tn}x{self.bk} subgroup {self.rm}x{self.rn}"
+                    f" x{self.lanes}")
+        return f"{self.variant} {self.tm}x{self.tn}x{self.bk} micro {self.rm}x{self.rn}"
+
+    def to_param(self) -> tuple:
+        """The config as a spec param value ("config", ...): a tuned choice travels in the
+        spec, so the kernel cache keys on it and generation stays deterministic."""
+        return (self.variant, self.tm, self.tn, self.bk, self.rm, self.rn, self.lanes)
 
     def shared_bytes(self) -> int:
         if self.variant == "rows":
@@ -67,19 +81,36 @@ class MatmulConfig:
         return 4 * self.bk * (self.tm + 1 + self.tn + 1)  # +1: worst-case padding per operand
 
 
+def coopmat_allowed() -> bool:
+    """ALPHA_JIT_COOPMAT=0 keeps every GEMM on the portable SIMT tiles (for comparisons)."""
+    return os.environ.get("ALPHA_JIT_COOPMAT", "1") != "0"
+
+
 def _tile_for(size: int, biggest: int) -> int:
     # Smallest power-of-two tile >= size (at least 16), capped: small matrices waste no threads.
     return max(16, min(biggest, 1 << max(0, size - 1).bit_length()))
 
 
+# Faster variants' heuristics, asked in order before the SIMT tiling (matmul_coopmat adds
+# its own): each returns a config for the spec on the device, or None where it does not apply.
+CONFIG_CHOOSERS: list[Callable[[dict, object], MatmulConfig | None]] = []
+
+
 def choose_config(spec: KernelSpec, caps: object) -> MatmulConfig:
     """The extension point: pick the variant and its tiling from the spec and the device.
 
-    CPU devices get the "rows" variant, others the SIMT one. A cooperative-matrix variant plugs
-    in here (when `caps.cooperative_matrix` lists the operand types and the shapes fit) and in
-    `_VARIANTS`."""
+    A ("config", ...) param (the autotuner's measured choice) decides; else CPU devices get the
+    "rows" variant, GPUs listing the operand types as cooperative matrices the "coopmat" one
+    (`CONFIG_CHOOSERS`; not with ALPHA_JIT_COOPMAT=0), others the SIMT one."""
     p = dict(spec.params)
+    if "config" in p:
+        return MatmulConfig(*p["config"])
     m, n, k = p["m"], p["n"], p["k"]
+    if coopmat_allowed():
+        for chooser in CONFIG_CHOOSERS:
+            found = chooser(p, caps)
+            if found is not None:
+                return found
     max_threads = min(int(cap(caps, "max_workgroup_invocations", 1024)),  # type: ignore
                       _axis0(cap(caps, "max_workgroup_size", 1024)))
     max_shared = int(cap(caps, "max_shared_memory", 32768))  # type: ignore[call-overload]
@@ -463,6 +494,11 @@ def generate_matmul(spec: KernelSpec, caps: object = None,
     k_starts = [(k0,) for k0 in range(0, p["k"], cfg.bk)] if "k0" in _push_fields(cfg) else [()]
     dispatches = [Dispatch(cnt, pack_push_constants([("u32", v) for v in (*base, *k0)]))
                   for k0 in k_starts for cnt, base in grid_plan(groups, caps)]
-    variant = f"{cfg.variant} {cfg.tm}x{cfg.tn}x{cfg.bk} micro {cfg.rm}x{cfg.rn}"
-    return kb.binary(spec, dispatches, notes={"config": cfg, "variant": variant,
-                                              "flops": 2 * p["batch"] * p["m"] * p["n"] * p["k"]})
+    notes = {"config": cfg, "variant": cfg.label(),
+             "flops": 2 * p["batch"] * p["m"] * p["n"] * p["k"]}
+    if cfg.lanes > 1 and cap(caps, "subgroup_size_control", False):
+        notes["required_subgroup_size"] = cfg.lanes  # fragments are written for this size
+    return kb.binary(spec, dispatches, notes=notes)
+
+
+from . import matmul_coopmat  # noqa: E402, F401  (registers the "coopmat" variant)

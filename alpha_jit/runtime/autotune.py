@@ -1,0 +1,182 @@
+"""GEMM tilings per shape: measured on the device once, cached on disk, then deterministic.
+
+Why: which tile wins depends on the shape and the GPU (a 768 x 768 weight gradient over K = 8192
+has 36 tiles of 128 x 128 for 132 multiprocessors; a 8192 x 50304 logits GEMM has thousands),
+and a heuristic guesses. Before the step's kernels are generated, every matmul kernel gets an
+explicit ("config", ...) param: the measured best for its bare GEMM (the same operands, shapes,
+strides and rounding, f32 output, no epilogue) when tuning is on, else the generator's
+heuristic. The choice travels in the spec, so the kernel caches key on it and a plan is
+reproducible.
+
+- Measuring: each candidate tiling (`matmul_coopmat.candidates`, plus the heuristic choice) is
+  generated, dispatched back to back on scratch buffers and timed with GPU timestamps; a
+  progress bar shows it, and it happens once per shape and device.
+- Cache: `$ALPHA_JIT_CACHE_DIR/<device fingerprint>/autotune-<codegen version>.json`, plain JSON
+  (bare spec key -> chosen config and the timings), written atomically. A plan made without a
+  device (`--plan-only`) reads it too.
+- `ALPHA_JIT_AUTOTUNE=0`: no measuring and no cache, the heuristic choice everywhere.
+  `ALPHA_JIT_COOPMAT=0` keeps every GEMM on SIMT tiles (and out of the tuner's search).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from alpha_jit.codegen_spirv import disk_cache
+from alpha_jit.codegen_spirv.generate import codegen_version, generate
+from alpha_jit.codegen_spirv.kernel import KernelSpec
+from alpha_jit.codegen_spirv.kernels import matmul, matmul_coopmat
+
+log = logging.getLogger("alpha_jit.autotune")
+
+_TARGET_S = 2e-3  # GPU time per candidate measurement (back-to-back dispatches)
+_BARE_KEYS = ("batch", "m", "n", "k", "a", "b", "a_round", "b_round")
+_LOCK = threading.Lock()
+
+
+def enabled() -> bool:
+    """ALPHA_JIT_AUTOTUNE=0 turns measuring and the tuned-config cache off."""
+    return os.environ.get("ALPHA_JIT_AUTOTUNE", "1") != "0"
+
+
+def bare_spec(spec: KernelSpec) -> KernelSpec:
+    """The GEMM of `spec` without what rides along (epilogue, column sums, output dtype): what
+    is timed, and the key tuned results are shared under."""
+    params = tuple((k, v) for k, v in spec.params if k in _BARE_KEYS)
+    return KernelSpec("matmul", "tune_" + spec.name, params + (("out_dtype", "f32"),))
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """One shape's measured choice."""
+
+    config: tuple  # MatmulConfig.to_param()
+    timings_us: dict  # config label -> microseconds per dispatch
+
+
+def cache_path(caps: Any) -> Path:
+    return disk_cache.cache_dir(caps.fingerprint()) / f"autotune-{codegen_version()}.json"
+
+
+def _load(path: Path) -> dict[str, Tuned]:
+    try:
+        raw = json.loads(path.read_text())
+        return {k: Tuned(tuple(v["config"]), dict(v["timings_us"])) for k, v in raw.items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # hand-edited or truncated
+        log.warning("ignoring the autotune cache %s (%s); GEMMs are measured again", path, exc)
+        return {}
+
+
+def _store(path: Path, entries: dict[str, Tuned]) -> None:
+    data = {k: {"config": list(t.config), "timings_us": t.timings_us}
+            for k, t in sorted(entries.items())}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        disk_cache.atomic_write(path, (json.dumps(data, indent=1) + "\n").encode())
+    except OSError as exc:
+        disk_cache.note_unwritable(path, exc)
+
+
+def _with_config(spec: KernelSpec, cfg: matmul.MatmulConfig) -> KernelSpec:
+    params = tuple((k, v) for k, v in spec.params if k != "config")
+    return KernelSpec(spec.family, spec.name, params + (("config", cfg.to_param()),))
+
+
+def _candidates(spec: KernelSpec, caps: Any) -> list[matmul.MatmulConfig]:
+    p = dict(spec.params)
+    out = matmul_coopmat.candidates(p, caps) if matmul.coopmat_allowed() else []
+    heuristic = matmul.choose_config(spec, caps)
+    return out + ([heuristic] if heuristic not in out else [])
+
+
+def resolve(kernels: list[Any], caps: Any, device: Any = None) -> None:
+    """Give every matmul kernel of `kernels` (LoweredKernel, spec replaced in place) an explicit
+    config: tuned (measured now if `device` is given and the shape is new), else heuristic."""
+    gemms = [k for k in kernels if k.spec.family == "matmul"
+             and "config" not in dict(k.spec.params)]
+    if not gemms:
+        return
+    tuning = enabled() and caps is not None and caps.device_type != "cpu"
+    path = cache_path(caps) if tuning else None
+    with _LOCK:
+        entries = _load(path) if path is not None else {}
+        todo = {}
+        for k in gemms:
+            bare = bare_spec(k.spec)
+            if tuning and device is not None and bare.key() not in entries:
+                todo.setdefault(bare.key(), bare)
+        if todo:
+            for key, bare in tqdm(todo.items(), desc="alpha_jit: tuning GEMM tiles",
+                                  unit="shape", leave=False, disable=len(todo) < 2):
+                entries[key] = _measure(device, bare, caps)
+            _store(path, entries)  # type: ignore[arg-type]
+    for k in gemms:
+        heuristic = matmul.choose_config(k.spec, caps)
+        cfg = heuristic
+        tuned = entries.get(bare_spec(k.spec).key())
+        if tuned is not None:
+            want = matmul.MatmulConfig(*tuned.config)
+            # the full spec may not fit the tuned tile (its column sums need shared memory)
+            if want in _candidates(k.spec, caps):
+                cfg = want
+        k.spec = _with_config(k.spec, cfg)
+
+
+def _measure(dev: Any, bare: KernelSpec, caps: Any) -> Tuned:
+    """Time every candidate tiling of a bare GEMM on scratch buffers; the fastest wins."""
+    from alpha_jit.runtime.executor import BarrierCmd, DispatchCmd, FillCmd, TimestampCmd
+
+    p = dict(bare.params)
+    sizes = []
+    for key, rows, cols in (("a", p["m"], p["k"]), ("b", p["k"], p["n"])):
+        dt, off, sb, s0, s1 = p[key]
+        dt = "f32" if p.get(f"{key}_round") else dt
+        count = off + (p["batch"] - 1) * sb + (rows - 1) * s0 + (cols - 1) * s1 + 1
+        sizes.append(count * (2 if dt in ("bf16", "f16") else 4))
+    sizes.append(4 * p["batch"] * p["m"] * p["n"])
+    regions = [dev.alloc(max(s, 4)) for s in sizes]
+    flops = 2 * p["batch"] * p["m"] * p["n"] * p["k"]
+    reps = max(2, min(50, math.ceil(_TARGET_S / max(flops / 100e12, 1e-7))))
+    timings: dict[str, float] = {}
+    best: tuple[float, tuple] | None = None
+    try:
+        fill = [FillCmd(r) for r in regions[:2]] + [BarrierCmd()]  # zeros, not stale NaNs
+        rec = dev.record(fill, name="autotune fill")
+        dev.wait(rec.submit())
+        rec.release()
+        for cfg in _candidates(bare, caps):
+            binary = generate(_with_config(bare, cfg), caps)
+            pipe = dev.pipeline(binary)
+            cmds: list[Any] = [TimestampCmd("start")]
+            for _ in range(reps):
+                cmds += [DispatchCmd(pipe, list(regions), d) for d in binary.dispatches]
+                cmds.append(BarrierCmd())
+            cmds.append(TimestampCmd("end"))
+            rec = dev.record(cmds, name=f"autotune {cfg.label()}")
+            try:
+                dev.wait(rec.submit())  # warm-up: clocks, caches
+                dev.wait(rec.submit())
+                stamps = dict(rec.timestamps())
+            finally:
+                rec.release()
+            us = (stamps["end"] - stamps["start"]) / reps / 1e3
+            timings[cfg.label()] = round(us, 2)
+            if best is None or us < best[0]:
+                best = (us, cfg.to_param())
+    finally:
+        for r in regions:
+            dev.free(r)
+    assert best is not None
+    log.info("autotune %s: %s", bare.name, timings)
+    return Tuned(best[1], timings)
