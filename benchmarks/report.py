@@ -58,6 +58,7 @@ GEMM_KEYS = {
     "check_rel_err": "relative L2 error of alpha_jit's output against a float64 numpy GEMM",
     "check_tol": "its tolerance: f32 accumulation over K plus one rounding of the output",
     "torch_out_dtype": "the output type torch wrote",
+    "variant": "alpha_jit's kernel variant and tiling (the step's: autotuned on this device)",
 }
 
 STEP_KEYS = {
@@ -128,6 +129,7 @@ class GemmRow(RowBase):
     check_rel_err: float | None = None
     check_tol: float | None = None
     torch_out_dtype: str | None = None
+    variant: str | None = None
     kind: str = "gemm"
 
 
@@ -224,9 +226,10 @@ def gemm_table(rows: Sequence[GemmRow], known: Sequence[str] = ()) -> str:
         body.append([r.dtype, out, f"{r.batch}x{r.m}x{r.n}x{r.k}", r.layout,
                      ",".join(r.uses)[:40], _num(r.alpha_ms, ".3f"), _num(r.alpha_tflops, ".2f"),
                      _num(r.torch_ms, ".3f"), _num(r.torch_tflops, ".2f"),
-                     _num(r.ratio, ".3f"), check, _status(r, notes)])
+                     _num(r.ratio, ".3f"), check, " ".join((r.variant or "-").split()[:2]),
+                     _status(r, notes)])
     text = table(["dtype", "out", "BxMxNxK", "layout", "uses", "alpha ms", "alpha TF/s",
-                  "torch ms", "torch TF/s", "ratio", "rel err", "status"], body)
+                  "torch ms", "torch TF/s", "ratio", "rel err", "variant", "status"], body)
     return _with_notes(text, notes, rows, known)
 
 

@@ -100,9 +100,12 @@ def _candidates(spec: KernelSpec, caps: Any) -> list[matmul.MatmulConfig]:
     return out + ([heuristic] if heuristic not in out else [])
 
 
-def resolve(kernels: list[Any], caps: Any, device: Any = None) -> None:
+def resolve(kernels: list[Any], caps: Any, device: Any = None,
+            buffers: dict[int, Any] | None = None) -> None:
     """Give every matmul kernel of `kernels` (LoweredKernel, spec replaced in place) an explicit
-    config: tuned (measured now if `device` is given and the shape is new), else heuristic."""
+    config: tuned (measured now if `device` is given and the shape is new), else heuristic.
+    A split-K config's f32 workspace becomes a temporary in `buffers` (the lowering's), bound
+    after the kernel's other writes and live only in that kernel."""
     gemms = [k for k in kernels if k.spec.family == "matmul"
              and "config" not in dict(k.spec.params)]
     if not gemms:
@@ -131,6 +134,32 @@ def resolve(kernels: list[Any], caps: Any, device: Any = None) -> None:
             if want in _candidates(k.spec, caps):
                 cfg = want
         k.spec = _with_config(k.spec, cfg)
+        if cfg.split > 1:
+            size = matmul_coopmat.workspace_bytes(dict(k.spec.params), cfg) // 4
+            if buffers is not None:
+                from alpha_jit import dtypes
+                from alpha_jit.codegen_spirv.lower import Buffer
+
+                bid = max(buffers, default=0) + 1
+                buffers[bid] = Buffer(bid, "temp", (size,), dtypes.float32)
+                k.writes.append(bid)
+
+
+_WARM_S = 0.5
+_warm = False
+
+
+def _warm_clocks(dev: Any, rec: Any) -> None:
+    """Keep the GPU busy for _WARM_S once per process before the first measurement: from
+    idle, the H200 ran the first GEMM at a quarter of its speed, which would pick tiles by
+    clock speed instead of by shape."""
+    global _warm
+    import time
+
+    end = time.perf_counter() + _WARM_S
+    while not _warm and time.perf_counter() < end:
+        dev.wait(rec.submit())
+    _warm = True
 
 
 def _measure(dev: Any, bare: KernelSpec, caps: Any) -> Tuned:
@@ -146,6 +175,7 @@ def _measure(dev: Any, bare: KernelSpec, caps: Any) -> Tuned:
         sizes.append(count * (2 if dt in ("bf16", "f16") else 4))
     sizes.append(4 * p["batch"] * p["m"] * p["n"])
     regions = [dev.alloc(max(s, 4)) for s in sizes]
+    workspace: dict[int, Any] = {}  # split-K workspaces by size, shared by the candidates
     flops = 2 * p["batch"] * p["m"] * p["n"] * p["k"]
     reps = max(2, min(50, math.ceil(_TARGET_S / max(flops / 100e12, 1e-7))))
     timings: dict[str, float] = {}
@@ -158,14 +188,21 @@ def _measure(dev: Any, bare: KernelSpec, caps: Any) -> Tuned:
         for cfg in _candidates(bare, caps):
             binary = generate(_with_config(bare, cfg), caps)
             pipe = dev.pipeline(binary)
+            binds = list(regions)
+            if cfg.split > 1:
+                nbytes = int(binary.notes["workspace_bytes"])
+                if nbytes not in workspace:
+                    workspace[nbytes] = dev.alloc(nbytes)
+                binds.append(workspace[nbytes])
             cmds: list[Any] = [TimestampCmd("start")]
             for _ in range(reps):
-                cmds += [DispatchCmd(pipe, list(regions), d) for d in binary.dispatches]
-                cmds.append(BarrierCmd())
+                for d in binary.dispatches:  # split-K's passes are ordered, as in a step
+                    cmds += [DispatchCmd(pipe, binds, d), BarrierCmd()]
             cmds.append(TimestampCmd("end"))
             rec = dev.record(cmds, name=f"autotune {cfg.label()}")
             try:
-                dev.wait(rec.submit())  # warm-up: clocks, caches
+                _warm_clocks(dev, rec)
+                dev.wait(rec.submit())  # warm-up: caches
                 dev.wait(rec.submit())
                 stamps = dict(rec.timestamps())
             finally:
@@ -175,7 +212,7 @@ def _measure(dev: Any, bare: KernelSpec, caps: Any) -> Tuned:
             if best is None or us < best[0]:
                 best = (us, cfg.to_param())
     finally:
-        for r in regions:
+        for r in [*regions, *workspace.values()]:
             dev.free(r)
     assert best is not None
     log.info("autotune %s: %s", bare.name, timings)

@@ -173,7 +173,8 @@ def _plan(graph: Graph, caps: Capabilities, state_names: dict[object, str] | Non
     if horizontal.enabled():  # one multi-tensor kernel per group of same-expression kernels
         horizontal.fuse_horizontally(lowered, min(caps.max_storage_buffers_per_stage, 512))
     kernels = lowered.kernels
-    autotune.resolve(kernels, caps, device)  # every GEMM's tiling, explicit in its spec
+    # every GEMM's tiling, explicit in its spec (split-K workspaces join the buffers)
+    autotune.resolve(kernels, caps, device, lowered.buffers)
     binaries = [generate(k.spec, caps) for k in tqdm(
         kernels, desc="alpha_jit: generating kernels", unit="kernel",
         disable=not progress or len(kernels) < 64, leave=False)]

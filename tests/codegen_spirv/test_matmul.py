@@ -189,3 +189,51 @@ def test_cpu_rows_narrow_output_never_splits_k():
     assert choose_config(mm_spec(1, 64, 64, 24, dt="bf16"), CPU).variant == "rows"
     long_k = choose_config(mm_spec(1, 64, 64, 4096, dt="bf16"), CPU)
     assert long_k.variant == "simt"
+
+
+
+def test_coopmat_variants_validate_for_the_h200():
+    """Every cooperative-matrix tiling the autotuner may pick for the H200 (whole and split-K)
+    of every GEMM of a bf16 GPT step (bias, GELU and cast epilogues, column sums, operands
+    rounded on load) and of an f16 batched GEMM is a valid SPIR-V 1.6 module for its target
+    environment; the GPU parity tests (tests/gpu) run them."""
+    from pathlib import Path
+
+    import alpha_jit as aj
+    from alpha_jit import nn
+    from alpha_jit.codegen_spirv import tools
+    from alpha_jit.codegen_spirv.kernels import matmul_coopmat
+    from alpha_jit.ir.ops import registry
+    from alpha_jit.runtime import caps as caps_mod
+    from alpha_jit.runtime.step_plan import plan_step
+
+    h200 = caps_mod.load(Path(__file__).resolve().parents[1] / "data" / "h200-caps.json")
+    nn.manual_seed(0)
+    model = nn.GPT(nn.GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=64,
+                                bias=True))
+    opt = nn.optim.AdamW(model.parameters(), lr=1e-3)
+
+    @aj.compile(precision="bf16")
+    def step(x, y):
+        loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    x = rng.integers(0, 64, (16, 32)).astype(np.int32)
+    plan = plan_step(step.trace(x, x).graph, h200, progress=False)
+    specs = [k.spec for k in plan.lowered.kernels if k.spec.family == "matmul"]
+    specs.append(mm_spec(2, 130, 70, 1000, dt="f16"))
+    features = set()
+    for s in specs:
+        params = tuple(kv for kv in s.params if kv[0] != "config")
+        for cfg in matmul_coopmat.candidates(dict(params), h200):
+            b = generate_matmul(KernelSpec("matmul", s.name, (*params,
+                                                              ("config", cfg.to_param()))),
+                                h200, registry.scalar_rule)
+            assert b.variant.startswith("coopmat") and b.notes["required_subgroup_size"] == 32
+            assert ("workspace_bytes" in b.notes) == (cfg.split > 1)
+            tools.validate(b.words, b.name, h200.spirv_target_env())
+            features |= {key for key, _ in params} | ({"split"} if cfg.split > 1 else set())
+    assert {"epilogue", "colsum_b", "a_round", "split"} <= features

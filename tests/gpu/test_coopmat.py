@@ -70,6 +70,7 @@ def _run(caps, spec, n_out=1):
     from alpha_jit.runtime.testing import run_kernel
 
     b = generate_matmul(spec, caps, registry.scalar_rule)
+    ws = b.notes.get("workspace_bytes")
     tools.validate(b.words, b.name, caps.spirv_target_env())
     assert b.variant.startswith("coopmat"), b.variant
     p = dict(spec.params)
@@ -78,9 +79,10 @@ def _run(caps, spec, n_out=1):
     b_st, bb = _operand(p, "b", (B, K, N))
     if p.get("a_round"):  # the kernel multiplies the bf16 rounding of f32 data
         a = dtypes.bf16_to_f32(dtypes.f32_to_bf16(a.astype(np.float32))).astype(np.float64)
-    outs = [((B, M, N), np.float32)] + ([((N,), np.float32)] if n_out == 2 else [])
-    got = run_kernel(b, [a_st, b_st], outs)
-    return got, a @ bb, bb
+    outs = [((B, M, N), np.float32)] + ([((N,), np.float32)] if n_out == 2 else []) \
+        + ([((ws // 4,), np.float32)] if ws else [])
+    got = run_kernel(b, [a_st, b_st], outs, fill=0x7FC00000)  # NaN: skipped elements show
+    return got[:n_out], a @ bb, bb
 
 
 def _rel(got, want):
@@ -106,12 +108,25 @@ def test_transposed_offsets_broadcast(caps, a_t, b_t):
     assert _rel(got, want) < 1e-5
 
 
-def test_f32_operand_rounded_on_load_and_colsum(caps):
-    spec = _spec(1, 96, 200, 520, "bf16", b_t=False,
-                 extra=(("a_round", "bf16"), ("colsum_b", True)))
+@pytest.mark.parametrize("split", [1, 2, 8])
+def test_f32_operand_rounded_on_load_and_colsum(caps, split):
+    # the weight-gradient shape: a = X^T (K-major), b = dY; split-K slices and their sum
+    extra = (("a_round", "bf16"), ("colsum_b", True))
+    if split > 1:
+        extra += (("config", ("coopmat", 64, 64, 32, 32, 32, 32, split)),)
+    spec = _spec(1, 96, 200, 2600, "bf16", a_t=True, extra=extra)
     (got, cs), want, bb = _run(caps, spec, n_out=2)
     assert _rel(got, want) < 1e-5
     assert _rel(cs, bb[0].sum(axis=0)) < 1e-5
+
+
+@pytest.mark.parametrize("split", [2, 4])
+def test_split_k_batched_ragged(caps, split):
+    cfg = ("coopmat", 128, 128, 32, 64, 32, 32, split)
+    spec = _spec(3, 130, 70, 1000, "f16" if coopmat.supported(caps, "f16") else "bf16",
+                 a_t=True, b_t=True, extra=(("config", cfg),))
+    (got,), want, _ = _run(caps, spec)
+    assert _rel(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("precision", ["bf16", "f16"])

@@ -72,8 +72,11 @@ def one_step_parity(precision: str, options: dict, tol: float, sgd: bool = False
     assert rel(float(norm), outs[1]) < tol
     for key, want in writes.items():
         got, old = tr.state[key].numpy(), before.get(key) if sgd else None
-        if old is not None:
+        if old is not None:  # an update near 0 is round-off (a key bias's gradient is 0)
             got, want = got - old, want - old
+            err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-5)
+            assert err < tol, tr.state[key].state_name
+            continue
         assert rel(got, want) < tol, tr.state[key].state_name
     if precision == "f32" and not options:  # every module of a whole GPT step validates
         from alpha_jit.codegen_spirv import tools

@@ -21,6 +21,9 @@ Spec (family "matmul"), params as (key, value) pairs, exactly:
     optional ("colsum_b", True) (batch 1): also the column sums of b as loaded, before any
     rounding, sum over kk of b[kk, j] -> f32 [N], the last binding: a bias gradient computed
     by the weight-gradient GEMM that reads the same dY (schedule/colsum.py).
+    optional ("config", MatmulConfig.to_param()): the variant and tiling, chosen before
+    generation (runtime/autotune.py); absent, `choose_config`'s heuristic decides. A coopmat
+    config with split > 1 adds an f32 workspace binding last (`notes["workspace_bytes"]`).
 a[bi, i, kk] is element offset + bi*sb + i*sm + kk*sk of binding 0, b[bi, kk, j] likewise of
 binding 1 (strides in elements, any may be 0); then the epilogue's inputs, then the contiguous
 (B, M, N) output (absent with an epilogue and no acc_buffer), then the epilogue's outputs.
@@ -58,6 +61,7 @@ class MatmulConfig:
     rm: int = 4  # 4x4 micro-tile: 16 accumulators, 8 shared loads per 16 FMAs
     rn: int = 4
     lanes: int = 1
+    split: int = 1  # coopmat: K split over this many workgroups, then a reducing pass
 
     @property
     def threads(self) -> int:
@@ -67,13 +71,14 @@ class MatmulConfig:
         """How profiles and plans name the variant."""
         if self.variant == "coopmat":
             return (f"coopmat {self.tm}x{self.tn}x{self.bk} subgroup {self.rm}x{self.rn}"
-                    f" x{self.lanes}")
+                    f" x{self.lanes}" + (f" split-k {self.split}" if self.split > 1 else ""))
         return f"{self.variant} {self.tm}x{self.tn}x{self.bk} micro {self.rm}x{self.rn}"
 
     def to_param(self) -> tuple:
         """The config as a spec param value ("config", ...): a tuned choice travels in the
         spec, so the kernel cache keys on it and generation stays deterministic."""
-        return (self.variant, self.tm, self.tn, self.bk, self.rm, self.rn, self.lanes)
+        return (self.variant, self.tm, self.tn, self.bk, self.rm, self.rn, self.lanes,
+                self.split)
 
     def shared_bytes(self) -> int:
         if self.variant == "rows":
@@ -209,7 +214,8 @@ def _u(kb: KernelBuilder, x: int) -> Value:
 
 def _push_fields(cfg: MatmulConfig) -> list[str]:
     """The variant's push constants, all u32: the grid-split bases, then k0 where K is split."""
-    return ["base_x", "base_y", "base_z"] + (["k0"] if cfg.variant == "rows" else [])
+    return ["base_x", "base_y", "base_z"] + (["k0"] if cfg.variant == "rows" else []) \
+        + (["phase"] if cfg.split > 1 else [])
 
 
 class _Store(EpilogueStore):
@@ -492,10 +498,16 @@ def generate_matmul(spec: KernelSpec, caps: object = None,
     groups = (math.ceil(p["n"] / cfg.tn), math.ceil(p["m"] / cfg.tm), p["batch"])
     # one pass over the grid per K chunk, in K order ("rows" only; the others take K whole)
     k_starts = [(k0,) for k0 in range(0, p["k"], cfg.bk)] if "k0" in _push_fields(cfg) else [()]
-    dispatches = [Dispatch(cnt, pack_push_constants([("u32", v) for v in (*base, *k0)]))
-                  for k0 in k_starts for cnt, base in grid_plan(groups, caps)]
+    if cfg.split > 1:  # split-K: the slices' partial sums (z: batch x slice), then their sum
+        passes = [((*groups[:2], groups[2] * cfg.split), (0,)), (groups, (1,))]
+    else:
+        passes = [(groups, k0) for k0 in k_starts]
+    dispatches = [Dispatch(cnt, pack_push_constants([("u32", v) for v in (*base, *extra)]))
+                  for grid, extra in passes for cnt, base in grid_plan(grid, caps)]
     notes = {"config": cfg, "variant": cfg.label(),
              "flops": 2 * p["batch"] * p["m"] * p["n"] * p["k"]}
+    if cfg.split > 1:
+        notes["workspace_bytes"] = matmul_coopmat.workspace_bytes(p, cfg)
     if cfg.lanes > 1 and cap(caps, "subgroup_size_control", False):
         notes["required_subgroup_size"] = cfg.lanes  # fragments are written for this size
     return kb.binary(spec, dispatches, notes=notes)

@@ -23,6 +23,7 @@ Shape of the kernel (config: tile tm x tn x bk, a subgroup tile rm x rn, `lanes`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from .. import coopmat
@@ -48,9 +49,18 @@ def shared_bytes(cfg: MatmulConfig, colsum: bool) -> int:
     return staged + 4 * subgroups * _FRAG * _SCRATCH_LD + (4 * cfg.bk * cfg.tn if colsum else 0)
 
 
+_FILL = 128  # workgroups that keep a big GPU busy (the H200 has 132 multiprocessors)
+_MIN_SLICE = 256  # K per split-K slice below which the reducing pass costs more than it saves
+
+
+def _groups(p: dict, cfg: MatmulConfig) -> int:
+    return math.ceil(p["m"] / cfg.tm) * math.ceil(p["n"] / cfg.tn) * p["batch"]
+
+
 def candidates(p: dict, caps: object) -> list[MatmulConfig]:
     """Every cooperative-matrix tiling that fits the device for this spec (the autotuner's
-    search space), largest tiles first; empty where the variant does not apply."""
+    search space), largest tiles first, each also split over K where its grid is too small
+    to fill the GPU; empty where the variant does not apply."""
     elem = operand_elem(p, "a")
     if elem is None or operand_elem(p, "b") != elem or not coopmat.supported(caps, elem):
         return []
@@ -65,30 +75,97 @@ def candidates(p: dict, caps: object) -> list[MatmulConfig]:
             if cfg.threads <= max_threads and \
                     shared_bytes(cfg, bool(p.get("colsum_b"))) <= max_shared:
                 out.append(cfg)
+                split = 2
+                while _groups(p, cfg) * split <= 2 * _FILL and p["k"] >= split * _MIN_SLICE \
+                        and split <= 8:
+                    out.append(dataclasses.replace(cfg, split=split))
+                    split *= 2
                 break
     return out
 
 
 def choose(p: dict, caps: object) -> MatmulConfig | None:
     """The heuristic choice: the largest tile that still gives enough workgroups to fill a
-    big GPU (the autotuner measures instead); None for GEMMs too small for 16 x 16 fragments."""
+    big GPU, else the smallest tile split over K until it does (the autotuner measures
+    instead); None for GEMMs too small for 16 x 16 fragments."""
     if min(p["m"], p["n"], p["k"]) < _FRAG:
         return None
     cands = candidates(p, caps)
-    for cfg in cands:
-        groups = math.ceil(p["m"] / cfg.tm) * math.ceil(p["n"] / cfg.tn) * p["batch"]
-        if groups >= 128:
+    whole = [c for c in cands if c.split == 1]
+    for cfg in whole:
+        if _groups(p, cfg) >= _FILL:
             return cfg
-    return cands[-1] if cands else None
+    if not whole:
+        return None
+    small = whole[-1]
+    splits = [c for c in cands if c.split > 1 and (c.tm, c.tn) == (small.tm, small.tn)]
+    for cfg in splits:
+        if _groups(p, cfg) * cfg.split >= _FILL:
+            return cfg
+    return splits[-1] if splits else small
+
+
+def workspace_bytes(p: dict, cfg: MatmulConfig) -> int:
+    """Bytes of the split-K workspace: each slice's partial (B, M, N) sums, padded to whole
+    tiles (fragments are stored unchecked), then each slice's column sums of b."""
+    mp, np_ = _round_up(p["m"], cfg.tm), _round_up(p["n"], cfg.tn)
+    return 4 * cfg.split * (p["batch"] * mp * np_ + np_)
+
+
+def _round_up(x: int, a: int) -> int:
+    return -(-x // a) * a
 
 
 def emit(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule | None) -> None:
-    """The cooperative-matrix GEMM body (see the module docstring)."""
+    """The cooperative-matrix GEMM body (see the module docstring). With split > 1 the grid's
+    z axis is batch x slice: pass 0 (push constant phase) multiplies the slice's K range and
+    stores its fragments to the workspace, pass 1 adds the slices and runs the epilogue."""
     m, n, k = p["m"], p["n"], p["k"]
     elem = operand_elem(p, "a")
     assert elem is not None
     coopmat.enable(kb, elem)
-    abuf, bbuf, store, tid, row0, col0, bi, _ = _prologue(kb, cfg, p, rule)
+    abuf, bbuf, store, tid, row0, col0, z, pc = _prologue(kb, cfg, p, rule)
+    if cfg.split == 1:
+        _, acc, csums, b_slots, sg = _multiply(kb, cfg, p, abuf, bbuf, tid, row0, col0, z,
+                                              kb.u32(0), kb.u32(k))
+        if csums:
+            _colsum(kb, cfg, b_slots, csums, tid, row0, col0, n,
+                    lambda col, total: store.colsum.store(col, total))  # type: ignore
+        _finish_fragments(kb, cfg, p, store, acc, sg, tid, row0, col0, z)
+        return
+    split = cfg.split
+    ws = kb.buffer("split_ws", "f32", writable=True)
+    mp, np_ = _round_up(m, cfg.tm), _round_up(n, cfg.tn)
+    cs_base = split * p["batch"] * mp * np_
+    with kb.if_else(pc["phase"] == 0) as (slices, total):
+        with slices:
+            bi, sl = z / split, z % split
+            chunk = _round_up(math.ceil(k / split), cfg.bk)
+            k_lo = sl * chunk
+            k_hi = kb.fmin(k_lo + chunk, k)
+            fc, acc, csums, b_slots, sg = _multiply(kb, cfg, p, abuf, bbuf, tid, row0, col0,
+                                                   bi, k_lo, k_hi)
+            sr, sc = sg / (cfg.tn // cfg.rn), sg % (cfg.tn // cfg.rn)
+            for i, row in enumerate(acc):
+                for j, frag in enumerate(row):
+                    r = row0 + sr * cfg.rm + i * _FRAG
+                    c = col0 + sc * cfg.rn + j * _FRAG
+                    fc.store(ws, ((sl * p["batch"] + bi) * mp + r) * np_ + c, frag.get(), np_)
+            if csums:
+                _colsum(kb, cfg, b_slots, csums, tid, row0, col0, n,
+                        lambda col, t: ws.store(cs_base + sl * np_ + col, t))
+        with total:
+            _reduce_slices(kb, cfg, p, store, ws, tid, row0, col0, z, (mp, np_, cs_base))
+
+
+def _multiply(kb: KernelBuilder, cfg: MatmulConfig, p: dict, abuf: object, bbuf: object,
+              tid: Value, row0: Value, col0: Value, bi: Value, k_lo: Value, k_hi: Value
+              ) -> tuple:
+    """The main loop over k in [k_lo, k_hi): staged operands, fragments multiplied into the
+    accumulators. Returns (accumulator type, accumulators [i][j], column-sum slots, b's
+    staging slots, subgroup id)."""
+    m, n, k = p["m"], p["n"], p["k"]
+    elem = operand_elem(p, "a")
     tm, tn, bk, rm, rn, lanes, threads = cfg.tm, cfg.tn, cfg.bk, cfg.rm, cfg.rn, cfg.lanes, \
         cfg.threads
     lda, ldb = bk + _PAD, tn + _PAD
@@ -97,7 +174,7 @@ def emit(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule | None)
 
     def slots(name: str, tile: int, size: int, dims: tuple) -> list:
         """Per-thread staging slots of one operand's tile x bk block: (k offset, shared
-        index, k-independent global address, guard, plain index in the block)."""
+        index, k-independent global address, guard, plain index in the block, k stride)."""
         off, sb, s_outer, s_k = dims
         k_fast = abs(s_k) < abs(s_outer) or (s_k != 0 and s_outer == 0)
         base = _u(kb, off) + bi * _u(kb, sb) if sb else _u(kb, off)
@@ -119,31 +196,31 @@ def emit(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule | None)
            (bbuf, b_sh, slots("b", tn, n, (b_dims[0], b_dims[1], b_dims[3], b_dims[2])),
             p.get("b_round"))]
     regs = [[kb.var(elem) for _ in sl] for _, _, sl, _ in ops]
-    csums = [kb.var("f32", 0.0) for _ in ops[1][2]] if store.colsum is not None else []
+    with_colsum = bool(p.get("colsum_b"))
+    csums = [kb.var("f32", 0.0) for _ in ops[1][2]] if with_colsum else []
 
     def fetch(k0: Value) -> None:
-        """Load the K tile starting at k0 into the registers (zeros past K)."""
+        """Load the K tile starting at k0 into the registers (zeros from k_hi on)."""
         for oi, (buf, _sh, sl, rnd) in enumerate(ops):
             for si, (kk, _sidx, addr, _guard, _plain, s_k) in enumerate(sl):
                 kg = k0 + kk
-                raw = buf.load_raw(addr + kb.fmin(kg, k - 1) * _u(kb, s_k))
+                raw = buf.load_raw(addr + kb.fmin(kg, k - 1) * _u(kb, s_k))  # type: ignore
                 # f32 data the graph cast to bf16: round as the cast did
                 v = kb.to_bf16n(raw) if rnd is not None else raw
-                regs[oi][si].set(kb.select(kg < k, v, zero))
+                regs[oi][si].set(kb.select(kg < k_hi, v, zero))
                 if oi == 1 and csums:
                     wide = kb.from_bf16n(raw) if raw.dtype == "bf16n" else kb.cast(raw, "f32")
-                    f = kb.select(kg < k, wide, 0.0)
-                    csums[si].set(csums[si].get() + f)
+                    csums[si].set(csums[si].get() + kb.select(kg < k_hi, wide, 0.0))
 
-    sg, lane = tid / lanes, tid % lanes
+    sg = tid / lanes
     sr, sc = sg / (tn // rn), sg % (tn // rn)
     fa = coopmat.Frag(kb, elem, "a")
     fb = coopmat.Frag(kb, elem, "b")
     fc = coopmat.Frag(kb, "f32", "acc")
     fm, fn = rm // _FRAG, rn // _FRAG
     acc = [[fc.var() for _ in range(fn)] for _ in range(fm)]
-    fetch(kb.u32(0))
-    with kb.loop(kb.u32(0), k, bk) as k0:
+    fetch(k_lo)
+    with kb.loop(k_lo, k_hi, bk) as k0:
         for oi, (_buf, sh, sl, _rnd) in enumerate(ops):
             for si, (_kk, sidx, _addr, guard, _plain, _s) in enumerate(sl):
                 if guard is None:
@@ -152,7 +229,7 @@ def emit(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule | None)
                     with kb.if_(guard):
                         sh.store(sidx, regs[oi][si].get())
         kb.barrier()
-        with kb.if_(k0 + bk < k):  # the next tile's global loads overlap this tile's math
+        with kb.if_(k0 + bk < k_hi):  # the next tile's global loads overlap this tile's math
             fetch(k0 + bk)
         for kk in range(0, bk, _FRAG):
             av = [fa.load(a_sh, (sr * rm + i * _FRAG) * lda + kk, lda) for i in range(fm)]
@@ -161,36 +238,76 @@ def emit(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule | None)
                 for j in range(fn):
                     acc[i][j].set(fc.mul_add(av[i], bv[j], acc[i][j].get()))
         kb.barrier()  # everyone has read the tiles before the next iteration overwrites them
-    if csums:
-        _colsum(kb, cfg, store, ops[1][2], csums, tid, row0, col0, n)
-    scratch = kb.shared("f32", (threads // lanes) * _FRAG * _SCRATCH_LD)
+    return fc, acc, csums, ops[1][2], sg
+
+
+def _guarded_finish(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object, bi: Value,
+                    row: Value, col: Value, v: Value) -> None:
+    """store.finish of one element, skipped outside (M, N) where the tile overhangs."""
+    m, n = p["m"], p["n"]
+    conds = ([row < m] if m % cfg.tm else []) + ([col < n] if n % cfg.tn else [])
+    idx = bi * (m * n) + row * n + col
+    if conds:
+        ok = conds[0] if len(conds) == 1 else conds[0] & conds[1]
+        with kb.if_(ok):
+            store.finish((bi, row, col), idx, v)  # type: ignore[attr-defined]
+    else:
+        store.finish((bi, row, col), idx, v)  # type: ignore[attr-defined]
+
+
+def _finish_fragments(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object,
+                      acc: list, sg: Value, tid: Value, row0: Value, col0: Value,
+                      bi: Value) -> None:
+    """Each fragment through the subgroup's f32 scratch, then element by element through the
+    epilogue store."""
+    lanes = cfg.lanes
+    lane = tid % lanes
+    sr, sc = sg / (cfg.tn // cfg.rn), sg % (cfg.tn // cfg.rn)
+    fc = acc[0][0].frag
+    scratch = kb.shared("f32", (cfg.threads // lanes) * _FRAG * _SCRATCH_LD)
     base = sg * (_FRAG * _SCRATCH_LD)
-    out_base = bi * (m * n)
-    for i in range(fm):
-        for j in range(fn):
-            fc.store(scratch, base, acc[i][j].get(), _SCRATCH_LD)
+    for i, row_frags in enumerate(acc):
+        for j, frag in enumerate(row_frags):
+            fc.store(scratch, base, frag.get(), _SCRATCH_LD)
             coopmat.subgroup_barrier(kb)
             for t in range(_FRAG * _FRAG // lanes):
                 e = lane + t * lanes
                 r, c = e / _FRAG, e % _FRAG
                 v = scratch.load(base + r * _SCRATCH_LD + c)
-                row = row0 + sr * rm + (i * _FRAG) + r
-                col = col0 + sc * rn + (j * _FRAG) + c
-                conds = ([row < m] if m % tm else []) + ([col < n] if n % tn else [])
-                idx = out_base + row * n + col
-                if conds:
-                    ok = conds[0] if len(conds) == 1 else conds[0] & conds[1]
-                    with kb.if_(ok):
-                        store.finish((bi, row, col), idx, v)
-                else:
-                    store.finish((bi, row, col), idx, v)
+                row = row0 + sr * cfg.rm + (i * _FRAG) + r
+                col = col0 + sc * cfg.rn + (j * _FRAG) + c
+                _guarded_finish(kb, cfg, p, store, bi, row, col, v)
             coopmat.subgroup_barrier(kb)  # lanes have read before the next fragment lands
 
 
-def _colsum(kb: KernelBuilder, cfg: MatmulConfig, store: object, b_slots: list, csums: list,
-            tid: Value, row0: Value, col0: Value, n: int) -> None:
+def _reduce_slices(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object, ws: object,
+                   tid: Value, row0: Value, col0: Value, bi: Value, layout: tuple) -> None:
+    """Split-K pass 1: each element of the tile is the sum of the slices' partials (in slice
+    order: deterministic), finished through the epilogue store; likewise the column sums."""
+    mp, np_, cs_base = layout
+    tm, tn, split, batch = cfg.tm, cfg.tn, cfg.split, p["batch"]
+    with kb.loop(tid, tm * tn, cfg.threads) as e:
+        row, col = row0 + e / tn, col0 + e % tn
+        total = ws.load((bi * mp + row) * np_ + col)  # type: ignore[attr-defined]
+        for s in range(1, split):
+            total = total + ws.load(((s * batch + bi) * mp + row) * np_ + col)  # type: ignore
+        _guarded_finish(kb, cfg, p, store, bi, row, col, total)
+    if p.get("colsum_b"):
+        col = col0 + tid
+        ok = (tid < tn) & (row0 == 0)
+        if p["n"] % tn:
+            ok = ok & (col < p["n"])
+        with kb.if_(ok):
+            total = ws.load(cs_base + col)  # type: ignore[attr-defined]
+            for s in range(1, split):
+                total = total + ws.load(cs_base + s * np_ + col)  # type: ignore[attr-defined]
+            store.colsum.store(col, total)  # type: ignore[attr-defined]
+
+
+def _colsum(kb: KernelBuilder, cfg: MatmulConfig, b_slots: list, csums: list, tid: Value,
+            row0: Value, col0: Value, n: int, put: object) -> None:
     """Fold the per-slot column sums of b (a slot keeps one column and k offset) through a
-    bk x tn shared array; the first row of workgroups stores them."""
+    bk x tn shared array; the first row of workgroups puts them (`put(col, total)`)."""
     sh = kb.shared("f32", cfg.bk * cfg.tn)
     for (_kk, _sidx, _addr, guard, plain, _s), cs in zip(b_slots, csums, strict=True):
         if guard is None:
@@ -207,7 +324,7 @@ def _colsum(kb: KernelBuilder, cfg: MatmulConfig, store: object, b_slots: list, 
         total = sh.load(tid)
         for kk in range(1, cfg.bk):
             total = total + sh.load(tid + kk * cfg.tn)
-        store.colsum.store(col, total)  # type: ignore[attr-defined]
+        put(col, total)  # type: ignore[operator]
 
 
 _VARIANTS["coopmat"] = emit
