@@ -44,7 +44,9 @@ from .kernel import Binding, Dispatch, KernelBinary, KernelSpec
 
 # "bf16n": the native bfloat16 type of SPV_KHR_bfloat16 (storage and conversion only)
 _KIND = {"f32": "f", "f16": "f", "bf16n": "f", "i32": "i", "u32": "u", "u16": "u", "bool": "b"}
-_SIZE = {"f32": 4, "f16": 2, "bf16n": 2, "i32": 4, "u32": 4, "u16": 2, "bool": 4}
+_SIZE = {"f32": 4, "f16": 2, "bf16n": 2, "i32": 4, "u32": 4, "u16": 2, "bool": 4,
+         "u32x4": 16, "f32x4": 16}
+_VECTORS = {"u32x4": ("u32", 4), "f32x4": ("f32", 4)}  # 16-byte loads and stores only
 _ARITH = {
     "add": {"f": "OpFAdd", "i": "OpIAdd", "u": "OpIAdd"},
     "sub": {"f": "OpFSub", "i": "OpISub", "u": "OpISub"},
@@ -183,8 +185,9 @@ class SharedArray:
 class Buffer:
     """A storage buffer binding; loads return compute dtypes, stores convert to storage."""
 
-    def __init__(self, kb: KernelBuilder, var: int, dtype: str, storage: str, packed: bool):
-        self.kb, self.var, self.dtype = kb, var, dtype
+    def __init__(self, kb: KernelBuilder, var: int, dtype: str, storage: str, packed: bool,
+                 binding: int = -1):
+        self.kb, self.var, self.dtype, self.binding = kb, var, dtype, binding
         self.storage = storage  # element type in the shader: f32, f16, i32, u32, u16
         self.packed = packed  # bf16 as two halves of a u32 word (no 16-bit storage)
         self.compute = "f32" if dtype in ("f16", "bf16") else dtype
@@ -295,6 +298,9 @@ class KernelBuilder:
             return m.emit("OpTypeFloat", 16, "BFloat16KHR")
         if dtype in ("i32", "u32", "u16"):
             return m.emit("OpTypeInt", 16 if dtype == "u16" else 32, int(dtype == "i32"))
+        if dtype in _VECTORS:
+            comp, n = _VECTORS[dtype]
+            return m.emit("OpTypeVector", self.type(comp), n)
         raise TypeError(f"no shader type for dtype {dtype!r}")
 
     def ptr_type(self, storage_class: str, type_id: int) -> int:
@@ -488,7 +494,37 @@ class KernelBuilder:
         m.emit("OpDecorate", var, "Binding", len(self.bindings))
         m.emit("OpName", var, name)
         self.bindings.append(Binding(name, dtype, writable))
-        return Buffer(self, var, dtype, storage, packed)
+        return Buffer(self, var, dtype, storage, packed, len(self.bindings) - 1)
+
+    def buffer_view(self, buf: Buffer, dtype: str) -> Buffer:
+        """The same read-only binding as `buf`, seen as an array of `dtype` ("u32x4",
+        "f32x4"): 16-byte loads, indexed in those units. The binding's offset and the
+        indices must be 16-byte aligned (the caller's to check)."""
+        if dtype not in _VECTORS:
+            raise TypeError(f"buffer views are {tuple(_VECTORS)}, not {dtype!r}")
+        m = self.m
+        arr = m.emit("OpTypeRuntimeArray", self.type(dtype))
+        m.emit("OpDecorate", arr, "ArrayStride", _SIZE[dtype])
+        block = m.emit("OpTypeStruct", arr, dedupe=False)
+        m.emit("OpMemberDecorate", block, 0, "Offset", 0)
+        m.emit("OpMemberDecorate", block, 0, "NonWritable")
+        m.emit("OpDecorate", block, "Block")
+        var = m.emit("OpVariable", self.ptr_type("StorageBuffer", block), "StorageBuffer")
+        m.emit("OpDecorate", var, "DescriptorSet", 0)
+        m.emit("OpDecorate", var, "Binding", buf.binding)
+        return Buffer(self, var, dtype, dtype, False, buf.binding)
+
+    def null(self, dtype: str) -> Value:
+        """The all-zero value of `dtype` (vectors included)."""
+        return Value(self, self.m.emit("OpConstantNull", self.type(dtype)), dtype)
+
+    def extract(self, vec: Value, i: int) -> Value:
+        """Component i of a vector Value."""
+        return self.op("OpCompositeExtract", _VECTORS[vec.dtype][0], vec, i)
+
+    def vector(self, dtype: str, parts: Sequence[Value]) -> Value:
+        """A vector Value of `dtype` from its components."""
+        return self.op("OpCompositeConstruct", dtype, *parts)
 
     def push_constants(self, fields: Sequence[tuple[str, str]]) -> dict[str, Value]:
         """Declare the push-constant block (32-bit scalars) and load every field."""

@@ -136,3 +136,17 @@ def test_gpt_step_matches_reference(caps, precision, options):
     from tests.nn.test_gpt import one_step_parity
 
     one_step_parity(precision, options, 1e-2, sgd=True)
+
+
+@pytest.mark.parametrize("a_t,b_t", [(False, False), (True, False), (False, True), (True, True)])
+def test_vector_staging_layouts(caps, a_t, b_t):
+    # 16-byte staging in every layout pair (aligned offsets and sizes), batched, with the
+    # column sums of a k-contiguous or an n-contiguous b
+    spec = _spec(1, 128, 96, 520, "bf16", a_t, b_t, a_off=8, b_off=16,
+                 extra=(("colsum_b", True),))
+    (got, cs), want, bb = _run(caps, spec, n_out=2)
+    assert _rel(got, want) < 1e-5
+    assert _rel(cs, bb[0].sum(axis=0)) < 1e-5
+    spec = _spec(3, 64, 128, 96, "bf16", a_t, b_t, a_off=24, b_off=8)
+    (got,), want, _ = _run(caps, spec)
+    assert _rel(got, want) < 1e-5

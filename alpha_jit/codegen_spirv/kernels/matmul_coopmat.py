@@ -27,9 +27,10 @@ import dataclasses
 import math
 
 from .. import coopmat
-from ..dsl import KernelBuilder, Value, cap
+from ..dsl import Buffer, KernelBuilder, Value, cap
+from .coopmat_staging import Layout, Staged
 from .elementwise import ScalarRule
-from .matmul import _VARIANTS, CONFIG_CHOOSERS, MatmulConfig, _prologue, _u
+from .matmul import _VARIANTS, CONFIG_CHOOSERS, MatmulConfig, _prologue
 
 _PAD = 8  # halves of padding per shared row: rows stay 16-byte aligned
 _FRAG = 16  # the fragment edge (16 x 16 x 16 shapes)
@@ -126,10 +127,10 @@ def emit(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule | None)
     coopmat.enable(kb, elem)
     abuf, bbuf, store, tid, row0, col0, z, pc = _prologue(kb, cfg, p, rule)
     if cfg.split == 1:
-        _, acc, csums, b_slots, sg = _multiply(kb, cfg, p, abuf, bbuf, tid, row0, col0, z,
-                                              kb.u32(0), kb.u32(k))
+        _, acc, csums, sg = _multiply(kb, cfg, p, abuf, bbuf, tid, row0, col0, z, kb.u32(0),
+                                      kb.u32(k))
         if csums:
-            _colsum(kb, cfg, b_slots, csums, tid, row0, col0, n,
+            _colsum(kb, cfg, csums, tid, row0, col0, n,
                     lambda col, total: store.colsum.store(col, total))  # type: ignore
         _finish_fragments(kb, cfg, p, store, acc, sg, tid, row0, col0, z)
         return
@@ -143,8 +144,8 @@ def emit(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule | None)
             chunk = _round_up(math.ceil(k / split), cfg.bk)
             k_lo = sl * chunk
             k_hi = kb.fmin(k_lo + chunk, k)
-            fc, acc, csums, b_slots, sg = _multiply(kb, cfg, p, abuf, bbuf, tid, row0, col0,
-                                                   bi, k_lo, k_hi)
+            fc, acc, csums, sg = _multiply(kb, cfg, p, abuf, bbuf, tid, row0, col0, bi, k_lo,
+                                           k_hi)
             sr, sc = sg / (cfg.tn // cfg.rn), sg % (cfg.tn // cfg.rn)
             for i, row in enumerate(acc):
                 for j, frag in enumerate(row):
@@ -152,93 +153,51 @@ def emit(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule | None)
                     c = col0 + sc * cfg.rn + j * _FRAG
                     fc.store(ws, ((sl * p["batch"] + bi) * mp + r) * np_ + c, frag.get(), np_)
             if csums:
-                _colsum(kb, cfg, b_slots, csums, tid, row0, col0, n,
+                _colsum(kb, cfg, csums, tid, row0, col0, n,
                         lambda col, t: ws.store(cs_base + sl * np_ + col, t))
         with total:
             _reduce_slices(kb, cfg, p, store, ws, tid, row0, col0, z, (mp, np_, cs_base))
 
 
-def _multiply(kb: KernelBuilder, cfg: MatmulConfig, p: dict, abuf: object, bbuf: object,
+def _multiply(kb: KernelBuilder, cfg: MatmulConfig, p: dict, abuf: Buffer, bbuf: Buffer,
               tid: Value, row0: Value, col0: Value, bi: Value, k_lo: Value, k_hi: Value
               ) -> tuple:
-    """The main loop over k in [k_lo, k_hi): staged operands, fragments multiplied into the
-    accumulators. Returns (accumulator type, accumulators [i][j], column-sum slots, b's
-    staging slots, subgroup id)."""
-    m, n, k = p["m"], p["n"], p["k"]
+    """The main loop over k in [k_lo, k_hi): both operands staged (coopmat_staging.py),
+    fragments multiplied into the accumulators. Returns (accumulator type, accumulators
+    [i][j], b's column-sum entries, subgroup id)."""
     elem = operand_elem(p, "a")
-    tm, tn, bk, rm, rn, lanes, threads = cfg.tm, cfg.tn, cfg.bk, cfg.rm, cfg.rn, cfg.lanes, \
-        cfg.threads
-    lda, ldb = bk + _PAD, tn + _PAD
-    a_sh, b_sh = kb.shared(elem, tm * lda), kb.shared(elem, bk * ldb)
-    zero = kb.to_bf16n(kb.f32(0.0)) if elem == "bf16n" else kb.cast(kb.f32(0.0), elem)
-
-    def slots(name: str, tile: int, size: int, dims: tuple) -> list:
-        """Per-thread staging slots of one operand's tile x bk block: (k offset, shared
-        index, k-independent global address, guard, plain index in the block, k stride)."""
-        off, sb, s_outer, s_k = dims
-        k_fast = abs(s_k) < abs(s_outer) or (s_k != 0 and s_outer == 0)
-        base = _u(kb, off) + bi * _u(kb, sb) if sb else _u(kb, off)
-        out = []
-        for r in range(math.ceil(tile * bk / threads)):
-            e = tid + r * threads
-            kk, o = (e % bk, e / bk) if k_fast else (e / tile, e % tile)
-            g = (row0 if name == "a" else col0) + o
-            if size % tile:  # clamp: the row/column's products are never stored
-                g = kb.fmin(g, size - 1)
-            addr = base + g * _u(kb, s_outer) if s_outer else base
-            sidx = o * lda + kk if name == "a" else kk * ldb + o
-            guard = e < tile * bk if (r + 1) * threads > tile * bk else None
-            out.append((kk, sidx, addr, guard, kk * tile + o, s_k))
-        return out
-
-    a_dims, b_dims = p["a"][1:], p["b"][1:]
-    ops = [(abuf, a_sh, slots("a", tm, m, a_dims), p.get("a_round")),
-           (bbuf, b_sh, slots("b", tn, n, (b_dims[0], b_dims[1], b_dims[3], b_dims[2])),
-            p.get("b_round"))]
-    regs = [[kb.var(elem) for _ in sl] for _, _, sl, _ in ops]
-    with_colsum = bool(p.get("colsum_b"))
-    csums = [kb.var("f32", 0.0) for _ in ops[1][2]] if with_colsum else []
-
-    def fetch(k0: Value) -> None:
-        """Load the K tile starting at k0 into the registers (zeros from k_hi on)."""
-        for oi, (buf, _sh, sl, rnd) in enumerate(ops):
-            for si, (kk, _sidx, addr, _guard, _plain, s_k) in enumerate(sl):
-                kg = k0 + kk
-                raw = buf.load_raw(addr + kb.fmin(kg, k - 1) * _u(kb, s_k))  # type: ignore
-                # f32 data the graph cast to bf16: round as the cast did
-                v = kb.to_bf16n(raw) if rnd is not None else raw
-                regs[oi][si].set(kb.select(kg < k_hi, v, zero))
-                if oi == 1 and csums:
-                    wide = kb.from_bf16n(raw) if raw.dtype == "bf16n" else kb.cast(raw, "f32")
-                    csums[si].set(csums[si].get() + kb.select(kg < k_hi, wide, 0.0))
-
-    sg = tid / lanes
-    sr, sc = sg / (tn // rn), sg % (tn // rn)
+    assert elem is not None
+    a_dt, a_off, a_sb, a_sm, a_sk = p["a"]
+    b_dt, b_off, b_sb, b_sk, b_sn = p["b"]
+    a = Staged(kb, "a", abuf, Layout(a_off, a_sb, a_sm, a_sk, p["m"], cfg.tm, p.get("a_round")),
+               cfg.bk, cfg.threads, elem, tid, row0, bi, p["k"], p["batch"], False)
+    b = Staged(kb, "b", bbuf, Layout(b_off, b_sb, b_sn, b_sk, p["n"], cfg.tn, p.get("b_round")),
+               cfg.bk, cfg.threads, elem, tid, col0, bi, p["k"], p["batch"],
+               bool(p.get("colsum_b")))
+    sg = tid / cfg.lanes
+    sr, sc = sg / (cfg.tn // cfg.rn), sg % (cfg.tn // cfg.rn)
     fa = coopmat.Frag(kb, elem, "a")
     fb = coopmat.Frag(kb, elem, "b")
     fc = coopmat.Frag(kb, "f32", "acc")
-    fm, fn = rm // _FRAG, rn // _FRAG
+    fm, fn = cfg.rm // _FRAG, cfg.rn // _FRAG
     acc = [[fc.var() for _ in range(fn)] for _ in range(fm)]
-    fetch(k_lo)
-    with kb.loop(k_lo, k_hi, bk) as k0:
-        for oi, (_buf, sh, sl, _rnd) in enumerate(ops):
-            for si, (_kk, sidx, _addr, guard, _plain, _s) in enumerate(sl):
-                if guard is None:
-                    sh.store(sidx, regs[oi][si].get())
-                else:
-                    with kb.if_(guard):
-                        sh.store(sidx, regs[oi][si].get())
+    a.fetch(k_lo, k_hi)
+    b.fetch(k_lo, k_hi)
+    with kb.loop(k_lo, k_hi, cfg.bk) as k0:
+        a.stash()
+        b.stash()
         kb.barrier()
-        with kb.if_(k0 + bk < k_hi):  # the next tile's global loads overlap this tile's math
-            fetch(k0 + bk)
-        for kk in range(0, bk, _FRAG):
-            av = [fa.load(a_sh, (sr * rm + i * _FRAG) * lda + kk, lda) for i in range(fm)]
-            bv = [fb.load(b_sh, sc * rn + (kk * ldb + j * _FRAG), ldb) for j in range(fn)]
+        with kb.if_(k0 + cfg.bk < k_hi):  # the next tile's global loads overlap the math
+            a.fetch(k0 + cfg.bk, k_hi)
+            b.fetch(k0 + cfg.bk, k_hi)
+        for kk in range(0, cfg.bk, _FRAG):
+            av = [a.fragment(fa, sr * cfg.rm + i * _FRAG, kk) for i in range(fm)]
+            bv = [b.fragment(fb, sc * cfg.rn + j * _FRAG, kk) for j in range(fn)]
             for i in range(fm):
                 for j in range(fn):
                     acc[i][j].set(fc.mul_add(av[i], bv[j], acc[i][j].get()))
         kb.barrier()  # everyone has read the tiles before the next iteration overwrites them
-    return fc, acc, csums, ops[1][2], sg
+    return fc, acc, b.colsum_entries() if b.csums else [], sg
 
 
 def _guarded_finish(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object, bi: Value,
@@ -304,17 +263,17 @@ def _reduce_slices(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object,
             store.colsum.store(col, total)  # type: ignore[attr-defined]
 
 
-def _colsum(kb: KernelBuilder, cfg: MatmulConfig, b_slots: list, csums: list, tid: Value,
-            row0: Value, col0: Value, n: int, put: object) -> None:
-    """Fold the per-slot column sums of b (a slot keeps one column and k offset) through a
-    bk x tn shared array; the first row of workgroups puts them (`put(col, total)`)."""
+def _colsum(kb: KernelBuilder, cfg: MatmulConfig, entries: list, tid: Value, row0: Value,
+            col0: Value, n: int, put: object) -> None:
+    """Fold b's column-sum partials (entries: guard, place in a bk x tn array, value) through
+    shared memory; the first row of workgroups puts each column's total (`put(col, t)`)."""
     sh = kb.shared("f32", cfg.bk * cfg.tn)
-    for (_kk, _sidx, _addr, guard, plain, _s), cs in zip(b_slots, csums, strict=True):
+    for guard, plain, val in entries:
         if guard is None:
-            sh.store(plain, cs.get())
+            sh.store(plain, val)
         else:
             with kb.if_(guard):
-                sh.store(plain, cs.get())
+                sh.store(plain, val)
     kb.barrier()
     col = col0 + tid
     ok = (tid < cfg.tn) & (row0 == 0)
