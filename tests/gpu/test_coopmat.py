@@ -150,3 +150,22 @@ def test_vector_staging_layouts(caps, a_t, b_t):
     spec = _spec(3, 64, 128, 96, "bf16", a_t, b_t, a_off=24, b_off=8)
     (got,), want, _ = _run(caps, spec)
     assert _rel(got, want) < 1e-5
+
+
+def test_every_candidate_tiling(caps):
+    # what the autotuner may pick: every tile, subgroup tile and split, on ragged edges
+    from alpha_jit.codegen_spirv.kernels import matmul_coopmat
+
+    base = _spec(1, 300, 520, 1040, "bf16", a_t=True, extra=(("colsum_b", True),))
+    cands = matmul_coopmat.candidates(dict(base.params), caps)
+    big = _spec(1, 2048, 2048, 64, "bf16")
+    cands_big = matmul_coopmat.candidates(dict(big.params), caps)
+    assert any(c.split > 1 for c in cands) and any(c.tm * c.tn > 128 * 128 for c in cands_big)
+    for spec, cs in ((base, cands), (big, cands_big)):
+        for cfg in cs:
+            s = KernelSpec("matmul", spec.name, (*spec.params, ("config", cfg.to_param())))
+            n_out = 2 if dict(spec.params).get("colsum_b") else 1
+            got, want, bb = _run(caps, s, n_out=n_out)
+            assert _rel(got[0], want) < 1e-5, cfg
+            if n_out == 2:
+                assert _rel(got[1], bb[0].sum(axis=0)) < 1e-5, cfg

@@ -69,8 +69,13 @@ def candidates(p: dict, caps: object) -> list[MatmulConfig]:
     max_threads = int(cap(caps, "max_workgroup_invocations", 1024))  # type: ignore[arg-type]
     max_shared = int(cap(caps, "max_shared_memory", 32768))  # type: ignore[call-overload]
     out = []
-    for tm, tn, rm, rn in ((128, 128, 64, 32), (64, 128, 32, 32), (128, 64, 32, 32),
+    # (tile, subgroup tile): 64 x 64 per subgroup loads 8 fragments per 16 products, 64 x 32
+    # 6 per 8; more subgroups per tile share its shared-memory traffic
+    for tm, tn, rm, rn in ((128, 256, 64, 64), (256, 128, 64, 64), (128, 128, 64, 64),
+                           (128, 128, 64, 32), (64, 128, 32, 32), (128, 64, 32, 32),
                            (64, 64, 32, 32)):
+        if tm * tn > 128 * 128 and p["m"] * p["n"] * p["batch"] < 64 * tm * tn:
+            continue  # big tiles only where there are many of them
         for bk in (32, 16):
             cfg = MatmulConfig("coopmat", tm, tn, bk, rm, rn, lanes or 32)
             if cfg.threads <= max_threads and \
