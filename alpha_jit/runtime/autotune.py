@@ -8,9 +8,10 @@ strides and rounding, f32 output, no epilogue) when tuning is on, else the gener
 heuristic. The choice travels in the spec, so the kernel caches key on it and a plan is
 reproducible.
 
-- Measuring: each candidate tiling (`matmul_coopmat.candidates`, plus the heuristic choice) is
-  generated, dispatched back to back on scratch buffers and timed with GPU timestamps; a
-  progress bar shows it, and it happens once per shape and device.
+- Measuring: each tiling of a short list (`matmul_coopmat.search`, plus the heuristic choice)
+  is generated, compiled (all shapes' candidates at once, on several threads), dispatched back
+  to back on scratch buffers and timed with GPU timestamps; a progress bar shows it, and it
+  happens once per shape and device.
 - Cache: `$ALPHA_JIT_CACHE_DIR/<device fingerprint>/autotune-<codegen version>.json`, plain JSON
   (bare spec key -> chosen config and the timings), written atomically. A plan made without a
   device (`--plan-only`) reads it too.
@@ -93,9 +94,14 @@ def _with_config(spec: KernelSpec, cfg: matmul.MatmulConfig) -> KernelSpec:
     return KernelSpec(spec.family, spec.name, params + (("config", cfg.to_param()),))
 
 
-def _candidates(spec: KernelSpec, caps: Any) -> list[matmul.MatmulConfig]:
+def _candidates(spec: KernelSpec, caps: Any, short: bool = False) -> list[matmul.MatmulConfig]:
+    """The tilings a spec may run with (`short`: the tuner's short list), the heuristic's
+    choice included."""
     p = dict(spec.params)
-    out = matmul_coopmat.candidates(p, caps) if matmul.coopmat_allowed() else []
+    if not matmul.coopmat_allowed():
+        out = []
+    else:
+        out = (matmul_coopmat.search if short else matmul_coopmat.candidates)(p, caps)
     heuristic = matmul.choose_config(spec, caps)
     return out + ([heuristic] if heuristic not in out else [])
 
@@ -120,9 +126,14 @@ def resolve(kernels: list[Any], caps: Any, device: Any = None,
             if tuning and device is not None and bare.key() not in entries:
                 todo.setdefault(bare.key(), bare)
         if todo:
+            # every candidate generated, then compiled by the driver on several threads
+            built = {key: [(cfg, generate(_with_config(bare, cfg), caps))
+                           for cfg in _candidates(bare, caps, short=True)]
+                     for key, bare in todo.items()}
+            device.pipelines.get_many([b for cands in built.values() for _, b in cands])
             for key, bare in tqdm(todo.items(), desc="alpha_jit: tuning GEMM tiles",
                                   unit="shape", leave=False, disable=len(todo) < 2):
-                entries[key] = _measure(device, bare, caps)
+                entries[key] = _measure(device, bare, built[key])
             _store(path, entries)  # type: ignore[arg-type]
     for k in gemms:
         heuristic = matmul.choose_config(k.spec, caps)
@@ -162,8 +173,9 @@ def _warm_clocks(dev: Any, rec: Any) -> None:
     _warm = True
 
 
-def _measure(dev: Any, bare: KernelSpec, caps: Any) -> Tuned:
-    """Time every candidate tiling of a bare GEMM on scratch buffers; the fastest wins."""
+def _measure(dev: Any, bare: KernelSpec, built: list[tuple[Any, Any]]) -> Tuned:
+    """Time every candidate (config, binary) of a bare GEMM on scratch buffers; the fastest
+    wins."""
     from alpha_jit.runtime.executor import BarrierCmd, DispatchCmd, FillCmd, TimestampCmd
 
     p = dict(bare.params)
@@ -185,8 +197,7 @@ def _measure(dev: Any, bare: KernelSpec, caps: Any) -> Tuned:
         rec = dev.record(fill, name="autotune fill")
         dev.wait(rec.submit())
         rec.release()
-        for cfg in _candidates(bare, caps):
-            binary = generate(_with_config(bare, cfg), caps)
+        for cfg, binary in built:
             pipe = dev.pipeline(binary)
             binds = list(regions)
             if cfg.split > 1:

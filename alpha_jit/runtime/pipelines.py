@@ -16,7 +16,9 @@ with its name and the limit instead of a driver crash.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -184,6 +186,32 @@ class PipelineManager:
         return (binary.spec.key(), hashlib.sha256(bytes(binary.words)).hexdigest(),
                 self.fingerprint)
 
+    def get_many(self, binaries: Sequence[KernelBinary], bar: Any = None) -> list[Pipeline]:
+        """`get` of each binary, the new ones compiled by the driver on several threads (the
+        calls release the GIL; the pipeline cache is internally synchronized): a cold step's
+        hundreds of pipelines, or the autotuner's candidates, in a fraction of the time."""
+        todo = {}
+        for b in binaries:
+            key = self.key(b)
+            if key not in self.pipelines and key not in todo:
+                validate(b, self.device.caps)
+                todo[key] = b
+        workers = max(1, min(8, (os.cpu_count() or 1)))
+        if len(todo) > 1 and workers > 1:
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                futures = {key: pool.submit(self._create, b) for key, b in todo.items()}
+                for key, f in futures.items():
+                    self.pipelines[key] = f.result()
+                    if bar is not None:
+                        bar.update(1)
+        else:
+            for key, b in todo.items():
+                self.pipelines[key] = self._create(b)
+        if todo:
+            self.dirty = True
+            self.device.stats["pipelines"] += len(todo)
+        return [self.pipelines[self.key(b)] for b in binaries]
+
     def begin_build(self) -> BuildProgress:
         """Start timing a step's build (kernel generation, then `BuildProgress.pipelines`)."""
         return BuildProgress(self)
@@ -318,9 +346,10 @@ class BuildProgress:
         """The pipeline of each binary, in order, with a progress bar when many are new."""
         mgr = self.manager
         new = len({mgr.key(b) for b in binaries} - mgr.pipelines.keys())
-        bar = tqdm(binaries, desc="alpha_jit: building pipelines", unit="kernel",
-                   disable=new < _BAR_MIN_NEW, delay=_BAR_DELAY_S, leave=False, file=sys.stderr)
-        out = [mgr.get(b) for b in bar]
+        with tqdm(total=new, desc="alpha_jit: building pipelines", unit="kernel",
+                  disable=new < _BAR_MIN_NEW, delay=_BAR_DELAY_S, leave=False,
+                  file=sys.stderr) as bar:
+            out = mgr.get_many(binaries, bar)
         saved = mgr.save() if new else True  # on disk now: a run killed later still keeps it
         generated = generate.COUNTS["generated"] - self.generated_before
         elapsed = time.perf_counter() - self.started

@@ -89,6 +89,7 @@ class Executable:
     """One traced signature compiled for one device."""
 
     released = False  # set by release(); a class default keeps __init__ untouched
+    _out_meta: list | None = None  # (bytes, numpy dtype, shape, bf16) of each output
 
     def __init__(self, traced: Any, device: Device | None = None, profile: bool = False):
         self.traced = traced
@@ -271,13 +272,17 @@ class Executable:
         if not self.pending or self.pending[0]._value != value:
             return
         self.device.wait(value)
-        for h, r, off in zip(self.pending, self.lowered.returns, self.out_offsets,
-                             strict=True):
-            b = self.lowered.buffers[r.buffer]
-            raw = self.readback.read(b.nbytes, off)
+        if self._out_meta is None:  # per call it was host time: computed once
+            self._out_meta = [(self.lowered.buffers[r.buffer], r.shape)
+                              for r in self.lowered.returns]
+            self._out_meta = [(b.nbytes, np.dtype(b.dtype.np_storage), shape,
+                               b.dtype == dtypes.bfloat16) for b, shape in self._out_meta]
+        for h, (nbytes, np_dt, shape, bf16), off in zip(self.pending, self._out_meta,
+                                                        self.out_offsets, strict=True):
+            raw = self.readback.read(nbytes, off)
             # the traced shape, not the buffer's: a returned view shares its base's buffer
-            arr = np.frombuffer(raw, dtype=b.dtype.np_storage).reshape(r.shape).copy()
-            h._host = dtypes.bf16_to_f32(arr) if b.dtype == dtypes.bfloat16 else arr
+            arr = np.frombuffer(raw, dtype=np_dt).reshape(shape).copy()
+            h._host = dtypes.bf16_to_f32(arr) if bf16 else arr
             h._exe = None  # a read handle must not keep this step (and its graph) alive
         self.pending = []
 

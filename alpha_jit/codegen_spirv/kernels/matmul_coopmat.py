@@ -90,6 +90,24 @@ def candidates(p: dict, caps: object) -> list[MatmulConfig]:
     return out
 
 
+def search(p: dict, caps: object) -> list[MatmulConfig]:
+    """The autotuner's short list (each candidate is a kernel to generate, compile and time):
+    the two largest tiles that fill the GPU and the 64 x 64-per-subgroup 128 x 128 tile; for
+    grids too small to fill it, the two best split-K depths of 128 x 128 and 64 x 64."""
+    cands = candidates(p, caps)
+    whole = [c for c in cands if c.split == 1]
+    filled = [c for c in whole if _groups(p, c) >= _FILL]
+    out = filled[:2] + [c for c in filled[2:] if (c.tm, c.tn, c.rm) == (128, 128, 64)]
+    if len(filled) < 2:
+        for tm, tn in ((128, 128), (64, 64)):
+            splits = [c for c in cands if (c.tm, c.tn, c.split > 1) == (tm, tn, True)
+                      and (c.rm, c.rn) == (64 if tm == 128 else 32,) * 2]
+            fill = [c for c in splits if _groups(p, c) * c.split >= _FILL]
+            out += fill[:2] if fill else splits[-1:]
+        out += [c for c in whole[-1:] if c not in out]
+    return out
+
+
 def choose(p: dict, caps: object) -> MatmulConfig | None:
     """The heuristic choice: the largest tile that still gives enough workgroups to fill a
     big GPU, else the smallest tile split over K until it does (the autotuner measures
