@@ -252,8 +252,9 @@ def _finish_fragments(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: obje
         for j, frag in enumerate(row_frags):
             fc.store(scratch, base, frag.get(), _SCRATCH_LD)
             coopmat.subgroup_barrier(kb)
-            for t in range(_FRAG * _FRAG // lanes):
-                e = lane + t * lanes
+            # a loop, not unrolled: the epilogue's code once per fragment (module size and the
+            # driver's compile time grow with it)
+            with kb.loop(lane, _FRAG * _FRAG, lanes) as e:
                 r, c = e / _FRAG, e % _FRAG
                 v = scratch.load(base + r * _SCRATCH_LD + c)
                 row = row0 + sr * cfg.rm + (i * _FRAG) + r
