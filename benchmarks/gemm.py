@@ -253,6 +253,7 @@ def alpha_gemm(case: GemmCase, seed: int, target_ms: float, trials: int,
     values, B values)`: the relative error, output)."""
     from alpha_jit import dtypes
     from alpha_jit.codegen_spirv.generate import generate
+    from alpha_jit.runtime import autotune
     from alpha_jit.runtime.device import get_device
     from alpha_jit.runtime.executor import BarrierCmd, DispatchCmd, FillCmd, TimestampCmd
 
@@ -309,7 +310,7 @@ def alpha_gemm(case: GemmCase, seed: int, target_ms: float, trials: int,
 
         one = record(1)
         run(one)  # warm-up: first touch of the buffers, the driver's lazy pipeline work
-        _warm_clocks(lambda: run(one))
+        autotune.warm_clocks(lambda: run(one))  # clocks ramp up from idle
         first = run(one)
         reps = int(min(MAX_REPS, max(1, math.ceil(target_ms / max(first, 1e-3)))))
         timed = record(reps)
@@ -323,22 +324,6 @@ def alpha_gemm(case: GemmCase, seed: int, target_ms: float, trials: int,
             dev.free(r)
     note = None if use_stamps else "no GPU timestamps on this queue: wall clock of submit+wait"
     return Timing(median(times), reps, times, note, binary.variant), check(case, got, va, vb), got
-
-
-_WARM_S = 1.0  # GPU busy time before the first measurement: clocks ramp up from idle
-_warmed = False
-
-
-def _warm_clocks(run: Callable[[], float]) -> None:
-    """Keep the GPU busy for _WARM_S once per process: on the H200 the first GEMM measured
-    from idle ran at a quarter of its speed (24 vs 111 TFLOP/s at 4096^3)."""
-    global _warmed
-    import time
-
-    end = time.perf_counter() + _WARM_S
-    while not _warmed and time.perf_counter() < end:
-        run()
-    _warmed = True
 
 
 def _tuned(spec: Any, dev: Any) -> Any:

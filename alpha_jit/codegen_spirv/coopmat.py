@@ -64,6 +64,7 @@ def enable(kb: KernelBuilder, *elems: str) -> None:
     m = kb.m
     m.version = max(m.version, (1, 6))
     m.emit("OpMemoryModel", "Logical", "Vulkan")
+    kb.shared_access = ("NonPrivatePointer",)
     # declared explicitly: implied by BFloat16CooperativeMatrixKHR alone, the extension that
     # defines it would not be added
     m.capability("CooperativeMatrixKHR")
@@ -126,6 +127,10 @@ class Frag:
         v.set(self.zero())
         return v
 
+    def _access(self, mem: SharedArray | Buffer) -> tuple[str, ...]:
+        # workgroup memory that other invocations read after a barrier: NonPrivatePointer
+        return self.kb.shared_access if isinstance(mem, SharedArray) else ()
+
     @staticmethod
     def _ptr(src: SharedArray | Buffer, index: object) -> int:
         return src._ptr(index) if isinstance(src, SharedArray) else src.ptr(index)
@@ -136,7 +141,7 @@ class Frag:
         (columns, with column_major)."""
         kb = self.kb
         fid = kb.m.emit("OpCooperativeMatrixLoadKHR", self.type_id, self._ptr(src, index),
-                        kb.u32(int(column_major)), kb.u32(stride))
+                        kb.u32(int(column_major)), kb.u32(stride), *self._access(src))
         return Fragment(self, fid)
 
     def store(self, dst: SharedArray | Buffer, index: object, x: Fragment, stride: int,
@@ -144,7 +149,7 @@ class Frag:
         self.check(x)
         kb = self.kb
         kb.m.emit("OpCooperativeMatrixStoreKHR", self._ptr(dst, index), x.id,
-                  kb.u32(int(column_major)), kb.u32(stride))
+                  kb.u32(int(column_major)), kb.u32(stride), *self._access(dst))
 
     def mul_add(self, a: Fragment, b: Fragment, c: Fragment) -> Fragment:
         """a @ b + c (this type is the accumulator's)."""

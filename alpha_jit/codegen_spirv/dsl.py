@@ -176,10 +176,12 @@ class SharedArray:
 
     def load(self, index: object) -> Value:
         kb = self.kb
-        return Value(kb, kb.m.emit("OpLoad", kb.type(self.dtype), self._ptr(index)), self.dtype)
+        return Value(kb, kb.m.emit("OpLoad", kb.type(self.dtype), self._ptr(index),
+                                   *kb.shared_access), self.dtype)
 
     def store(self, index: object, x: object) -> None:
-        self.kb.m.emit("OpStore", self._ptr(index), self.kb.value(x, self.dtype))
+        self.kb.m.emit("OpStore", self._ptr(index), self.kb.value(x, self.dtype),
+                       *self.kb.shared_access)
 
 
 class Buffer:
@@ -276,6 +278,9 @@ class KernelBuilder:
         self.bindings: list[Binding] = []
         # set before declaring buffers when the kernel may run in place (spec ("aliased", True))
         self.aliased = False
+        # memory operands of workgroup-memory accesses: under the Vulkan memory model a
+        # barrier orders only NonPrivatePointer accesses (coopmat.enable sets it)
+        self.shared_access: tuple[str, ...] = ()
         self.push_constant_size = 0
         self.shared_bytes = 0
         self._builtins: dict[str, int] = {}

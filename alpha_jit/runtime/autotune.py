@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from alpha_jit.codegen_spirv import disk_cache
 from alpha_jit.codegen_spirv.generate import codegen_version, generate
 from alpha_jit.codegen_spirv.kernel import KernelSpec
 from alpha_jit.codegen_spirv.kernels import matmul, matmul_coopmat
+from alpha_jit.errors import AlphaJitError
 
 log = logging.getLogger("alpha_jit.autotune")
 
@@ -116,14 +118,18 @@ def resolve(kernels: list[Any], caps: Any, device: Any = None,
              and "config" not in dict(k.spec.params)]
     if not gemms:
         return
-    tuning = enabled() and caps is not None and caps.device_type != "cpu"
+    # timestamps are how candidates are compared: no timestamps, no tuning
+    tuning = enabled() and caps is not None and caps.device_type != "cpu" \
+        and bool(getattr(caps, "timestamp_compute", False))
     path = cache_path(caps) if tuning else None
     with _LOCK:
         entries = _load(path) if path is not None else {}
         todo = {}
         for k in gemms:
             bare = bare_spec(k.spec)
-            if tuning and device is not None and bare.key() not in entries:
+            # one candidate (no cooperative matrices, or ALPHA_JIT_COOPMAT=0): nothing to time
+            if tuning and device is not None and bare.key() not in entries \
+                    and len(_candidates(bare, caps, short=True)) > 1:
                 todo.setdefault(bare.key(), bare)
         if todo:
             # every candidate generated, then compiled by the driver on several threads
@@ -133,7 +139,11 @@ def resolve(kernels: list[Any], caps: Any, device: Any = None,
             device.pipelines.get_many([b for cands in built.values() for _, b in cands])
             for key, bare in tqdm(todo.items(), desc="alpha_jit: tuning GEMM tiles",
                                   unit="shape", leave=False, disable=len(todo) < 2):
-                entries[key] = _measure(device, bare, built[key])
+                try:
+                    entries[key] = _measure(device, bare, built[key])
+                except AlphaJitError as exc:  # e.g. its scratch over a device limit
+                    log.warning("autotune: %s not measured (%s); the heuristic tiling is used",
+                                bare.name, exc)
             _store(path, entries)  # type: ignore[arg-type]
     for k in gemms:
         heuristic = matmul.choose_config(k.spec, caps)
@@ -151,25 +161,26 @@ def resolve(kernels: list[Any], caps: Any, device: Any = None,
                 from alpha_jit import dtypes
                 from alpha_jit.codegen_spirv.lower import Buffer
 
-                bid = max(buffers, default=0) + 1
+                bid = min(min(buffers, default=0), 0) - 1  # negative: no graph node's id
                 buffers[bid] = Buffer(bid, "temp", (size,), dtypes.float32)
                 k.writes.append(bid)
 
 
-_WARM_S = 0.5
+_WARM_S = 1.0
 _warm = False
 
 
-def _warm_clocks(dev: Any, rec: Any) -> None:
-    """Keep the GPU busy for _WARM_S once per process before the first measurement: from
-    idle, the H200 ran the first GEMM at a quarter of its speed, which would pick tiles by
-    clock speed instead of by shape."""
+def warm_clocks(run: Callable[[], object]) -> None:
+    """Keep the GPU busy (`run` submits work and waits) for _WARM_S once per process before
+    the first measurement: from idle, the H200 ran the first GEMM at a quarter of its speed
+    (24 vs 111 TFLOP/s at 4096^3), which would rank tiles by clock speed instead of by shape.
+    The GEMM benchmark uses it too."""
     global _warm
     import time
 
     end = time.perf_counter() + _WARM_S
     while not _warm and time.perf_counter() < end:
-        dev.wait(rec.submit())
+        run()
     _warm = True
 
 
@@ -212,7 +223,7 @@ def _measure(dev: Any, bare: KernelSpec, built: list[tuple[Any, Any]]) -> Tuned:
             cmds.append(TimestampCmd("end"))
             rec = dev.record(cmds, name=f"autotune {cfg.label()}")
             try:
-                _warm_clocks(dev, rec)
+                warm_clocks(lambda r=rec: dev.wait(r.submit()))
                 dev.wait(rec.submit())  # warm-up: caches
                 dev.wait(rec.submit())
                 stamps = dict(rec.timestamps())

@@ -196,20 +196,21 @@ class PipelineManager:
             if key not in self.pipelines and key not in todo:
                 validate(b, self.device.caps)
                 todo[key] = b
-        workers = max(1, min(8, (os.cpu_count() or 1)))
-        if len(todo) > 1 and workers > 1:
-            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-                futures = {key: pool.submit(self._create, b) for key, b in todo.items()}
-                for key, f in futures.items():
+        workers = max(1, min(8, (os.cpu_count() or 1), len(todo)))
+        failure: BaseException | None = None
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            futures = {key: pool.submit(self._create, b) for key, b in todo.items()}
+            for key, f in futures.items():  # every one kept, even past a failure: none leaks
+                try:
                     self.pipelines[key] = f.result()
-                    if bar is not None:
-                        bar.update(1)
-        else:
-            for key, b in todo.items():
-                self.pipelines[key] = self._create(b)
-        if todo:
-            self.dirty = True
-            self.device.stats["pipelines"] += len(todo)
+                    self.dirty = True
+                    self.device.stats["pipelines"] += 1
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    failure = failure or exc
+                if bar is not None:
+                    bar.update(1)
+        if failure is not None:
+            raise failure
         return [self.pipelines[self.key(b)] for b in binaries]
 
     def begin_build(self) -> BuildProgress:

@@ -81,7 +81,7 @@ def test_profile_of_a_script_without_a_compiled_step(tmp_path):
 def test_plan_small_gpt_for_the_h200_offline():
     out = run_cli("dump-ir", "--json", "--plan-only", "--device-caps", str(H200),
                   "examples/train_gpt.py", "--config", "small", "--precision", "bf16",
-                  env={"ALPHA_JIT_DEVICE": "no-such-device"})
+                  env={"ALPHA_JIT_DEVICE": "no-such-device", "ALPHA_JIT_AUTOTUNE": "0"})
     assert out.returncode == 0, out.stderr[-3000:]
     plan = json.loads(out.stdout)  # the script's own prints went to stderr
     assert plan["device"] == "NVIDIA H200" and plan["plan_only"] is True
@@ -117,7 +117,7 @@ def test_plan_small_gpt_for_the_h200_offline():
 def test_gpt2_plan_fits_the_h200_within_torch_compiles_peak():
     out = run_cli("dump-ir", "--json", "--plan-only", "--device-caps", str(H200),
                   "examples/train_gpt.py", "--config", "gpt2", "--precision", "bf16",
-                  env={"ALPHA_JIT_DEVICE": "no-such-device"})
+                  env={"ALPHA_JIT_DEVICE": "no-such-device", "ALPHA_JIT_AUTOTUNE": "0"})
     assert out.returncode == 0, out.stderr[-3000:]
     mem = json.loads(out.stdout)["memory"]
     # batch 8 x 1024 tokens: torch.compile's measured peak on the H200 is 5.16 GiB
@@ -131,7 +131,7 @@ def test_plan_names_what_does_not_fit(tmp_path):
     small = tmp_path / "tiny-device.json"
     small.write_text(json.dumps(caps))
     out = run_cli("dump-ir", "--device-caps", str(small), "examples/train_mlp.py",
-                  env={"ALPHA_JIT_DEVICE": "no-such-device"})
+                  env={"ALPHA_JIT_DEVICE": "no-such-device", "ALPHA_JIT_AUTOTUNE": "0"})
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
     # temporaries spread over pools; one larger than any allocation is named with its shape

@@ -192,7 +192,7 @@ def test_cpu_rows_narrow_output_never_splits_k():
 
 
 
-def test_coopmat_variants_validate_for_the_h200():
+def test_coopmat_variants_validate_for_the_h200(monkeypatch):
     """Every cooperative-matrix tiling the autotuner may pick for the H200 (whole and split-K)
     of every GEMM of a bf16 GPT step (bias, GELU and cast epilogues, column sums, operands
     rounded on load) and of an f16 batched GEMM is a valid SPIR-V 1.6 module for its target
@@ -207,6 +207,7 @@ def test_coopmat_variants_validate_for_the_h200():
     from alpha_jit.runtime import caps as caps_mod
     from alpha_jit.runtime.step_plan import plan_step
 
+    monkeypatch.setenv("ALPHA_JIT_AUTOTUNE", "0")  # not this machine's tuned choices
     h200 = caps_mod.load(Path(__file__).resolve().parents[1] / "data" / "h200-caps.json")
     nn.manual_seed(0)
     model = nn.GPT(nn.GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=64,

@@ -25,13 +25,10 @@ from dataclasses import dataclass
 
 from .. import coopmat
 from ..dsl import Buffer, KernelBuilder, Value
+from .matmul import _u
 
 _PAD = 8  # elements of padding per shared row: rows stay 16-byte aligned
 _VEC = 8  # 16-bit elements per 16-byte vector
-
-
-def _u(kb: KernelBuilder, x: int) -> Value:
-    return kb.u32(x % (1 << 32))  # u32 arithmetic wraps: negative strides stay exact
 
 
 @dataclass(frozen=True)
@@ -87,7 +84,8 @@ class Staged:
             rs, c = v / per_row, (v % per_row) * self.width
             kk, o = (c, rs) if self.k_major else (rs, c)
             g = g0 + o
-            if lay.size % lay.tile:  # past M or N: never stored; any valid address
+            partial = (r + 1) * threads > total  # idle lanes of the last round: o >= tile
+            if lay.size % lay.tile or partial:  # past M or N: never stored; a valid address
                 g = kb.fmin(g, lay.size - (1 if self.k_major else self.width))
             addr = base + g * _u(kb, lay.s_outer) if lay.s_outer else base
             sidx = (o * self.ld + kk) if self.k_major else (kk * self.ld + o)
@@ -180,6 +178,7 @@ class Staged:
 
 
 def sum_(kb: KernelBuilder, vals: list[Value]) -> Value:
+    """The sum of a list of Values, left to right."""
     total = vals[0]
     for v in vals[1:]:
         total = total + v

@@ -6,7 +6,8 @@ as a tiled SIMT GEMM and specialised at generation time: tile and micro-tile siz
 device limits, the global->shared load order from the operand strides (so loads are coalesced
 for row-major and transposed operands alike), and bounds checks only along the axes whose size
 is not a multiple of the tile. `choose_config` is the single place that picks a variant from the
-capabilities; a cooperative-matrix variant will register beside "simt" in `_VARIANTS`.
+capabilities; the cooperative-matrix variant (matmul_coopmat.py) registers beside "simt" in
+`_VARIANTS` and its heuristic in `CONFIG_CHOOSERS`.
 
 Spec (family "matmul"), params as (key, value) pairs, exactly:
     ("batch", B), ("m", M), ("n", N), ("k", K),

@@ -9,11 +9,10 @@ and push constants, so the lowering and the runtime cannot tell which variant th
 Shape of the kernel (config: tile tm x tn x bk, a subgroup tile rm x rn, `lanes` per subgroup):
 - The workgroup's subgroups form a (tm / rm) x (tn / rn) grid; each owns (rm/16) x (rn/16)
   f32 accumulator fragments in Function variables.
-- Operands are staged by every thread through shared memory, whatever their strides: a as
-  [tm][bk + 8], b as [bk][tn + 8] (16-byte row padding keeps fragment rows aligned and spreads
-  banks). The global load order follows the operand's contiguous axis, so warps read
-  neighbouring elements. The next K tile is loaded into registers while the current one is
-  multiplied (register prefetch), so one shared buffer hides the global latency.
+- Operands are staged by every thread through shared memory, whatever their strides
+  (coopmat_staging.py: 16-byte loads in the operand's own layout where aligned, else one
+  element per load; rows padded by 16 bytes). The next K tile is loaded into registers while
+  the current one is multiplied (register prefetch), so one shared buffer hides the latency.
 - f32 operands that the graph cast to bf16 are rounded on load to nearest even, exactly as the
   cast kernel they replace; the column sums of b add the values as loaded, before rounding.
 - Each accumulator fragment is stored to the subgroup's own f32 scratch in shared memory; after
@@ -23,16 +22,16 @@ Shape of the kernel (config: tile tm x tn x bk, a subgroup tile rm x rn, `lanes`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
 from .. import coopmat
 from ..dsl import Buffer, KernelBuilder, Value, cap
-from .coopmat_staging import Layout, Staged
+from .coopmat_staging import _PAD, Layout, Staged
 from .elementwise import ScalarRule
 from .matmul import _VARIANTS, CONFIG_CHOOSERS, MatmulConfig, _prologue
 
-_PAD = 8  # halves of padding per shared row: rows stay 16-byte aligned
 _FRAG = 16  # the fragment edge (16 x 16 x 16 shapes)
 _SCRATCH_LD = _FRAG + 4  # f32 scratch row stride: 80 bytes, a multiple of 16
 _ELEM = {"bf16": "bf16n", "f16": "f16"}  # operand dtype -> fragment element type
@@ -45,8 +44,9 @@ def operand_elem(p: dict, name: str) -> str | None:
 
 
 def shared_bytes(cfg: MatmulConfig, colsum: bool) -> int:
+    """Workgroup memory of a tiling, whichever layout each operand is staged in (bound)."""
     subgroups = (cfg.tm // cfg.rm) * (cfg.tn // cfg.rn)
-    staged = 2 * (cfg.tm * (cfg.bk + _PAD) + cfg.bk * (cfg.tn + _PAD))
+    staged = 2 * sum(max(t * (cfg.bk + _PAD), cfg.bk * (t + _PAD)) for t in (cfg.tm, cfg.tn))
     return staged + 4 * subgroups * _FRAG * _SCRATCH_LD + (4 * cfg.bk * cfg.tn if colsum else 0)
 
 
@@ -197,7 +197,7 @@ def _multiply(kb: KernelBuilder, cfg: MatmulConfig, p: dict, abuf: Buffer, bbuf:
     b = Staged(kb, "b", bbuf, Layout(b_off, b_sb, b_sn, b_sk, p["n"], cfg.tn, p.get("b_round")),
                cfg.bk, cfg.threads, elem, tid, col0, bi, p["k"], p["batch"],
                bool(p.get("colsum_b")))
-    sg = tid / cfg.lanes
+    sg = kb.subgroup_id()  # fragments belong to the hardware subgroup, whatever its lanes
     sr, sc = sg / (cfg.tn // cfg.rn), sg % (cfg.tn // cfg.rn)
     fa = coopmat.Frag(kb, elem, "a")
     fb = coopmat.Frag(kb, elem, "b")
@@ -243,7 +243,7 @@ def _finish_fragments(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: obje
     """Each fragment through the subgroup's f32 scratch, then element by element through the
     epilogue store."""
     lanes = cfg.lanes
-    lane = tid % lanes
+    lane = kb.subgroup_invocation_id()
     sr, sc = sg / (cfg.tn // cfg.rn), sg % (cfg.tn // cfg.rn)
     fc = acc[0][0].frag
     scratch = kb.shared("f32", (cfg.threads // lanes) * _FRAG * _SCRATCH_LD)
@@ -276,15 +276,13 @@ def _reduce_slices(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object,
             total = total + ws.load(((s * batch + bi) * mp + row) * np_ + col)  # type: ignore
         _guarded_finish(kb, cfg, p, store, bi, row, col, total)
     if p.get("colsum_b"):
-        col = col0 + tid
-        ok = (tid < tn) & (row0 == 0)
-        if p["n"] % tn:
-            ok = ok & (col < p["n"])
-        with kb.if_(ok):
-            total = ws.load(cs_base + col)  # type: ignore[attr-defined]
-            for s in range(1, split):
-                total = total + ws.load(cs_base + s * np_ + col)  # type: ignore[attr-defined]
-            store.colsum.store(col, total)  # type: ignore[attr-defined]
+        with kb.if_(row0 == 0), kb.loop(tid, tn, cfg.threads) as c:
+            col = col0 + c
+            with kb.if_(col < p["n"]) if p["n"] % tn else contextlib.nullcontext():
+                total = ws.load(cs_base + col)  # type: ignore[attr-defined]
+                for s in range(1, split):
+                    total = total + ws.load(cs_base + s * np_ + col)  # type: ignore
+                store.colsum.store(col, total)  # type: ignore[attr-defined]
 
 
 def _colsum(kb: KernelBuilder, cfg: MatmulConfig, entries: list, tid: Value, row0: Value,
@@ -299,15 +297,13 @@ def _colsum(kb: KernelBuilder, cfg: MatmulConfig, entries: list, tid: Value, row
             with kb.if_(guard):
                 sh.store(plain, val)
     kb.barrier()
-    col = col0 + tid
-    ok = (tid < cfg.tn) & (row0 == 0)
-    if n % cfg.tn:
-        ok = ok & (col < n)
-    with kb.if_(ok):
-        total = sh.load(tid)
-        for kk in range(1, cfg.bk):
-            total = total + sh.load(tid + kk * cfg.tn)
-        put(col, total)  # type: ignore[operator]
+    with kb.if_(row0 == 0), kb.loop(tid, cfg.tn, cfg.threads) as c:  # threads may be < tn
+        col = col0 + c
+        with kb.if_(col < n) if n % cfg.tn else contextlib.nullcontext():
+            total = sh.load(c)
+            for kk in range(1, cfg.bk):
+                total = total + sh.load(c + kk * cfg.tn)
+            put(col, total)  # type: ignore[operator]
 
 
 _VARIANTS["coopmat"] = emit

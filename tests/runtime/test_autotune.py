@@ -1,0 +1,116 @@
+"""GEMM tiling resolution without a GPU: the heuristic, the on-disk tuned choice, the switch
+that turns tuning off, and the split-K workspace the plan gets (runtime/autotune.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alpha_jit import dtypes
+from alpha_jit.codegen_spirv.kernel import KernelSpec
+from alpha_jit.codegen_spirv.kernels import matmul_coopmat
+from alpha_jit.codegen_spirv.kernels.matmul import MatmulConfig, choose_config
+from alpha_jit.codegen_spirv.lower import Buffer, LoweredKernel
+from alpha_jit.runtime import autotune
+from alpha_jit.runtime import caps as caps_mod
+
+H200 = Path(__file__).resolve().parents[1] / "data" / "h200-caps.json"
+
+
+@pytest.fixture
+def h200(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALPHA_JIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("ALPHA_JIT_AUTOTUNE", raising=False)
+    monkeypatch.delenv("ALPHA_JIT_COOPMAT", raising=False)
+    return caps_mod.load(H200)
+
+
+def _wgrad(k=16384):
+    """A weight-gradient GEMM of the small GPT: 384 x 384 over K = B*T, b's column sums."""
+    return KernelSpec("matmul", "wgrad", (
+        ("batch", 1), ("m", 384), ("n", 384), ("k", k), ("a", ("bf16", 0, 0, 1, 384)),
+        ("b", ("bf16", 0, 0, 384, 1)), ("out_dtype", "f32"), ("colsum_b", True)))
+
+
+def _kernel(spec):
+    return LoweredKernel(spec, [1, 2], [3, 4], [], None)  # type: ignore[arg-type]
+
+
+def _buffers():
+    return {i: Buffer(i, "temp", (8,), dtypes.float32) for i in (1, 2, 3, 4)}
+
+
+def test_heuristic_without_a_device_and_the_workspace_it_implies(h200):
+    k, bufs = _kernel(_wgrad()), _buffers()
+    autotune.resolve([k], h200, None, bufs)
+    cfg = MatmulConfig(*dict(k.spec.params)["config"])
+    assert cfg == choose_config(_wgrad(), h200) and cfg.variant == "coopmat" and cfg.split > 1
+    (ws,) = [b for b in k.writes if b not in (3, 4)]
+    assert ws < 0 and k.writes[-1] == ws  # a fresh negative id, bound last
+    assert bufs[ws].nbytes == matmul_coopmat.workspace_bytes(dict(k.spec.params), cfg)
+    again = _kernel(k.spec)
+    autotune.resolve([again], h200, None, _buffers())
+    assert again.spec == k.spec and again.writes == [3, 4]  # a config already set is kept
+
+
+def test_a_cached_tuned_choice_is_used_and_can_be_switched_off(h200, monkeypatch):
+    spec = _wgrad()
+    tuned = next(c for c in matmul_coopmat.candidates(dict(spec.params), h200)
+                 if c != choose_config(spec, h200))
+    path = autotune.cache_path(h200)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({autotune.bare_spec(spec).key(): {
+        "config": list(tuned.to_param()), "timings_us": {tuned.label(): 1.0}}}))
+    k = _kernel(spec)
+    autotune.resolve([k], h200, None, _buffers())
+    assert MatmulConfig(*dict(k.spec.params)["config"]) == tuned
+    monkeypatch.setenv("ALPHA_JIT_AUTOTUNE", "0")
+    k = _kernel(spec)
+    autotune.resolve([k], h200, None, _buffers())
+    assert MatmulConfig(*dict(k.spec.params)["config"]) == choose_config(spec, h200)
+    monkeypatch.setenv("ALPHA_JIT_AUTOTUNE", "1")
+    monkeypatch.setenv("ALPHA_JIT_COOPMAT", "0")  # a SIMT run never takes a coopmat choice
+    k = _kernel(spec)
+    autotune.resolve([k], h200, None, _buffers())
+    assert MatmulConfig(*dict(k.spec.params)["config"]).variant == "simt"
+
+
+def test_a_tuned_tile_that_does_not_fit_falls_back(h200):
+    # the tuned config of the bare GEMM is not among the spec's own candidates (here: one
+    # made up, as column sums' shared memory would rule one out): the heuristic decides
+    spec = _wgrad()
+    path = autotune.cache_path(h200)
+    path.parent.mkdir(parents=True)
+    bogus = MatmulConfig("coopmat", 512, 512, 32, 64, 64, 32)
+    path.write_text(json.dumps({autotune.bare_spec(spec).key(): {
+        "config": list(bogus.to_param()), "timings_us": {}}}))
+    k = _kernel(spec)
+    autotune.resolve([k], h200, None, _buffers())
+    assert MatmulConfig(*dict(k.spec.params)["config"]) == choose_config(spec, h200)
+
+
+def test_a_corrupt_cache_is_ignored_with_a_warning(h200, caplog):
+    path = autotune.cache_path(h200)
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    k = _kernel(_wgrad())
+    with caplog.at_level("WARNING", logger="alpha_jit.autotune"):
+        autotune.resolve([k], h200, None, _buffers())
+    assert "ignoring the autotune cache" in caplog.text
+    assert "config" in dict(k.spec.params)
+
+
+def test_cpu_devices_keep_the_rows_variant():
+    from alpha_jit.runtime.device import get_device
+
+    try:
+        caps = get_device().caps
+    except Exception as exc:  # noqa: BLE001 - no Vulkan here
+        pytest.skip(str(exc))
+    if caps.device_type != "cpu":
+        pytest.skip("not a CPU device")
+    k = _kernel(_wgrad(k=64))
+    autotune.resolve([k], caps, get_device(), _buffers())
+    assert MatmulConfig(*dict(k.spec.params)["config"]).variant in ("rows", "simt")
