@@ -106,15 +106,14 @@ def _partitions(items: list[tuple[str, View]], lw: Any) -> list[tuple[str, View]
         size = math.prod(lw.out.buffers[base].shape)
         if len(idx) < 2 or sum(items[i][1].numel for i in idx) != size:
             continue
-        count = np.zeros(size, np.int32)
-        for i in idx:
-            v = items[i][1]
-            at = v.offset + sum(np.arange(s).reshape([-1 if d == k else 1
-                                                      for k in range(len(v.shape))]) * st
-                                for d, (s, st) in enumerate(zip(v.shape, v.strides,
-                                                                strict=True)))
-            np.add.at(count, np.asarray(at).reshape(-1), 1)
-        if (count == 1).all():
+        flat = np.concatenate([np.asarray(
+            v.offset + sum(np.arange(s).reshape([-1 if d == k else 1
+                                                 for k in range(len(v.shape))]) * st
+                           for d, (s, st) in enumerate(zip(v.shape, v.strides, strict=True)))
+        ).reshape(-1) for v in (items[i][1] for i in idx)])
+        # bincount, not np.add.at: 30x faster (0.8 s of a GPT-2 plan)
+        count = np.bincount(flat, minlength=size) if flat.min() >= 0 else np.zeros(0)
+        if len(count) == size and (count == 1).all():
             whole[idx[0]] = base
             drop.update(idx[1:])
     out = []
