@@ -145,6 +145,8 @@ def resolve(kernels: list[Any], caps: Any, device: Any = None,
                     log.warning("autotune: %s not measured (%s); the heuristic tiling is used",
                                 bare.name, exc)
             _store(path, entries)  # type: ignore[arg-type]
+            device.synchronize()
+            device.memory.trim()  # the scratch must not stay reserved beside the step's memory
     for k in gemms:
         heuristic = matmul.choose_config(k.spec, caps)
         cfg = heuristic

@@ -214,14 +214,24 @@ class Heap:
                     return i
         raise AlphaJitError(f"no suitable {self.kind} memory type on {self.device.caps.name}")
 
-    def destroy(self) -> None:
+    def trim(self) -> int:
+        """Give every wholly free block back to the driver; returns the bytes given back."""
+        idle = [b for b in self.blocks if b.free_bytes == b.size]
+        self._destroy(idle)
+        self.blocks = [b for b in self.blocks if b not in idle]
+        return sum(b.size for b in idle)
+
+    def _destroy(self, blocks: list[MemoryBlock]) -> None:
         dev = self.device.handle
         ffi = vk.ffi()
-        for block in self.blocks:
+        for block in blocks:
             if block.mapped is not None:
                 vk.lib().vkUnmapMemory(dev, block.memory)
             vk.lib().vkDestroyBuffer(dev, block.buffer, ffi.NULL)
             vk.lib().vkFreeMemory(dev, block.memory, ffi.NULL)
+
+    def destroy(self) -> None:
+        self._destroy(self.blocks)
         self.blocks.clear()
 
 
@@ -274,6 +284,12 @@ class MemoryManager:
         for r in ready:
             self._release(r)
         return len(ready)
+
+    def trim(self) -> int:
+        """Return wholly free blocks to the driver (after a burst of scratch allocations, such
+        as the GEMM autotuner's, that the step will not reuse); returns the bytes."""
+        self.collect(self.device.completed_value(process=False))
+        return self.device_heap.trim() + self.staging_heap.trim()
 
     def _release(self, region: BufferRegion) -> None:
         heap = self.staging_heap if region.block.kind == "staging" else self.device_heap

@@ -115,3 +115,16 @@ def test_upload_download_roundtrip(device):
     with pytest.raises(AlphaJitError):
         device.upload(r, np.zeros(8, np.float32))
     device.free(r)
+
+
+def test_trim_returns_only_wholly_free_blocks(manager, device):
+    keep = manager.alloc(1024)
+    big = manager.alloc(manager.device_heap.block_size * 2)  # its own block
+    before = manager.allocated_bytes()
+    manager.free(big)
+    device.synchronize()
+    freed = manager.trim()
+    assert freed >= 2 * manager.device_heap.block_size
+    assert manager.allocated_bytes() == before - freed
+    assert any(b is keep.block for b in manager.device_heap.blocks)  # in use: it stays
+    manager.free(keep)
