@@ -1,10 +1,11 @@
-"""A compiled step on the device: buffers, one recorded command buffer, replay per call.
+"""A compiled step on the device: buffers, recorded command buffers, replay per call.
 
 Built once per traced signature: lower the graph, generate and build every kernel, plan the
 arena and the barriers, make parameters and optimizer state resident, and record the whole step
-(input uploads, dispatches, state write-back, output readback) into one command buffer. A call
-checks the inputs, writes them and the host scalars into the staging region, and re-submits.
-Returned values are handles; reading one is the only point where the host waits for the GPU.
+(input uploads, dispatches, state write-back, output readback) into a command buffer per
+staging slot. A call checks the inputs, writes them and the host scalars into the staging slot
+not used by the previous call (which may still be running), and re-submits. Returned values
+are handles; reading one is the only point where the host waits for the GPU.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from alpha_jit.errors import AlphaJitError
 from alpha_jit.runtime.device import Device, get_device
 from alpha_jit.runtime.executor import BarrierCmd, CopyCmd, DispatchCmd, TimestampCmd
 from alpha_jit.runtime.plan import MemoryPlan
-from alpha_jit.runtime.step_plan import StepPlan, plan_step
+from alpha_jit.runtime.step_plan import STAGING_RING, StepPlan, plan_step
 
 log = logging.getLogger("alpha_jit.runtime")
 
@@ -106,8 +107,15 @@ class Executable:
         self.mem: MemoryPlan = self.plan.memory
         self.barriers = self.plan.barriers
         self._allocate()
-        self.recording = dev.record(self._commands(self.profile),
-                                    name=getattr(traced, "name", "step"))
+        name = getattr(traced, "name", "step")
+        # one recording per staging slot; a profiled step keeps to slot 0 (its timestamps)
+        self.recordings = [dev.record(self._commands(self.profile, slot=i),
+                                      name=f"{name} (slot {i})")
+                           for i in range(1 if self.profile else STAGING_RING)]
+        self.recording = self.recordings[0]
+        self._slot_value = [0] * len(self.recordings)  # last submit that used each slot
+        self._slot_pending: list[list[DeviceValue]] = [[] for _ in self.recordings]
+        self._next_slot = 0
         self._timed: Any = None  # the timestamped recording, made on first use by the profiler
         self.pending: list[DeviceValue] = []
         self.last_value = 0
@@ -136,15 +144,17 @@ class Executable:
         for key in low.state_writes:
             if key not in self.states:
                 self.states[key] = resident(dev, self.traced.state[key])
-        self.staging = dev.alloc_staging(max(plan.stage_bytes, 16))
+        self.stagings = [dev.alloc_staging(max(plan.stage_bytes, 16))
+                         for _ in range(STAGING_RING)]
         self.out_offsets = plan.out_offsets
-        self.readback = dev.alloc_staging(max(plan.out_bytes, 16))
+        self.readbacks = [dev.alloc_staging(max(plan.out_bytes, 16))
+                          for _ in range(STAGING_RING)]
 
     @property
     def planned_bytes(self) -> int:
         """Device memory this step's plan asks for: the arena, parameters and optimizer state,
         input/hparam buffers, staging and readback (known before anything runs)."""
-        regions = [*self.pools, self.staging, self.readback,
+        regions = [*self.pools, *self.stagings, *self.readbacks,
                    *(self.regions[bid][0] for bid, _, _ in self.staged),
                    *(st.region for st in self.states.values())]
         return sum(r.size for r in regions if r is not None)
@@ -153,15 +163,17 @@ class Executable:
         region, off = self.regions[bid]
         return region, off, self.lowered.buffers[bid].nbytes
 
-    def _commands(self, timed: bool = False, serialize: bool = False) -> list[Any]:
-        """The step as commands. `timed` adds a timestamp before (top of pipe) and after
+    def _commands(self, timed: bool = False, serialize: bool = False,
+                  slot: int = 0) -> list[Any]:
+        """The step as commands, reading inputs from staging slot `slot` and writing outputs
+        to its readback slot. `timed` adds a timestamp before (top of pipe) and after
         (bottom of pipe) every dispatch and none of the barriers the plan does not need;
         `serialize` adds a barrier before every kernel (isolated times, a different step)."""
         low = self.lowered
         cmds: list[Any] = []
         for bid, soff, b in self.staged:
             region, off = self.regions[bid]
-            cmds.append(CopyCmd(self.staging, region, b.nbytes, soff, off))
+            cmds.append(CopyCmd(self.stagings[slot], region, b.nbytes, soff, off))
         cmds.append(BarrierCmd())
         if timed:
             cmds.append(TimestampCmd("begin"))
@@ -187,7 +199,8 @@ class Executable:
             cmds.append(CopyCmd(region, self.states[key].region, low.buffers[bid].nbytes, off, 0))
         for bid, roff in zip(low.outputs, self.out_offsets, strict=True):
             region, off = self.regions[bid]
-            cmds.append(CopyCmd(region, self.readback, low.buffers[bid].nbytes, off, roff))
+            cmds.append(CopyCmd(region, self.readbacks[slot], low.buffers[bid].nbytes, off,
+                                roff))
         return cmds
 
     def timed_recording(self, serialize: bool = False) -> Any:
@@ -248,43 +261,55 @@ class Executable:
                 providers[pid] = hp.provider.next_hparams()
             hvals[key] = providers[pid][hp.name]
         self.last_hparams = hvals  # what this call fed (tests replay it in the interpreter)
+        # the slot used two calls ago: the previous step may still run while this one's
+        # inputs are written (the recording's entry barrier orders the two on the GPU)
+        slot = 0 if recording is not None else self._next_slot
+        self._next_slot = (slot + 1) % len(self.recordings)
         waited = time.perf_counter()
-        if self.pending:
-            self._fetch_outputs(self.last_value)  # the readback region is about to be reused
-        self.device.wait(self.last_value)  # staging is about to be rewritten
+        if self._slot_pending[slot]:  # its readback is about to be reused
+            self._fetch_outputs(self._slot_pending[slot][0]._value)
+        self.device.wait(self._slot_value[slot])  # its staging is about to be rewritten
         waited = time.perf_counter() - waited
+        staging = self.stagings[slot]
         for _, soff, b in self.staged:
             if b.kind == "input":
-                self.staging.write(arrays[b.key], soff)
+                staging.write(arrays[b.key], soff)
             else:
                 hv = np.asarray(hvals[b.key], dtype=b.dtype.np_storage)
-                self.staging.write(hv, soff)
-        value = (recording or self.recording).submit()
+                staging.write(hv, soff)
+        value = (recording or self.recordings[slot]).submit()
         self.last_host_s = time.perf_counter() - t0 - waited
-        self.last_value = value
+        self.last_value = self._slot_value[slot] = value
         for st in self.states.values():
             st.last_value = value
-        self.pending = [DeviceValue(self, value, i, r.shape, r.dtype)
-                        for i, r in enumerate(self.lowered.returns)]
+        self.pending = self._slot_pending[slot] = [
+            DeviceValue(self, value, i, r.shape, r.dtype)
+            for i, r in enumerate(self.lowered.returns)]
         return list(self.pending)
 
     def _fetch_outputs(self, value: int) -> None:
-        if not self.pending or self.pending[0]._value != value:
+        """Read the outputs of the call that submitted `value` into its handles (once)."""
+        slot = next((i for i, p in enumerate(self._slot_pending)
+                     if p and p[0]._value == value), None)
+        if slot is None:
             return
+        pending = self._slot_pending[slot]
         self.device.wait(value)
         if self._out_meta is None:  # per call it was host time: computed once
             self._out_meta = [(self.lowered.buffers[r.buffer], r.shape)
                               for r in self.lowered.returns]
             self._out_meta = [(b.nbytes, np.dtype(b.dtype.np_storage), shape,
                                b.dtype == dtypes.bfloat16) for b, shape in self._out_meta]
-        for h, (nbytes, np_dt, shape, bf16), off in zip(self.pending, self._out_meta,
+        for h, (nbytes, np_dt, shape, bf16), off in zip(pending, self._out_meta,
                                                         self.out_offsets, strict=True):
-            raw = self.readback.read(nbytes, off)
+            raw = self.readbacks[slot].read(nbytes, off)
             # the traced shape, not the buffer's: a returned view shares its base's buffer
             arr = np.frombuffer(raw, dtype=np_dt).reshape(shape).copy()
             h._host = dtypes.bf16_to_f32(arr) if bf16 else arr
             h._exe = None  # a read handle must not keep this step (and its graph) alive
-        self.pending = []
+        self._slot_pending[slot] = []
+        if self.pending is pending:
+            self.pending = []
 
     def release(self) -> None:
         """Give this step's device memory back (an evicted cache entry); idempotent.
@@ -300,12 +325,14 @@ class Executable:
         dev = self.device
         if dev.handle is None:  # the device was closed: it destroyed all of this already
             return
-        if self.pending:
-            self._fetch_outputs(self.last_value)
-        self.recording.release()  # waits for this step's last submit
+        for pending in list(self._slot_pending):  # every call still unread, oldest first
+            if pending:
+                self._fetch_outputs(pending[0]._value)
+        for rec in self.recordings:
+            rec.release()  # waits for its last submit
         if self._timed is not None:
             self._timed[1].release()
-        regions = [*self.pools, self.staging, self.readback]
+        regions = [*self.pools, *self.stagings, *self.readbacks]
         regions += [self.regions[bid][0] for bid, _, _ in self.staged]
         for region in regions:
             if region is not None and not region.freed:

@@ -35,6 +35,9 @@ log = logging.getLogger("alpha_jit.plan")
 
 _ALIGN = 256  # every region starts on this (descriptor offsets on any driver)
 _STAGE_ALIGN = 16  # inputs and outputs in the staging/readback regions
+# staging/readback slots a step alternates between: a call writes its inputs while the
+# previous step still runs, and reading a loss never holds up the next submit
+STAGING_RING = 2
 
 
 class MemoryPlanError(AlphaJitError):
@@ -73,7 +76,7 @@ class KernelInfo:
 class Allocation:
     """One region the step asks the device for."""
 
-    what: str  # "arena", "state <name>", "input 0", "hparam <name>", "staging", "readback"
+    what: str  # "arena", "state <name>", "input 0", "hparam <name>", "staging 0", "readback 1"
     bytes: int
     heap: str  # device | staging
 
@@ -214,11 +217,13 @@ def _layout(plan: StepPlan, graph: Graph, names: dict[object, str]) -> None:
                 * graph.dtype(n).itemsize
     for key, nbytes in states.items():
         allocs.append(Allocation(f"state {names.get(key, key)}", nbytes, "device"))
-    allocs.append(Allocation("staging", max(plan.stage_bytes, 16), "staging"))
+    for slot in range(STAGING_RING):
+        allocs.append(Allocation(f"staging {slot}", max(plan.stage_bytes, 16), "staging"))
     for b in low.outputs:
         plan.out_offsets.append(plan.out_bytes)
         plan.out_bytes += _round_up(low.buffers[b].nbytes, _STAGE_ALIGN)
-    allocs.append(Allocation("readback", max(plan.out_bytes, 16), "staging"))
+    for slot in range(STAGING_RING):
+        allocs.append(Allocation(f"readback {slot}", max(plan.out_bytes, 16), "staging"))
 
 
 def _problems(plan: StepPlan) -> list[str]:
