@@ -288,8 +288,9 @@ class MemoryManager:
     def trim(self) -> int:
         """Return wholly free blocks to the driver (after a burst of scratch allocations, such
         as the GEMM autotuner's, that the step will not reuse); returns the bytes."""
-        self.collect(self.device.completed_value(process=False))
-        return self.device_heap.trim() + self.staging_heap.trim()
+        with self.device._lock:  # submits collect deferred frees under the same lock
+            self.collect(self.device.completed_value(process=False))
+            return self.device_heap.trim() + self.staging_heap.trim()
 
     def _release(self, region: BufferRegion) -> None:
         heap = self.staging_heap if region.block.kind == "staging" else self.device_heap

@@ -325,7 +325,7 @@ class Executable:
         dev = self.device
         if dev.handle is None:  # the device was closed: it destroyed all of this already
             return
-        for pending in list(self._slot_pending):  # every call still unread, oldest first
+        for pending in list(self._slot_pending):  # every call still unread
             if pending:
                 self._fetch_outputs(pending[0]._value)
         for rec in self.recordings:

@@ -225,3 +225,18 @@ def test_norm_dwb_row_chunks_match_numpy(chunks, bias):
     want = [(g * xh).sum(0), g.astype(np.float64).sum(0)][:n_out]
     np.testing.assert_allclose(got, np.stack(want), rtol=1e-4, atol=1e-3)
     assert len(b.dispatches) == (2 if chunks > 1 else 1)
+
+
+@pytest.mark.parametrize("op", [ln, ln_nobias, rms], ids=lambda f: f.__name__)
+def test_norm_weight_grads_in_row_chunks_inside_a_step(op, monkeypatch):
+    """The row-chunked dw/db a GPU gets (here forced on lavapipe) inside compiled steps: the
+    chunks' workspace is a temporary of the plan, and the grads match the reference."""
+    from alpha_jit.codegen_spirv.kernels import rowwise
+
+    monkeypatch.setattr(rowwise, "dwb_chunks", lambda rows, dim, caps: 5)
+    x = _f32(7, 43, 77)
+    params = [_f32(77) for _ in range(2 if op is ln else 1)]
+    got, want, exe = _run(_with_grads(op), [x, *params, _f32(7, 43, 77)])
+    assert any("row chunks" in b.variant for b in exe.binaries)
+    for g, w in zip(got, want, strict=True):
+        assert _rel(g, w) < 1e-5
