@@ -34,6 +34,7 @@ fma, isnan, isinf, select. Escape hatch: `kb.op("OpSomething", dtype, *operands)
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -636,6 +637,11 @@ class KernelBuilder:
         yield
         self.m.emit("OpBranch", merge)
         self.m.emit("OpLabel", result=merge)
+
+    def when(self, cond: Value | None) -> contextlib.AbstractContextManager:
+        """`kb.if_(cond)`, or no branch at all where cond is None (a guard that a generator
+        only needs on some paths)."""
+        return contextlib.nullcontext() if cond is None else self.if_(cond)
 
     @contextmanager
     def if_else(self, cond: Value) -> Iterator[tuple[_Branch, _Branch]]:

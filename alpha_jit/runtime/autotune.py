@@ -33,10 +33,12 @@ from typing import Any
 
 from tqdm import tqdm
 
+from alpha_jit import dtypes
 from alpha_jit.codegen_spirv import disk_cache
 from alpha_jit.codegen_spirv.generate import codegen_version, generate
 from alpha_jit.codegen_spirv.kernel import KernelSpec
 from alpha_jit.codegen_spirv.kernels import matmul, matmul_coopmat
+from alpha_jit.codegen_spirv.lower import Buffer
 from alpha_jit.errors import AlphaJitError
 
 log = logging.getLogger("alpha_jit.autotune")
@@ -124,21 +126,21 @@ def resolve(kernels: list[Any], caps: Any, device: Any = None,
     path = cache_path(caps) if tuning else None
     with _LOCK:
         entries = _load(path) if path is not None else {}
-        todo = {}
-        for k in gemms:
+        todo: dict[str, tuple[KernelSpec, list[matmul.MatmulConfig]]] = {}
+        for k in gemms if tuning and device is not None else []:
             bare = bare_spec(k.spec)
-            # one candidate (no cooperative matrices, or ALPHA_JIT_COOPMAT=0): nothing to time
-            if tuning and device is not None and bare.key() not in entries \
-                    and len(_candidates(bare, caps, short=True)) > 1:
-                todo.setdefault(bare.key(), bare)
+            if bare.key() not in entries and bare.key() not in todo:
+                cands = _candidates(bare, caps, short=True)
+                # one candidate (no cooperative matrices, ALPHA_JIT_COOPMAT=0): nothing to time
+                if len(cands) > 1:
+                    todo[bare.key()] = (bare, cands)
         if todo:
             # every candidate generated, then compiled by the driver on several threads
-            built = {key: [(cfg, generate(_with_config(bare, cfg), caps))
-                           for cfg in _candidates(bare, caps, short=True)]
-                     for key, bare in todo.items()}
+            built = {key: [(cfg, generate(_with_config(bare, cfg), caps)) for cfg in cands]
+                     for key, (bare, cands) in todo.items()}
             device.pipelines.get_many([b for cands in built.values() for _, b in cands])
-            for key, bare in tqdm(todo.items(), desc="alpha_jit: tuning GEMM tiles",
-                                  unit="shape", leave=False, disable=len(todo) < 2):
+            for key, (bare, _) in tqdm(todo.items(), desc="alpha_jit: tuning GEMM tiles",
+                                       unit="shape", leave=False, disable=len(todo) < 2):
                 try:
                     entries[key] = _measure(device, bare, built[key])
                 except AlphaJitError as exc:  # e.g. its scratch over a device limit
@@ -157,15 +159,11 @@ def resolve(kernels: list[Any], caps: Any, device: Any = None,
             if want in _candidates(k.spec, caps):
                 cfg = want
         k.spec = _with_config(k.spec, cfg)
-        if cfg.split > 1:
+        if cfg.split > 1 and buffers is not None:
             size = matmul_coopmat.workspace_bytes(dict(k.spec.params), cfg) // 4
-            if buffers is not None:
-                from alpha_jit import dtypes
-                from alpha_jit.codegen_spirv.lower import Buffer
-
-                bid = min(min(buffers, default=0), 0) - 1  # negative: no graph node's id
-                buffers[bid] = Buffer(bid, "temp", (size,), dtypes.float32)
-                k.writes.append(bid)
+            bid = min(min(buffers, default=0), 0) - 1  # negative: no graph node's id
+            buffers[bid] = Buffer(bid, "temp", (size,), dtypes.float32)
+            k.writes.append(bid)
 
 
 _WARM_S = 1.0

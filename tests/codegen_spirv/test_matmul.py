@@ -199,29 +199,20 @@ def test_coopmat_variants_validate_for_the_h200(monkeypatch):
     environment; the GPU parity tests (tests/gpu) run them."""
     from pathlib import Path
 
-    import alpha_jit as aj
     from alpha_jit import nn
     from alpha_jit.codegen_spirv import tools
     from alpha_jit.codegen_spirv.kernels import matmul_coopmat
     from alpha_jit.ir.ops import registry
     from alpha_jit.runtime import caps as caps_mod
     from alpha_jit.runtime.step_plan import plan_step
+    from tests.e2e.util import lm_step
 
     monkeypatch.setenv("ALPHA_JIT_AUTOTUNE", "0")  # not this machine's tuned choices
     h200 = caps_mod.load(Path(__file__).resolve().parents[1] / "data" / "h200-caps.json")
     nn.manual_seed(0)
     model = nn.GPT(nn.GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=64,
                                 bias=True))
-    opt = nn.optim.AdamW(model.parameters(), lr=1e-3)
-
-    @aj.compile(precision="bf16")
-    def step(x, y):
-        loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
-
+    step = lm_step(model, nn.optim.AdamW(model.parameters(), lr=1e-3), "bf16")
     x = rng.integers(0, 64, (16, 32)).astype(np.int32)
     plan = plan_step(step.trace(x, x).graph, h200, progress=False)
     specs = [k.spec for k in plan.lowered.kernels if k.spec.family == "matmul"]

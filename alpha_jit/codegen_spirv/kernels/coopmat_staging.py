@@ -20,7 +20,9 @@ Either way the next K tile is loaded into registers while the current one is mul
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from dataclasses import dataclass
 
 from .. import coopmat
@@ -113,7 +115,7 @@ class Staged:
             raw, wide = self._load(at)
             self.regs[si].set(kb.select(ok, raw, self._zero))
             for j, cs in enumerate(self.csums[si] if self.csums else []):
-                vals = wide if len(self.csums[si]) > 1 else [sum_(kb, wide)]
+                vals = wide if len(self.csums[si]) > 1 else [_sum(wide)]
                 cs.set(cs.get() + kb.select(ok, vals[j], 0.0))
 
     def _load(self, at: Value) -> tuple[Value, list[Value]]:
@@ -148,11 +150,8 @@ class Staged:
     def stash(self) -> None:
         """Registers to the shared tile (the caller puts barriers around it)."""
         for (_kk, _o, sidx, _addr, guard), reg in zip(self.slots, self.regs, strict=True):
-            if guard is None:
+            with self.kb.when(guard):
                 self.sh.store(sidx, reg.get())
-            else:
-                with self.kb.if_(guard):
-                    self.sh.store(sidx, reg.get())
 
     def fragment(self, frag: coopmat.Frag, o0: Value, kk: int) -> coopmat.Fragment:
         """The fragment at outer offset o0 (a multiple of 16) and k offset kk of the tile."""
@@ -177,9 +176,6 @@ class Staged:
         return out
 
 
-def sum_(kb: KernelBuilder, vals: list[Value]) -> Value:
-    """The sum of a list of Values, left to right."""
-    total = vals[0]
-    for v in vals[1:]:
-        total = total + v
-    return total
+def _sum(vals: list[Value]) -> Value:
+    """The sum of kernel Values, left to right (no 0 + first term)."""
+    return functools.reduce(operator.add, vals)

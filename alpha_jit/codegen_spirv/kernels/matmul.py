@@ -208,6 +208,13 @@ def grid_plan(groups: Sequence[int], caps: object) -> list[tuple[tuple[int, int,
             itertools.product(axes[2], axes[1], axes[0])]
 
 
+def in_tile_bounds(row: Value, col: Value, m: int, n: int, tm: int, tn: int) -> Value | None:
+    """The guard of an output element: row < m and col < n, each only where the tile can
+    overhang that axis; None where it never does."""
+    conds = ([row < m] if m % tm else []) + ([col < n] if n % tn else [])
+    return conds[0] & conds[1] if len(conds) == 2 else (conds[0] if conds else None)
+
+
 def _u(kb: KernelBuilder, x: int) -> Value:
     # Strides may be negative in principle: u32 arithmetic wraps, so the final index is exact.
     return kb.u32(x % _U32)
@@ -297,11 +304,8 @@ def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule |
                 v = rounded(raw)
                 if oi == 1 and csums:
                     csums[si].set(csums[si].get() + raw)
-                if guard is None:
+                with kb.when(guard):
                     sh.store(sidx, v)
-                else:
-                    with kb.if_(guard):
-                        sh.store(sidx, v)
         kb.barrier()
         (a_sh, a_ld, *_), (b_sh, b_ld, *_) = ops
         sums = [[acc[r][c].get() for c in range(rn)] for r in range(rm)]
@@ -321,14 +325,8 @@ def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule |
         row = row0 + ty + r * (tm // rm)
         for c in range(rn):
             col = col0 + tx + c * (tn // rn)
-            conds = ([row < m] if m % tm else []) + ([col < n] if n % tn else [])
-            idx = out_base + row * n + col
-            if conds:
-                ok = conds[0] if len(conds) == 1 else conds[0] & conds[1]
-                with kb.if_(ok):
-                    store.finish((bi, row, col), idx, acc[r][c].get())
-            else:
-                store.finish((bi, row, col), idx, acc[r][c].get())
+            with kb.when(in_tile_bounds(row, col, m, n, tm, tn)):
+                store.finish((bi, row, col), out_base + row * n + col, acc[r][c].get())
 
 
 def _colsum_simt(kb: KernelBuilder, cfg: MatmulConfig, store: _Store, b_op: tuple,
@@ -337,11 +335,8 @@ def _colsum_simt(kb: KernelBuilder, cfg: MatmulConfig, store: _Store, b_op: tupl
     column and k offset), and let the first row of workgroups store them."""
     sh, ld, slots, *_ = b_op
     for (_kk, sidx, _addr, guard), cs in zip(slots, csums, strict=True):
-        if guard is None:
+        with kb.when(guard):
             sh.store(sidx, cs.get())
-        else:
-            with kb.if_(guard):
-                sh.store(sidx, cs.get())
     kb.barrier()
     col = col0 + tid
     ok = (tid < cfg.tn) & (row0 == 0)
@@ -446,15 +441,10 @@ def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule |
         row = row0 + r
         for c in range(rn):
             col = col0 + (tid + c * threads)
-            conds = ([row < m] if m % tm else []) + ([col < n] if n % tn else [])
             idx = out_base + row * n + col
             v = sums[r][c]
             v = kb.f32(v) if isinstance(v, float) else v
-            if conds:
-                ok = conds[0] if len(conds) == 1 else conds[0] & conds[1]
-                with kb.if_(ok):
-                    _store_partial(kb, store, bi, row, col, idx, v, k0 if split else None, last)
-            else:
+            with kb.when(in_tile_bounds(row, col, m, n, tm, tn)):
                 _store_partial(kb, store, bi, row, col, idx, v, k0 if split else None, last)
 
 

@@ -22,7 +22,6 @@ Shape of the kernel (config: tile tm x tn x bk, a subgroup tile rm x rn, `lanes`
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
@@ -30,7 +29,7 @@ from .. import coopmat
 from ..dsl import Buffer, KernelBuilder, Value, cap
 from .coopmat_staging import _PAD, Layout, Staged
 from .elementwise import ScalarRule
-from .matmul import _VARIANTS, CONFIG_CHOOSERS, MatmulConfig, _prologue
+from .matmul import _VARIANTS, CONFIG_CHOOSERS, MatmulConfig, _prologue, in_tile_bounds
 
 _FRAG = 16  # the fragment edge (16 x 16 x 16 shapes)
 _SCRATCH_LD = _FRAG + 4  # f32 scratch row stride: 80 bytes, a multiple of 16
@@ -227,14 +226,8 @@ def _guarded_finish(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object
                     row: Value, col: Value, v: Value) -> None:
     """store.finish of one element, skipped outside (M, N) where the tile overhangs."""
     m, n = p["m"], p["n"]
-    conds = ([row < m] if m % cfg.tm else []) + ([col < n] if n % cfg.tn else [])
-    idx = bi * (m * n) + row * n + col
-    if conds:
-        ok = conds[0] if len(conds) == 1 else conds[0] & conds[1]
-        with kb.if_(ok):
-            store.finish((bi, row, col), idx, v)  # type: ignore[attr-defined]
-    else:
-        store.finish((bi, row, col), idx, v)  # type: ignore[attr-defined]
+    with kb.when(in_tile_bounds(row, col, m, n, cfg.tm, cfg.tn)):
+        store.finish((bi, row, col), bi * (m * n) + row * n + col, v)  # type: ignore
 
 
 def _finish_fragments(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object,
@@ -278,7 +271,7 @@ def _reduce_slices(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object,
     if p.get("colsum_b"):
         with kb.if_(row0 == 0), kb.loop(tid, tn, cfg.threads) as c:
             col = col0 + c
-            with kb.if_(col < p["n"]) if p["n"] % tn else contextlib.nullcontext():
+            with kb.when(col < p["n"] if p["n"] % tn else None):
                 total = ws.load(cs_base + col)  # type: ignore[attr-defined]
                 for s in range(1, split):
                     total = total + ws.load(cs_base + s * np_ + col)  # type: ignore
@@ -291,15 +284,12 @@ def _colsum(kb: KernelBuilder, cfg: MatmulConfig, entries: list, tid: Value, row
     shared memory; the first row of workgroups puts each column's total (`put(col, t)`)."""
     sh = kb.shared("f32", cfg.bk * cfg.tn)
     for guard, plain, val in entries:
-        if guard is None:
+        with kb.when(guard):
             sh.store(plain, val)
-        else:
-            with kb.if_(guard):
-                sh.store(plain, val)
     kb.barrier()
     with kb.if_(row0 == 0), kb.loop(tid, cfg.tn, cfg.threads) as c:  # threads may be < tn
         col = col0 + c
-        with kb.if_(col < n) if n % cfg.tn else contextlib.nullcontext():
+        with kb.when(col < n if n % cfg.tn else None):
             total = sh.load(c)
             for kk in range(1, cfg.bk):
                 total = total + sh.load(c + kk * cfg.tn)
