@@ -3,7 +3,8 @@
 Why: unfused attention materialises [B, H, T, T] scores and probabilities in forward and again
 in backward; these kernels stream keys (forward, dq) or queries (dk/dv) through shared memory in
 small tiles and never hold more than one tile of scores, so memory grows with T, not T^2.
-Portable SIMT on every device (the cooperative-matrix version is a later variant).
+Portable SIMT on every device; where the device has cooperative matrices and the operands are
+16-bit, attention_coopmat.py's tensor-core variant replaces these kernels (`FAST_VARIANTS`).
 
 Shape of the work. One invocation owns one row: a query row (forward, dq) or a key row (dk/dv);
 a workgroup owns `rows` consecutive rows of one (batch, head) and walks tiles of `block` keys
@@ -123,11 +124,13 @@ class _Ctx:
                          kb.f32(0.0))
 
 
-def _prologue(spec: KernelSpec, caps: object, work: int, inputs: tuple[str, ...],
-              outputs: list[tuple[str, str]]) -> tuple[_Ctx, dict, dict]:
+def _prologue(spec: KernelSpec, caps: object, cfg: AttnConfig, inputs: tuple[str, ...],
+              outputs: list[tuple[str, str]], threads: int | None = None
+              ) -> tuple[_Ctx, dict, dict]:
+    """Bindings (inputs, the dropout counter, outputs), push constants and the workgroup's
+    place; `threads` per workgroup (default: one per row)."""
     p = dict(spec.params)
-    cfg = choose_config(p["t"], p["hd"], caps, work)
-    kb = KernelBuilder(spec.name, cfg.rows, caps)
+    kb = KernelBuilder(spec.name, threads or cfg.rows, caps)
     ins = {n: _Operand(kb, n, p[n]) for n in inputs}
     drop = None
     if p.get("dropout", 0.0) > 0:  # the RNG counter binding, then the outputs
@@ -215,9 +218,13 @@ def generate_attention_fwd(spec: KernelSpec, caps: object = None) -> KernelBinar
     """O = softmax(q k^T * scale) v with an online softmax over key tiles; also the per-row
     log-sum-exp (shift + log l) that backward recomputes the probabilities from."""
     p = dict(spec.params)
+    fast = _fast_variant(spec, caps)
+    if fast is not None:
+        return fast
     outputs = p["outputs"]
     outs_decl = [(n, p["out_dtype"] if n == "o" else "f32") for n in outputs]
-    c, ins, outs = _prologue(spec, caps, _FWD_WORK, ("q", "k", "v"), outs_decl)
+    cfg = choose_config(p["t"], p["hd"], caps, _FWD_WORK)
+    c, ins, outs = _prologue(spec, caps, cfg, ("q", "k", "v"), outs_decl)
     kb, t, hd, h, blk = c.kb, p["t"], p["hd"], p["h"], c.cfg.block
     q, k, v = ins["q"], ins["k"], ins["v"]
     hk = c.head / (h // p["hkv"]) if h != p["hkv"] else c.head
@@ -288,13 +295,67 @@ def _bwd_row_stats(c: _Ctx, ins: dict, row_t: Value, head: Value) -> tuple[Value
     return lse, dd
 
 
+def _stage_row_stats(c: _Ctx, ins: dict, hh: Value, i0: Value, lse_sh: object,
+                     dd_sh: object) -> None:
+    """lse and D of query rows i0 .. i0 + block of head hh into shared arrays (0 past T),
+    one row per invocation of the first `block` (the caller puts barriers around it)."""
+    kb, t, blk = c.kb, c.p["t"], c.cfg.block
+    with kb.if_(c.tid < blk):
+        ii = i0 + c.tid
+        lse, dd = _bwd_row_stats(c, ins, kb.fmin(ii, t - 1), hh)
+        inside = ii < t
+        lse_sh.store(c.tid, kb.select(inside, lse, 0.0))  # type: ignore[attr-defined]
+        dd_sh.store(c.tid, kb.select(inside, dd, 0.0))  # type: ignore[attr-defined]
+
+
+def _query_tiles(c: _Ctx, body: Callable[[Value, Value, bool], None]) -> None:
+    """dk/dv's walk: body(query head, first query row, masked) over every query head of the
+    kv head and every query tile a key block may be seen from. The causal diagonal
+    [blk0, blk0 + rows) and the ragged tail are masked (one loop over both, numbered n1
+    then n3), the rest mask-free."""
+    kb, t, blk, rep = c.kb, c.p["t"], c.cfg.block, c.p["h"] // c.p["hkv"]
+    if c.p["causal"]:
+        d_end = kb.fmin(c.blk0 + c.cfg.rows, kb.u32(t))
+        f_lo = d_end
+        f_hi = d_end + ((kb.u32(t) - d_end) / blk) * blk
+        diag_lo, n1 = c.blk0, (d_end - c.blk0 + (blk - 1)) / blk
+    else:
+        f_lo, f_hi = kb.u32(0), kb.u32((t // blk) * blk)
+        diag_lo, n1 = kb.u32(0), kb.u32(0)
+    n3 = (kb.u32(t) - f_hi + (blk - 1)) / blk
+    with kb.loop(kb.u32(0), kb.u32(rep)) as r_head:
+        hh = c.head * rep + r_head if rep > 1 else c.head
+        with kb.loop(f_lo, f_hi, blk) as i0:
+            body(hh, i0, False)
+        with kb.loop(kb.u32(0), n1 + n3) as idx:
+            i0 = kb.select(idx < n1, diag_lo + idx * blk, f_hi + (idx - n1) * blk)
+            body(hh, i0, True)
+
+
+# Faster variants (attention_coopmat registers one): each returns the kernel for the spec on
+# the device, or None where it does not apply; the SIMT kernels run otherwise.
+FAST_VARIANTS: list[Callable[[KernelSpec, object], KernelBinary | None]] = []
+
+
+def _fast_variant(spec: KernelSpec, caps: object) -> KernelBinary | None:
+    for gen in FAST_VARIANTS:
+        found = gen(spec, caps)
+        if found is not None:
+            return found
+    return None
+
+
 _BWD_INPUTS = ("q", "k", "v", "o", "lse", "do")
 
 
 def generate_attention_dq(spec: KernelSpec, caps: object = None) -> KernelBinary:
     """dq = scale * sum_j dS_ij k_j, dS = P (dP - D), recomputing P from lse per key tile."""
     p = dict(spec.params)
-    c, ins, outs = _prologue(spec, caps, _BWD_WORK, _BWD_INPUTS, [("dq", "f32")])
+    fast = _fast_variant(spec, caps)
+    if fast is not None:
+        return fast
+    cfg = choose_config(p["t"], p["hd"], caps, _BWD_WORK)
+    c, ins, outs = _prologue(spec, caps, cfg, _BWD_INPUTS, [("dq", "f32")])
     kb, t, hd, h, blk, scale = c.kb, p["t"], p["hd"], p["h"], c.cfg.block, p["scale"]
     q, k, v, dout = ins["q"], ins["k"], ins["v"], ins["do"]
     hk = c.head / (h // p["hkv"]) if h != p["hkv"] else c.head
@@ -346,12 +407,15 @@ def generate_attention_dkdv(spec: KernelSpec, caps: object = None) -> KernelBina
     """dv_j = sum_i P_ij dO_i, dk_j = scale * sum_i dS_ij q_i over every query head of the kv
     head (GQA) and query tile; D_i = dO_i . O_i is computed per tile, never stored."""
     p = dict(spec.params)
+    fast = _fast_variant(spec, caps)
+    if fast is not None:
+        return fast
     outputs = p["outputs"]
-    c, ins, outs = _prologue(spec, caps, _BWD_WORK, _BWD_INPUTS, [(n, "f32") for n in outputs])
+    cfg = choose_config(p["t"], p["hd"], caps, _BWD_WORK)
+    c, ins, outs = _prologue(spec, caps, cfg, _BWD_INPUTS, [(n, "f32") for n in outputs])
     kb, t, hd, h, hkv, blk, scale = c.kb, p["t"], p["hd"], p["h"], p["hkv"], c.cfg.block, \
         p["scale"]
     q, k, v, dout = ins["q"], ins["k"], ins["v"], ins["do"]
-    rep = h // hkv
     j = c.blk0 + c.tid  # this invocation's key row
     jc = kb.fmin(j, t - 1)
     kb_base, vb_base = k.base(c.bi, c.head), v.base(c.bi, c.head)
@@ -366,12 +430,7 @@ def generate_attention_dkdv(spec: KernelSpec, caps: object = None) -> KernelBina
         kb.barrier()
         qb, dob = q.base(c.bi, hh), dout.base(c.bi, hh)
         _load_tiles(c, i0, [(q, qb, q_sh), (dout, dob, do_sh)], masked)
-        with kb.if_(c.tid < blk):  # one row's lse and D per invocation of the first `blk`
-            ii = i0 + c.tid
-            lse, dd = _bwd_row_stats(c, ins, kb.fmin(ii, t - 1), hh)
-            inside = ii < t
-            lse_sh.store(c.tid, kb.select(inside, lse, 0.0))
-            dd_sh.store(c.tid, kb.select(inside, dd, 0.0))
+        _stage_row_stats(c, ins, hh, i0, lse_sh, dd_sh)
         kb.barrier()
         terms = []
         for r in range(blk):
@@ -397,24 +456,7 @@ def generate_attention_dkdv(spec: KernelSpec, caps: object = None) -> KernelBina
             dk[d].set(a_dk)
             dv[d].set(a_dv)
 
-    # query tiles: the diagonal [blk0, blk0 + rows) and the ragged tail are masked (one loop
-    # over both, numbered n1 then n3), the rest mask-free
-    if p["causal"]:
-        d_end = kb.fmin(c.blk0 + c.cfg.rows, kb.u32(t))
-        f_lo = d_end
-        f_hi = d_end + ((kb.u32(t) - d_end) / blk) * blk
-        diag_lo, n1 = c.blk0, (d_end - c.blk0 + (blk - 1)) / blk
-    else:
-        f_lo, f_hi = kb.u32(0), kb.u32((t // blk) * blk)
-        diag_lo, n1 = kb.u32(0), kb.u32(0)
-    n3 = (kb.u32(t) - f_hi + (blk - 1)) / blk
-    with kb.loop(kb.u32(0), kb.u32(rep)) as r_head:
-        hh = c.head * rep + r_head if rep > 1 else c.head
-        with kb.loop(f_lo, f_hi, blk) as i0:
-            body(hh, i0, False)
-        with kb.loop(kb.u32(0), n1 + n3) as idx:
-            i0 = kb.select(idx < n1, diag_lo + idx * blk, f_hi + (idx - n1) * blk)
-            body(hh, i0, True)
+    _query_tiles(c, body)
     with kb.if_(j < t):
         kvb = _out_base(c, hkv, c.head, j)
         for d in range(hd):
@@ -525,3 +567,6 @@ def _lower_dq(lw, n: int) -> None:
 def _lower_dkdv(lw, n: int) -> None:
     _lower(lw, n, "attention_dkdv", ("attention_bwd_dk", "attention_bwd_dv"),
            {"attention_bwd_dk": "dk", "attention_bwd_dv": "dv"}, _BWD_INPUTS)
+
+
+from . import attention_coopmat  # noqa: E402, F401  (registers the tensor-core variant)

@@ -1,0 +1,494 @@
+"""Flash attention on cooperative matrices: the tensor-core variant of the three attention
+families (forward, dq, dk/dv), same specs, bindings and grid as the SIMT kernels.
+
+Why: the SIMT flash kernels multiply at 4-9 TFLOP/s on the H200 and were half of a bf16 GPT
+step; their four products per tile (S = q k^T, dP = dO v^T, then P v or dS k, and for dk/dv
+P^T dO and dS^T q) are GEMMs of 16-row blocks that tensor cores run an order of magnitude
+faster, while what needs a row and a column (mask, softmax, dropout, dS = P (dP - D)) is a
+small elementwise step between them.
+
+Shape of the work. A workgroup has `subgroups` subgroups of `lanes` lanes; each subgroup owns
+16 rows: query rows (forward, dq) or key rows (dk/dv).
+- The subgroup's own operands (q, and dO for dq; k and v for dk/dv) are staged once through
+  its 16-bit tile into A fragments that stay in registers.
+- The workgroup streams tiles of `block` keys (forward, dq) or queries (dk/dv) through shared
+  memory, 16 bytes per load, rows past T zero; f32 dO is rounded to the fragment type as it is
+  staged (dO is an operand of the products, as under PyTorch's autocast).
+- Each product of the subgroup's 16 rows with the tile is stored as f32 to the subgroup's
+  scratch; its lanes (lanes / 16 per row, 8 adjacent columns at a time) apply the scale, the
+  mask, the online softmax (forward) or exp(S - lse), dropout and dS, and write P and dS as
+  16-bit A fragments to the subgroup's tile.
+- Those multiply the streamed tile: the forward's P v lands in scratch and is added to f32
+  registers that the lanes rescale per tile; dq, dk and dv stay in accumulator fragments
+  until the end, when they leave through scratch to the same outputs as the SIMT kernels.
+Masked tiles (the causal diagonal, ragged T) give exactly 0 probability to what a row may not
+see. One difference from the SIMT kernels: there a masked position's operand values are
+selected away, here they still enter the fragment products as 0 * x, so an inf or NaN stored
+in k, v, q or dO at a position a row may not see turns that row's result NaN (PyTorch's
+kernels do the same); finite values give the same results.
+
+Applies where the device lists bf16 (or f16) x -> f32 at 16x16x16 for the operands' type, hd is
+a multiple of 16, and q, k, v (and dO) have a contiguous head dim and 16-byte aligned rows;
+else, or with ALPHA_JIT_COOPMAT=0, the SIMT kernels run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import reduce
+
+from .. import coopmat
+from ..dsl import KernelBuilder, SharedArray, Value, cap
+from ..kernel import KernelBinary, KernelSpec
+from ..scalar import ScalarEmitter, ieee_div, nan_minmax
+from . import attention as A
+from .matmul import coopmat_allowed
+
+_F = 16  # fragment edge
+_VEC = 8  # 16-bit elements per 16-byte vector
+_ELEM = {"bf16": "bf16n", "f16": "f16"}
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class CmConfig:
+    subgroups: int
+    lanes: int
+    block: int  # keys (forward, dq) or queries (dk/dv) per streamed tile
+
+    @property
+    def rows(self) -> int:
+        return _F * self.subgroups
+
+    @property
+    def threads(self) -> int:
+        return self.subgroups * self.lanes
+
+    @property
+    def lpr(self) -> int:  # lanes per row in the elementwise step
+        return self.lanes // _F
+
+
+def _aligned(entry: tuple) -> bool:
+    dt, off, strides = entry
+    vec = 4 if dt == "f32" else _VEC  # 16 bytes
+    return strides[3] == 1 and all(x % vec == 0 for x in (off, *strides[:3]))
+
+
+def shared_bytes(family: str, cfg: CmConfig, hd: int) -> int:
+    """Workgroup memory: two streamed 16-bit tiles (+ lse and D of dk/dv's queries), and per
+    subgroup its 16-bit tiles, f32 scratch and (forward) row statistics."""
+    bl, dkdv = cfg.block, family == "attention_dkdv"
+    tiles = 2 * bl * (hd + _VEC) * 2 + (2 * bl * 4 if dkdv else 0)
+    own16 = (2 if dkdv else 1) * _F * (max(bl, hd) + _VEC) * 2
+    regions = 1 if family == "attention_fwd" else 2
+    scratch = 4 * max(regions * _F * (bl + 4), _F * (hd + 4))
+    stats = 4 * 2 * _F * cfg.lpr if family == "attention_fwd" else 0
+    return tiles + cfg.subgroups * (own16 + scratch + stats)
+
+
+def choose(family: str, p: dict, caps: object) -> CmConfig | None:
+    """The tiling for this spec on the device, or None where the variant does not apply."""
+    elem = _ELEM.get(p["q"][0])
+    if not coopmat_allowed() or elem is None or not coopmat.supported(caps, elem):
+        return None
+    names = ("q", "k", "v") + (() if family == "attention_fwd" else ("do",))
+    for n in names:
+        if p[n][0] != p["q"][0] and not (n == "do" and p[n][0] == "f32"):
+            return None
+        if not _aligned(p[n]):
+            return None
+    lanes, hd = coopmat.subgroup_size(caps), p["hd"]
+    if lanes is None or lanes % _F or hd % _F or hd % (_VEC * (lanes // _F)):
+        return None
+    max_threads = int(cap(caps, "max_workgroup_invocations", 1024))  # type: ignore[arg-type]
+    max_shared = int(cap(caps, "max_shared_memory", 32768))  # type: ignore[call-overload]
+    for subgroups in (4, 2):
+        for block in (64, 32, 16):
+            cfg = CmConfig(subgroups, lanes, block)
+            if block % (_VEC * cfg.lpr) or cfg.rows % block or cfg.threads > max_threads:
+                continue
+            if shared_bytes(family, cfg, hd) <= max_shared:
+                return cfg
+    return None
+
+
+def _pack8(kb: KernelBuilder, elem: str, xs: list[Value]) -> Value:
+    """Eight f32 values as one u32x4 of 16-bit elements (bf16 rounded to nearest even)."""
+    def bits(x: Value) -> Value:
+        if elem == "bf16n":
+            return kb.bf16_bits(x)
+        return kb.cast(kb.bitcast(kb.cast(x, "f16"), "u16"), "u32")
+
+    b = [bits(x) for x in xs]
+    return kb.vector("u32x4", [b[2 * i] | (b[2 * i + 1] << 16) for i in range(4)])
+
+
+class _Rows:
+    """A strided [B, heads, T, hd] input read 8 elements per load: 16 bytes of 16-bit data,
+    or 32 of f32 rounded to the fragment type."""
+
+    def __init__(self, kb: KernelBuilder, op: A._Operand, dt: str, elem: str):
+        self.kb, self.op, self.elem, self.round = kb, op, elem, dt == "f32"
+        self.view = kb.buffer_view(op.buf, "f32x4" if self.round else "u32x4")
+
+    def load8(self, base: Value, row: Value, c: Value) -> Value:
+        kb = self.kb
+        at = base + row * A._u(kb, self.op.strides[2]) + c * _VEC
+        if not self.round:
+            return self.view.load_raw(at >> 3)
+        q = at >> 2
+        return _pack8(kb, self.elem, [kb.extract(self.view.load_raw(q + h), i)
+                                      for h in (0, 1) for i in range(4)])
+
+
+class _Kernel:
+    """What the three families share: bindings, the streamed tiles, the subgroup's 16-bit
+    tiles and f32 scratch, fragment types, and the lane's place in the elementwise step."""
+
+    def __init__(self, spec: KernelSpec, caps: object, cfg: CmConfig, family: str,
+                 inputs: tuple[str, ...], outputs: list[tuple[str, str]]):
+        p = dict(spec.params)
+        self.p, self.cfg, self.hd, self.bl = p, cfg, p["hd"], cfg.block
+        c, self.ins, self.outs = A._prologue(spec, caps, A.AttnConfig(cfg.rows, cfg.block),
+                                             inputs, outputs, threads=cfg.threads)
+        kb = self.kb = c.kb
+        self.c = c
+        self.elem = _ELEM[p["q"][0]]
+        coopmat.enable(kb, self.elem)
+        self.rows = {n: _Rows(kb, self.ins[n], p[n][0], self.elem)
+                     for n in ("q", "k", "v", "do") if n in self.ins}
+        hd, bl = self.hd, self.bl
+        self.ldt = (hd + _VEC) // _VEC  # a streamed tile's row, in 16-byte vectors
+        self.tiles = kb.shared("u32x4", 2 * bl * self.ldt)
+        self.n16 = 2 if family == "attention_dkdv" else 1
+        self.wide = (max(bl, hd) + _VEC) // _VEC  # a subgroup tile's row, in vectors
+        self.own = kb.shared("u32x4", cfg.subgroups * self.n16 * _F * self.wide)
+        regions = 1 if family == "attention_fwd" else 2
+        self.scr_floats = max(regions * _F * (bl + 4), _F * (hd + 4))
+        self.scr = kb.shared("f32x4", cfg.subgroups * self.scr_floats // 4)
+        self.sg = kb.subgroup_id()  # fragments belong to the hardware subgroup
+        self.lane = kb.subgroup_invocation_id()
+        self.r, self.slot = self.lane / cfg.lpr, self.lane % cfg.lpr
+        self.fa = coopmat.Frag(kb, self.elem, "a")
+        self.fb = coopmat.Frag(kb, self.elem, "b")
+        self.fc = coopmat.Frag(kb, "f32", "acc")
+        self.row0 = c.blk0 + self.sg * _F  # the subgroup's first row
+
+    # -- staging ------------------------------------------------------------------------------
+    def _stage(self, name: str, base: Value, r0: Value, nrows: int, dst: SharedArray,
+               dst0: Value, ld: int, idx: Value, count: int) -> None:
+        """Rows r0 .. r0 + nrows of operand `name` into dst (row stride ld vectors) by
+        `count` invocations numbered idx; rows past T are zero."""
+        kb, t, per = self.kb, self.p["t"], self.hd // _VEC
+        total = nrows * per
+        for k in range(math.ceil(total / count)):
+            v = idx + k * count
+            with kb.when(v < total if (k + 1) * count > total else None):
+                row, col = v / per, v % per
+                g = r0 + row
+                vec = self.rows[name].load8(base, kb.fmin(g, t - 1), col)
+                dst.store(dst0 + row * ld + col, kb.select(g < t, vec, kb.null("u32x4")))
+
+    def stage_tile(self, n: int, name: str, base: Value, r0: Value) -> None:
+        """Streamed tile n (0 or 1): `block` rows of `name` from r0 (the caller barriers)."""
+        self._stage(name, base, r0, self.bl, self.tiles, self.kb.u32(n * self.bl * self.ldt),
+                    self.ldt, self.c.tid, self.cfg.threads)
+
+    def _own0(self, slot: int) -> Value:
+        return (self.sg * self.n16 + slot) * (_F * self.wide)
+
+    def own_fragments(self, name: str, base: Value) -> list[coopmat.Fragment]:
+        """The subgroup's 16 rows of `name` as hd / 16 A fragments (through its tile 0)."""
+        kb = self.kb
+        self._stage(name, base, self.row0, _F, self.own, self._own0(0), self.wide, self.lane,
+                    self.cfg.lanes)
+        coopmat.subgroup_barrier(kb)
+        frags = [self.fa.load(self.own, self._own0(0) + kk * (_F // _VEC), self.wide)
+                 for kk in range(self.hd // _F)]
+        coopmat.subgroup_barrier(kb)  # loaded before the tile is written again
+        return frags
+
+    # -- fragments ----------------------------------------------------------------------------
+    def tile_b(self, n: int, row: int, col: int, transposed: bool) -> coopmat.Fragment:
+        """A B fragment of streamed tile n: rows row.. (of the tile) x columns col.. (of hd)
+        as K x N, or transposed (K = hd columns, N = tile rows), which loads column-major."""
+        idx = n * self.bl * self.ldt + row * self.ldt + col // _VEC
+        return self.fb.load(self.tiles, self.kb.u32(idx), self.ldt, column_major=transposed)
+
+    def own_a(self, slot: int, col: int) -> coopmat.Fragment:
+        """The A fragment of the subgroup's tile `slot` at column col."""
+        return self.fa.load(self.own, self._own0(slot) + col // _VEC, self.wide)
+
+    def product(self, a: list[coopmat.Fragment], n: int, col: int, transposed: bool,
+                acc: coopmat.Fragment | None = None) -> coopmat.Fragment:
+        """acc + the subgroup's A fragments (along K) times streamed tile n's B fragments at
+        column `col` of the product."""
+        x = self.fc.zero() if acc is None else acc
+        for kk, frag in enumerate(a):
+            b = self.tile_b(n, col, kk * _F, True) if transposed else \
+                self.tile_b(n, kk * _F, col, False)
+            x = self.fc.mul_add(frag, b, x)
+        return x
+
+    # -- scratch --------------------------------------------------------------------------------
+    def _scr(self, at: int, row: Value | int) -> Value:
+        """The f32x4 index of the subgroup's scratch float `at` + row (a multiple of 4)."""
+        return self.sg * (self.scr_floats // 4) + row + at // 4
+
+    def store_scratch(self, x: coopmat.Fragment, region: int, ld: int, col: int) -> None:
+        self.fc.store(self.scr, self._scr(region + col, 0), x, ld // 4)
+
+    def read8(self, region: int, ld: int, c0: Value) -> list[Value]:
+        """The lane's row, columns c0 .. c0 + 8, of a scratch region."""
+        kb = self.kb
+        at = self._scr(region, self.r * (ld // 4)) + c0 / 4
+        return [kb.extract(self.scr.load(at + h), i) for h in (0, 1) for i in range(4)]
+
+    def groups(self, width: int) -> list[Value]:
+        """First columns of the lane's 8-column groups of a row `width` wide."""
+        step = _VEC * self.cfg.lpr
+        return [self.slot * _VEC + g * step for g in range(width // step)]
+
+    def write16(self, slot: int, c0: Value, xs: list[Value]) -> None:
+        """Eight f32 values to the lane's row, columns c0 .., of the subgroup's tile `slot`."""
+        self.own.store(self._own0(slot) + self.r * self.wide + c0 / _VEC,
+                       _pack8(self.kb, self.elem, xs))
+
+    def write_out(self, accs: list[coopmat.Fragment], out: object, heads: int, head: Value,
+                  mul: float) -> None:
+        """Accumulators (the subgroup's 16 rows x hd) * mul to an output, rows inside T."""
+        kb, hd, lanes = self.kb, self.hd, self.cfg.lanes
+        ld = hd + 4
+        for n, x in enumerate(accs):
+            self.store_scratch(x, 0, ld, n * _F)
+        coopmat.subgroup_barrier(kb)
+        per = hd // 4
+        with kb.loop(self.lane, _F * per, lanes) as e:
+            rr, d4 = e / per, e % per
+            row = self.row0 + rr
+            vec = self.scr.load(self._scr(0, rr * (ld // 4)) + d4)
+            with kb.if_(row < self.p["t"]):
+                ob = A._out_base(self.c, heads, head, row) + d4 * 4
+                for i in range(4):
+                    v = kb.extract(vec, i)
+                    out.store(ob + i, v * mul if mul != 1.0 else v)  # type: ignore[attr-defined]
+
+    def binary(self, spec: KernelSpec, caps: object, heads: int, flops: int, what: str
+               ) -> KernelBinary:
+        cfg = self.cfg
+        notes = {"flops": flops, "required_subgroup_size": cfg.lanes,
+                 "variant": f"coopmat flash {what} rows {cfg.rows} tile {cfg.block}"}
+        return self.kb.binary(spec, A._grid(self.c, heads, caps), notes=notes)
+
+
+def _nan_max(kb: KernelBuilder, xs: list[Value]) -> Value:
+    return reduce(lambda a, b: nan_minmax(kb, "max", a, b), xs)
+
+
+def _sum(xs: list[Value]) -> Value:
+    return reduce(lambda a, b: a + b, xs)
+
+
+def generate_fwd(spec: KernelSpec, caps: object, cfg: CmConfig) -> KernelBinary:
+    """O = softmax(q k^T * scale) v and the row log-sum-exp, online over key tiles."""
+    p = dict(spec.params)
+    outs_decl = [(n, p["out_dtype"] if n == "o" else "f32") for n in p["outputs"]]
+    K = _Kernel(spec, caps, cfg, "attention_fwd", ("q", "k", "v"), outs_decl)
+    kb, c, t, hd, h, bl, scale = K.kb, K.c, p["t"], p["hd"], p["h"], cfg.block, p["scale"]
+    q, k, v = K.ins["q"], K.ins["k"], K.ins["v"]
+    hk = c.head / (h // p["hkv"]) if h != p["hkv"] else c.head
+    i = K.row0 + K.r  # the lane's query row
+    qf = K.own_fragments("q", q.base(c.bi, c.head))
+    kbase, vbase = k.base(c.bi, hk), v.base(c.bi, hk)
+    lpr = cfg.lpr
+    stats = kb.shared("f32", cfg.subgroups * 2 * _F * lpr)  # per row: lanes' max, then sum
+    st0 = K.sg * (2 * _F * lpr) + K.r * lpr
+    o_cols = K.groups(hd)
+    o = [kb.var("f32", 0.0) for _ in range(_VEC * len(o_cols))]
+    l_var, m_var, shift_var = kb.var("f32", 0.0), kb.var("f32", _NEG_INF), kb.var("f32", 0.0)
+
+    def body(j0: Value, masked: bool) -> None:
+        kb.barrier()  # the previous tile's readers are done
+        K.stage_tile(0, "k", kbase, j0)
+        K.stage_tile(1, "v", vbase, j0)
+        kb.barrier()
+        for n in range(bl // _F):
+            K.store_scratch(K.product(qf, 0, n * _F, True), 0, bl + 4, n * _F)
+        coopmat.subgroup_barrier(kb)
+        cols = K.groups(bl)
+        s = []
+        for c0 in cols:
+            for e, x in enumerate(K.read8(0, bl + 4, c0)):
+                x = x * scale
+                s.append(kb.select(A._allowed(c, j0 + c0 + e, i), x, _NEG_INF) if masked
+                         else x)
+        stats.store(st0 + K.slot, _nan_max(kb, s))
+        coopmat.subgroup_barrier(kb)
+        m_new = nan_minmax(kb, "max", m_var.get(),
+                           _nan_max(kb, [stats.load(st0 + x) for x in range(lpr)]))
+        # as the SIMT kernel: an infinite max shifts by 0; nothing seen yet rescales by 0
+        shift = kb.select(A._is_inf(kb, m_new), kb.f32(0.0), m_new)
+        corr = kb.select(kb.bitcast(m_var.get(), "u32") == 0xFF800000, kb.f32(0.0),
+                         kb.exp(shift_var.get() - shift))
+        ps = [kb.exp(x - shift) for x in s]
+        stats.store(st0 + _F * lpr + K.slot, _sum(ps))
+        for g, c0 in enumerate(cols):
+            chunk = ps[g * _VEC:(g + 1) * _VEC]
+            keeps = [c.keep(c.head, i, j0 + c0 + e) for e in range(_VEC)]
+            K.write16(0, c0, [x if kp is None else x * kp
+                              for x, kp in zip(chunk, keeps, strict=True)])
+        coopmat.subgroup_barrier(kb)
+        l_var.set(reduce(lambda a, b: a + b, [stats.load(st0 + _F * lpr + x)
+                                              for x in range(lpr)], l_var.get() * corr))
+        pa = [K.own_a(0, kk * _F) for kk in range(bl // _F)]
+        for n in range(hd // _F):
+            K.store_scratch(K.product(pa, 1, n * _F, False), 0, hd + 4, n * _F)
+        coopmat.subgroup_barrier(kb)
+        for g, c0 in enumerate(o_cols):
+            for e, x in enumerate(K.read8(0, hd + 4, c0)):
+                acc = o[g * _VEC + e]
+                acc.set(kb.fma(acc.get(), corr, x))
+        m_var.set(m_new)
+        shift_var.set(shift)
+
+    own_end = (lambda: kb.fmin(c.blk0 + cfg.rows, kb.u32(t))) if p["causal"] else None
+    m_lo, m_hi, f_lo, f_hi = A._masked_ranges(c, own_end)
+    A._loop_tiles(c, f_lo, f_hi, lambda j0: body(j0, False))
+    A._loop_tiles(c, m_lo, m_hi, lambda j0: body(j0, True))
+    lv = l_var.get()
+    with kb.if_(i < t):
+        if "o" in K.outs:
+            ob = A._out_base(c, h, c.head, i)
+            for g, c0 in enumerate(o_cols):
+                for e in range(_VEC):
+                    K.outs["o"].store(ob + c0 + e, ieee_div(kb, o[g * _VEC + e].get(), lv))
+        if "lse" in K.outs:
+            with kb.if_(K.slot == 0):
+                K.outs["lse"].store((c.bi * h + c.head) * t + i,
+                                    ScalarEmitter(kb).unary("log", lv) + shift_var.get())
+    flops = 4 * p["b"] * h * t * t * hd // (2 if p["causal"] else 1)
+    return K.binary(spec, caps, h, flops, "fwd")
+
+
+def generate_dq(spec: KernelSpec, caps: object, cfg: CmConfig) -> KernelBinary:
+    """dq = scale * dS k over key tiles, dS = P (dP - D), P = exp(S - lse)."""
+    p = dict(spec.params)
+    K = _Kernel(spec, caps, cfg, "attention_dq", A._BWD_INPUTS, [("dq", "f32")])
+    kb, c, t, hd, h, bl, scale = K.kb, K.c, p["t"], p["hd"], p["h"], cfg.block, p["scale"]
+    k, v = K.ins["k"], K.ins["v"]
+    hk = c.head / (h // p["hkv"]) if h != p["hkv"] else c.head
+    i = K.row0 + K.r
+    qf = K.own_fragments("q", K.ins["q"].base(c.bi, c.head))
+    dof = K.own_fragments("do", K.ins["do"].base(c.bi, c.head))
+    lse, dd = A._bwd_row_stats(c, K.ins, kb.fmin(i, t - 1), c.head)
+    kbase, vbase = k.base(c.bi, hk), v.base(c.bi, hk)
+    acc = [K.fc.var() for _ in range(hd // _F)]
+    dp0 = _F * (bl + 4)  # scratch region of dP
+
+    def body(j0: Value, masked: bool) -> None:
+        kb.barrier()
+        K.stage_tile(0, "k", kbase, j0)
+        K.stage_tile(1, "v", vbase, j0)
+        kb.barrier()
+        for n in range(bl // _F):
+            K.store_scratch(K.product(qf, 0, n * _F, True), 0, bl + 4, n * _F)
+            K.store_scratch(K.product(dof, 1, n * _F, True), dp0, bl + 4, n * _F)
+        coopmat.subgroup_barrier(kb)
+        for c0 in K.groups(bl):
+            ds = []
+            for e, (x, dp) in enumerate(zip(K.read8(0, bl + 4, c0), K.read8(dp0, bl + 4, c0),
+                                            strict=True)):
+                pj = kb.exp(x * scale - lse)
+                kj = c.keep(c.head, i, j0 + c0 + e)  # dropout scales dP as it scaled P
+                d = pj * ((dp if kj is None else dp * kj) - dd)
+                ds.append(kb.select(A._allowed(c, j0 + c0 + e, i), d, 0.0) if masked else d)
+            K.write16(0, c0, ds)
+        coopmat.subgroup_barrier(kb)
+        da = [K.own_a(0, kk * _F) for kk in range(bl // _F)]
+        for n in range(hd // _F):
+            acc[n].set(K.product(da, 0, n * _F, False, acc[n].get()))
+
+    own_end = (lambda: kb.fmin(c.blk0 + cfg.rows, kb.u32(t))) if p["causal"] else None
+    m_lo, m_hi, f_lo, f_hi = A._masked_ranges(c, own_end)
+    A._loop_tiles(c, f_lo, f_hi, lambda j0: body(j0, False))
+    A._loop_tiles(c, m_lo, m_hi, lambda j0: body(j0, True))
+    K.write_out([a.get() for a in acc], K.outs["dq"], h, c.head, scale)
+    flops = 6 * p["b"] * h * t * t * hd // (2 if p["causal"] else 1)
+    return K.binary(spec, caps, h, flops, "dq")
+
+
+def generate_dkdv(spec: KernelSpec, caps: object, cfg: CmConfig) -> KernelBinary:
+    """dv = P^T dO and dk = scale * dS^T q over every query head of the kv head and query
+    tile, for the subgroup's 16 keys."""
+    p = dict(spec.params)
+    K = _Kernel(spec, caps, cfg, "attention_dkdv", A._BWD_INPUTS,
+                [(n, "f32") for n in p["outputs"]])
+    kb, c, t, hd, hkv, bl, scale = K.kb, K.c, p["t"], p["hd"], p["hkv"], cfg.block, p["scale"]
+    q, dout = K.ins["q"], K.ins["do"]
+    j = K.row0 + K.r  # the lane's key row
+    kf = K.own_fragments("k", K.ins["k"].base(c.bi, c.head))
+    vf = K.own_fragments("v", K.ins["v"].base(c.bi, c.head))
+    lse_sh, dd_sh = kb.shared("f32", bl), kb.shared("f32", bl)
+    dk = [K.fc.var() for _ in range(hd // _F)]
+    dv = [K.fc.var() for _ in range(hd // _F)]
+    dp0 = _F * (bl + 4)
+
+    def body(hh: Value, i0: Value, masked: bool) -> None:
+        kb.barrier()
+        K.stage_tile(0, "q", q.base(c.bi, hh), i0)
+        K.stage_tile(1, "do", dout.base(c.bi, hh), i0)
+        A._stage_row_stats(c, K.ins, hh, i0, lse_sh, dd_sh)
+        kb.barrier()
+        for n in range(bl // _F):  # S^T = k q^T, dP^T = v dO^T for the subgroup's keys
+            K.store_scratch(K.product(kf, 0, n * _F, True), 0, bl + 4, n * _F)
+            K.store_scratch(K.product(vf, 1, n * _F, True), dp0, bl + 4, n * _F)
+        coopmat.subgroup_barrier(kb)
+        for c0 in K.groups(bl):
+            pd, ds = [], []
+            for e, (x, dp) in enumerate(zip(K.read8(0, bl + 4, c0), K.read8(dp0, bl + 4, c0),
+                                            strict=True)):
+                col = c0 + e
+                ii = i0 + col
+                pr = kb.exp(x * scale - lse_sh.load(col))
+                kr = c.keep(hh, ii, j)  # dropout: dV takes the dropped P, dS the dropped dP
+                d = pr * ((dp if kr is None else dp * kr) - dd_sh.load(col))
+                pr = pr if kr is None else pr * kr
+                if masked:  # key j visible to query ii (inside T, not in its future)
+                    ok = (ii < t) & (j <= ii) if p["causal"] else ii < t
+                    pr, d = kb.select(ok, pr, 0.0), kb.select(ok, d, 0.0)
+                pd.append(pr)
+                ds.append(d)
+            K.write16(0, c0, pd)
+            K.write16(1, c0, ds)
+        coopmat.subgroup_barrier(kb)
+        pa = [K.own_a(0, kk * _F) for kk in range(bl // _F)]
+        sa = [K.own_a(1, kk * _F) for kk in range(bl // _F)]
+        for n in range(hd // _F):
+            dv[n].set(K.product(pa, 1, n * _F, False, dv[n].get()))
+            dk[n].set(K.product(sa, 0, n * _F, False, dk[n].get()))
+
+    A._query_tiles(c, body)
+    for name, accs, mul in (("dk", dk, scale), ("dv", dv, 1.0)):
+        if name in K.outs:
+            K.write_out([a.get() for a in accs], K.outs[name], hkv, c.head, mul)
+            coopmat.subgroup_barrier(kb)  # scratch read before the next output lands in it
+    flops = 8 * p["b"] * p["h"] * t * t * hd // (2 if p["causal"] else 1)
+    return K.binary(spec, caps, hkv, flops, "dkdv")
+
+
+_GENERATORS = {"attention_fwd": generate_fwd, "attention_dq": generate_dq,
+               "attention_dkdv": generate_dkdv}
+
+
+def generate(spec: KernelSpec, caps: object) -> KernelBinary | None:
+    """The tensor-core kernel for an attention spec, or None where the variant does not
+    apply (the SIMT kernel runs)."""
+    cfg = choose(spec.family, dict(spec.params), caps)
+    if cfg is None:
+        return None
+    return _GENERATORS[spec.family](spec, caps, cfg)
+
+
+A.FAST_VARIANTS.append(generate)
