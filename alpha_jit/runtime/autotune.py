@@ -4,7 +4,7 @@ Why: which tile wins depends on the shape and the GPU (a 768 x 768 weight gradie
 has 36 tiles of 128 x 128 for 132 multiprocessors; a 8192 x 50304 logits GEMM has thousands),
 and a heuristic guesses. Before the step's kernels are generated, every matmul kernel gets an
 explicit ("config", ...) param: the measured best for its bare GEMM (the same operands, shapes,
-strides and rounding, f32 output, no epilogue) when tuning is on, else the generator's
+strides, rounding and column sums, f32 output, no epilogue) when tuning is on, else the generator's
 heuristic. The choice travels in the spec, so the kernel caches key on it and a plan is
 reproducible.
 
@@ -44,7 +44,8 @@ from alpha_jit.errors import AlphaJitError
 log = logging.getLogger("alpha_jit.autotune")
 
 _TARGET_S = 2e-3  # GPU time per candidate measurement (back-to-back dispatches)
-_BARE_KEYS = ("batch", "m", "n", "k", "a", "b", "a_round", "b_round")
+# column sums of b are timed too: they change which tile wins (registers, shared memory)
+_BARE_KEYS = ("batch", "m", "n", "k", "a", "b", "a_round", "b_round", "colsum_b")
 _LOCK = threading.Lock()
 
 
@@ -54,8 +55,8 @@ def enabled() -> bool:
 
 
 def bare_spec(spec: KernelSpec) -> KernelSpec:
-    """The GEMM of `spec` without what rides along (epilogue, column sums, output dtype): what
-    is timed, and the key tuned results are shared under."""
+    """The GEMM of `spec` without what rides along (epilogue, output dtype) but with b's column
+    sums: what is timed, and the key tuned results are shared under."""
     params = tuple((k, v) for k, v in spec.params if k in _BARE_KEYS)
     return KernelSpec("matmul", "tune_" + spec.name, params + (("out_dtype", "f32"),))
 
@@ -197,6 +198,8 @@ def _measure(dev: Any, bare: KernelSpec, built: list[tuple[Any, Any]]) -> Tuned:
         count = off + (p["batch"] - 1) * sb + (rows - 1) * s0 + (cols - 1) * s1 + 1
         sizes.append(count * (2 if dt in ("bf16", "f16") else 4))
     sizes.append(4 * p["batch"] * p["m"] * p["n"])
+    if p.get("colsum_b"):  # the column sums of b, bound after the product
+        sizes.append(4 * p["n"])
     regions = [dev.alloc(max(s, 4)) for s in sizes]
     workspace: dict[int, Any] = {}  # split-K workspaces by size, shared by the candidates
     flops = 2 * p["batch"] * p["m"] * p["n"] * p["k"]

@@ -70,14 +70,23 @@ def one_step_parity(precision: str, options: dict, tol: float, sgd: bool = False
     outs, writes = interpreter.run(tr.graph, tr.leaves([x, y], state0, exe.last_hparams))
     assert rel(float(loss), outs[0]) < tol
     assert rel(float(norm), outs[1]) < tol
+    updates = {tr.state[key].state_name: (tr.state[key].numpy() - before[key], want - before[key])
+               for key, want in writes.items() if sgd and key in before}
     for key, want in writes.items():
-        got, old = tr.state[key].numpy(), before.get(key) if sgd else None
-        if old is not None:  # an update near 0 is round-off (a key bias's gradient is 0)
-            got, want = got - old, want - old
-            err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-5)
-            assert err < tol, tr.state[key].state_name
+        name = tr.state[key].state_name
+        if name in updates:
+            got, want = updates[name]
+            floor = 1e-5
+            if name.endswith("attn.k.bias"):
+                # its gradient is exactly 0 (softmax ignores a shift shared by all keys):
+                # what is left is round-off of sums as large as the query bias's uncancelled
+                # ones (16-bit dS under bf16, as in PyTorch's flash attention), so measured
+                # against that update
+                floor = max(floor, float(np.linalg.norm(updates[name[:-6] + "q.bias"][1])))
+            err = np.linalg.norm(got - want) / max(np.linalg.norm(want), floor)
+            assert err < tol, name
             continue
-        assert rel(got, want) < tol, tr.state[key].state_name
+        assert rel(tr.state[key].numpy(), want) < tol, name
     if precision == "f32" and not options:  # every module of a whole GPT step validates
         from alpha_jit.codegen_spirv import tools
 

@@ -80,7 +80,8 @@ def shared_bytes(family: str, cfg: CmConfig, hd: int) -> int:
     """Workgroup memory: two streamed 16-bit tiles (+ lse and D of dk/dv's queries), and per
     subgroup its 16-bit tiles, f32 scratch and (forward) row statistics."""
     bl, dkdv = cfg.block, family == "attention_dkdv"
-    tiles = 2 * bl * (hd + _VEC) * 2 + (2 * bl * 4 if dkdv else 0)
+    # dk/dv: lse, D and D's partial sums (8 elements each) of the query tile
+    tiles = 2 * bl * (hd + _VEC) * 2 + ((2 + hd // _VEC) * bl * 4 if dkdv else 0)
     own16 = (2 if dkdv else 1) * _F * (max(bl, hd) + _VEC) * 2
     regions = 1 if family == "attention_fwd" else 2
     scratch = 4 * max(regions * _F * (bl + 4), _F * (hd + 4))
@@ -93,9 +94,9 @@ def choose(family: str, p: dict, caps: object) -> CmConfig | None:
     elem = _ELEM.get(p["q"][0])
     if not coopmat_allowed() or elem is None or not coopmat.supported(caps, elem):
         return None
-    names = ("q", "k", "v") + (() if family == "attention_fwd" else ("do",))
+    names = ("q", "k", "v") + (() if family == "attention_fwd" else ("do", "o"))
     for n in names:
-        if p[n][0] != p["q"][0] and not (n == "do" and p[n][0] == "f32"):
+        if p[n][0] != p["q"][0] and not (n in ("do", "o") and p[n][0] == "f32"):
             return None
         if not _aligned(p[n]):
             return None
@@ -133,14 +134,35 @@ class _Rows:
         self.kb, self.op, self.elem, self.round = kb, op, elem, dt == "f32"
         self.view = kb.buffer_view(op.buf, "f32x4" if self.round else "u32x4")
 
+    def _at(self, base: Value, row: Value, c: Value) -> Value:
+        return base + row * A._u(self.kb, self.op.strides[2]) + c * _VEC
+
+    def _f32x8(self, at: Value) -> list[Value]:
+        kb, q = self.kb, at >> 2
+        return [kb.extract(self.view.load_raw(q + h), i) for h in (0, 1) for i in range(4)]
+
     def load8(self, base: Value, row: Value, c: Value) -> Value:
-        kb = self.kb
-        at = base + row * A._u(kb, self.op.strides[2]) + c * _VEC
+        """Elements c*8 .. c*8 + 8 of a row, packed 16-bit (the fragment type)."""
+        at = self._at(base, row, c)
         if not self.round:
             return self.view.load_raw(at >> 3)
-        q = at >> 2
-        return _pack8(kb, self.elem, [kb.extract(self.view.load_raw(q + h), i)
-                                      for h in (0, 1) for i in range(4)])
+        return _pack8(self.kb, self.elem, self._f32x8(at))
+
+    def load8_f32(self, base: Value, row: Value, c: Value) -> list[Value]:
+        """The same elements widened to f32 (as stored: f32 data is not rounded)."""
+        kb, at = self.kb, self._at(base, row, c)
+        if self.round:
+            return self._f32x8(at)
+        vec = self.view.load_raw(at >> 3)
+        out = []
+        for i in range(_VEC):
+            word = kb.extract(vec, i // 2)
+            if self.elem == "bf16n":
+                out.append(kb.bitcast(word & 0xFFFF0000 if i % 2 else word << 16, "f32"))
+            else:
+                half = kb.cast(word >> 16 if i % 2 else word & 0xFFFF, "u16")
+                out.append(kb.cast(kb.bitcast(half, "f16"), "f32"))
+        return out
 
 
 class _Kernel:
@@ -158,7 +180,7 @@ class _Kernel:
         self.elem = _ELEM[p["q"][0]]
         coopmat.enable(kb, self.elem)
         self.rows = {n: _Rows(kb, self.ins[n], p[n][0], self.elem)
-                     for n in ("q", "k", "v", "do") if n in self.ins}
+                     for n in ("q", "k", "v", "do", "o") if n in self.ins}
         hd, bl = self.hd, self.bl
         self.ldt = (hd + _VEC) // _VEC  # a streamed tile's row, in 16-byte vectors
         self.tiles = kb.shared("u32x4", 2 * bl * self.ldt)
@@ -195,6 +217,31 @@ class _Kernel:
         """Streamed tile n (0 or 1): `block` rows of `name` from r0 (the caller barriers)."""
         self._stage(name, base, r0, self.bl, self.tiles, self.kb.u32(n * self.bl * self.ldt),
                     self.ldt, self.c.tid, self.cfg.threads)
+
+    def row_stats(self, hh: Value, i0: Value, lse_sh: SharedArray, dd_sh: SharedArray,
+                  part_sh: SharedArray) -> None:
+        """lse and D = dO . O of query rows i0 .. i0 + block of head hh into shared arrays
+        (0 past T): D's 8-element partial dot products by every invocation, 16 bytes per load,
+        then summed per row (the caller barriers after)."""
+        kb, c, t, bl, per = self.kb, self.c, self.p["t"], self.bl, self.hd // _VEC
+        ob, dob = self.ins["o"].base(c.bi, hh), self.ins["do"].base(c.bi, hh)
+        total, threads = bl * per, self.cfg.threads
+        for k in range(math.ceil(total / threads)):
+            v = c.tid + k * threads
+            with kb.when(v < total if (k + 1) * threads > total else None):
+                row = kb.fmin(i0 + v / per, t - 1)
+                xs = self.rows["o"].load8_f32(ob, row, v % per)
+                ys = self.rows["do"].load8_f32(dob, row, v % per)
+                part_sh.store(v, reduce(lambda a, xy: kb.fma(xy[0], xy[1], a),
+                                        zip(xs[1:], ys[1:], strict=True), xs[0] * ys[0]))
+        kb.barrier()
+        with kb.if_(c.tid < bl):
+            ii = i0 + c.tid
+            inside = ii < t
+            lse = self.ins["lse"].at(self.ins["lse"].base(c.bi, hh), kb.fmin(ii, t - 1))
+            dd = _sum([part_sh.load(c.tid * per + x) for x in range(per)])
+            lse_sh.store(c.tid, kb.select(inside, lse, 0.0))
+            dd_sh.store(c.tid, kb.select(inside, dd, 0.0))
 
     def _own0(self, slot: int) -> Value:
         return (self.sg * self.n16 + slot) * (_F * self.wide)
@@ -431,6 +478,7 @@ def generate_dkdv(spec: KernelSpec, caps: object, cfg: CmConfig) -> KernelBinary
     kf = K.own_fragments("k", K.ins["k"].base(c.bi, c.head))
     vf = K.own_fragments("v", K.ins["v"].base(c.bi, c.head))
     lse_sh, dd_sh = kb.shared("f32", bl), kb.shared("f32", bl)
+    part_sh = kb.shared("f32", bl * (hd // _VEC))
     dk = [K.fc.var() for _ in range(hd // _F)]
     dv = [K.fc.var() for _ in range(hd // _F)]
     dp0 = _F * (bl + 4)
@@ -439,7 +487,7 @@ def generate_dkdv(spec: KernelSpec, caps: object, cfg: CmConfig) -> KernelBinary
         kb.barrier()
         K.stage_tile(0, "q", q.base(c.bi, hh), i0)
         K.stage_tile(1, "do", dout.base(c.bi, hh), i0)
-        A._stage_row_stats(c, K.ins, hh, i0, lse_sh, dd_sh)
+        K.row_stats(hh, i0, lse_sh, dd_sh, part_sh)
         kb.barrier()
         for n in range(bl // _F):  # S^T = k q^T, dP^T = v dO^T for the subgroup's keys
             K.store_scratch(K.product(kf, 0, n * _F, True), 0, bl + 4, n * _F)
