@@ -214,17 +214,21 @@ def _measure(dev: Any, bare: KernelSpec, built: list[tuple[Any, Any]]) -> Tuned:
         for cfg, binary in built:
             pipe = dev.pipeline(binary)
             binds = list(regions)
-            if cfg.split > 1:
-                nbytes = int(binary.notes["workspace_bytes"])
-                if nbytes not in workspace:
-                    workspace[nbytes] = dev.alloc(nbytes)
-                binds.append(workspace[nbytes])
             cmds: list[Any] = [TimestampCmd("start")]
-            for _ in range(reps):
-                for d in binary.dispatches:  # split-K's passes are ordered, as in a step
-                    cmds += [DispatchCmd(pipe, binds, d), BarrierCmd()]
-            cmds.append(TimestampCmd("end"))
-            rec = dev.record(cmds, name=f"autotune {cfg.label()}")
+            try:  # a candidate that cannot run (a range over a limit) is skipped, not the shape
+                if cfg.split > 1:
+                    nbytes = int(binary.notes["workspace_bytes"])
+                    if nbytes not in workspace:
+                        workspace[nbytes] = dev.alloc(nbytes)
+                    binds.append(workspace[nbytes])
+                for _ in range(reps):
+                    for d in binary.dispatches:  # split-K's passes are ordered, as in a step
+                        cmds += [DispatchCmd(pipe, binds, d), BarrierCmd()]
+                cmds.append(TimestampCmd("end"))
+                rec = dev.record(cmds, name=f"autotune {cfg.label()}")
+            except AlphaJitError as exc:
+                log.warning("autotune %s: %s not measured (%s)", bare.name, cfg.label(), exc)
+                continue
             try:
                 warm_clocks(lambda r=rec: dev.wait(r.submit()))
                 dev.wait(rec.submit())  # warm-up: caches
@@ -239,6 +243,7 @@ def _measure(dev: Any, bare: KernelSpec, built: list[tuple[Any, Any]]) -> Tuned:
     finally:
         for r in [*regions, *workspace.values()]:
             dev.free(r)
-    assert best is not None
+    if best is None:
+        raise AlphaJitError(f"autotune {bare.name}: no candidate could be measured")
     log.info("autotune %s: %s", bare.name, timings)
     return Tuned(best[1], timings)

@@ -78,10 +78,11 @@ def one_step_parity(precision: str, options: dict, tol: float, sgd: bool = False
             got, want = updates[name]
             floor = 1e-5
             if name.endswith("attn.k.bias"):
-                # its gradient is exactly 0 (softmax ignores a shift shared by all keys):
-                # what is left is round-off of sums as large as the query bias's uncancelled
-                # ones (16-bit dS under bf16, as in PyTorch's flash attention), so measured
-                # against that update
+                # its gradient is a sum that cancels (softmax ignores a shift shared by all
+                # keys: exactly 0 with learned positions, mostly under RoPE, which rotates the
+                # bias per position); its error is round-off of terms as large as the query
+                # bias's uncancelled sum (16-bit dS under bf16, as in PyTorch's flash
+                # attention), so it is measured against that update
                 floor = max(floor, float(np.linalg.norm(updates[name[:-6] + "q.bias"][1])))
             err = np.linalg.norm(got - want) / max(np.linalg.norm(want), floor)
             assert err < tol, name

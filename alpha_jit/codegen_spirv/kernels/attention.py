@@ -41,7 +41,7 @@ from ..lower import register_kernel_lowering
 from ..scalar import ScalarEmitter, ieee_div, nan_minmax
 from ..views import View
 from .elementwise import storage_dtype
-from .matmul import grid_plan
+from .matmul import coopmat_allowed, grid_plan
 
 FAMILIES = {"attention_fwd": "generate_attention_fwd", "attention_dq": "generate_attention_dq",
             "attention_dkdv": "generate_attention_dkdv"}
@@ -125,12 +125,16 @@ class _Ctx:
 
 
 def _prologue(spec: KernelSpec, caps: object, cfg: AttnConfig, inputs: tuple[str, ...],
-              outputs: list[tuple[str, str]], threads: int | None = None
+              outputs: list[tuple[str, str]], threads: int | None = None,
+              setup: Callable[[KernelBuilder], None] | None = None
               ) -> tuple[_Ctx, dict, dict]:
     """Bindings (inputs, the dropout counter, outputs), push constants and the workgroup's
-    place; `threads` per workgroup (default: one per row)."""
+    place; `threads` per workgroup (default: one per row); `setup(kb)` before anything is
+    emitted."""
     p = dict(spec.params)
     kb = KernelBuilder(spec.name, threads or cfg.rows, caps)
+    if setup is not None:
+        setup(kb)
     ins = {n: _Operand(kb, n, p[n]) for n in inputs}
     drop = None
     if p.get("dropout", 0.0) > 0:  # the RNG counter binding, then the outputs
@@ -526,6 +530,7 @@ def _lower(lw, n: int, family: str, ops: tuple[str, ...], out_names: dict[str, s
                        else "f32"))
     if family != "attention_dq":
         params.append(("outputs", names))
+    params.append(("coopmat", coopmat_allowed()))  # in the spec: the kernel caches follow it
     writes = [sib[o] for o in ops if o in sib]
     heads = [w for w in writes if g.op(w) != "attention_lse"]
     if heads and all(_read_head_transposed(g, w) for w in heads):

@@ -90,9 +90,12 @@ def shared_bytes(family: str, cfg: CmConfig, hd: int) -> int:
 
 
 def choose(family: str, p: dict, caps: object) -> CmConfig | None:
-    """The tiling for this spec on the device, or None where the variant does not apply."""
+    """The tiling for this spec on the device, or None where the variant does not apply. The
+    lowering records ALPHA_JIT_COOPMAT in the spec ("coopmat", bool), so cached kernels follow
+    it; a spec without it (a test's) reads the variable."""
     elem = _ELEM.get(p["q"][0])
-    if not coopmat_allowed() or elem is None or not coopmat.supported(caps, elem):
+    if not p.get("coopmat", coopmat_allowed()) or elem is None \
+            or not coopmat.supported(caps, elem):
         return None
     names = ("q", "k", "v") + (() if family == "attention_fwd" else ("do", "o"))
     for n in names:
@@ -149,10 +152,14 @@ class _Rows:
         return _pack8(self.kb, self.elem, self._f32x8(at))
 
     def load8_f32(self, base: Value, row: Value, c: Value) -> list[Value]:
-        """The same elements widened to f32 (as stored: f32 data is not rounded)."""
+        """The same elements as f32 values of the fragment type: f32 data rounded as `load8`
+        rounds it (D = dO . O then matches the rounded dO that dP is multiplied from, so a row
+        of dS sums to 0 as closely as the 16-bit products allow)."""
         kb, at = self.kb, self._at(base, row, c)
         if self.round:
-            return self._f32x8(at)
+            if self.elem == "bf16n":
+                return [kb.bitcast(kb.bf16_bits(x) << 16, "f32") for x in self._f32x8(at)]
+            return [kb.cast(kb.cast(x, "f16"), "f32") for x in self._f32x8(at)]
         vec = self.view.load_raw(at >> 3)
         out = []
         for i in range(_VEC):
@@ -173,12 +180,12 @@ class _Kernel:
                  inputs: tuple[str, ...], outputs: list[tuple[str, str]]):
         p = dict(spec.params)
         self.p, self.cfg, self.hd, self.bl = p, cfg, p["hd"], cfg.block
-        c, self.ins, self.outs = A._prologue(spec, caps, A.AttnConfig(cfg.rows, cfg.block),
-                                             inputs, outputs, threads=cfg.threads)
+        self.elem = _ELEM[p["q"][0]]
+        c, self.ins, self.outs = A._prologue(
+            spec, caps, A.AttnConfig(cfg.rows, cfg.block), inputs, outputs,
+            threads=cfg.threads, setup=lambda kb: coopmat.enable(kb, self.elem))
         kb = self.kb = c.kb
         self.c = c
-        self.elem = _ELEM[p["q"][0]]
-        coopmat.enable(kb, self.elem)
         self.rows = {n: _Rows(kb, self.ins[n], p[n][0], self.elem)
                      for n in ("q", "k", "v", "do", "o") if n in self.ins}
         hd, bl = self.hd, self.bl
@@ -218,6 +225,20 @@ class _Kernel:
         self._stage(name, base, r0, self.bl, self.tiles, self.kb.u32(n * self.bl * self.ldt),
                     self.ldt, self.c.tid, self.cfg.threads)
 
+    def _dot8(self, ob: Value, dob: Value, row: Value, col: Value) -> Value:
+        """The dot product of dO and O over elements col*8 .. col*8 + 8 of a row."""
+        kb = self.kb
+        xs = self.rows["o"].load8_f32(ob, row, col)
+        ys = self.rows["do"].load8_f32(dob, row, col)
+        return reduce(lambda a, xy: kb.fma(xy[0], xy[1], a), zip(xs[1:], ys[1:], strict=True),
+                      xs[0] * ys[0])
+
+    def row_d(self, row: Value) -> Value:
+        """D = dO . O of one row (clamped by the caller) of the workgroup's head."""
+        c = self.c
+        ob, dob = self.ins["o"].base(c.bi, c.head), self.ins["do"].base(c.bi, c.head)
+        return _sum([self._dot8(ob, dob, row, self.kb.u32(x)) for x in range(self.hd // _VEC)])
+
     def row_stats(self, hh: Value, i0: Value, lse_sh: SharedArray, dd_sh: SharedArray,
                   part_sh: SharedArray) -> None:
         """lse and D = dO . O of query rows i0 .. i0 + block of head hh into shared arrays
@@ -230,10 +251,7 @@ class _Kernel:
             v = c.tid + k * threads
             with kb.when(v < total if (k + 1) * threads > total else None):
                 row = kb.fmin(i0 + v / per, t - 1)
-                xs = self.rows["o"].load8_f32(ob, row, v % per)
-                ys = self.rows["do"].load8_f32(dob, row, v % per)
-                part_sh.store(v, reduce(lambda a, xy: kb.fma(xy[0], xy[1], a),
-                                        zip(xs[1:], ys[1:], strict=True), xs[0] * ys[0]))
+                part_sh.store(v, self._dot8(ob, dob, row, v % per))
         kb.barrier()
         with kb.if_(c.tid < bl):
             ii = i0 + c.tid
@@ -325,8 +343,10 @@ class _Kernel:
     def binary(self, spec: KernelSpec, caps: object, heads: int, flops: int, what: str
                ) -> KernelBinary:
         cfg = self.cfg
-        notes = {"flops": flops, "required_subgroup_size": cfg.lanes,
-                 "variant": f"coopmat flash {what} rows {cfg.rows} tile {cfg.block}"}
+        notes: dict = {"flops": flops,
+                       "variant": f"coopmat flash {what} rows {cfg.rows} tile {cfg.block}"}
+        if cap(caps, "subgroup_size_control", False):  # else the device's size is fixed
+            notes["required_subgroup_size"] = cfg.lanes
         return self.kb.binary(spec, A._grid(self.c, heads, caps), notes=notes)
 
 
@@ -429,7 +449,8 @@ def generate_dq(spec: KernelSpec, caps: object, cfg: CmConfig) -> KernelBinary:
     i = K.row0 + K.r
     qf = K.own_fragments("q", K.ins["q"].base(c.bi, c.head))
     dof = K.own_fragments("do", K.ins["do"].base(c.bi, c.head))
-    lse, dd = A._bwd_row_stats(c, K.ins, kb.fmin(i, t - 1), c.head)
+    lse = K.ins["lse"].at(K.ins["lse"].base(c.bi, c.head), kb.fmin(i, t - 1))
+    dd = K.row_d(kb.fmin(i, t - 1))
     kbase, vbase = k.base(c.bi, hk), v.base(c.bi, hk)
     acc = [K.fc.var() for _ in range(hd // _F)]
     dp0 = _F * (bl + 4)  # scratch region of dP

@@ -55,6 +55,7 @@ _MIN_SLICE = 256  # K per split-K slice below which the reducing pass costs more
 # tokens with b's column sums ran 2.6x faster as 128 x 64 tiles split 4 than as whole
 # 128 x 128 ones (H200; the 16 column-sum registers per slot crowd the larger tile)
 _LONG_K = 2048
+_LONG_K_WORKSPACE = 64 << 20  # ... unless the partial sums would take more than this (step memory)
 
 
 def _groups(p: dict, cfg: MatmulConfig) -> int:
@@ -87,7 +88,8 @@ def candidates(p: dict, caps: object) -> list[MatmulConfig]:
                 split = 2
                 while p["k"] >= split * _MIN_SLICE and split <= 8 and (
                         _groups(p, cfg) * split <= 2 * _FILL
-                        or (p["k"] >= _LONG_K and split <= 4)):
+                        or (p["k"] >= _LONG_K and split <= 4 and workspace_bytes(
+                            p, dataclasses.replace(cfg, split=split)) <= _LONG_K_WORKSPACE)):
                     out.append(dataclasses.replace(cfg, split=split))
                     split *= 2
                 break
