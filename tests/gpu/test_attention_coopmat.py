@@ -27,19 +27,6 @@ from tests.codegen_spirv.test_attention import naive
 NAN = 0x7FC00000  # outputs start as NaN: skipped elements show
 
 
-@pytest.fixture(scope="module")
-def caps():
-    try:
-        from alpha_jit.runtime.device import get_device
-
-        c = get_device().caps
-    except Exception as exc:  # noqa: BLE001 - no Vulkan at all
-        pytest.skip(f"no Vulkan device: {exc}")
-    if not coopmat.supported(c, "bf16n"):
-        pytest.skip(f"{c.name} lists no bf16 cooperative matrices")
-    return c
-
-
 def _stored(x: np.ndarray, dt: str) -> tuple[np.ndarray, np.ndarray]:
     """(array as the device stores it, its values as float64)."""
     if dt == "bf16":

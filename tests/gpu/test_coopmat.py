@@ -23,19 +23,6 @@ from alpha_jit.ir.ops import registry
 rng = np.random.default_rng(11)
 
 
-@pytest.fixture(scope="module")
-def caps():
-    try:
-        from alpha_jit.runtime.device import get_device
-
-        c = get_device().caps
-    except Exception as exc:  # noqa: BLE001 - no Vulkan at all
-        pytest.skip(f"no Vulkan device: {exc}")
-    if not coopmat.supported(c, "bf16n"):
-        pytest.skip(f"{c.name} lists no bf16 cooperative matrices")
-    return c
-
-
 def _data(shape_flat: int, dt: str):
     """(array as stored on the device, its values as float64)."""
     x = rng.standard_normal(shape_flat).astype(np.float32)
