@@ -84,14 +84,27 @@ class TracedStep:
     # parameter -> whether it had a kept gradient when traced (the graph reads it if so)
     grad_guard: list[tuple[Any, bool]] = field(default_factory=list)
     memory_budget: int | None = None  # compile(memory_budget=...): bytes the plan may use
+    # (object, attribute, value) the trace read (trace.TraceContext.guard)
+    guards: list[tuple[Any, str, Any]] = field(default_factory=list)
 
     def state_names(self) -> dict[int, str]:
         """State key -> the parameter's (or moment's, gradient's) name."""
         return {k: h.state_name for k, h in self.state.items()}
 
     def guard_holds(self) -> bool:
-        """False when a kept gradient appeared or vanished since tracing: retrace."""
-        return all((p._grad_holder is not None) == had for p, had in self.grad_guard)
+        """False when a kept gradient appeared or vanished since tracing, or a guarded
+        attribute (a module's `training`, a parameter's `requires_grad`) changed: retrace."""
+        return all((p._grad_holder is not None) == had for p, had in self.grad_guard) and all(
+            getattr(o, a) == v for o, a, v in self.guards)
+
+    def guard_change(self) -> str:
+        """Why `guard_holds` is False, for the retrace log."""
+        for o, a, v in self.guards:
+            if getattr(o, a) != v:
+                name = getattr(o, "state_name", None) or getattr(o, "_name", "") or \
+                    type(o).__name__
+                return f"{name}.{a} changed from {v!r} to {getattr(o, a)!r}"
+        return "a parameter's kept .grad appeared or was cleared"
 
     def leaves(self, args: list[np.ndarray], state_values: dict[int, np.ndarray],
                hparam_values: dict[tuple, float]) -> dict[int, np.ndarray]:
@@ -103,10 +116,18 @@ class TracedStep:
             if op == "input":
                 feed[n] = args[g.attrs(n)["index"]]
             elif op == "state":
-                feed[n] = state_values[g.attrs(n)["key"]]
+                key = g.attrs(n)["key"]
+                # not given: the holder's value (the constants a step captured)
+                feed[n] = state_values[key] if key in state_values else \
+                    _host_value(self.state[key])
             elif op == "hparam":
                 feed[n] = np.asarray(hparam_values[g.attrs(n)["key"]], g.dtype(n).np_storage)
         return feed
+
+
+def _host_value(holder: StateTensor) -> np.ndarray:
+    v = holder.numpy()
+    return dtypes.bf16_to_f32(v) if holder.dtype == dtypes.bfloat16 else v
 
 
 def signature_of(args: tuple, precision: str) -> tuple:
@@ -138,7 +159,8 @@ def unflatten(values: list[Any], structure: Any) -> Any:
     if structure == "leaf":
         return values[0]
     kind, structs = structure
-    return kind(unflatten(values[start:start + n], s) for start, n, s in structs)
+    parts = [unflatten(values[start:start + n], s) for start, n, s in structs]
+    return kind(*parts) if hasattr(kind, "_fields") else kind(parts)  # namedtuples too
 
 
 def trace_step(fn: Callable, args: tuple, precision: str = "f32",
@@ -161,12 +183,16 @@ def trace_step(fn: Callable, args: tuple, precision: str = "f32",
         grad_updates = _write_back_grads(ctx)
     guard = [(h, h._grad_holder is not None) for h in ctx.state.values()
              if getattr(h, "requires_grad", False)]
+    # a parameter the step read: freezing or unfreezing it changes what backward computes
+    for h in ctx.state.values():
+        if hasattr(h, "requires_grad"):
+            ctx.guard(h, "requires_grad")
     g = ctx.graph
     g.outputs = [t.node for t in flat]
     ctx.snapshots.append(("traced step (fwd + bwd + opt)", g.copy()))
     return TracedStep(g, sig, [t.node for t in inputs], ctx.state, ctx.hparams,
                       ctx.hparam_nodes, ctx.index_bounds, structure, ctx.snapshots,
-                      grad_updates=grad_updates, grad_guard=guard)
+                      grad_updates=grad_updates, grad_guard=guard, guards=ctx.guards)
 
 
 def _write_back_grads(ctx: trace.TraceContext) -> list[tuple[Any, Any]]:
@@ -254,7 +280,7 @@ class CompiledFunction:
         self._bound_traces(sig)
         if self.cache and "recompile" in os.environ.get("ALPHA_JIT_LOG", ""):
             if sig in self.cache:
-                why = "a parameter's kept .grad appeared or was cleared"
+                why = self.cache[sig][-1].traced.guard_change()
             elif sig in self.signatures:
                 why = f"this signature was evicted from the cache (cache_size={self.cache_size})"
             else:

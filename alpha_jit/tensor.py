@@ -8,6 +8,7 @@ which records ops through `trace.apply`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -18,40 +19,14 @@ from alpha_jit import dtypes
 from alpha_jit.dtypes import DType
 from alpha_jit.errors import DTypeError, ShapeError, TraceError
 from alpha_jit.ir import trace
+from alpha_jit.tensor_reduce import ReduceMixin
+from alpha_jit.tensor_shape import LayoutMixin, norm_axis
 
 
-def _norm_axis(axis: int, ndim: int, op: str) -> int:
-    if not -ndim <= axis < max(ndim, 1):
-        raise ShapeError(op, f"axis {axis} is out of range for a tensor of rank {ndim}",
-                         trace.current().provenance().where())
-    return axis % max(ndim, 1)
-
-
-def _merge_adjacent(shape: tuple, axes: list[int]) -> tuple[tuple, list[int]] | None:
-    """`shape` with each run of adjacent reduced axes merged into one, and the merged axes'
-    new indices; None when no two reduced axes are adjacent."""
-    ax = set(axes)
-    if not any(a + 1 in ax for a in ax):
-        return None
-    out: list[int] = []
-    new_axes: list[int] = []
-    d = 0
-    while d < len(shape):
-        if d in ax:
-            size = 1
-            while d < len(shape) and d in ax:
-                size *= shape[d]
-                d += 1
-            new_axes.append(len(out))
-            out.append(size)
-        else:
-            out.append(shape[d])
-            d += 1
-    return tuple(out), new_axes
-
-
-class TensorOps:
-    """Operators and methods shared by traced and state tensors."""
+class TensorOps(ReduceMixin, LayoutMixin):
+    """Operators and methods shared by traced and state tensors (PyTorch's names; numpy's
+    `axis`/`keepdims`/`astype` too). Reductions are in `tensor_reduce.py`, shapes and indexing
+    in `tensor_shape.py`."""
 
     shape: tuple
     dtype: DType
@@ -63,45 +38,80 @@ class TensorOps:
     def ndim(self) -> int:
         return len(self.shape)
 
-    @property
-    def size(self) -> int:
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def size(self, dim: int | None = None) -> Any:
+        """PyTorch's: the shape, or the size of one dimension."""
+        if dim is None:
+            return tuple(self.shape)
+        return self.shape[norm_axis(dim, self.ndim, "size")]
+
+    def numel(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
 
     # arithmetic --------------------------------------------------------------------------
     def __add__(self, o: Any) -> Tensor:
-        return trace.apply("add", [self, _like(o, self)])
+        return _binary("add", self, o)
 
     def __radd__(self, o: Any) -> Tensor:
-        return trace.apply("add", [_like(o, self), self])
+        return _binary("add", o, self)
 
     def __sub__(self, o: Any) -> Tensor:
-        return trace.apply("sub", [self, _like(o, self)])
+        return _binary("sub", self, o)
 
     def __rsub__(self, o: Any) -> Tensor:
-        return trace.apply("sub", [_like(o, self), self])
+        return _binary("sub", o, self)
 
     def __mul__(self, o: Any) -> Tensor:
-        return trace.apply("mul", [self, _like(o, self)])
+        return _binary("mul", self, o)
 
     def __rmul__(self, o: Any) -> Tensor:
-        return trace.apply("mul", [_like(o, self), self])
+        return _binary("mul", o, self)
 
     def __truediv__(self, o: Any) -> Tensor:
-        return trace.apply("div", [self, _like(o, self)])
+        return _binary("div", self, o, to_float=True)
 
     def __rtruediv__(self, o: Any) -> Tensor:
-        return trace.apply("div", [_like(o, self), self])
+        return _binary("div", o, self, to_float=True)
+
+    def __floordiv__(self, o: Any) -> Tensor:
+        return _binary("floordiv", self, o)
+
+    def __rfloordiv__(self, o: Any) -> Tensor:
+        return _binary("floordiv", o, self)
+
+    def __mod__(self, o: Any) -> Tensor:
+        """Python's and PyTorch's remainder: the sign of the divisor, a - floor(a / b) * b."""
+        return _remainder(self, o)
+
+    def __rmod__(self, o: Any) -> Tensor:
+        return _remainder(o, self)
 
     def __neg__(self) -> Tensor:
         return trace.apply("neg", [self])
 
-    def __pow__(self, exponent: float) -> Tensor:
-        if not isinstance(exponent, int | float):
-            raise TraceError("pow", "only a constant Python number exponent is supported",
-                             trace.current().provenance().where())
-        if exponent == 2:
-            return self * self
-        return trace.apply("pow_scalar", [self], {"exponent": float(exponent)})
+    def __pos__(self) -> Tensor:
+        return self._t()
+
+    def __abs__(self) -> Tensor:
+        return self.abs()
+
+    def __pow__(self, exponent: Any) -> Tensor:
+        if isinstance(exponent, bool | int | float | np.number):
+            t = self._t() if self.dtype.is_float else self.astype(dtypes.float32)
+            if exponent == 2:
+                return t * t
+            return trace.apply("pow_scalar", [t], {"exponent": float(exponent)})
+        return _binary("pow", self, exponent, to_float=True)
+
+    def __rpow__(self, base: Any) -> Tensor:
+        return _binary("pow", base, self, to_float=True)
 
     def __matmul__(self, o: Any) -> Tensor:
         return trace.apply("matmul", [self, o])
@@ -110,22 +120,22 @@ class TensorOps:
         return trace.apply("matmul", [o, self])
 
     def __lt__(self, o: Any) -> Tensor:
-        return trace.apply("lt", [self, _like(o, self)])
+        return _binary("lt", self, o)
 
     def __le__(self, o: Any) -> Tensor:
-        return trace.apply("le", [self, _like(o, self)])
+        return _binary("le", self, o)
 
     def __gt__(self, o: Any) -> Tensor:
-        return trace.apply("gt", [self, _like(o, self)])
+        return _binary("gt", self, o)
 
     def __ge__(self, o: Any) -> Tensor:
-        return trace.apply("ge", [self, _like(o, self)])
+        return _binary("ge", self, o)
 
     def eq(self, o: Any) -> Tensor:
-        return trace.apply("eq", [self, _like(o, self)])
+        return _binary("eq", self, o)
 
     def ne(self, o: Any) -> Tensor:
-        return trace.apply("ne", [self, _like(o, self)])
+        return _binary("ne", self, o)
 
     # == and != are elementwise like every comparison (PyTorch and numpy agree); Python's
     # identity meaning would turn `logits == m` into a constant False without a word.
@@ -134,6 +144,29 @@ class TensorOps:
 
     def __ne__(self, o: Any) -> Tensor:  # type: ignore[override]
         return self.ne(o) if _is_operand(o) else NotImplemented
+
+    # masks are f32 1.0 / 0.0 (comparisons return them): &, |, ~ are logical on masks
+    def __and__(self, o: Any) -> Tensor:
+        return _logical(self, o, "&").ne(0.0) * _logical(o, self, "&").ne(0.0)
+
+    __rand__ = __and__
+
+    def __or__(self, o: Any) -> Tensor:
+        return maximum(_logical(self, o, "|").ne(0.0), _logical(o, self, "|").ne(0.0))
+
+    __ror__ = __or__
+
+    def __invert__(self) -> Tensor:
+        return _logical(self, None, "~").eq(0.0)
+
+    def logical_and(self, o: Any) -> Tensor:
+        return self & o
+
+    def logical_or(self, o: Any) -> Tensor:
+        return self | o
+
+    def logical_not(self) -> Tensor:
+        return ~self
 
     # identity hashing stays: parameters and state live in dicts and sets by identity
     __hash__ = object.__hash__
@@ -144,20 +177,37 @@ class TensorOps:
                          .where() if trace.active() else None)
 
     # unary math ----------------------------------------------------------------------------
+    def _unary(self, op: str) -> Tensor:
+        t = self._t()
+        return trace.apply(op, [t if t.dtype.is_float else t.astype(dtypes.float32)])
+
     def exp(self) -> Tensor:
-        return trace.apply("exp", [self])
+        return self._unary("exp")
 
     def log(self) -> Tensor:
-        return trace.apply("log", [self])
+        return self._unary("log")
 
     def tanh(self) -> Tensor:
-        return trace.apply("tanh", [self])
+        return self._unary("tanh")
 
     def sqrt(self) -> Tensor:
-        return trace.apply("sqrt", [self])
+        return self._unary("sqrt")
 
     def rsqrt(self) -> Tensor:
-        return trace.apply("rsqrt", [self])
+        return self._unary("rsqrt")
+
+    def sin(self) -> Tensor:
+        return self._unary("sin")
+
+    def cos(self) -> Tensor:
+        return self._unary("cos")
+
+    def erf(self) -> Tensor:
+        return self._unary("erf")
+
+    def sigmoid(self) -> Tensor:
+        # 1 / (1 + e^-x): e^-x overflows to inf for x < -88, giving 0, the right limit
+        return 1.0 / (1.0 + self._unary("neg").exp())
 
     def abs(self) -> Tensor:
         return trace.apply("abs", [self])
@@ -165,102 +215,99 @@ class TensorOps:
     def relu(self) -> Tensor:
         return trace.apply("relu", [self])
 
+    def floor(self) -> Tensor:
+        return trace.apply("floor", [self])
+
+    def square(self) -> Tensor:
+        t = self._t()
+        return t * t
+
+    def clamp(self, min: Any = None, max: Any = None) -> Tensor:  # noqa: A002 - PyTorch's
+        """PyTorch's clamp: min then max (so min > max gives max everywhere)."""
+        if min is None and max is None:
+            raise TraceError("clamp", "at least one of min and max must be given",
+                             trace.current().provenance().where())
+        t = self._t()
+        if min is not None:
+            t = maximum(t, min)
+        if max is not None:
+            t = minimum(t, max)
+        return t
+
+    clip = clamp
+
+    def masked_fill(self, mask: Any, value: Any) -> Tensor:
+        """`value` where `mask` is nonzero (a comparison's f32 mask, or any tensor)."""
+        return where(mask, value, self)
+
+    def softmax(self, dim: int = -1) -> Tensor:
+        from alpha_jit.nn import functional as F
+
+        return F.softmax(self, dim)
+
+    def log_softmax(self, dim: int = -1) -> Tensor:
+        from alpha_jit.nn import functional as F
+
+        return F.log_softmax(self, dim)
+
+    # dtypes --------------------------------------------------------------------------------
     def astype(self, dt: Any) -> Tensor:
         dt = dtypes.dtype(dt)
         return self._t() if dt == self.dtype else trace.apply("cast", [self], {"dtype": dt})
 
-    # reductions ----------------------------------------------------------------------------
-    def _reduce(self, op: str, axis: int | Sequence[int] | None, keepdims: bool) -> Tensor:
-        t = self._t()
-        if axis is None:
-            out = trace.apply(op, [t.reshape(-1)], {"axis": 0, "keepdims": False})
-            return out.reshape(*([1] * t.ndim)) if keepdims else out
-        axes = [axis] if isinstance(axis, int) else list(axis)
-        axes = sorted({_norm_axis(a, t.ndim, op) for a in axes}, reverse=True)
-        if op != "logsumexp" and len(axes) > 1:
-            merged = _merge_adjacent(t.shape, axes)
-            if merged is not None:  # adjacent axes as one: one reduction kernel, not a chain
-                shape, new_axes = merged
-                out = t.reshape(*shape)._reduce(op, new_axes, False)
-                kept = [1 if d in axes else s for d, s in enumerate(t.shape)]
-                return out.reshape(*kept) if keepdims else out
-        for a in axes:  # highest axis first so the remaining indices stay valid
-            t = trace.apply(op, [t], {"axis": a, "keepdims": keepdims})
-        return t
+    def to(self, *args: Any, **kw: Any) -> Tensor:
+        """PyTorch's `.to(dtype)`; devices are ignored (a compiled step runs on its device)."""
+        dt = kw.get("dtype")
+        for a in args:
+            if isinstance(a, TensorOps):
+                dt = a.dtype
+            elif isinstance(a, DType):
+                dt = a
+            elif isinstance(a, str):
+                with contextlib.suppress(TypeError):  # else a device name: "cuda", "cpu"
+                    dt = dtypes.dtype(a)
+        return self.astype(dt) if dt is not None else self._t()
 
-    def sum(self, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
-        return self._reduce("sum", axis, keepdims)
+    def type_as(self, other: TensorOps) -> Tensor:
+        return self.astype(other.dtype)
 
-    def mean(self, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
-        return self._reduce("mean", axis, keepdims)
+    def float(self) -> Tensor:
+        return self.astype(dtypes.float32)
 
-    def max(self, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
-        return self._reduce("max", axis, keepdims)
+    def half(self) -> Tensor:
+        return self.astype(dtypes.float16)
 
-    def logsumexp(self, axis: int = -1, keepdims: bool = False) -> Tensor:
-        return self._reduce("logsumexp", axis, keepdims)
+    def bfloat16(self) -> Tensor:
+        return self.astype(dtypes.bfloat16)
 
-    # layout --------------------------------------------------------------------------------
-    def reshape(self, *shape: Any) -> Tensor:
-        if len(shape) == 1 and isinstance(shape[0], tuple | list):
-            shape = tuple(shape[0])
-        out = trace.apply("reshape", [self], {"shape": tuple(int(s) for s in shape)})
-        return self._t() if out.shape == self.shape else out
+    def int(self) -> Tensor:
+        return self.astype(dtypes.int32)
 
-    def transpose(self, *perm: int) -> Tensor:
-        if len(perm) == 1 and isinstance(perm[0], tuple | list):
-            perm = tuple(perm[0])
-        if not perm:
-            perm = tuple(reversed(range(self.ndim)))
-        return trace.apply("transpose", [self], {"perm": tuple(perm)})
+    def long(self) -> Tensor:
+        """alpha_jit's integers are 32-bit: int64 is i32 here."""
+        return self.astype(dtypes.int32)
 
-    @property
-    def T(self) -> Tensor:  # noqa: N802 - numpy's name
-        return self.transpose()
+    def bool(self) -> Tensor:
+        """A mask: 1.0 where nonzero (alpha_jit has no bool dtype; masks are f32)."""
+        return self.ne(0)
 
-    def swap_last(self) -> Tensor:
-        """Transpose of the last two axes (a view, no copy)."""
-        perm = list(range(self.ndim))
-        perm[-1], perm[-2] = perm[-2], perm[-1]
-        return self.transpose(*perm)
+    # autograd ------------------------------------------------------------------------------
+    def detach(self) -> Tensor:
+        """The same values with no gradient flowing back through them."""
+        return trace.apply("stop_gradient", [self])
 
-    def __getitem__(self, index: Any) -> Tensor:
-        """Basic indexing: integers and step-1 slices (a view; no copy)."""
-        if not isinstance(index, tuple):
-            index = (index,)
-        t = self._t()
-        if len(index) > t.ndim:
-            raise ShapeError("getitem", f"{len(index)} indices for a tensor of shape {t.shape}",
-                             trace.current().provenance().where())
-        starts, stops, keep = [], [], []
-        for d, size in enumerate(t.shape):
-            ix = index[d] if d < len(index) else slice(None)
-            if isinstance(ix, int | np.integer):
-                i = int(ix) + size if ix < 0 else int(ix)
-                if not 0 <= i < size:
-                    raise ShapeError("getitem", f"index {ix} is out of range for axis {d} of "
-                                     f"shape {t.shape}", trace.current().provenance().where())
-                starts.append(i)
-                stops.append(i + 1)
-            elif isinstance(ix, slice) and ix.step in (None, 1):
-                a, b, _ = ix.indices(size)
-                starts.append(a)
-                stops.append(max(a, b))
-                keep.append(d)
-            else:
-                raise TraceError("getitem", f"only integers and step-1 slices are supported, "
-                                 f"got {ix!r}", trace.current().provenance().where())
-        out = t
-        if starts != [0] * t.ndim or stops != list(t.shape):
-            out = trace.apply("slice", [t], {"starts": tuple(starts), "stops": tuple(stops)})
-        if len(keep) != t.ndim:
-            out = out.reshape(tuple(out.shape[d] for d in keep))
-        return out
+    def contiguous(self) -> Tensor:
+        return self._t()
 
-    def broadcast_to(self, shape: Sequence[int]) -> Tensor:
-        shape = tuple(shape)
-        return self._t() if shape == self.shape else trace.apply(
-            "broadcast_to", [self], {"shape": shape})
+    def clone(self) -> Tensor:
+        return self._t()
+
+    def item(self) -> Any:
+        raise TraceError("item", "a traced tensor has no value while tracing; return it from "
+                         "the compiled function and call float() on the result",
+                         trace.current().provenance().where() if trace.active() else None)
+
+    tolist = item
 
     def backward(self) -> None:
         from alpha_jit.ir.autodiff import backward
@@ -336,28 +383,72 @@ class StateTensor(TensorOps):
 
 
 def as_tensor(x: Any) -> Tensor:
+    """A traced Tensor for a tensor, a Python/numpy number, or a numpy array (captured as a
+    constant of the step: its value when traced, uploaded once)."""
     if isinstance(x, Tensor):
         return x
+    ctx = trace.active()
+    if ctx is None:
+        raise TraceError("trace", f"alpha_jit ops run only inside a function decorated with "
+                         f"@alpha_jit.compile, and this one was called on a "
+                         f"{type(x).__name__} outside it. Wrap the call, e.g. "
+                         "`@aj.compile\ndef f(x): return model(x)`, and pass numpy arrays as "
+                         "the compiled function's arguments", trace.user_where())
     if isinstance(x, TensorOps):
         return x._t()
     if isinstance(x, bool | int | float | np.number):
         dt = dtypes.int32 if isinstance(x, bool | int | np.integer) else dtypes.float32
         return full((), x, dt)
+    if isinstance(x, np.ndarray | list | tuple):
+        from alpha_jit.creation import constant
+
+        return constant(x)
     raise TraceError("trace", f"cannot use a {type(x).__name__} as a tensor inside a compiled "
-                     "step (numpy arrays must be passed as arguments)",
-                     trace.current().provenance().where() if trace.active() else None)
+                     "step (pass numpy arrays as arguments of the compiled function)",
+                     ctx.provenance().where())
 
 
 def _is_operand(o: Any) -> bool:
-    """What an elementwise comparison accepts: tensors and Python/numpy scalars."""
-    return isinstance(o, TensorOps | bool | int | float | np.number)
+    """What an elementwise comparison accepts: tensors, Python/numpy scalars, numpy arrays."""
+    return isinstance(o, TensorOps | bool | int | float | np.number | np.ndarray)
 
 
 def _like(o: Any, ref: TensorOps) -> Any:
-    """A Python number adopts the dtype of the tensor it meets (2 * x stays f32)."""
+    """A Python number adopts the dtype of the tensor it meets (2 * x stays f32), except that a
+    float meeting an integer tensor stays f32 (PyTorch's promotion: i32 * 0.5 is f32)."""
     if isinstance(o, bool | int | float | np.number):
+        if not ref.dtype.is_float and isinstance(o, float | np.floating):
+            return full((), o, dtypes.float32)
         return full((), o, ref.dtype)
     return o
+
+
+def _binary(op: str, a: Any, b: Any, to_float: bool = False) -> Tensor:
+    """An elementwise binary op with PyTorch's promotion: numbers adopt the tensor's dtype,
+    integer and float tensors meet in the float type (`trace._autocast`), and `to_float`
+    ops (true division, pow) turn two integer operands into f32."""
+    ref = a if isinstance(a, TensorOps) else b
+    ta, tb = as_tensor(_like(a, ref)), as_tensor(_like(b, ref))
+    if to_float and not ta.dtype.is_float and not tb.dtype.is_float:
+        ta, tb = ta.astype(dtypes.float32), tb.astype(dtypes.float32)
+    return trace.apply(op, [ta, tb])
+
+
+def _remainder(a: Any, b: Any) -> Tensor:
+    ref = a if isinstance(a, TensorOps) else b
+    ta, tb = as_tensor(_like(a, ref)), as_tensor(_like(b, ref))
+    return ta - _binary("floordiv", ta, tb) * tb
+
+
+def _logical(x: Any, other: Any, op: str) -> Tensor:
+    """An operand of &, |, ~: masks and numbers; integer tensors are refused (PyTorch's & on
+    integers is bitwise, which alpha_jit does not have: refusing beats a different answer)."""
+    t = as_tensor(_like(x, other) if isinstance(other, TensorOps) else x)
+    if not t.dtype.is_float:
+        raise DTypeError(op, f"{op} is logical on masks here (1.0 / 0.0, as comparisons "
+                         f"return); bitwise {op} on integer tensors ({t.dtype}{list(t.shape)}) "
+                         "is not supported", trace.current().provenance().where())
+    return t
 
 
 def full(shape: Sequence[int], value: float, dtype: Any = dtypes.float32) -> Tensor:
@@ -373,24 +464,25 @@ def iota(shape: Sequence[int], axis: int) -> Tensor:
 
 
 def where(cond: Any, a: Any, b: Any) -> Tensor:
-    a_t = as_tensor(a) if not isinstance(a, int | float) else None
-    b_t = as_tensor(b) if not isinstance(b, int | float) else None
-    ref = a_t if a_t is not None else b_t
-    if ref is None:
-        raise DTypeError("where", "at least one of the branches must be a tensor")
-    return trace.apply("where", [cond, _like(a, ref), _like(b, ref)])
+    """`a` where `cond` is nonzero, else `b` (broadcast; numbers adopt the other's dtype)."""
+    num = (bool, int, float, np.number)
+    if isinstance(a, num) and isinstance(b, num):
+        ref: Any = as_tensor(cond).astype(dtypes.float32)  # two numbers: an f32 result
+    else:
+        ref = as_tensor(b) if isinstance(a, num) else as_tensor(a)
+    ta, tb = as_tensor(_like(a, ref)), as_tensor(_like(b, ref))
+    if ta.dtype != tb.dtype:  # PyTorch's promotion: integer and float meet in the float
+        wide = ta.dtype if ta.dtype.is_float else tb.dtype
+        ta, tb = ta.astype(wide), tb.astype(wide)
+    return trace.apply("where", [cond, ta, tb])
 
 
 def maximum(a: Any, b: Any) -> Tensor:
-    ta = as_tensor(a) if isinstance(a, TensorOps) else None
-    ref = ta if ta is not None else as_tensor(b)
-    return trace.apply("maximum", [_like(a, ref), _like(b, ref)])
+    return _binary("maximum", a, b)
 
 
 def minimum(a: Any, b: Any) -> Tensor:
-    ta = as_tensor(a) if isinstance(a, TensorOps) else None
-    ref = ta if ta is not None else as_tensor(b)
-    return trace.apply("minimum", [_like(a, ref), _like(b, ref)])
+    return _binary("minimum", a, b)
 
 
 def sum_to(g: Tensor, shape: tuple) -> Tensor:
@@ -413,21 +505,8 @@ def pad(x: Any, pads: Sequence[tuple[int, int]]) -> Tensor:
     return trace.apply("pad", [x], {"pads": tuple((int(b), int(e)) for b, e in pads)})
 
 
-def concat(xs: Sequence[Any], axis: int = -1) -> Tensor:
-    """Concatenation along `axis`, as a sum of zero-padded parts (one fused kernel)."""
-    ts = [as_tensor(x) for x in xs]
-    ax = axis % ts[0].ndim
-    total = sum(t.shape[ax] for t in ts)
-    out, at = None, 0
-    for t in ts:
-        pads = [(0, 0)] * t.ndim
-        pads[ax] = (at, total - at - t.shape[ax])
-        at += t.shape[ax]
-        part = pad(t, pads)
-        out = part if out is None else out + part
-    assert out is not None
-    return out
-
-
 def zeros_like(x: TensorOps) -> Tensor:
     return full(x.shape, 0.0, x.dtype)
+
+
+from alpha_jit.tensor_shape import cat as concat  # noqa: E402, F401  (the old name)

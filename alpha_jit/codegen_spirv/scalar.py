@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import mathlib
 from .dsl import KernelBuilder, Value
 
 BINARY_OPS = ("add", "sub", "mul", "div", "max", "min", "pow", "xor", "shr", "and")
-UNARY_OPS = ("neg", "exp", "log", "tanh", "sqrt", "rsqrt", "abs")
+UNARY_OPS = ("neg", "exp", "log", "tanh", "sqrt", "rsqrt", "abs", "floor", "sin", "cos", "erf")
 COMPARE_OPS = ("lt", "le", "gt", "ge", "eq", "ne")
 # Storage dtypes compute in a wider type: every float in f32.
 _COMPUTE = {"f32": "f32", "f16": "f32", "bf16": "f32", "i32": "i32", "bool": "bool",
@@ -141,12 +142,20 @@ class ScalarEmitter:
             return -a
         if op == "abs":
             return kb.abs(a)
+        if op == "floor" and a.dtype != "f32":
+            return a  # integers are their own floor
         if a.dtype != "f32":
             raise TypeError(f"unary {op} is defined for f32 only, got {a.dtype}")
         if op == "exp":
             return kb.exp(a)
         if op == "tanh":
             return self._tanh(a)
+        if op == "floor":
+            return kb.floor(a)
+        if op in ("sin", "cos"):
+            return mathlib.sin_cos(kb, a, op)
+        if op == "erf":
+            return mathlib.erf(kb, a)
         if op not in ("log", "sqrt", "rsqrt"):
             raise ValueError(f"unknown unary op {op!r}; known: {UNARY_OPS}")
         # GLSL leaves these undefined at 0, below 0 and at NaN; numpy's values are spelled out
@@ -191,7 +200,8 @@ _NP_BINARY = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "max": np.m
               "min": np.minimum, "pow": np.power, "xor": np.bitwise_xor,
               "shr": np.right_shift, "and": np.bitwise_and}
 _NP_UNARY = {"neg": np.negative, "exp": np.exp, "log": np.log, "tanh": np.tanh,
-             "sqrt": np.sqrt, "abs": np.abs, "rsqrt": lambda x: 1 / np.sqrt(x)}
+             "sqrt": np.sqrt, "abs": np.abs, "rsqrt": lambda x: 1 / np.sqrt(x),
+             "floor": np.floor, "sin": np.sin, "cos": np.cos, "erf": None}
 _NP_COMPARE = {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
                "eq": np.equal, "ne": np.not_equal}
 
@@ -220,7 +230,8 @@ class NumpyScalarEmitter:
         if op not in _NP_UNARY:
             raise ValueError(f"unknown unary op {op!r}; known: {UNARY_OPS}")
         with np.errstate(all="ignore"):
-            return np.asarray(_NP_UNARY[op](a)).astype(a.dtype, copy=False)
+            fn = _NP_UNARY[op] or erf_np
+            return np.asarray(fn(a)).astype(a.dtype, copy=False)
 
     def compare(self, op: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         if op not in _NP_COMPARE:
@@ -236,3 +247,13 @@ class NumpyScalarEmitter:
     def cast(self, a: np.ndarray, dtype: str) -> np.ndarray:
         with np.errstate(all="ignore"):
             return np.asarray(a).astype(_NP[compute_dtype(dtype)])
+
+
+def erf_np(x: np.ndarray) -> np.ndarray:
+    """erf for numpy (which has none), exact to f32: math.erf per element in float64."""
+    import math
+
+    x = np.asarray(x)
+    out = np.vectorize(math.erf, otypes=[np.float64])(x.astype(np.float64)) if x.size else \
+        x.astype(np.float64)
+    return out.astype(x.dtype if x.dtype.kind == "f" else np.float64)

@@ -21,7 +21,7 @@ def grad(loss: Tensor, wrt: list[int], seed: Tensor | None = None) -> dict[int, 
     """Cotangents of `loss` with respect to the nodes `wrt` (only those that reach the loss)."""
     ctx = trace.current()
     g = ctx.graph
-    if loss.shape not in ((), (1,)) and loss.size != 1:
+    if loss.shape not in ((), (1,)) and loss.numel() != 1:
         raise TraceError("backward", f"loss must be a scalar, got shape {loss.shape}",
                          ctx.provenance().where())
     if not loss.dtype.is_float:

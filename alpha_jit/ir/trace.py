@@ -89,6 +89,19 @@ class TraceContext:
     grad_ok: Any = None  # f32 mask: 1 when every gradient of this step is finite
     passes: frozenset[str] | None = None  # compile(passes=...): None runs every pass
     grads_taken: int = 0  # backward() calls so far (forward rewrites run before the first)
+    # (object, attribute, value read while tracing): Python state the graph depends on, such as
+    # a module's `training` flag; a call where one differs retraces (`TracedStep.guard_holds`)
+    guards: list[tuple[Any, str, Any]] = field(default_factory=list)
+    # (id of a captured numpy array, dtype) -> (the array, its constant StateTensor)
+    constants: dict[tuple[int, str], tuple[Any, Any]] = field(default_factory=dict)
+
+    def guard(self, obj: Any, attr: str) -> Any:
+        """Read `obj.attr` and make the trace depend on it: later calls retrace when it
+        changes (model.train()/eval(), requires_grad_)."""
+        value = getattr(obj, attr)
+        if not any(o is obj and a == attr for o, a, _ in self.guards):
+            self.guards.append((obj, attr, value))
+        return value
 
     def pass_enabled(self, name: str) -> bool:
         """A pass runs unless `passes=` leaves it out or ALPHA_JIT_DISABLE_PASSES names it."""
@@ -152,7 +165,9 @@ class TraceContext:
 def current() -> TraceContext:
     if not _STACK:
         raise TraceError("trace", "alpha_jit tensor ops run only inside a function decorated "
-                         "with @alpha_jit.compile", _where())
+                         "with @alpha_jit.compile; wrap the call (`@aj.compile\ndef f(x): "
+                         "return model(x)`) and pass numpy arrays as its arguments",
+                         user_where())
     return _STACK[-1]
 
 
@@ -160,7 +175,7 @@ def active() -> TraceContext | None:
     return _STACK[-1] if _STACK else None
 
 
-def _where() -> str:
+def user_where() -> str:
     file, line, func = user_frame()
     return f"{file}:{line} in {func}"
 
@@ -207,10 +222,17 @@ def _autocast(ctx: TraceContext, opdef: Any, targs: list[Any]) -> list[Any]:
     if low is not None and opdef.lowering == "matmul":
         return [t.astype(low) if t.dtype.is_float and t.dtype != low else t for t in targs]
     if opdef.lowering == "elementwise" and opdef.name != "cast":
-        floats = {t.dtype for t in targs if t.dtype.is_float}
+        # where's condition is any dtype; the values promote like any other operands
+        first = 1 if opdef.name == "where" else 0
+        vals = targs[first:]
+        floats = {t.dtype for t in vals if t.dtype.is_float}
         if len(floats) > 1:
             wide = dtypes.float32 if dtypes.float32 in floats else dtypes.float16
-            return [t.astype(wide) if t.dtype.is_float and t.dtype != wide else t for t in targs]
+        elif floats and len(floats) < len({t.dtype for t in vals}):
+            wide = floats.pop()  # PyTorch's promotion: integer and float meet in the float
+        else:
+            return targs
+        return targs[:first] + [t.astype(wide) if t.dtype != wide else t for t in vals]
     return targs
 
 

@@ -6,38 +6,53 @@ autodiff differentiates them through the ops' VJP rules.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from alpha_jit import dtypes
-from alpha_jit.errors import DTypeError, ShapeError
+from alpha_jit.errors import DTypeError, ShapeError, TraceError
 from alpha_jit.ir import trace
-from alpha_jit.tensor import Tensor, as_tensor, iota
+from alpha_jit.tensor import Tensor, as_tensor, full, iota
+from alpha_jit.tensor_shape import pad as pad_zeros
 
 
-def relu(x: Any) -> Tensor:
+def relu(x: Any, inplace: bool = False) -> Tensor:
     return trace.apply("relu", [x])
 
 
-def gelu(x: Any) -> Tensor:
-    """GELU, tanh approximation (GPT-2's)."""
-    return trace.apply("gelu", [x])
+def gelu(x: Any, approximate: str = "none") -> Tensor:
+    """GELU as PyTorch's: exact (erf) by default, `approximate="tanh"` for GPT-2's form."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return trace.apply("gelu", [x], {"approximate": approximate})
 
 
 def sigmoid(x: Any) -> Tensor:
-    x = as_tensor(x)
-    return 1.0 / (1.0 + (-x).exp())
+    return as_tensor(x).sigmoid()
 
 
-def silu(x: Any) -> Tensor:
+def tanh(x: Any) -> Tensor:
+    return as_tensor(x).tanh()
+
+
+def silu(x: Any, inplace: bool = False) -> Tensor:
     x = as_tensor(x)
     return x * sigmoid(x)
 
 
-def dropout(x: Any, p: float) -> Tensor:
-    """Inverted dropout with a counter-based mask (see `alpha_jit.nn.random`); p=0 is identity."""
+def dropout(x: Any, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+    """Inverted dropout with a counter-based mask (see `alpha_jit.nn.random`), PyTorch's
+    signature: identity when `training` is False or p is 0. `inplace` is accepted and means
+    nothing (a traced step has no in-place ops)."""
     x = as_tensor(x)
-    if p <= 0.0:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not training or p <= 0.0:
         return x
+    if p >= 1.0:
+        return x * 0.0
     from alpha_jit.nn.random import uniform
 
     keep = uniform(x.shape) >= p
@@ -62,27 +77,115 @@ def linear(x: Any, weight: Any, bias: Any = None) -> Tensor:
     return y.astype(low) if low is not None and y.dtype != low else y
 
 
-def log_softmax(x: Any, axis: int = -1) -> Tensor:
-    x = as_tensor(x)
-    return x - x.logsumexp(axis=axis, keepdims=True)
+def log_softmax(x: Any, dim: int | None = None, *, axis: int | None = None,
+                dtype: Any = None) -> Tensor:
+    """x - logsumexp(x) along `dim` (default the last; numpy's `axis=` too)."""
+    x = as_tensor(x) if dtype is None else as_tensor(x).astype(dtype)
+    d = axis if axis is not None else (-1 if dim is None else dim)
+    return x - x.logsumexp(d, keepdim=True)
 
 
-def softmax(x: Any, axis: int = -1) -> Tensor:
-    return log_softmax(x, axis).exp()
+def softmax(x: Any, dim: int | None = None, *, axis: int | None = None,
+            dtype: Any = None) -> Tensor:
+    return log_softmax(x, dim, axis=axis, dtype=dtype).exp()
 
 
-def one_hot(labels: Any, num_classes: int) -> Tensor:
-    """f32 [..., num_classes] with 1.0 at each label."""
+def one_hot(labels: Any, num_classes: int = -1) -> Tensor:
+    """i32 [..., num_classes] with 1 at each label (PyTorch's is int64; alpha_jit's integers
+    are 32-bit). num_classes must be given: inferring it would read the data."""
     y = as_tensor(labels)
+    if num_classes < 1:
+        raise ShapeError("one_hot", "num_classes must be given (inferring it from the labels "
+                         "would need their values while tracing)",
+                         trace.current().provenance().where())
     shape = (*y.shape, num_classes)
     y_b = y.reshape(*y.shape, 1).broadcast_to(shape)
-    return y_b.eq(iota(shape, len(shape) - 1))
+    return y_b.eq(iota(shape, len(shape) - 1)).astype(dtypes.int32)
 
 
-def cross_entropy(logits: Any, labels: Any, ignore_index: int | None = None) -> Tensor:
-    """Mean negative log-likelihood of integer `labels` [N] under `logits` [N, C], computed
-    stably through log-softmax. Labels equal to `ignore_index` count for nothing (the mean is
-    over the others)."""
+def _reduce_loss(op: str, elems: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return elems.mean()
+    if reduction == "sum":
+        return elems.sum()
+    if reduction == "none":
+        return elems
+    raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def mse_loss(input: Any, target: Any, reduction: str = "mean") -> Tensor:  # noqa: A002
+    d = as_tensor(input) - target
+    return _reduce_loss("mse_loss", d * d, reduction)
+
+
+def l1_loss(input: Any, target: Any, reduction: str = "mean") -> Tensor:  # noqa: A002
+    return _reduce_loss("l1_loss", (as_tensor(input) - target).abs(), reduction)
+
+
+def nll_loss(input: Any, target: Any, reduction: str = "mean") -> Tensor:  # noqa: A002
+    """Negative log-likelihood of integer targets [N] under log-probabilities [N, C]."""
+    logp = as_tensor(input)
+    picked = (logp * one_hot(target, logp.shape[-1])).sum(-1)
+    return _reduce_loss("nll_loss", -picked, reduction)
+
+
+def layer_norm(input: Any, normalized_shape: Any, weight: Any = None,  # noqa: A002
+               bias: Any = None, eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the last dimension (one fused kernel per direction)."""
+    x = as_tensor(input)
+    dim = _last_dim("layer_norm", x, normalized_shape)
+    w = weight if weight is not None else full((dim,), 1.0, x.dtype)
+    args = [x, w] + ([bias] if bias is not None else [])
+    return trace.apply("layer_norm", args, {"eps": float(eps)})
+
+
+def rms_norm(input: Any, normalized_shape: Any, weight: Any = None,  # noqa: A002
+             eps: float | None = None) -> Tensor:
+    """RMSNorm over the last dimension; eps None is f32's machine epsilon, as PyTorch's."""
+    x = as_tensor(input)
+    dim = _last_dim("rms_norm", x, normalized_shape)
+    w = weight if weight is not None else full((dim,), 1.0, x.dtype)
+    e = float(np.finfo(np.float32).eps) if eps is None else float(eps)
+    return trace.apply("rms_norm", [x, w], {"eps": e})
+
+
+def _last_dim(op: str, x: Tensor, normalized_shape: Any) -> int:
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if len(shape) != 1 or x.ndim < 1 or shape[0] != x.shape[-1]:
+        raise ShapeError(op, f"normalizes over the last dimension only; normalized_shape "
+                         f"{shape} does not match input {x.shape} (reshape so the normalized "
+                         "dimensions are one)", trace.current().provenance().where())
+    return shape[0]
+
+
+def pad(input: Any, pad: Sequence[int], mode: str = "constant",  # noqa: A002
+        value: float = 0.0) -> Tensor:
+    """PyTorch's F.pad: (left, right) pairs from the last dimension backwards; constant only."""
+    x = as_tensor(input)
+    if mode != "constant" or len(pad) % 2 or len(pad) // 2 > x.ndim or min(pad, default=0) < 0:
+        raise ShapeError("pad", f"supports mode='constant' with non-negative (before, after) "
+                         f"pairs for at most {x.ndim} dimensions; got pad={tuple(pad)}, "
+                         f"mode={mode!r}", trace.current().provenance().where())
+    pads = [(0, 0)] * x.ndim
+    for i in range(len(pad) // 2):
+        pads[x.ndim - 1 - i] = (int(pad[2 * i]), int(pad[2 * i + 1]))
+    out = pad_zeros(x, pads)
+    if value != 0.0:  # the padding is where a padded ones tensor is 0
+        out = out + (1.0 - pad_zeros(full(x.shape, 1.0, x.dtype), pads)) * value
+    return out
+
+
+def cross_entropy(logits: Any, labels: Any, weight: Any = None, ignore_index: int | None = None,
+                  reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
+    """Negative log-likelihood of integer `labels` [N] under `logits` [N, C], computed
+    stably through log-softmax in one fused kernel. Labels equal to `ignore_index` count for
+    nothing (the mean is over the others). `label_smoothing` mixes in the uniform target as
+    PyTorch does. Unlike PyTorch (default -100), nothing is ignored by default: a label of
+    -100 is then out of range, an error before the step runs, never a quiet loss."""
+    if weight is not None:
+        raise TraceError("cross_entropy", "class weights are not supported; multiply the "
+                         "per-row losses (reduction='none') by weight[labels] instead",
+                         trace.current().provenance().where())
     z, y = as_tensor(logits), as_tensor(labels)
     ctx = trace.current()
     where = ctx.provenance().where()
@@ -95,8 +198,22 @@ def cross_entropy(logits: Any, labels: Any, ignore_index: int | None = None) -> 
     note_index_bound(y, z.shape[1], "cross_entropy", also=ignore_index)
     # one fused kernel: per row (lse - z[y], lse) in f32, no one-hot; the backward forms
     # softmax - onehot on the fly from the saved lse (ir/ops/rowwise.py)
-    rows = trace.apply("cross_entropy_rows", [z, y], {"ignore_index": ignore_index})[:, 0]
-    if ignore_index is None:
+    both = trace.apply("cross_entropy_rows", [z, y], {"ignore_index": ignore_index})
+    rows = both[:, 0]
+    if label_smoothing:
+        # the uniform target's loss is mean_c(lse - z_c) = lse - mean(z)
+        smooth = both[:, 1] - z.mean(-1).astype(dtypes.float32)
+        if ignore_index is not None:
+            smooth = smooth * y.ne(ignore_index)
+        rows = rows * (1.0 - label_smoothing) + smooth * label_smoothing
+    if reduction == "none":
+        loss = rows
+    elif reduction == "sum":
+        loss = rows.sum()
+    elif reduction != "mean":
+        raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got "
+                         f"{reduction!r}")
+    elif ignore_index is None:
         loss = rows.mean()
     else:
         keep = y.ne(ignore_index)  # an ignored row's loss is 0 already
@@ -109,10 +226,20 @@ def cross_entropy(logits: Any, labels: Any, ignore_index: int | None = None) -> 
     return loss if ctx.autocast is not None else loss.astype(z.dtype)
 
 
-def embedding(ids: Any, table: Any) -> Tensor:
-    t, i = as_tensor(table), as_tensor(ids)
+def embedding(input: Any, weight: Any, padding_idx: int | None = None,  # noqa: A002
+              **unsupported: Any) -> Tensor:
+    """Rows of `weight` [V, D] at integer ids. `padding_idx` rows get no gradient."""
+    if any(v not in (None, False, 2.0) for v in unsupported.values()):
+        raise TraceError("embedding", f"options {sorted(unsupported)} are not supported "
+                         "(max_norm, scale_grad_by_freq, sparse)",
+                         trace.current().provenance().where())
+    t, i = as_tensor(weight), as_tensor(input)
     note_index_bound(i, t.shape[0], "embedding")
-    return trace.apply("gather_rows", [t, i])
+    out = trace.apply("gather_rows", [t, i])
+    if padding_idx is not None:
+        pad_row = i.eq(padding_idx % t.shape[0]).reshape(*i.shape, 1)
+        out = out * (1.0 - pad_row) + out.detach() * pad_row  # same values, no gradient
+    return out
 
 
 def note_index_bound(ids: Tensor, high: int, op: str, also: int | None = None) -> None:
@@ -133,12 +260,18 @@ def note_index_bound(ids: Tensor, high: int, op: str, also: int | None = None) -
         ctx.index_bounds[idx] = (lo, hi, op, ctx.provenance().where(), also)
 
 
-def scaled_dot_product_attention(q: Any, k: Any, v: Any, is_causal: bool = False,
-                                 scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
+def scaled_dot_product_attention(q: Any, k: Any, v: Any, attn_mask: Any = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False,
+                                 scale: float | None = None, enable_gqa: bool = False) -> Tensor:
     """softmax(q @ k^T * scale [causal mask]) @ v as one fused `attention` op (flash kernels
-    forward and backward, no [T, T] tensor). q [B, H, T, hd], k and v [B, Hkv, T, hd] with H a
-    multiple of Hkv (grouped-query attention). Under `precision="bf16"|"f16"` q, k, v are read
-    in the low type and the result is f32, like a GEMM. `scale` defaults to 1/sqrt(hd)."""
+    forward and backward, no [T, T] tensor), PyTorch's signature. q [B, H, T, hd], k and v
+    [B, Hkv, T, hd] with H a multiple of Hkv (grouped-query attention, with or without
+    `enable_gqa`). Under `precision="bf16"|"f16"` q, k, v are read in the low type and the
+    result is f32, like a GEMM. `scale` defaults to 1/sqrt(hd).
+
+    `attn_mask` runs unfused (scores materialised): a numpy bool array keeps the True
+    positions (PyTorch's bool mask); anything else is added to the scores (PyTorch's float
+    mask; turn an alpha_jit comparison mask into one with `aj.where(m, 0.0, float("-inf"))`)."""
     import math
 
     q, k, v = as_tensor(q), as_tensor(k), as_tensor(v)
@@ -146,6 +279,10 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, is_causal: bool = False
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1), got "
                          f"{dropout_p}")
+    if attn_mask is not None:
+        if isinstance(attn_mask, np.ndarray) and attn_mask.dtype == np.bool_:
+            attn_mask = np.where(attn_mask, 0.0, -np.inf).astype(np.float32)
+        return _attention_unfused(q, k, v, is_causal, scale, dropout_p, as_tensor(attn_mask))
     ctx = trace.current()
     attrs: dict = {"causal": bool(is_causal), "scale": scale}
     if ctx.autocast is not None:  # the precision policy, as for GEMMs: low operands, f32 out
@@ -161,7 +298,7 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, is_causal: bool = False
 
 
 def _attention_unfused(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                       dropout_p: float) -> Tensor:
+                       dropout_p: float, mask: Tensor | None = None) -> Tensor:
     from alpha_jit.tensor import where
 
     if q.ndim == 4 and k.ndim == 4 and k.shape[1] != q.shape[1] and k.shape[1] \
@@ -171,7 +308,9 @@ def _attention_unfused(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: flo
         k, v = (z.reshape(b, hkv, 1, t, hd).broadcast_to((b, hkv, rep, t, hd))
                 .reshape(b, hkv * rep, t, hd) for z in (k, v))
     att = (q @ k.swap_last()) * scale
+    if mask is not None:
+        att = att + mask
     if causal:
         t, s = att.shape[-2], att.shape[-1]
         att = where(iota((t, s), 0) >= iota((t, s), 1), att, float("-inf"))
-    return dropout(softmax(att, axis=-1), dropout_p) @ v
+    return dropout(softmax(att, -1), dropout_p) @ v

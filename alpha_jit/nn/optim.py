@@ -1,9 +1,13 @@
-"""Optimizers recorded into the step: SGD (with momentum) and AdamW.
+"""Optimizers recorded into the step, shaped like torch.optim: SGD and the Adam family (Adam,
+AdamW) with PyTorch's option names, defaults, formulas and `state_dict()` format.
 
 `opt.step()` inside a trace records the update as elementwise ops writing the parameters and
-moments back as state, so fusion turns each parameter's whole update into one kernel. Values
-that change every step (learning rate, Adam's bias corrections) are `hparam` inputs the host
-fills on each call: changing `opt.lr` between calls never retraces.
+moments back as state, so fusion turns each parameter's whole update into one kernel and
+horizontal fusion batches the parameters' updates into multi-tensor kernels. Values that change
+every step (learning rate, Adam's bias corrections) are `hparam` inputs the host fills on each
+call: changing `opt.lr` between calls never retraces. Every other option is a constant of the
+compiled step. PyTorch's implementation hints (`foreach`, `fused`, `capturable`) are accepted
+and kept in `param_groups` but change nothing: alpha_jit's update is always compiled that way.
 """
 
 from __future__ import annotations
@@ -19,7 +23,14 @@ from alpha_jit.errors import AlphaJitError, TraceError
 from alpha_jit.ir import trace
 from alpha_jit.nn.loss_scale import guard
 from alpha_jit.nn.module import Parameter
-from alpha_jit.tensor import StateTensor, Tensor, minimum
+from alpha_jit.nn.utils import clip_grad_norm_
+from alpha_jit.tensor import StateTensor, Tensor, maximum
+
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "OptimizerError", "clip_grad_norm_",
+           "warmup_cosine"]
+
+# torch's implementation choices: no effect on what alpha_jit compiles, so never compiled in
+HINTS = ("foreach", "fused", "capturable", "differentiable")
 
 
 class OptimizerError(AlphaJitError, ValueError):
@@ -33,15 +44,38 @@ def _check_lr(name: str, value: Any) -> float:
     return v
 
 
+def _check_nonneg(group: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
+    for k in keys:
+        try:
+            v = float(group[k])
+        except (TypeError, ValueError):
+            v = math.nan
+        if not math.isfinite(v) or v < 0.0:
+            raise OptimizerError(f"{where}: {k} must be a finite number >= 0, got "
+                                 f"{group[k]!r}")
+        group[k] = v
+
+
+def _check_flags(group: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
+    for k in keys:
+        if not isinstance(group[k], bool | np.bool_):
+            raise OptimizerError(f"{where}: {k} must be True or False, got {group[k]!r}")
+        group[k] = bool(group[k])
+
+
 class Optimizer:
     """Base: parameter groups (`param_groups`, PyTorch's name and dict format: every group holds
-    every option), the step counter, and the learning rate, optionally a schedule
-    `lr_at(step) -> lr` evaluated on the host.
+    every option), per-parameter state, the step counter, and the learning rate, optionally a
+    schedule `lr_at(step) -> lr` evaluated on the host.
 
     Per-group `lr` is fed on every call (never retraces): set `opt.lr` (groups that did not
     give their own lr follow it) or `opt.param_groups[i]["lr"]`. With a schedule, a group's lr
     is scaled by `schedule(t) / opt.lr`. Other options are compiled into the step; changing one
-    afterwards raises instead of being silently ignored."""
+    afterwards raises instead of being silently ignored.
+
+    Per-parameter state (momentum buffers, Adam's moments) are `StateTensor`s named as in
+    PyTorch: `opt.state[p]["exp_avg"].numpy()` reads one, `.assign(array)` writes it, before or
+    after the step is compiled. `state_dict()` / `load_state_dict()` use PyTorch's format."""
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]):
         items = list(params)
@@ -56,11 +90,7 @@ class Optimizer:
             if not isinstance(grp, dict) or "params" not in grp:
                 raise OptimizerError(f"{type(self).__name__}: parameter group {i} must be a "
                                      "dict with a 'params' list (or pass a list of parameters)")
-            unknown = sorted(set(grp) - {"params", *self.defaults})
-            if unknown:
-                raise OptimizerError(
-                    f"{type(self).__name__}: parameter group {i} has unsupported option(s) "
-                    f"{unknown}; supported: {sorted(self.defaults)}")
+            self.check_known(grp, f"parameter group {i}")
             group = {**self.defaults, **grp, "params": list(grp["params"])}
             for p in group["params"]:
                 if not isinstance(p, Parameter):
@@ -79,9 +109,39 @@ class Optimizer:
         self.schedule: Callable[[int], float] | None = None
         self.step_count = 0  # updates applied so far (advanced by the executor, once per call)
         self._compiled_options: list[dict[str, Any]] | None = None
+        # slot name ("exp_avg", ...) -> parameter state key -> its StateTensor, made on first use
+        self._slots: dict[str, dict[int, StateTensor]] = {n: {} for n in self.SLOTS}
+        for g in self.param_groups:  # made now so they can be read or assigned before compiling
+            for p in g["params"]:
+                for name in self.slots_for(g):
+                    self.slot(p, name)
+
+    # ---- options --------------------------------------------------------------------------------
+    SLOTS: tuple[str, ...] = ()  # every per-parameter state tensor this optimizer may keep
+
+    def slots_for(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The per-parameter state tensors a group with these options updates."""
+        return ()
+
+    def check_known(self, options: dict[str, Any], where: str) -> None:
+        unknown = sorted(set(options) - {"params", *self.defaults})
+        if unknown:
+            raise OptimizerError(
+                f"{type(self).__name__}: {where} has unsupported option(s) {unknown}; "
+                f"supported: {sorted(self.defaults)}")
 
     def _validate(self, group: dict[str, Any], where: str) -> None:
         group["lr"] = _check_lr(f"{where}: lr", group["lr"])
+        for k in ("foreach", "fused"):
+            if k in group and group[k] is not None:
+                _check_flags(group, (k,), where)
+        for k in ("capturable", "differentiable"):
+            if k in group:
+                _check_flags(group, (k,), where)
+        if group.get("differentiable"):
+            raise OptimizerError(
+                f"{where}: differentiable=True is not supported: alpha_jit records the update "
+                "after backward and never differentiates through it (leave it False)")
 
     @property
     def groups(self) -> list[dict[str, Any]]:
@@ -114,10 +174,42 @@ class Optimizer:
             return self.lr_at(t)
         return lr * self.lr_at(t) / self.lr if self.lr else lr
 
-    def zero_grad(self) -> None:
+    # ---- state ----------------------------------------------------------------------------------
+    def slot(self, p: Parameter, name: str) -> StateTensor:
+        """Parameter p's state tensor `name` (zeros until the first update writes it)."""
+        table = self._slots[name]
+        if p.state_key not in table:
+            table[p.state_key] = StateTensor(np.zeros(p.shape, np.float32),
+                                             f"{p.state_name}.{name}")
+        return table[p.state_key]
+
+    @property
+    def state(self) -> dict[Parameter, dict[str, StateTensor]]:
+        """{parameter: {"exp_avg": StateTensor, ...}}, like PyTorch's `optimizer.state`: a
+        fresh view (read or `.assign()` the tensors; the dict itself is not kept). The step
+        count is `step_count`, one for all parameters."""
+        return {p: {n: self._slots[n][p.state_key] for n in self.SLOTS
+                    if p.state_key in self._slots[n]} for p in self.params}
+
+    def state_dict(self) -> dict[str, Any]:
+        """PyTorch's format: {"state": {index: {"step", moments as numpy}}, "param_groups":
+        [{options..., "params": [indices]}]}; see `alpha_jit.nn.optim_state`."""
+        from alpha_jit.nn import optim_state
+
+        return optim_state.state_dict(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load `state_dict()` output, or a torch optimizer's (tensors or `.numpy()` arrays)."""
+        from alpha_jit.nn import optim_state
+
+        optim_state.load_state_dict(self, state_dict)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # alpha_jit gradients are traced values: there is nothing to fill with zeros
         for p in self.params:
             p.grad = None
 
+    # ---- per call -------------------------------------------------------------------------------
     def next_hparams(self) -> dict[str, float]:
         """Called by the executor once per compiled call, before submitting the step."""
         self._check_unchanged()
@@ -128,7 +220,7 @@ class Optimizer:
         return {f"lr/{i}": self.group_lr(i, t) for i in range(len(self.param_groups))}
 
     def _options(self) -> list[dict[str, Any]]:
-        return [{k: v for k, v in g.items() if k not in ("params", "lr")}
+        return [{k: v for k, v in g.items() if k not in ("params", "lr", *HINTS)}
                 for g in self.param_groups]
 
     def _check_unchanged(self) -> None:
@@ -146,13 +238,19 @@ class Optimizer:
                         "'lr' is fed per call. Build a new optimizer (and compiled step) to "
                         "change it.")
 
+    # ---- tracing --------------------------------------------------------------------------------
     def _h(self, name: str) -> Tensor:
         ctx = trace.current()
         node = ctx.hparam(self, name, dtypes.float32)
         return Tensor(node, (), dtypes.float32)
 
-    def step(self) -> None:
+    def step(self, closure: None = None) -> None:
+        """Record the update of every parameter that has a gradient into the traced step."""
         ctx = trace.current()
+        if closure is not None:
+            raise TraceError("optimizer", "step(closure) is not supported: the loss and "
+                             "backward are part of the compiled step already",
+                             ctx.provenance().where())
         for i, g in enumerate(self.param_groups):
             self._validate(g, f"{type(self).__name__} parameter group {i}")
         self._compiled_options = self._options()
@@ -178,26 +276,30 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    """SGD with momentum, dampening, Nesterov and (L2, added to the gradient) weight decay,
-    PyTorch's formulation: the first step's momentum buffer is the gradient itself."""
+    """SGD with momentum, dampening, Nesterov, (L2, added to the gradient) weight decay and
+    maximize, PyTorch's formulation: the first step's momentum buffer is the gradient itself.
+    `foreach`/`fused` are accepted and ignored (the update is always fused);
+    `differentiable=True` is not supported."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-2, momentum: float = 0.0,
-                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False):
+    SLOTS = ("momentum_buffer",)
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0,
+                 dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, *,
+                 maximize: bool = False, foreach: bool | None = None,
+                 differentiable: bool = False, fused: bool | None = None):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                      weight_decay=weight_decay, nesterov=nesterov))
-        self.bufs = {p.state_key: StateTensor(np.zeros(p.shape, np.float32),
-                                              f"{p.state_name}.momentum")
-                     for g in self.param_groups if g["momentum"] for p in g["params"]}
+                                      weight_decay=weight_decay, nesterov=nesterov,
+                                      maximize=maximize, foreach=foreach,
+                                      differentiable=differentiable, fused=fused))
+        self.bufs = self._slots["momentum_buffer"]  # state key -> buffer (older name)
+
+    def slots_for(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] else ()
 
     def _validate(self, group: dict[str, Any], where: str) -> None:
         super()._validate(group, where)
-        for k in ("momentum", "dampening", "weight_decay"):
-            v = float(group[k])
-            if not math.isfinite(v) or v < 0.0:
-                raise OptimizerError(f"{where}: {k} must be a finite number >= 0, got "
-                                     f"{group[k]!r}")
-            group[k] = v
-        group["nesterov"] = bool(group["nesterov"])
+        _check_nonneg(group, ("momentum", "dampening", "weight_decay"), where)
+        _check_flags(group, ("nesterov", "maximize"), where)
         if group["nesterov"] and (group["momentum"] <= 0.0 or group["dampening"] != 0.0):
             raise OptimizerError(f"{where}: nesterov needs momentum > 0 and dampening 0")
 
@@ -213,10 +315,12 @@ class SGD(Optimizer):
 
     def _update(self, p: Parameter, g: Tensor, i: int, group: dict[str, Any]) -> None:
         lr = self._h(f"lr/{i}")
+        if group["maximize"]:
+            g = -g
         if group["weight_decay"]:
             g = g + p * group["weight_decay"]
         if group["momentum"]:
-            buf = self.bufs[p.state_key]
+            buf = self.slot(p, "momentum_buffer")
             scaled = g * self._h(f"dscale/{i}") if group["dampening"] else g
             new_buf = buf * group["momentum"] + scaled
             self._write(buf, new_buf)
@@ -224,18 +328,32 @@ class SGD(Optimizer):
         self._write(p, p - lr * g)
 
 
-class AdamW(Optimizer):
-    """Adam with decoupled weight decay (Loshchilov & Hutter), PyTorch's formulation; every
-    option may differ per parameter group."""
+class Adam(Optimizer):
+    """Adam, PyTorch's formulation: weight decay is L2 (added to the gradient) unless
+    `decoupled_weight_decay=True` (which is AdamW); `amsgrad` normalises by the running maximum
+    of the second moment (kept as state `max_exp_avg_sq`); `maximize` ascends. Every option may
+    differ per parameter group. `foreach`/`fused`/`capturable` are accepted and ignored (the
+    update is always fused); `differentiable=True` is not supported."""
+
+    SLOTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.m = {p.state_key: StateTensor(np.zeros(p.shape, np.float32), f"{p.state_name}.m")
-                  for p in self.params}
-        self.v = {p.state_key: StateTensor(np.zeros(p.shape, np.float32), f"{p.state_name}.v")
-                  for p in self.params}
+                 weight_decay: float = 0, amsgrad: bool = False, *,
+                 foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None,
+                 decoupled_weight_decay: bool = False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      amsgrad=amsgrad, maximize=maximize, foreach=foreach,
+                                      capturable=capturable, differentiable=differentiable,
+                                      fused=fused, decoupled_weight_decay=decoupled_weight_decay))
+        # state key -> moment (older names, kept for checkpoints and tests)
+        self.m = self._slots["exp_avg"]
+        self.v = self._slots["exp_avg_sq"]
+        self.v_max = self._slots["max_exp_avg_sq"]
+
+    def slots_for(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return self.SLOTS if group["amsgrad"] else self.SLOTS[:2]
 
     def _validate(self, group: dict[str, Any], where: str) -> None:
         super()._validate(group, where)
@@ -247,14 +365,13 @@ class AdamW(Optimizer):
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise OptimizerError(f"{where}: betas must lie in [0, 1), got {group['betas']!r}")
         group["betas"] = (b1, b2)
-        eps, wd = float(group["eps"]), float(group["weight_decay"])
+        eps = float(group["eps"])
         if not (math.isfinite(eps) and eps > 0.0):
             raise OptimizerError(f"{where}: eps must be a finite number > 0, got "
                                  f"{group['eps']!r}")
-        if not (math.isfinite(wd) and wd >= 0.0):
-            raise OptimizerError(f"{where}: weight_decay must be a finite number >= 0, got "
-                                 f"{group['weight_decay']!r}")
-        group["eps"], group["weight_decay"] = eps, wd
+        group["eps"] = eps
+        _check_nonneg(group, ("weight_decay",), where)
+        _check_flags(group, ("amsgrad", "maximize", "decoupled_weight_decay"), where)
 
     @property
     def b1(self) -> float:
@@ -279,32 +396,41 @@ class AdamW(Optimizer):
     def _update(self, p: Parameter, g: Tensor, i: int, group: dict[str, Any]) -> None:
         lr, bc1, bc2_sqrt = self._h(f"lr/{i}"), self._h(f"bc1/{i}"), self._h(f"bc2_sqrt/{i}")
         b1, b2 = group["betas"]
-        m_s, v_s = self.m[p.state_key], self.v[p.state_key]
+        wd = group["weight_decay"]
+        if group["maximize"]:
+            g = -g
+        w = p._t()
+        if wd and group["decoupled_weight_decay"]:
+            w = p - p * (lr * wd)
+        elif wd:
+            g = g + w * wd
+        m_s, v_s = self.slot(p, "exp_avg"), self.slot(p, "exp_avg_sq")
         m = m_s * b1 + g * (1.0 - b1)
         v = v_s * b2 + g * g * (1.0 - b2)
-        wd = group["weight_decay"]
-        w = p - p * (lr * wd) if wd else p._t()
-        denom = v.sqrt() / bc2_sqrt + group["eps"]
+        v_hat = v
+        if group["amsgrad"]:
+            v_max_s = self.slot(p, "max_exp_avg_sq")
+            v_hat = maximum(v_max_s, v)
+            self._write(v_max_s, v_hat)
+        denom = v_hat.sqrt() / bc2_sqrt + group["eps"]
         self._write(p, w - (lr / bc1) * m / denom)
         self._write(m_s, m)
         self._write(v_s, v)
 
 
-def clip_grad_norm_(params: Iterable[Parameter], max_norm: float) -> Tensor:
-    """Scale every gradient so their joint L2 norm is at most `max_norm`; returns the norm
-    before clipping (a traced scalar: reading it after the step is the only sync)."""
-    ctx = trace.current()
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        raise TraceError("clip_grad_norm_", "no parameter has a gradient; call "
-                         "loss.backward() first", ctx.provenance().where())
-    with ctx.in_phase("opt"):
-        # one multi-tensor op: two kernels for every gradient, not a reduction chain each
-        norm = trace.apply("sum_squares", [p.grad for p in params]).sqrt()
-        scale = minimum(max_norm / (norm + 1e-6), 1.0)
-        for p in params:
-            p.grad = p.grad * scale
-    return norm
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter): `Adam` with
+    `decoupled_weight_decay=True` and PyTorch's AdamW defaults (weight_decay 0.01)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True)
 
 
 def warmup_cosine(base_lr: float, warmup: int, total: int,

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from alpha_jit.ir import trace
 from alpha_jit.nn import functional as F
-from alpha_jit.nn.layers import Embedding, Linear, rng
-from alpha_jit.nn.module import Module, Parameter
-from alpha_jit.tensor import StateTensor, Tensor, as_tensor, concat
+from alpha_jit.nn.containers import ModuleList
+from alpha_jit.nn.layers import Embedding, LayerNorm, Linear, RMSNorm, rng
+from alpha_jit.nn.module import Module
+from alpha_jit.tensor import Tensor, as_tensor, concat
 
 
 @dataclass
@@ -51,31 +51,10 @@ def _normal(shape: tuple, std: float) -> np.ndarray:
     return rng().normal(0.0, std, shape).astype(np.float32)
 
 
-class LayerNorm(Module):
-    def __init__(self, dim: int, bias: bool = True, eps: float = 1e-5):
-        super().__init__()
-        self.weight = Parameter(np.ones(dim, np.float32))
-        self.bias = Parameter(np.zeros(dim, np.float32)) if bias else None
-        self.eps = eps
-
-    def forward(self, x: Any) -> Tensor:
-        # one fused kernel per direction (ir/ops/rowwise.py), f32 math
-        args = [x, self.weight] + ([self.bias] if self.bias is not None else [])
-        return trace.apply("layer_norm", args, {"eps": float(self.eps)})
-
-
-class RMSNorm(Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = Parameter(np.ones(dim, np.float32))
-        self.eps = eps
-
-    def forward(self, x: Any) -> Tensor:
-        return trace.apply("rms_norm", [x, self.weight], {"eps": float(self.eps)})
-
-
 def norm(cfg: GPTConfig, dim: int) -> Module:
-    return RMSNorm(dim) if cfg.norm == "rmsnorm" else LayerNorm(dim, cfg.bias)
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, eps=1e-6)
+    return LayerNorm(dim, eps=1e-5, bias=cfg.bias)
 
 
 class MLP(Module):
@@ -102,7 +81,7 @@ class MLP(Module):
             a = self.w1(x)
             h = a * F.sigmoid(a) * self.w3(x)
         else:
-            h = F.gelu(self.fc(x))
+            h = F.gelu(self.fc(x), approximate="tanh")  # GPT-2's form
         return F.dropout(self.proj(h), self.dropout)
 
 
@@ -133,9 +112,10 @@ class CausalSelfAttention(Module):
         self.rope = cfg.pos == "rope"
         if self.rope:
             cos, sin = rope_tables(cfg.block_size, self.hd, cfg.rope_base)
-            # constant tables live on the device like parameters, but get no gradient
-            self.rope_cos = StateTensor(cos, "rope_cos")
-            self.rope_sin = StateTensor(sin, "rope_sin")
+            # constant tables live on the device like parameters, but get no gradient and
+            # stay out of state_dict (PyTorch's non-persistent buffers)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
 
     def _rotate(self, x: Tensor, t: int) -> Tensor:
         """RoPE on [B, T, H, hd]: x*cos + rotate_half(x)*sin."""
@@ -153,12 +133,12 @@ class CausalSelfAttention(Module):
         v = self.v(x).reshape(b, t, self.n_kv, self.hd)
         if self.rope:
             q, k = self._rotate(q, t), self._rotate(k, t)
-        q, k, v = (z.transpose(0, 2, 1, 3) for z in (q, k, v))  # [B, H or Hkv, T, hd]
+        q, k, v = (z.permute(0, 2, 1, 3) for z in (q, k, v))  # [B, H or Hkv, T, hd]
         # one fused attention op (GQA inside: kv head h // (n_head / n_kv) serves query head h)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            scale=1.0 / math.sqrt(self.hd),
                                            dropout_p=self.dropout)
-        y = y.transpose(0, 2, 1, 3).reshape(b, t, c)
+        y = y.permute(0, 2, 1, 3).reshape(b, t, c)
         return F.dropout(self.proj(y), self.dropout)
 
 
@@ -181,9 +161,7 @@ class GPT(Module):
         self.config = cfg
         self.wte = Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
-        self.blocks = [Block(cfg) for _ in range(cfg.n_layer)]
-        for i, blk in enumerate(self.blocks):
-            blk._name = f"blocks.{i}"
+        self.blocks = ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = norm(cfg, cfg.n_embd)
         self.dropout = cfg.dropout
         self._init_weights()

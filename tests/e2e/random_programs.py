@@ -88,6 +88,13 @@ def _gelu(x):
     return (0.5 * x * (1.0 + np.tanh(c * (x + np.float32(0.044715) * x ** 3)))).astype(x.dtype)
 
 
+def _gelu_erf(x):
+    import math
+
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    return (0.5 * x * (1.0 + erf(x.astype(np.float64) * np.sqrt(0.5)))).astype(x.dtype)
+
+
 def _mask(b):
     return np.asarray(b).astype(np.float32)
 
@@ -96,7 +103,8 @@ def _concat(xs, axis):
     return np.concatenate(xs, axis=axis)
 
 
-NP_HELPERS = {"np": np, "_lse": _lse, "_gelu": _gelu, "_mask": _mask, "_concat": _concat,
+NP_HELPERS = {"np": np, "_lse": _lse, "_gelu": _gelu, "_gelu_erf": _gelu_erf, "_mask": _mask,
+              "_concat": _concat,
               "_sigmoid": lambda x: (1.0 / (1.0 + np.exp(-x))).astype(x.dtype),
               "_where": lambda c, a, b: np.where(c != 0, a, b).astype(np.result_type(a, b)),
               "_f32": np.float32}
@@ -249,7 +257,8 @@ class _Gen:
                   f"_where(_mask({v.name} > _f32({k})), {v.name}, {w.name})")
 
     def op_unary(self, v: Var) -> None:
-        fn = self.pick(["exp", "tanh", "abs", "relu", "neg", "sigmoid", "gelu"])
+        fn = self.pick(["exp", "tanh", "abs", "relu", "neg", "sigmoid", "gelu", "gelu_erf", "sin",
+                        "cos"])
         aj_e, np_e = {
             "exp": (f"{v.name}.exp()", f"np.exp({v.name})"),
             "tanh": (f"{v.name}.tanh()", f"np.tanh({v.name})"),
@@ -257,7 +266,10 @@ class _Gen:
             "relu": (f"{v.name}.relu()", f"np.maximum({v.name}, _f32(0))"),
             "neg": (f"(-{v.name})", f"(-{v.name})"),
             "sigmoid": (f"F.sigmoid({v.name})", f"_sigmoid({v.name})"),
-            "gelu": (f"F.gelu({v.name})", f"_gelu({v.name})"),
+            "gelu": (f"F.gelu({v.name}, approximate='tanh')", f"_gelu({v.name})"),
+            "gelu_erf": (f"F.gelu({v.name})", f"_gelu_erf({v.name})"),
+            "sin": (f"{v.name}.sin()", f"np.sin({v.name})"),
+            "cos": (f"aj.cos({v.name})", f"np.cos({v.name})"),
         }[fn]
         self.emit(aj_e, np_e)
 
@@ -302,7 +314,7 @@ class _Gen:
             self.emit(f"{v.name}.reshape({new_s})", f"{v.name}.reshape({tuple(new)})")
         elif kind == "transpose" and nd >= 2:
             perm = tuple(int(p) for p in self.rng.permutation(nd))
-            self.emit(f"{v.name}.transpose{perm}", f"{v.name}.transpose({perm})")
+            self.emit(f"{v.name}.permute{perm}", f"{v.name}.transpose({perm})")
         elif kind == "getitem" and nd >= 1:
             parts = []
             for d in shape:
@@ -312,10 +324,18 @@ class _Gen:
                 elif r < 0.7 and d > 1:
                     a = int(self.rng.integers(0, d))
                     b = int(self.rng.integers(a + 1, d + 1))
-                    parts.append(f"{a}:{b}")
+                    parts.append(f"{a}:{b}" if self.chance(0.7) else f"{a}:{b}:2")
+                elif r < 0.8:
+                    parts.append(f"{int(self.rng.integers(-d, d))}:")
                 else:
                     parts.append(":")
-            idx = ", ".join(parts[:int(self.rng.integers(1, nd + 1))])
+            if self.chance(0.2):  # everything before the last dimension
+                parts = ["...", parts[-1]]
+            else:
+                parts = parts[:int(self.rng.integers(1, nd + 1))]
+            if self.chance(0.25):  # a new axis, or everything before the last index
+                parts.insert(int(self.rng.integers(0, len(parts) + 1)), "None")
+            idx = ", ".join(parts)
             self.emit(f"{v.name}[{idx}]", f"{v.name}[{idx}]")
         elif kind == "broadcast":
             new = [int(self.rng.integers(2, 4))] + [
@@ -337,7 +357,7 @@ class _Gen:
         nd = v.value.ndim
         if nd not in (2, 3):
             return
-        t = f"{v.name}.transpose(0, 2, 1)" if nd == 3 else f"{v.name}.T"
+        t = f"{v.name}.permute(0, 2, 1)" if nd == 3 else f"{v.name}.T"
         tn = f"{v.name}.transpose(0, 2, 1)" if nd == 3 else f"{v.name}.T"
         if self.chance(0.5):
             self.emit(f"({v.name} @ {t})", f"({v.name} @ {tn})")
@@ -350,7 +370,7 @@ class _Gen:
         w = next((w for w in self.vars if w is not v and w.value.shape == v.value.shape
                   and w.value.dtype == v.value.dtype), v)
         ax = int(self.rng.integers(-v.value.ndim, v.value.ndim))
-        self.emit(f"aj.tensor.concat([{v.name}, {w.name}], axis={ax})",
+        self.emit(f"aj.cat([{v.name}, {w.name}], dim={ax})",
                   f"_concat([{v.name}, {w.name}], {ax})")
 
 

@@ -58,13 +58,24 @@ def test_float_labels_rejected():
     assert f"test_errors.py:{_line_of('# CE-LINE')}" in msg
 
 
-def test_mixed_dtypes_rejected():
+def test_mixed_dtypes_promote_as_in_pytorch():
+    """i32 and f32 meet in f32; an i32 true division is f32; i32 * 0.5 is not truncated."""
+    a, b = np.array([1.5, -2.0], np.float32), np.array([3, 7], np.int32)
+    got = aj.compile(lambda a, b: (a * b, b / 2, b * 0.5, b // 2))(a, b)
+    want = [a * b, b / 2, b * 0.5, b // 2]
+    for g, w in zip(got, want, strict=True):
+        assert g.numpy().dtype == w.dtype.type(0).astype(
+            np.float32 if w.dtype.kind == "f" else np.int32).dtype
+        np.testing.assert_array_equal(g.numpy(), w)
+
+
+def test_bitwise_ops_on_integers_rejected():
     @aj.compile
     def f(a, b):
-        return a * b
+        return a & b
 
-    with pytest.raises(aj.DTypeError, match=r"mul: operands have different dtypes"):
-        f(np.ones((2,), np.float32), np.ones((2,), np.int32))
+    with pytest.raises(aj.DTypeError, match=r"&: & is logical on masks"):
+        f(np.ones((2,), np.int32), np.ones((2,), np.int32))
 
 
 def test_out_of_range_labels_fail_before_gpu_work():

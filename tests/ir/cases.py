@@ -42,6 +42,78 @@ class Case:
         return out
 
 
+_MASK = np.tril(np.ones((5, 5), bool))  # a numpy constant captured by the traced function
+_TABLE = np.linspace(-1.0, 1.0, 12).reshape(3, 4)
+
+# PyTorch-shaped API (issue 10): every name on top of the IR ops, through the same checks
+TORCH_API_CASES = [
+    Case("sin_cos", lambda a: a.sin() * aj.cos(a), [(40,)], low=-7.0, high=7.0),
+    Case("erf", lambda a: aj.erf(a), [(50,)], low=-3.0, high=3.0),
+    Case("floor", lambda a: a.floor() + a * 0.5, [(30,)], low=-3.0, high=3.0),
+    Case("floordiv_remainder", lambda a, b: (a // b) + a % b + a % 0.7, [(6, 5), (5,)],
+         low=0.5, high=3.0),
+    Case("remainder_negative", lambda a: a % -0.7 + (a * 3.0).astype("i32") % 4,
+         [(30,)], grad=False),
+    Case("pow_tensor", lambda a, b: a ** b + 2.0 ** b, [(4, 5), (5,)], low=0.3, high=2.0),
+    Case("detach", lambda a: a * a.detach(), [(9,)], grad=False),  # see test_trust
+    Case("var_std", lambda a: a.var(1) + a.std(dim=0, keepdim=True).sum()
+         + a.var(unbiased=False), [(6, 7)]),
+    Case("min_max_dim", lambda a: a.min(1).values + a.max(dim=0, keepdim=True).values.sum()
+         + a.argmax(1).float() + a.argmin(dim=1).float() + aj.amax(a, (0, 1)), [(5, 7)]),
+    Case("argmax_flat", lambda a: a.argmax().float() + a.sum(), [(4, 6)]),
+    Case("permute_view_flatten", lambda a: a.permute(2, 0, 1).contiguous().view(4, -1)
+         .flatten() * 2.0 + a.flatten(1).sum(), [(2, 3, 4)]),
+    Case("squeeze_unsqueeze_expand", lambda a: a.unsqueeze(0).expand(3, -1, -1).squeeze()
+         * a.squeeze(1).unsqueeze(-1).unsqueeze(1), [(4, 1)]),
+    Case("transpose_pair", lambda a: a.transpose(0, 2) * 1.5 + a.mT.sum(), [(2, 3, 4)]),
+    Case("split_chunk", lambda a: a.split(2, dim=1)[1] * a.chunk(3, 1)[0]
+         + a.split([1, 3, 2], -1)[1][:, :2], [(4, 6)]),
+    Case("stack_cat", lambda a, b: aj.stack([a, b], 1).sum(1) + aj.cat([a, b], 0)[1:4],
+         [(3, 5), (3, 5)]),
+    Case("clamp", lambda a: a.clamp(-0.5, 1.0) + a.clamp(min=0.2) + aj.clamp(a, max=0.1),
+         [(40,)]),
+    Case("masked_fill_logic", lambda a, b: a.masked_fill((a > 0.5) & ~(b < 0.0), -1.0)
+         * ((a < -1.0) | (b > 1.0)), [(6, 7), (7,)]),
+    Case("sigmoid_silu", lambda a: a.sigmoid() + F.silu(a) + F.tanh(a), [(40,)], low=-6,
+         high=6),
+    Case("index_none_ellipsis_step", lambda a: a[None, ..., ::2] * 2.0 + a[-1, 1::3].sum(),
+         [(4, 7)]),
+    Case("index_int_array", lambda a, i: a[i] * 2.0 + a[:, [3, -1, 0]].sum()
+         + a[[1, 1, 2]][..., 1:3].sum(), [(5, 4), (3, 2)], ["f32", "i32"], int_high=5),
+    Case("index_negative_tensor", lambda a, i: a[i - 4], [(5, 3), (6,)], ["f32", "i32"],
+         int_high=4),
+    Case("factories", lambda a: a * aj.arange(5).float() + aj.ones(4, 5) + aj.zeros_like(a)
+         + aj.full((5,), 0.5) + aj.arange(0.5, 3.0, 0.5)[:5] + aj.ones_like(a).tril(1)
+         + aj.eye(4, 5) + aj.linspace(0.0, 1.0, 5), [(4, 5)]),
+    Case("numpy_constants", lambda a: aj.where(_MASK, a, 0.0) + a * aj.tensor(_TABLE[0, 0])
+         + (a[:3, :4] * _TABLE).sum(), [(5, 5)]),
+    Case("repeat", lambda a: a.repeat(2, 3) * 1.5, [(2, 3)]),
+    Case("f_losses", lambda a, b: F.mse_loss(a, b) + F.l1_loss(a, b, reduction="sum")
+         + F.mse_loss(a, b, reduction="none")[0, 1], [(4, 6), (4, 6)]),
+    Case("f_layer_norm", lambda x, w, b: F.layer_norm(x, (6,), w, b, eps=1e-5)
+         + F.layer_norm(x, 6) + F.rms_norm(x, [6], w), [(3, 6), (6,), (6,)]),
+    Case("f_softmax_dim", lambda a: F.softmax(a, dim=0) + F.log_softmax(a, 1) + a.softmax(-1),
+         [(4, 6)]),
+    Case("gelu_exact", lambda a: F.gelu(a) + F.gelu(a, approximate="tanh"), [(31, 7)],
+         low=-4, high=4),
+    Case("one_hot_nll", lambda z, y: F.nll_loss(F.log_softmax(z, -1), y)
+         + F.one_hot(y, 6).float().sum(0)[2], [(7, 6), (7,)], ["f32", "i32"], int_high=6),
+    Case("cross_entropy_smooth", lambda z, y: F.cross_entropy(z, y, label_smoothing=0.1)
+         + F.cross_entropy(z, y, reduction="none")[2] + F.cross_entropy(
+             z, y - 1, ignore_index=-1, reduction="sum", label_smoothing=0.2),
+         [(7, 6), (7,)], ["f32", "i32"], int_high=6),
+    Case("f_pad", lambda a: F.pad(a, (1, 2), value=0.5) * 2.0 + F.pad(a, (0, 0, 1, 0)).sum(),
+         [(3, 4)]),
+    Case("embedding_padding_idx", lambda t, i: F.embedding(i, t, padding_idx=2) * 2.0,
+         [(5, 3), (6,)], ["f32", "i32"], int_high=5),
+    Case("sdpa_mask", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, _MASK)
+         + F.scaled_dot_product_attention(q, k, v, attn_mask=aj.where(
+             aj.tril(aj.ones(5, 5)) > 0.0, 0.0, float("-inf"))),
+         [(1, 2, 5, 4), (1, 2, 5, 4), (1, 2, 5, 4)]),
+    Case("int_promotion", lambda a, i: a * i + i / 2 + (i * 0.5) + i.float().mean(),
+         [(6,), (6,)], ["f32", "i32"], int_high=9),
+]
+
 CASES = [
     Case("add_broadcast", lambda a, b: a + b, [(37, 45), (45,)]),
     Case("sub_broadcast", lambda a, b: a - b, [(3, 1, 5), (4, 1)]),
@@ -82,8 +154,8 @@ CASES = [
     Case("reshape_of_transpose", lambda a: a.T.reshape(-1) * 1.5, [(4, 7)]),
     Case("slice", lambda a: a[1:4, 2:] * 2.0 + a[0, :5], [(6, 7)]),
     Case("slice_to_matmul", lambda a, b: a[:, 1:] @ b[2:5], [(5, 4), (7, 3)]),
-    Case("pad", lambda a: aj.tensor.pad(a.exp(), ((1, 2), (0, 3))) * 3.0, [(4, 5)]),
-    Case("concat", lambda a, b: aj.tensor.concat([a, b * 2.0], axis=1), [(3, 4), (3, 2)]),
+    Case("pad", lambda a: F.pad(a.exp(), (0, 3, 1, 2)) * 3.0, [(4, 5)]),
+    Case("concat", lambda a, b: aj.cat([a, b * 2.0], dim=1), [(3, 4), (3, 2)]),
     Case("broadcast_to", lambda a: a.broadcast_to((5, 3, 4)) * 2.0, [(3, 1)]),
     Case("sum_axis0", lambda a: a.sum(axis=0), [(37, 23)]),
     Case("sum_axis1_keep", lambda a: a.sum(axis=1, keepdims=True) * a, [(19, 1000)]),
@@ -141,4 +213,5 @@ CASES = [
     Case("attention_lse", lambda q, k, v: trace.apply(
         "attention_lse", [q, k, v], {"causal": True, "scale": 0.5}) * 1.0,
         [(1, 2, 7, 3), (1, 1, 7, 3), (1, 1, 7, 3)], grad=False),
+    *TORCH_API_CASES,
 ]

@@ -66,6 +66,7 @@ def _grad_graph(case: Case, args: list[np.ndarray], weights: np.ndarray):
         grads = autodiff.grad(loss, wrt)
     g = ctx.graph
     g.outputs = [loss.node] + [grads[n].node for n in wrt if n in grads]
+    g.state_values = {k: h.numpy() for k, h in ctx.state.items()}  # captured constants
     has_grad = [n in grads for n in wrt]
     return g, [i for i, t in enumerate(ins) if t.dtype.is_float], has_grad
 
@@ -85,6 +86,8 @@ def test_gradient_matches_finite_differences(case: Case):
     def run(vals: list[np.ndarray]) -> list[np.ndarray]:
         feed = {n: np.asarray(1, g.dtype(n).np_storage) for n in g.g.nodes
                 if g.op(n) == "hparam"}  # e.g. the RNG counter: any fixed value
+        feed.update({n: g.state_values[g.attrs(n)["key"]] for n in g.g.nodes
+                     if g.op(n) == "state"})
         for n in inputs:
             i = g.attrs(n)["index"]
             feed[n] = vals[i] if i < len(vals) else weights

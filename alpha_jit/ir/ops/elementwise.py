@@ -17,6 +17,8 @@ from alpha_jit.ir.ops.rules import F32, elementwise_infer, same_dtype
 from alpha_jit.tensor import sum_to, where
 
 GELU_C = math.sqrt(2.0 / math.pi)
+SQRT1_2 = math.sqrt(0.5)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def _binary(name: str, ref, vjp, scalar, float_only: bool = False) -> None:
@@ -70,7 +72,8 @@ for _name, _fn in _CMP.items():
         (lambda nm: lambda e, attrs, a, b: e.cast(e.compare(nm, a, b), "f32"))(_name)))
 
 # ---- unary math -------------------------------------------------------------------------------
-_unary("neg", lambda a, attrs: -a[0], lambda g, args, out, attrs: [-g], _un("neg"))
+# neg and abs are defined on integers too
+_binary("neg", lambda a, attrs: -a[0], lambda g, args, out, attrs: [-g], _un("neg"))
 _unary("exp", lambda a, attrs: np.exp(a[0]), lambda g, args, out, attrs: [g * out], _un("exp"))
 _unary("log", lambda a, attrs: np.log(a[0]), lambda g, args, out, attrs: [g / args[0]],
        _un("log"))
@@ -80,11 +83,39 @@ _unary("sqrt", lambda a, attrs: np.sqrt(a[0]),
        lambda g, args, out, attrs: [g * 0.5 / out], _un("sqrt"))
 _unary("rsqrt", lambda a, attrs: 1.0 / np.sqrt(a[0]),
        lambda g, args, out, attrs: [g * -0.5 * out * out * out], _un("rsqrt"))
-_unary("abs", lambda a, attrs: np.abs(a[0]),
+_binary("abs", lambda a, attrs: np.abs(a[0]),
        lambda g, args, out, attrs: [g * ((args[0] > 0.0) - (args[0] < 0.0))], _un("abs"))
 _unary("relu", lambda a, attrs: np.maximum(a[0], 0),
        lambda g, args, out, attrs: [g * (args[0] > 0.0)],
        lambda e, attrs, a: e.binary("max", a, e.const(0.0, "f32")))
+_unary("sin", lambda a, attrs: np.sin(a[0]), lambda g, args, out, attrs: [g * args[0].cos()],
+       _un("sin"))
+_unary("cos", lambda a, attrs: np.cos(a[0]), lambda g, args, out, attrs: [-g * args[0].sin()],
+       _un("cos"))
+# erf'(x) = 2/sqrt(pi) exp(-x^2)
+_unary("erf", lambda a, attrs: _erf(a[0]),
+       lambda g, args, out, attrs: [g * (2.0 / math.sqrt(math.pi)) * (-args[0] * args[0]).exp()],
+       _un("erf"))
+# floor and floor division are flat: no gradient (PyTorch: zero); integers stay integers
+register(OpDef("floor", "elementwise", elementwise_infer("floor"),
+               lambda a, attrs: np.floor(a[0]).astype(a[0].dtype),
+               lambda g, args, out, attrs: [None], _un("floor")))
+
+
+def _floordiv_scalar(e, attrs, a, b):
+    q = e.binary("div", a, b)  # floats: IEEE a / b; integers: already floor division
+    return e.unary("floor", q) if a.dtype == "f32" else q
+
+
+register(OpDef("floordiv", "elementwise", elementwise_infer("floordiv"),
+               lambda a, attrs: np.floor_divide(a[0], a[1]),
+               lambda g, args, out, attrs: [None, None], _floordiv_scalar))
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    from alpha_jit.codegen_spirv.scalar import erf_np
+
+    return erf_np(x)
 
 
 def _is_nan(e, x):
@@ -127,22 +158,73 @@ _unary("pow_scalar", lambda a, attrs: np.power(a[0], attrs["exponent"]),
        _pow_scalar)
 
 
-# ---- GELU, tanh form (GPT-2's) ------------------------------------------------------------------
+def _pow_tensor(e, attrs, a, b):
+    """numpy's a ** b for tensors: GLSL Pow on |a|, then the cases Pow leaves undefined (a <= 0,
+    NaN) and the ones IEEE fixes (x ** 0 = 1, 1 ** y = 1, (-1) ** +-inf = 1) spelled out."""
+    c = lambda v: e.const(v, "f32")  # noqa: E731
+    cmp = e.compare
+    mag = e.binary("pow", e.unary("abs", a), b)
+    at0 = e.select(cmp("gt", b, c(0.0)), c(0.0), e.select(cmp("lt", b, c(0.0)), c(math.inf),
+                                                          c(1.0)))
+    mag = e.select(cmp("eq", a, c(0.0)), at0, mag)
+    is_int = cmp("eq", e.unary("floor", b), b)
+    odd = cmp("ne", e.binary("mul", e.unary("floor", e.binary("mul", b, c(0.5))), c(2.0)), b)
+    neg = e.select(is_int, e.select(odd, e.unary("neg", mag), mag), c(math.nan))
+    r = e.select(cmp("lt", a, c(0.0)), neg, mag)
+    r = e.select(_is_nan(e, a), a, e.select(_is_nan(e, b), b, r))
+    unit_inf = cmp("eq", e.unary("abs", a), c(1.0))
+    unit_inf = e.select(cmp("eq", e.unary("abs", b), c(math.inf)), unit_inf, cmp("eq", a, c(1.0)))
+    r = e.select(unit_inf, c(1.0), r)
+    return e.select(cmp("eq", b, c(0.0)), c(1.0), r)
+
+
+def _pow_vjp(g, args, out, attrs):
+    """PyTorch's: d/da = b a^(b-1) (0 where b == 0), d/db = out log(a) (0 where a == 0 and
+    b >= 0)."""
+    from alpha_jit.ir import trace
+
+    a, b = args
+    da = where(b.eq(0.0), 0.0, b * trace.apply("pow", [a, b - 1.0]))
+    db = where(a.eq(0.0) * (b >= 0.0), 0.0, out * a.log())
+    return [sum_to(g * da, a.shape), sum_to(g * db, b.shape)]
+
+
+_binary("pow", lambda a, attrs: np.power(a[0], a[1]), _pow_vjp, _pow_tensor, float_only=True)
+
+
+# ---- GELU: exact (erf, PyTorch's default) or the tanh form (GPT-2's) ---------------------------
+def _exact(attrs) -> bool:
+    """attrs["approximate"]: "none" (erf) or "tanh"; nodes from before the attribute are tanh."""
+    return attrs.get("approximate", "tanh") == "none"
+
+
 def _gelu_ref(a, attrs):
     x = a[0]
+    if _exact(attrs):
+        from alpha_jit.codegen_spirv.scalar import erf_np
+
+        return 0.5 * x * (1.0 + erf_np(x * np.float32(SQRT1_2)))
     return 0.5 * x * (1.0 + np.tanh(GELU_C * (x + 0.044715 * x ** 3)))
 
 
 def _gelu_scalar(e, attrs, x):
     c = lambda v: e.const(v, "f32")  # noqa: E731
+    half_x = e.binary("mul", c(0.5), x)
+    if _exact(attrs):
+        return e.binary("mul", half_x, e.binary("add", c(1.0), e.unary(
+            "erf", e.binary("mul", x, c(SQRT1_2)))))
     x3 = e.binary("mul", e.binary("mul", x, x), x)
     inner = e.binary("mul", c(GELU_C), e.binary("add", x, e.binary("mul", c(0.044715), x3)))
-    return e.binary("mul", e.binary("mul", c(0.5), x), e.binary("add", c(1.0),
-                                                                e.unary("tanh", inner)))
+    return e.binary("mul", half_x, e.binary("add", c(1.0), e.unary("tanh", inner)))
 
 
 def _gelu_grad_ref(a, attrs):
     x, g = a
+    if _exact(attrs):
+        from alpha_jit.codegen_spirv.scalar import erf_np
+
+        cdf = 0.5 * (1.0 + erf_np(x * np.float32(SQRT1_2)))
+        return g * (cdf + x * np.exp(-0.5 * x * x) * np.float32(INV_SQRT_2PI))
     t = np.tanh(GELU_C * (x + 0.044715 * x ** 3))
     dt = (1.0 - t * t) * GELU_C * (1.0 + 3 * 0.044715 * x * x)
     return g * (0.5 * (1.0 + t) + 0.5 * x * dt)
@@ -152,6 +234,10 @@ def _gelu_grad_scalar(e, attrs, x, g):
     c = lambda v: e.const(v, "f32")  # noqa: E731
     mul, add = (lambda a, b: e.binary("mul", a, b)), (lambda a, b: e.binary("add", a, b))
     x2 = mul(x, x)
+    if _exact(attrs):
+        cdf = mul(c(0.5), add(c(1.0), e.unary("erf", mul(x, c(SQRT1_2)))))
+        pdf = mul(e.unary("exp", mul(c(-0.5), x2)), c(INV_SQRT_2PI))
+        return mul(g, add(cdf, mul(x, pdf)))
     t = e.unary("tanh", mul(c(GELU_C), add(x, mul(c(0.044715), mul(x2, x)))))
     dt = mul(mul(e.binary("sub", c(1.0), mul(t, t)), c(GELU_C)), add(c(1.0),
                                                                      mul(c(3 * 0.044715), x2)))
@@ -161,7 +247,7 @@ def _gelu_grad_scalar(e, attrs, x, g):
 def _gelu_vjp(g, args, out, attrs):
     from alpha_jit.ir import trace
 
-    return [trace.apply("gelu_grad", [args[0], g])]
+    return [trace.apply("gelu_grad", [args[0], g], dict(attrs))]
 
 
 _unary("gelu", _gelu_ref, _gelu_vjp, _gelu_scalar)
@@ -210,6 +296,10 @@ def _np_of(dt) -> np.dtype:
 
 register(OpDef("copy", "elementwise", lambda s, d, attrs: (s[0], d[0]),
                lambda a, attrs: np.array(a[0], copy=True), lambda g, args, out, attrs: [g],
+               lambda e, attrs, a: a))
+# x.detach(): the same values, no gradient back through them
+register(OpDef("stop_gradient", "elementwise", lambda s, d, attrs: (s[0], d[0]),
+               lambda a, attrs: np.array(a[0], copy=True), lambda g, args, out, attrs: [None],
                lambda e, attrs, a: a))
 
 

@@ -46,7 +46,7 @@ def _transpose_infer(shapes, dts, attrs):
 
 register(OpDef("transpose", "view", _transpose_infer,
                lambda a, attrs: np.transpose(a[0], attrs["perm"]),
-               lambda g, args, out, attrs: [g.transpose(*np.argsort(attrs["perm"]))]))
+               lambda g, args, out, attrs: [g.permute(*np.argsort(attrs["perm"]))]))
 
 
 def _broadcast_infer(shapes, dts, attrs):

@@ -101,7 +101,7 @@ def _concat_operands(g: Graph, bs: list[int], axis: int) -> Any:
         bs = [g.args(b)[0] for b in bs]
     t = concat([Tensor(b, g.shape(b), g.dtype(b)) for b in bs], axis=axis)
     for op, attrs in reversed(ops):
-        t = t.transpose(*attrs["perm"]) if op == "transpose" else t.astype(attrs["dtype"])
+        t = t.permute(*attrs["perm"]) if op == "transpose" else t.astype(attrs["dtype"])
     return t
 
 
