@@ -30,7 +30,7 @@ class Unsupported:
 # where each prefix lives
 NAMESPACES = {"aj": "alpha_jit", "Tensor": "alpha_jit.tensor:TensorOps",
               "F": "alpha_jit.nn.functional", "nn": "alpha_jit.nn", "optim": "alpha_jit.nn.optim",
-              "utils": "alpha_jit.nn.utils"}
+              "utils": "alpha_jit.nn.utils", "Module": "alpha_jit.nn.module:Module"}
 _REDUCE = "`dim`/`keepdim` (numpy's `axis`/`keepdims` too); `dim` may be a tuple"
 
 
@@ -42,7 +42,8 @@ def _default_torch(name: str) -> str:
     prefix, _, attr = name.partition(".")
     return {"aj": f"torch.{attr}", "Tensor": f"torch.Tensor.{attr}",
             "F": f"torch.nn.functional.{attr}", "nn": f"torch.nn.{attr}",
-            "optim": f"torch.optim.{attr}", "utils": f"torch.nn.utils.{attr}"}[prefix]
+            "optim": f"torch.optim.{attr}", "utils": f"torch.nn.utils.{attr}",
+            "Module": f"torch.nn.Module.{attr}"}[prefix]
 
 
 TENSOR = [
@@ -168,6 +169,51 @@ FUNCTIONAL = [
       "`attn_mask` runs unfused: a numpy bool array keeps True, anything else is added"),
 ]
 
+MODULES = [
+    E("nn.Module", note="parameters, buffers and children registered by attribute as in "
+      "PyTorch; called inside a trace it records its module path into every node"),
+    E("nn.Parameter", note="f32 master data on the device; `requires_grad=`"),
+    E("nn.Sequential", note="children named `0`, `1`, ...; indexing, slicing, append"),
+    E("nn.ModuleList"), E("nn.ModuleDict"),
+    E("nn.Linear", note="PyTorch's init; `device=` ignored, dtype f32 only"),
+    E("nn.Embedding", note="`padding_idx`; max_norm / scale_grad_by_freq / sparse raise"),
+    E("nn.LayerNorm", note="the last dimension only (a longer normalized_shape raises and "
+      "says how to reshape)"),
+    E("nn.RMSNorm", note="as LayerNorm; eps None is f32's epsilon"),
+    E("nn.Dropout", note="follows `train()`/`eval()` (a mode change retraces the step)"),
+    E("nn.ReLU"), E("nn.GELU", note="`approximate='none'` (default) or 'tanh'"), E("nn.SiLU"),
+    E("nn.Tanh"), E("nn.Sigmoid"), E("nn.Identity"), E("nn.Softmax"), E("nn.Flatten"),
+    E("nn.GPT", "", "nanoGPT-style; `forward(idx, targets=None)` returns `(logits, loss)`"),
+    E("nn.GPTConfig", "", "MHA/GQA, layernorm/rmsnorm, gelu/swiglu, learned/RoPE positions, "
+      "`tie_weights`, `norm_eps`, `mlp_hidden`, dropout"),
+    E("nn.CONFIGS", "", "the benchmark shapes `small` and `gpt2`"),
+    E("nn.Block", "", "a GPT block"), E("nn.MLP", "", "a GPT MLP"),
+    E("nn.CausalSelfAttention", "", "a GPT attention layer (fused flash attention)"),
+    E("nn.manual_seed", "torch.manual_seed", "parameter initialisation (numpy Generator)"),
+    E("nn.functional"), E("nn.optim", "torch.optim"), E("nn.utils"),
+    E("nn.clip_grad_norm_", "torch.nn.utils.clip_grad_norm_"),
+    E("nn.StateDictError", "RuntimeError", "a state dict that does not fit (keys, shapes)"),
+    E("nn.IncompatibleKeys", "torch.nn.modules.module._IncompatibleKeys"),
+    E("nn.UnsupportedOptionError", "", "a PyTorch constructor option alpha_jit lacks"),
+    E("Module.forward"), E("Module.train"), E("Module.eval"),
+    E("Module.training", note="a property; read inside a step it makes the step depend on "
+      "it (eval() retraces), unless the step sets it itself"),
+    E("Module.parameters", note="a list (PyTorch: a generator)"), E("Module.named_parameters"),
+    E("Module.buffers"), E("Module.named_buffers"), E("Module.children"),
+    E("Module.named_children"), E("Module.modules"), E("Module.named_modules"),
+    E("Module.get_submodule"), E("Module.add_module"), E("Module.register_module"),
+    E("Module.register_parameter"),
+    E("Module.register_buffer", note="numpy or StateTensor; `persistent=False` stays out of "
+      "state_dict"),
+    E("Module.state_dict", note="PyTorch's names; numpy arrays"),
+    E("Module.load_state_dict", note="numpy arrays or torch tensors; checks every key and "
+      "shape before writing anything"),
+    E("Module.zero_grad"), E("Module.requires_grad_", note="freezing retraces the step"),
+    E("Module.apply"), E("Module.extra_repr"),
+    E("Module.name_parameters", "", "gives every parameter its full dotted name (automatic "
+      "for registered children)"),
+]
+
 OPTIM = [
     E("optim.SGD", note="PyTorch's options and defaults; `foreach`/`fused` accepted (the "
       "update is always one fused kernel per parameter), `differentiable=True` raises"),
@@ -241,6 +287,7 @@ SECTIONS: list[tuple[str, list[Entry]]] = [
     ("Tensor methods", TENSOR),
     ("Functions (`import alpha_jit as aj`)", FUNCTIONS),
     ("`alpha_jit.nn.functional` (as `F`)", FUNCTIONAL),
+    ("Modules (`from alpha_jit import nn`)", MODULES),
     ("Optimizers (`alpha_jit.nn.optim`, `alpha_jit.nn.utils`)", OPTIM),
 ]
 
@@ -274,7 +321,10 @@ def _signature(name: str) -> str:
         obj = resolve(name)
         if isinstance(obj, property) or not callable(obj):
             return ""
-        sig = str(inspect.signature(obj)).replace("self, ", "").replace("(self)", "()")
+        raw = inspect.signature(obj)
+        params = [q.replace(annotation=inspect.Parameter.empty)
+                  for q in raw.parameters.values() if q.name != "self"]
+        sig = str(raw.replace(parameters=params, return_annotation=inspect.Signature.empty))
         return sig if len(sig) <= 70 else sig[:67] + "...)"
     except (TypeError, ValueError):
         return ""

@@ -31,11 +31,6 @@ from alpha_jit.nn.transformer import GPTConfig, rope_tables
 ATTENTION = ("math", "sdpa")
 
 
-def swiglu_hidden(n_embd: int) -> int:
-    """alpha_jit's SwiGLU width: 8/3 of the model width, rounded up to a multiple of 64."""
-    return int(math.ceil(8 * n_embd / 3 / 64) * 64)
-
-
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, eps 1e-6 inside the square root (alpha_jit's RMSNorm)."""
 
@@ -50,10 +45,10 @@ class RMSNorm(nn.Module):
 
 def make_norm(cfg: GPTConfig, dim: int) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(dim)
+        return RMSNorm(dim, eps=cfg.eps())
     if cfg.norm != "layernorm":
         raise ValueError(f"GPTConfig.norm must be 'layernorm' or 'rmsnorm', got {cfg.norm!r}")
-    return nn.LayerNorm(dim, eps=1e-5, bias=cfg.bias)
+    return nn.LayerNorm(dim, eps=cfg.eps(), bias=cfg.bias)
 
 
 class MLP(nn.Module):
@@ -61,14 +56,14 @@ class MLP(nn.Module):
         super().__init__()
         c = cfg.n_embd
         self.kind = cfg.mlp
+        hidden = cfg.hidden()
         if cfg.mlp == "swiglu":
-            hidden = swiglu_hidden(c)
             self.w1 = nn.Linear(c, hidden, bias=cfg.bias)
             self.w3 = nn.Linear(c, hidden, bias=cfg.bias)
             self.proj = nn.Linear(hidden, c, bias=cfg.bias)
         elif cfg.mlp == "gelu":
-            self.fc = nn.Linear(c, 4 * c, bias=cfg.bias)
-            self.proj = nn.Linear(4 * c, c, bias=cfg.bias)
+            self.fc = nn.Linear(c, hidden, bias=cfg.bias)
+            self.proj = nn.Linear(hidden, c, bias=cfg.bias)
         else:
             raise ValueError(f"GPTConfig.mlp must be 'gelu' or 'swiglu', got {cfg.mlp!r}")
         self.drop = nn.Dropout(cfg.dropout)
@@ -166,6 +161,8 @@ class TorchGPT(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg, attention) for _ in range(cfg.n_layer))
         self.ln_f = make_norm(cfg, cfg.n_embd)
+        self.lm_head = None if cfg.tie_weights else nn.Linear(cfg.n_embd, cfg.vocab_size,
+                                                              bias=False)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -178,7 +175,8 @@ class TorchGPT(nn.Module):
         x = self.drop(x)
         for blk in self.blocks:
             x = blk(x)
-        logits = F.linear(self.ln_f(x), self.wte.weight)  # tied LM head
+        head = self.wte.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(self.ln_f(x), head)
         if targets is None:
             return logits
         return F.cross_entropy(logits.reshape(b * t, -1), targets.reshape(b * t))

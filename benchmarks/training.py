@@ -65,7 +65,7 @@ def alpha_step(model: Any, precision: str) -> Any:
 
     @aj.compile(precision=precision)
     def train_step(x: Any, y: Any) -> Any:
-        loss = model(x, y)
+        _, loss = model(x, y)
         loss.backward()
         nn.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()

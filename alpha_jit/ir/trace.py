@@ -95,13 +95,21 @@ class TraceContext:
     # (id of a captured numpy array, dtype) -> (the array, its constant StateTensor)
     constants: dict[tuple[int, str], tuple[Any, Any]] = field(default_factory=dict)
 
+    # (id(object), attribute) the traced function set itself (model.eval() inside a step)
+    assigned: set[tuple[int, str]] = field(default_factory=set)
+
     def guard(self, obj: Any, attr: str) -> Any:
         """Read `obj.attr` and make the trace depend on it: later calls retrace when it
-        changes (model.train()/eval(), requires_grad_)."""
+        changes (model.train()/eval(), requires_grad_). Not when the function set it."""
         value = getattr(obj, attr)
-        if not any(o is obj and a == attr for o, a, _ in self.guards):
+        if (id(obj), attr) not in self.assigned and \
+                not any(o is obj and a == attr for o, a, _ in self.guards):
             self.guards.append((obj, attr, value))
         return value
+
+    def assign_guarded(self, obj: Any, attr: str) -> None:
+        """The traced function sets `obj.attr`: reads after this do not guard."""
+        self.assigned.add((id(obj), attr))
 
     def pass_enabled(self, name: str) -> bool:
         """A pass runs unless `passes=` leaves it out or ALPHA_JIT_DISABLE_PASSES names it."""

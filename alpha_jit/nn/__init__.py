@@ -1,6 +1,6 @@
 """alpha_jit.nn: modules, functional ops and optimizers for compiled training steps."""
 
-from alpha_jit.nn import functional, optim
+from alpha_jit.nn import functional, optim, utils
 from alpha_jit.nn.containers import ModuleDict, ModuleList, Sequential
 from alpha_jit.nn.layers import (
     GELU,
@@ -24,7 +24,7 @@ from alpha_jit.nn.optim import clip_grad_norm_
 from alpha_jit.nn.state_dict import IncompatibleKeys, StateDictError
 from alpha_jit.nn.transformer import CONFIGS, GPT, MLP, Block, CausalSelfAttention, GPTConfig
 
-__all__ = ["functional", "optim", "Module", "Parameter", "Sequential", "ModuleList",
+__all__ = ["functional", "optim", "utils", "Module", "Parameter", "Sequential", "ModuleList",
            "ModuleDict", "Linear", "Embedding", "LayerNorm", "RMSNorm", "Dropout", "ReLU",
            "GELU", "SiLU", "Tanh", "Sigmoid", "Identity", "Softmax", "Flatten", "manual_seed",
            "StateDictError", "IncompatibleKeys", "UnsupportedOptionError",

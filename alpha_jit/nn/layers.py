@@ -84,8 +84,7 @@ class Embedding(Module):
                  _freeze: bool = False, device: Any = None, dtype: Any = None):
         super().__init__()
         _check_factory("Embedding", device, dtype)
-        for option, value, default in (("padding_idx", padding_idx, None),
-                                       ("max_norm", max_norm, None),
+        for option, value, default in (("max_norm", max_norm, None),
                                        ("scale_grad_by_freq", scale_grad_by_freq, False),
                                        ("sparse", sparse, False)):
             if value != default:
@@ -98,6 +97,14 @@ class Embedding(Module):
             data = _rng.normal(0.0, 1.0, (num_embeddings, embedding_dim))
         else:
             data = _weight
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"Embedding: padding_idx {padding_idx} must be within "
+                                 f"num_embeddings {num_embeddings}")
+            padding_idx %= num_embeddings
+            if _weight is None:  # PyTorch zeroes the padding row of a fresh table
+                data[padding_idx] = 0.0
+        self.padding_idx = padding_idx
         self.weight = Parameter(data, requires_grad=not _freeze)
         if self.weight.shape != (num_embeddings, embedding_dim):
             raise ValueError(f"Embedding: _weight has shape {self.weight.shape}, expected "
@@ -113,10 +120,11 @@ class Embedding(Module):
         return cls(arr.shape[0], arr.shape[1], _weight=arr, _freeze=freeze, **kw)
 
     def forward(self, ids: Any) -> Tensor:
-        return F.embedding(ids, self.weight)
+        return F.embedding(ids, self.weight, self.padding_idx)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}"
+        pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        return f"{self.num_embeddings}, {self.embedding_dim}{pad}"
 
 
 def _normalized_shape(layer: str, shape: Any) -> tuple[int]:

@@ -102,6 +102,9 @@ class Module:
 
     @training.setter
     def training(self, mode: bool) -> None:
+        ctx = trace.active()
+        if ctx is not None:  # set by the traced function itself: the trace does not depend
+            ctx.assign_guarded(self, "_training")  # on the value it had before the call
         object.__setattr__(self, "_training", bool(mode))
 
     def train(self, mode: bool = True) -> Module:

@@ -33,8 +33,25 @@ class GPTConfig:
     norm: str = "layernorm"  # layernorm | rmsnorm
     mlp: str = "gelu"  # gelu (4x wide) | swiglu (8/3 x wide, rounded to a multiple of 64)
     pos: str = "learned"  # learned | rope
-    dropout: float = 0.0
+    dropout: float = 0.0  # applied in train() mode only
     rope_base: float = 10000.0
+    tie_weights: bool = True  # the LM head is the token embedding (GPT-2); False: lm_head
+    norm_eps: float | None = None  # None: 1e-5 for layernorm, 1e-6 for rmsnorm
+    mlp_hidden: int | None = None  # None: 4 x n_embd (gelu), 8/3 x rounded to 64 (swiglu)
+
+    def hidden(self) -> int:
+        """The MLP's hidden width."""
+        if self.mlp_hidden is not None:
+            return int(self.mlp_hidden)
+        if self.mlp == "swiglu":
+            return int(math.ceil(8 * self.n_embd / 3 / 64) * 64)
+        return 4 * self.n_embd
+
+    def eps(self) -> float:
+        """The norms' epsilon."""
+        if self.norm_eps is not None:
+            return float(self.norm_eps)
+        return 1e-6 if self.norm == "rmsnorm" else 1e-5
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,25 +70,27 @@ def _normal(shape: tuple, std: float) -> np.ndarray:
 
 def norm(cfg: GPTConfig, dim: int) -> Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(dim, eps=1e-6)
-    return LayerNorm(dim, eps=1e-5, bias=cfg.bias)
+        return RMSNorm(dim, eps=cfg.eps())
+    if cfg.norm != "layernorm":
+        raise ValueError(f"GPTConfig.norm must be 'layernorm' or 'rmsnorm', got {cfg.norm!r}")
+    return LayerNorm(dim, eps=cfg.eps(), bias=cfg.bias)
 
 
 class MLP(Module):
-    """GELU MLP (4x) or SwiGLU (silu(x W1) * (x W3)) W2."""
+    """GELU MLP or SwiGLU (silu(x W1) * (x W3)) W2, `cfg.hidden()` wide."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         c = cfg.n_embd
         self.kind = cfg.mlp
+        hidden = cfg.hidden()
         if cfg.mlp == "swiglu":
-            hidden = int(math.ceil(8 * c / 3 / 64) * 64)
             self.w1 = Linear(c, hidden, bias=cfg.bias)
             self.w3 = Linear(c, hidden, bias=cfg.bias)
             self.proj = Linear(hidden, c, bias=cfg.bias)
         elif cfg.mlp == "gelu":
-            self.fc = Linear(c, 4 * c, bias=cfg.bias)
-            self.proj = Linear(4 * c, c, bias=cfg.bias)
+            self.fc = Linear(c, hidden, bias=cfg.bias)
+            self.proj = Linear(hidden, c, bias=cfg.bias)
         else:
             raise ValueError(f"GPTConfig.mlp must be 'gelu' or 'swiglu', got {cfg.mlp!r}")
         self.dropout = cfg.dropout
@@ -82,7 +101,7 @@ class MLP(Module):
             h = a * F.sigmoid(a) * self.w3(x)
         else:
             h = F.gelu(self.fc(x), approximate="tanh")  # GPT-2's form
-        return F.dropout(self.proj(h), self.dropout)
+        return F.dropout(self.proj(h), self.dropout, self.training)
 
 
 def rope_tables(block: int, head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
@@ -137,9 +156,9 @@ class CausalSelfAttention(Module):
         # one fused attention op (GQA inside: kv head h // (n_head / n_kv) serves query head h)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            scale=1.0 / math.sqrt(self.hd),
-                                           dropout_p=self.dropout)
+                                           dropout_p=self.dropout if self.training else 0.0)
         y = y.permute(0, 2, 1, 3).reshape(b, t, c)
-        return F.dropout(self.proj(y), self.dropout)
+        return F.dropout(self.proj(y), self.dropout, self.training)
 
 
 class Block(Module):
@@ -163,6 +182,8 @@ class GPT(Module):
         self.wpe = Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
         self.blocks = ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = norm(cfg, cfg.n_embd)
+        self.lm_head = None if cfg.tie_weights else Linear(cfg.n_embd, cfg.vocab_size,
+                                                           bias=False)
         self.dropout = cfg.dropout
         self._init_weights()
         self.name_parameters()
@@ -187,7 +208,8 @@ class GPT(Module):
                  "weight_decay": weight_decay},
                 {"params": [p for p in params if len(p.shape) < 2], "weight_decay": 0.0}]
 
-    def forward(self, idx: Any, targets: Any = None) -> Tensor:
+    def forward(self, idx: Any, targets: Any = None) -> tuple[Tensor, Tensor | None]:
+        """(logits [B, T, vocab], loss or None), as nanoGPT."""
         idx = as_tensor(idx)
         b, t = idx.shape
         if t > self.config.block_size:
@@ -200,12 +222,14 @@ class GPT(Module):
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe.weight[:t]
-        x = F.dropout(x, self.dropout)
+        x = F.dropout(x, self.dropout, self.training)
         for blk in self.blocks:
             x = blk(x)
         x = self.ln_f(x)
-        logits = F.linear(x, self.wte.weight)  # tied LM head
+        head = self.wte.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, head)
         if targets is None:
-            return logits
+            return logits, None
         v = self.config.vocab_size
-        return F.cross_entropy(logits.reshape(b * t, v), as_tensor(targets).reshape(b * t))
+        loss = F.cross_entropy(logits.reshape(b * t, v), as_tensor(targets).reshape(b * t))
+        return logits, loss

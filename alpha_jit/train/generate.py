@@ -79,7 +79,11 @@ class Sampler:
 
         @aj.compile(precision=precision)
         def forward(x):
-            return model(x)
+            was = model.training
+            model.eval()  # no dropout while sampling; the training step keeps its mode
+            logits = model(x)[0]
+            model.train(was)
+            return logits
 
         self.forward = forward
 

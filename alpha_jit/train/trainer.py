@@ -105,7 +105,7 @@ class Trainer:
 
         @aj.compile(precision=cfg.precision)
         def train_step(x, y):
-            loss = model(x, y)
+            _, loss = model(x, y)
             loss.backward()
             nn.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
@@ -114,7 +114,7 @@ class Trainer:
 
         @aj.compile(precision=cfg.precision)
         def eval_step(x, y):
-            return model(x, y)
+            return model(x, y)[1]
 
         self.train_step, self.eval_step = train_step, eval_step
         if resume_state is not None and train_step.loss_scaler is not None:

@@ -28,7 +28,7 @@ def lm_step(model, opt, precision: str = "f32", clip: float | None = None
 
     @aj.compile(precision=precision)
     def step(x, y):
-        loss = model(x, y)
+        _, loss = model(x, y)
         loss.backward()
         norm = nn.clip_grad_norm_(model.parameters(), clip) if clip is not None else None
         opt.step()

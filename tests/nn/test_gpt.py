@@ -45,7 +45,7 @@ def one_step_parity(precision: str, options: dict, tol: float, sgd: bool = False
 
     @aj.compile(precision=precision)
     def step(x, y):
-        loss = model(x, y)
+        _, loss = model(x, y)
         loss.backward()
         norm = nn.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -151,7 +151,7 @@ def test_grad_accumulation_equals_one_big_batch():
         @aj.compile
         def step(xs, ys, micro=micro, model=model, opt=opt):
             for i in range(micro):
-                (model(xs[i], ys[i]) * (1.0 / micro)).backward()
+                (model(xs[i], ys[i])[1] * (1.0 / micro)).backward()
             opt.step()
             opt.zero_grad()
 
@@ -169,7 +169,7 @@ def test_lr_schedule_runs_on_host_without_retrace():
 
     @aj.compile
     def step(x, y):
-        loss = model(x, y)
+        _, loss = model(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -192,7 +192,7 @@ def test_bad_tokens_and_long_sequences_fail_before_gpu_work():
 
     @aj.compile
     def fwd(x, y):
-        return model(x, y)
+        return model(x, y)[1]
 
     x, y = batch(np.random.default_rng(0))
     fwd(x, y)
@@ -212,7 +212,7 @@ def test_f16_overflow_skips_the_update_and_scales_down():
 
     @aj.compile(precision="f16", loss_scale={"init_scale": 1024.0, "growth_interval": 2})
     def step(x, y, k):
-        loss = model(x, y) * k  # k = 1e30 forces inf gradients
+        loss = model(x, y)[1] * k  # k = 1e30 forces inf gradients
         loss.backward()
         opt.step()
         opt.zero_grad()

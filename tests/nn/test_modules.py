@@ -390,8 +390,6 @@ def test_traversal_train_flags_and_apply():
 def test_unsupported_options_and_misuse_raise_clearly():
     with pytest.raises(nn.UnsupportedOptionError, match="reshape"):
         nn.LayerNorm((4, 8))
-    with pytest.raises(nn.UnsupportedOptionError, match="padding_idx"):
-        nn.Embedding(10, 4, padding_idx=0)
     with pytest.raises(nn.UnsupportedOptionError, match="max_norm"):
         nn.Embedding(10, 4, max_norm=1.0)
     assert nn.LayerNorm((6,)).weight.shape == (6,) and nn.Embedding(3, 2).padding_idx is None
@@ -410,3 +408,28 @@ def test_unsupported_options_and_misuse_raise_clearly():
         nn.Linear(2, 2, dtype=torch.float16)
     frozen = nn.Embedding.from_pretrained(np.eye(3, dtype=np.float32))
     assert not frozen.weight.requires_grad and frozen.weight.shape == (3, 3)
+
+
+def test_embedding_padding_idx_row_is_zero_and_gets_no_gradient():
+    nn.manual_seed(0)
+    emb = nn.Embedding(6, 3, padding_idx=-1)  # PyTorch normalises -1 to 5
+    assert emb.padding_idx == 5 and repr(emb) == "Embedding(6, 3, padding_idx=5)"
+    np.testing.assert_array_equal(emb.weight.numpy()[5], 0.0)
+    emb.weight.assign(np.arange(18, dtype=np.float32).reshape(6, 3))
+    opt = nn.optim.SGD(emb.parameters(), lr=1.0)
+
+    @aj.compile
+    def step(ids):
+        out = emb(ids)
+        loss = (out * out).sum()
+        loss.backward()
+        opt.step()
+        return out
+
+    ids = np.array([5, 1, 5], np.int32)
+    out = step(ids).numpy()
+    w0 = np.arange(18, dtype=np.float32).reshape(6, 3)
+    np.testing.assert_array_equal(out, w0[ids])  # the padding row's values are still read
+    want = w0.copy()
+    want[1] -= 2 * w0[1]
+    np.testing.assert_array_equal(emb.weight.numpy(), want)  # row 5 untouched

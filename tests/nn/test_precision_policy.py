@@ -33,7 +33,7 @@ def _grad_step(model: nn.GPT, precision: str):
 
     @aj.compile(precision=precision)
     def step(x, y):
-        loss = model(x, y)
+        _, loss = model(x, y)
         loss.backward()
         grads = [p.grad for p in params]
         for p in params:

@@ -43,7 +43,7 @@ def build(cfg: nn.GPTConfig, seed: int = 0):
 
     @aj.compile
     def step(x, y):
-        loss = model(x, y)
+        _, loss = model(x, y)
         loss.backward()
         norm = nn.clip_grad_norm_(model.parameters(), MAX_NORM)
         opt.step()
