@@ -276,6 +276,24 @@ class CompiledFunction:
             _CALL_HOOK(self, exe, args)
         return unflatten(exe(list(args)), exe.traced.out_structure)
 
+    def profile(self, *args: Any, steps: int = 10, warmup: int = 3) -> Any:
+        """Run this step on `args` about 2 * steps + warmup + 5 times (a training step trains
+        that much more) and return where its GPU time goes, per kernel, down to source lines
+        (`runtime.profiler.Profile`; `print(p.format(top=10))`). `alpha-jit profile SCRIPT`
+        does the same from the command line."""
+        from alpha_jit.runtime import profiler
+
+        self(*args)  # traces and builds if needed
+        args = tuple(np.array(a, order="C") if isinstance(a, np.ndarray) else a for a in args)
+        sig = signature_of(args, self.precision)
+        exe = next(e for e in self.cache[sig] if e.traced.guard_holds())
+        arrays = list(args)
+
+        def call(recording: Any = None) -> Any:
+            return self(*args) if recording is None else exe(arrays, recording)
+
+        return profiler.profile(exe, arrays, steps, warmup, False, call)[0]
+
     def _build(self, sig: tuple, args: tuple) -> Any:
         self._bound_traces(sig)
         if self.cache and "recompile" in os.environ.get("ALPHA_JIT_LOG", ""):

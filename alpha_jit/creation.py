@@ -33,12 +33,22 @@ def _dt(dtype: Any, default: Any = dtypes.float32) -> dtypes.DType:
     return dtypes.dtype(default if dtype is None else dtype)
 
 
+def _filled(shape: tuple, value: Any, dt: dtypes.DType) -> Any:
+    """A `full` node inside a trace; outside, the numpy array (model constructors build
+    parameters with `torch.zeros(...)`, which must port too)."""
+    if trace.active() is None:
+        return np.full(shape, value, dtype=dtypes.to_numpy(dt))
+    return _full(shape, value, dt)
+
+
 def zeros(*size: Any, dtype: Any = None, **_: Any) -> Tensor:
-    return _full(_size(size), 0, _dt(dtype))
+    """Zeros (a numpy array when called outside a compiled function, like every factory
+    here: parameters are built from them in a model's constructor)."""
+    return _filled(_size(size), 0, _dt(dtype))
 
 
 def ones(*size: Any, dtype: Any = None, **_: Any) -> Tensor:
-    return _full(_size(size), 1, _dt(dtype))
+    return _filled(_size(size), 1, _dt(dtype))
 
 
 def empty(*size: Any, dtype: Any = None, **_: Any) -> Tensor:
@@ -51,15 +61,15 @@ def full(size: Sequence[int], fill_value: Any, dtype: Any = None, **_: Any) -> T
     if dtype is None:
         dtype = dtypes.int32 if isinstance(fill_value, int | np.integer) and \
             not isinstance(fill_value, bool) else dtypes.float32
-    return _full(tuple(int(s) for s in size), fill_value, dtype)
+    return _filled(tuple(int(s) for s in size), fill_value, dtypes.dtype(dtype))
 
 
 def zeros_like(x: Any, dtype: Any = None, **_: Any) -> Tensor:
-    return _full(tuple(x.shape), 0, _dt(dtype, x.dtype))
+    return _filled(tuple(x.shape), 0, _dt(dtype, x.dtype))
 
 
 def ones_like(x: Any, dtype: Any = None, **_: Any) -> Tensor:
-    return _full(tuple(x.shape), 1, _dt(dtype, x.dtype))
+    return _filled(tuple(x.shape), 1, _dt(dtype, x.dtype))
 
 
 def empty_like(x: Any, dtype: Any = None, **_: Any) -> Tensor:
@@ -67,7 +77,7 @@ def empty_like(x: Any, dtype: Any = None, **_: Any) -> Tensor:
 
 
 def full_like(x: Any, fill_value: Any, dtype: Any = None, **_: Any) -> Tensor:
-    return _full(tuple(x.shape), fill_value, _dt(dtype, x.dtype))
+    return _filled(tuple(x.shape), fill_value, _dt(dtype, x.dtype))
 
 
 def arange(start: float, end: float | None = None, step: float = 1, *, dtype: Any = None,
@@ -80,6 +90,8 @@ def arange(start: float, end: float | None = None, step: float = 1, *, dtype: An
     n = max(0, math.ceil((end - start) / step))
     ints = all(isinstance(v, int | np.integer) for v in (start, end, step))
     dt = _dt(dtype, dtypes.int32 if ints else dtypes.float32)
+    if trace.active() is None:
+        return (np.arange(n) * step + start).astype(dtypes.to_numpy(dt))
     idx = iota((n,), 0)
     if ints and not dt.is_float:
         out = idx if (start, step) == (0, 1) else idx * int(step) + int(start)
@@ -91,6 +103,8 @@ def arange(start: float, end: float | None = None, step: float = 1, *, dtype: An
 def linspace(start: float, end: float, steps: int, *, dtype: Any = None, **_: Any) -> Tensor:
     if steps < 1:
         raise ShapeError("linspace", f"steps must be at least 1, got {steps}", _where())
+    if trace.active() is None:
+        return np.linspace(start, end, steps).astype(dtypes.to_numpy(_dt(dtype)))
     if steps == 1:
         return _full((1,), float(start), _dt(dtype))
     out = iota((steps,), 0).astype(dtypes.float32) * ((end - start) / (steps - 1)) + start
@@ -99,6 +113,8 @@ def linspace(start: float, end: float, steps: int, *, dtype: Any = None, **_: An
 
 def eye(n: int, m: int | None = None, *, dtype: Any = None, **_: Any) -> Tensor:
     m = n if m is None else m
+    if trace.active() is None:
+        return np.eye(n, m, dtype=dtypes.to_numpy(_dt(dtype)))
     return iota((n, m), 0).eq(iota((n, m), 1)).astype(_dt(dtype))
 
 
@@ -114,10 +130,14 @@ def band(x: Tensor, diagonal: int, lower: bool) -> Tensor:
 
 
 def tril(x: Any, diagonal: int = 0) -> Tensor:
+    if trace.active() is None:
+        return np.tril(x, diagonal)
     return band(as_tensor(x), diagonal, lower=True)
 
 
 def triu(x: Any, diagonal: int = 0) -> Tensor:
+    if trace.active() is None:
+        return np.triu(x, diagonal)
     return band(as_tensor(x), diagonal, lower=False)
 
 
@@ -125,6 +145,8 @@ def rand(*size: Any, dtype: Any = None, **_: Any) -> Tensor:
     """Uniform [0, 1), new on every call of the step (the counter-based RNG of dropout)."""
     from alpha_jit.nn.random import uniform
 
+    if trace.active() is None:  # parameter init: the generator nn.manual_seed seeds
+        return _init_rng().random(_size(size)).astype(dtypes.to_numpy(_dt(dtype)))
     return uniform(_size(size)).astype(_dt(dtype))
 
 
@@ -133,6 +155,8 @@ def randn(*size: Any, dtype: Any = None, **_: Any) -> Tensor:
     from alpha_jit.nn.random import uniform
 
     shape = _size(size)
+    if trace.active() is None:
+        return _init_rng().standard_normal(shape).astype(dtypes.to_numpy(_dt(dtype)))
     u1, u2 = 1.0 - uniform(shape), uniform(shape)  # 1 - u is in (0, 1]: log never sees 0
     return ((u1.log() * -2.0).sqrt() * (u2 * (2 * math.pi)).cos()).astype(_dt(dtype))
 
@@ -148,10 +172,12 @@ def randn_like(x: Any, dtype: Any = None, **_: Any) -> Tensor:
 def randint(low: int, high: int | None = None, size: Sequence[int] = (), **_: Any) -> Tensor:
     from alpha_jit.nn.random import uniform
 
-    if high is None:
-        low, high = 0, low
     from alpha_jit.tensor import minimum
 
+    if high is None:
+        low, high = 0, low
+    if trace.active() is None:
+        return _init_rng().integers(low, high, tuple(size)).astype(np.int32)
     u = uniform(tuple(size)) * float(high - low)
     # f32 rounding can land u * n on n itself: keep the draw below `high`
     return minimum(u.floor().astype(dtypes.int32) + low, high - 1)
@@ -159,7 +185,10 @@ def randint(low: int, high: int | None = None, size: Sequence[int] = (), **_: An
 
 # ---- constants ---------------------------------------------------------------------------------
 def tensor(data: Any, dtype: Any = None, **_: Any) -> Tensor:
-    """PyTorch's `torch.tensor(data)` inside a step: a constant (see `constant`)."""
+    """PyTorch's `torch.tensor(data)`: inside a step a constant (see `constant`), outside
+    the numpy array."""
+    if trace.active() is None:
+        return np.array(data, dtype=None if dtype is None else dtypes.to_numpy(_dt(dtype)))
     return constant(data, dtype)
 
 
@@ -195,6 +224,12 @@ def constant(data: Any, dtype: Any = None) -> Tensor:
         held = (data, holder)  # keeps `data` alive, so its id is not reused in this trace
         ctx.constants[key] = held
     return held[1]._t()
+
+
+def _init_rng() -> np.random.Generator:
+    from alpha_jit.nn.layers import rng
+
+    return rng()
 
 
 def _where() -> str | None:

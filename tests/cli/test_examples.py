@@ -169,3 +169,16 @@ def test_train_gpt_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.safetensors", "loss.png",
                                                     "metrics.jsonl"]
     assert os.path.getsize(out / "metrics.jsonl") > 0
+
+
+def test_custom_model_example_trains_evaluates_and_reloads(capsys):
+    """examples/custom_model.py: a custom layer, separate train/eval steps (each traced once:
+    the mode each sets itself does not retrace the other), state_dict save/load, a profile."""
+    result = _load("custom_model").main(["--steps", "60", "--profile"])
+    err = capsys.readouterr().err
+    assert "GatedResidual(" in err and "(drop): Dropout(p=0.1, inplace=False)" in err
+    assert "custom_model.py:" in err  # the profile names the example's lines
+    assert result["last_loss"] < 0.5 * result["first_loss"]
+    assert result["eval_accuracy"] > 0.8
+    assert result["reloaded_accuracy"] == result["eval_accuracy"]
+    assert result["traces"] == 2
