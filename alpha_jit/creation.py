@@ -171,7 +171,6 @@ def randn_like(x: Any, dtype: Any = None, **_: Any) -> Tensor:
 
 def randint(low: int, high: int | None = None, size: Sequence[int] = (), **_: Any) -> Tensor:
     from alpha_jit.nn.random import uniform
-
     from alpha_jit.tensor import minimum
 
     if high is None:
