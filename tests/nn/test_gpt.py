@@ -237,3 +237,23 @@ def test_f16_overflow_skips_the_update_and_scales_down():
     assert float(scaler.scale.numpy()) == 1024.0
     assert any((p.numpy() != w[n]).any() for n, p in model.named_parameters())
     assert step.traces == 1  # all of it decided on the GPU, no retrace
+
+
+def test_gpt_dropout_follows_train_and_eval():
+    """eval() turns every dropout off (embeddings, attention, MLP, residual): the logits equal
+    those of the same weights with dropout 0; train() turns them back on (a retrace each)."""
+    cfg = dict(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    nn.manual_seed(0)
+    model = nn.GPT(nn.GPTConfig(**cfg, dropout=0.3))
+    plain = nn.GPT(nn.GPTConfig(**cfg))
+    plain.load_state_dict(model.state_dict())
+    fwd = aj.compile(lambda x: model(x)[0])
+    x = np.random.default_rng(0).integers(0, 32, (2, 8)).astype(np.int32)
+    want = aj.compile(lambda x: plain(x)[0])(x).numpy()
+    train_out = fwd(x).numpy()
+    assert not np.allclose(train_out, want, atol=1e-4)
+    model.eval()
+    np.testing.assert_allclose(fwd(x).numpy(), want, rtol=1e-5, atol=1e-6)
+    model.train()
+    assert not np.allclose(fwd(x).numpy(), want, atol=1e-4)
+    assert fwd.traces == 2  # one per mode; the third call found the first trace again

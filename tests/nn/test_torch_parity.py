@@ -30,6 +30,8 @@ CONFIGS = {
     "layernorm-gelu-learned-bias": nn.GPTConfig(**BASE),
     "rmsnorm-swiglu-rope-gqa-nobias": nn.GPTConfig(**BASE, norm="rmsnorm", mlp="swiglu",
                                                     pos="rope", n_kv_head=2, bias=False),
+    "untied-head-norm-eps-mlp-width": nn.GPTConfig(**BASE, tie_weights=False, norm_eps=1e-3,
+                                                    mlp_hidden=48),
 }
 
 
