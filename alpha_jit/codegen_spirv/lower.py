@@ -17,7 +17,7 @@ import networkx as nx
 import numpy as np
 
 from alpha_jit.codegen_spirv.kernel import KernelSpec
-from alpha_jit.codegen_spirv.views import View
+from alpha_jit.codegen_spirv.views import View, padded_const
 from alpha_jit.dtypes import DType
 from alpha_jit.errors import InternalCompilerError
 from alpha_jit.ir.graph import Graph, Provenance, freeze_attrs
@@ -338,28 +338,6 @@ class _Lowerer:
             return ("const", g.attrs(u)["value"], g.dtype(u).name)
         return None
 
-    def _padded_const(self, n: int, const: tuple, exprs: list[tuple]) -> tuple:
-        """pad(constant): the constant inside the window, 0 outside. A padded buffer is read
-        through a window (`_input_entry`); a constant has no read to window, so the window
-        becomes index tests (without them the padding would hold the constant too)."""
-        shape = self.g.shape(n)
-        mask: tuple | None = None
-        for d, (b, e) in enumerate(self.g.attrs(n)["pads"]):
-            if (b, e) == (0, 0):
-                continue
-            for op, bound in (("ge", b), ("lt", shape[d] - e)):
-                exprs.append((op, "f32", (), (("iota", d), ("const", bound, "i32"))))
-                test = ("e", len(exprs) - 1)
-                if mask is not None:
-                    exprs.append(("mul", "f32", (), (mask, test)))
-                    test = ("e", len(exprs) - 1)
-                mask = test
-        if mask is None:
-            return const
-        zero = ("const", 0 if const[2] == "i32" else 0.0, const[2])
-        exprs.append(("where", const[2], (), (mask, const, zero)))
-        return ("e", len(exprs) - 1)
-
     def region(self, gid: int, acc: frozenset = frozenset()) -> Region:
         """Group gid as an elementwise region over its shape; members read the nodes in `acc`
         as ("acc",) (a GEMM epilogue's accumulator)."""
@@ -380,7 +358,7 @@ class _Lowerer:
                 elif u in acc:
                     args.append(("acc",))
                 elif self._const(u) is not None and g.op(n) == "pad":
-                    args.append(self._padded_const(n, self._const(u), exprs))
+                    args.append(padded_const(g.shape(n), g.attrs(n)["pads"], self._const(u), exprs))
                 elif self._const(u) is not None:
                     args.append(self._const(u))
                 else:

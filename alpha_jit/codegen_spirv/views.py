@@ -121,3 +121,26 @@ def regroup(shape: tuple, strides: tuple, new_shape: tuple) -> tuple | None:
                 return None
         out.append(parts[-1][1])
     return tuple(out)
+
+
+def padded_const(shape: tuple, pads: tuple, const: tuple, exprs: list[tuple]) -> tuple:
+    """pad(constant) as expressions appended to `exprs`: the constant inside the window, 0
+    outside. A padded buffer is read through a window (lowering's `_input_entry`); a constant
+    has no read to window, so the window becomes index tests on iota (without them the
+    padding would hold the constant too). Returns the expression argument of the result."""
+    mask: tuple | None = None
+    for d, (b, e) in enumerate(pads):
+        if (b, e) == (0, 0):
+            continue
+        for op, bound in (("ge", b), ("lt", shape[d] - e)):
+            exprs.append((op, "f32", (), (("iota", d), ("const", bound, "i32"))))
+            test = ("e", len(exprs) - 1)
+            if mask is not None:
+                exprs.append(("mul", "f32", (), (mask, test)))
+                test = ("e", len(exprs) - 1)
+            mask = test
+    if mask is None:
+        return const
+    zero = ("const", 0 if const[2] == "i32" else 0.0, const[2])
+    exprs.append(("where", const[2], (), (mask, const, zero)))
+    return ("e", len(exprs) - 1)
