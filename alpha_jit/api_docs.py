@@ -50,8 +50,9 @@ TENSOR = [
     E("Tensor.ndim"), E("Tensor.dim"), E("Tensor.numel"),
     E("Tensor.size", note="`size()` is the shape tuple, `size(d)` one dimension"),
     E("Tensor.sum", note=_REDUCE + "; `dtype=` casts first"), E("Tensor.mean", note=_REDUCE),
-    E("Tensor.max", note="`max()` all, `max(dim)` a `(values, indices)` named tuple, "
-      "`max(other)` elementwise; numpy's `max(axis=...)` gives the values alone"),
+    E("Tensor.max", note="`max()` all, `max(dim)` a `(values, indices)` named tuple (the "
+      "gradient goes to the index), `max(other)` elementwise; numpy's `max(axis=...)` gives "
+      "the values alone; ties share `max()`/`amax` gradients evenly, as PyTorch"),
     E("Tensor.min", note="as `max`"), E("Tensor.amax"), E("Tensor.amin"),
     E("Tensor.argmax", note="i32 indices; NaN counts as the largest, the first of ties"),
     E("Tensor.argmin", note="as `argmax`"),
@@ -59,7 +60,8 @@ TENSOR = [
     E("Tensor.std", note="as `var`"),
     E("Tensor.logsumexp", note="default `dim=-1`"),
     E("Tensor.exp"), E("Tensor.log"), E("Tensor.tanh"), E("Tensor.sqrt"), E("Tensor.rsqrt"),
-    E("Tensor.sin", note="own polynomials: ~1 ulp for |x| < 8192 on every driver"),
+    E("Tensor.sin", note="own polynomials, ~1 ulp on every driver; NaN past |x| = 1e5 (no "
+      "exact argument reduction there: reduce first)"),
     E("Tensor.cos", note="as `sin`"), E("Tensor.erf", note="|error| < 1.2e-7"),
     E("Tensor.sigmoid"), E("Tensor.abs"), E("Tensor.relu"), E("Tensor.floor"),
     E("Tensor.square"),
@@ -153,15 +155,17 @@ FUNCTIONS = [
 FUNCTIONAL = [
     E("F.relu"), E("F.gelu", note="exact (erf) by default, `approximate='tanh'` GPT-2's"),
     E("F.sigmoid"), E("F.tanh"), E("F.silu"),
-    E("F.softmax", note="default dim -1; `axis=` too"), E("F.log_softmax", note="as softmax"),
+    E("F.softmax", note="`axis=` too; without a dim PyTorch's deprecated implicit choice"),
+    E("F.log_softmax", note="as softmax"),
     E("F.dropout", note="counter-based mask, new each call; `training=False` is identity"),
     E("F.linear", note="weight [out, in]; under bf16/f16 the result is the low type"),
     E("F.embedding", note="`padding_idx` rows get no gradient; max_norm etc. raise"),
     E("F.one_hot", note="i32; `num_classes` must be given"),
     E("F.cross_entropy", note="logits [N, C], labels [N]; `reduction`, `label_smoothing`, "
-      "`ignore_index` (default None: nothing ignored, a -100 label is an error); class "
-      "weights raise"),
-    E("F.nll_loss"), E("F.mse_loss"), E("F.l1_loss"),
+      "`ignore_index` (default None: nothing ignored, a -100 label is an error); every row "
+      "ignored gives 0, not PyTorch's NaN; class weights raise"),
+    E("F.nll_loss", note="[N, C] only; `ignore_index` as cross_entropy; a target out of "
+      "range is NaN (an argument: an error before the step)"), E("F.mse_loss"), E("F.l1_loss"),
     E("F.layer_norm", note="over the last dimension only (one fused kernel per direction)"),
     E("F.rms_norm", note="as layer_norm; eps None is f32's epsilon"),
     E("F.pad", note="constant mode"),
@@ -251,7 +255,8 @@ UNSUPPORTED = [
 
 # every op of the IR registry: the calls that record it (tests check this covers the registry)
 OP_SOURCES = {
-    "add": "`+`", "sub": "`-`", "mul": "`*`", "div": "`/`", "floordiv": "`//`, `%`",
+    "add": "`+`", "sub": "`-`", "mul": "`*`", "div": "`/`", "floordiv": "`//`",
+    "remainder": "`%`",
     "neg": "unary `-`", "maximum": "`aj.maximum`, `clamp`", "minimum": "`aj.minimum`, `clamp`",
     "lt": "`<`", "le": "`<=`", "gt": "`>`", "ge": "`>=`", "eq": "`==`, `eq`", "ne": "`!=`, `ne`",
     "exp": "`exp`, `sigmoid`", "log": "`log`", "tanh": "`tanh`", "sqrt": "`sqrt`, `std`",

@@ -95,15 +95,15 @@ class TracedStep:
         """False when a kept gradient appeared or vanished since tracing, or a guarded
         attribute (a module's `training`, a parameter's `requires_grad`) changed: retrace."""
         return all((p._grad_holder is not None) == had for p, had in self.grad_guard) and all(
-            getattr(o, a) == v for o, a, v in self.guards)
+            _same(getattr(o, a, _MISSING), v) for o, a, v in self.guards)
 
     def guard_change(self) -> str:
         """Why `guard_holds` is False, for the retrace log."""
         for o, a, v in self.guards:
-            if getattr(o, a) != v:
+            if not _same(getattr(o, a, _MISSING), v):
                 name = getattr(o, "state_name", None) or getattr(o, "_name", "") or \
                     type(o).__name__
-                return f"{name}.{a} changed from {v!r} to {getattr(o, a)!r}"
+                return f"{name}.{a} changed from {v!r} to {getattr(o, a, None)!r}"
         return "a parameter's kept .grad appeared or was cleared"
 
     def leaves(self, args: list[np.ndarray], state_values: dict[int, np.ndarray],
@@ -123,6 +123,17 @@ class TracedStep:
             elif op == "hparam":
                 feed[n] = np.asarray(hparam_values[g.attrs(n)["key"]], g.dtype(n).np_storage)
         return feed
+
+
+_MISSING = object()
+
+
+def _same(now: Any, then: Any) -> bool:
+    """A guarded value is unchanged: equal for plain values, the same object otherwise (a
+    replaced parameter; `==` on tensors would build an op)."""
+    if isinstance(then, bool | int | float | str | type(None)):
+        return type(now) is type(then) and now == then
+    return now is then
 
 
 def _host_value(holder: StateTensor) -> np.ndarray:

@@ -201,7 +201,8 @@ def constant(data: Any, dtype: Any = None) -> Tensor:
 
         return stack(data)
     arr = np.asarray(data)
-    if arr.dtype == np.bool_:
+    mask = arr.dtype == np.bool_
+    if mask:
         arr = arr.astype(np.float32)
     if arr.dtype.kind in "iu":
         if arr.size and (arr.min() < -2**31 or arr.max() >= 2**31):
@@ -210,7 +211,7 @@ def constant(data: Any, dtype: Any = None) -> Tensor:
     elif arr.dtype.kind not in "f":
         raise DTypeError("constant", f"cannot capture a numpy {arr.dtype} array", _where())
     dt = _dt(dtype, dtypes.from_numpy(arr))
-    if arr.ndim == 0:
+    if arr.ndim == 0 and not mask:
         return _full((), arr.item(), dt)
     ctx = trace.current()
     key = (id(data), dt.name)
@@ -220,6 +221,7 @@ def constant(data: Any, dtype: Any = None) -> Tensor:
             arr.astype(dt.np_storage)
         where = ctx.provenance()
         holder = StateTensor(value, f"const@{where.file.rsplit('/', 1)[-1]}:{where.line}", dt)
+        holder.is_mask = mask  # a bool array: attention keeps its True positions
         held = (data, holder)  # keeps `data` alive, so its id is not reused in this trace
         ctx.constants[key] = held
     return held[1]._t()

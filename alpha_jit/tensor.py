@@ -30,6 +30,9 @@ class TensorOps(ReduceMixin, LayoutMixin):
 
     shape: tuple
     dtype: DType
+    # numpy defers to our reflected operators: `np.float32(2) * x` is x.__rmul__, not an
+    # object array of per-element products
+    __array_ufunc__ = None
 
     def _t(self) -> Tensor:
         raise NotImplementedError
@@ -103,6 +106,16 @@ class TensorOps(ReduceMixin, LayoutMixin):
         return self.abs()
 
     def __pow__(self, exponent: Any) -> Tensor:
+        if isinstance(exponent, int | np.integer) and not self.dtype.is_float \
+                and 0 <= exponent <= 64:  # PyTorch: an integer power of an int stays int
+            out, base, n = full((), 1, self.dtype), self._t(), int(exponent)
+            while n:
+                if n & 1:
+                    out = out * base
+                n >>= 1
+                if n:
+                    base = base * base
+            return out.broadcast_to(self.shape) if out.shape != self.shape else out
         if isinstance(exponent, bool | int | float | np.number):
             t = self._t() if self.dtype.is_float else self.astype(dtypes.float32)
             if exponent == 2:
@@ -237,8 +250,11 @@ class TensorOps(ReduceMixin, LayoutMixin):
     clip = clamp
 
     def masked_fill(self, mask: Any, value: Any) -> Tensor:
-        """`value` where `mask` is nonzero (a comparison's f32 mask, or any tensor)."""
-        return where(mask, value, self)
+        """`value` where `mask` is nonzero (a comparison's f32 mask, or any tensor); the
+        result keeps this tensor's dtype (PyTorch: 0.5 into an int tensor is 0)."""
+        if isinstance(value, bool | int | float | np.number):
+            value = full((), value, self.dtype)
+        return where(mask, as_tensor(value).astype(self.dtype), self)
 
     def softmax(self, dim: int = -1) -> Tensor:
         from alpha_jit.nn import functional as F
@@ -435,9 +451,7 @@ def _binary(op: str, a: Any, b: Any, to_float: bool = False) -> Tensor:
 
 
 def _remainder(a: Any, b: Any) -> Tensor:
-    ref = a if isinstance(a, TensorOps) else b
-    ta, tb = as_tensor(_like(a, ref)), as_tensor(_like(b, ref))
-    return ta - _binary("floordiv", ta, tb) * tb
+    return _binary("remainder", a, b)
 
 
 def _logical(x: Any, other: Any, op: str) -> Tensor:
@@ -467,7 +481,9 @@ def where(cond: Any, a: Any, b: Any) -> Tensor:
     """`a` where `cond` is nonzero, else `b` (broadcast; numbers adopt the other's dtype)."""
     num = (bool, int, float, np.number)
     if isinstance(a, num) and isinstance(b, num):
-        ref: Any = as_tensor(cond).astype(dtypes.float32)  # two numbers: an f32 result
+        ints = all(isinstance(v, int | np.integer) for v in (a, b))
+        # two numbers: i32 for two ints (PyTorch: int64), else f32
+        ref: Any = as_tensor(cond).astype(dtypes.int32 if ints else dtypes.float32)
     else:
         ref = as_tensor(b) if isinstance(a, num) else as_tensor(a)
     ta, tb = as_tensor(_like(a, ref)), as_tensor(_like(b, ref))

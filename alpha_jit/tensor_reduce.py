@@ -12,6 +12,8 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
+
 from alpha_jit import dtypes
 from alpha_jit.errors import TraceError
 from alpha_jit.ir import trace
@@ -64,6 +66,26 @@ def _merge_adjacent(shape: tuple, axes: list[int]) -> tuple[tuple, list[int]] | 
     return tuple(out), new_axes
 
 
+def _int_max(t: Tensor, dim: Dims, keepdim: bool) -> Tensor:
+    """Exact max of i32 values: the max kernel is f32 (exact to 2^24), so the high and low
+    16 bits are reduced in turn (the low half among the elements with the highest high)."""
+    from alpha_jit.tensor import where
+
+    hi = t // 65536
+    lo = t - hi * 65536  # in [0, 65536)
+    m_hi = hi.astype(dtypes.float32)._reduce("max", dim, True).astype(dtypes.int32)
+    cand = where(hi.eq(m_hi), lo, -1)
+    m_lo = cand.astype(dtypes.float32)._reduce("max", dim, True).astype(dtypes.int32)
+    out = m_hi * 65536 + m_lo
+    if keepdim:
+        return out
+    if dim is None:
+        return out.reshape(())
+    axes = {norm_axis(a, t.ndim, "max") for a in ([dim] if isinstance(
+        dim, int | np.integer) else dim)}
+    return out.reshape(*[s for i, s in enumerate(t.shape) if i not in axes])
+
+
 class ReduceMixin:
     """Reductions (mixed into `TensorOps`)."""
 
@@ -75,10 +97,17 @@ class ReduceMixin:
 
     def _reduce(self, op: str, axis: Dims, keepdims: bool) -> Tensor:
         t = self._t()
+        if axis is not None and not isinstance(axis, int | np.integer) and not list(axis):
+            axis = None  # PyTorch: dim=() reduces everything
+        if t.ndim == 0:  # a 0-d tensor reduces to itself over dim 0 or -1
+            for a in [] if axis is None else ([axis] if isinstance(
+                    axis, int | np.integer) else list(axis)):
+                norm_axis(a, 1, op)
+            return t
         if axis is None:
             out = trace.apply(op, [t.reshape(-1)], {"axis": 0, "keepdims": False})
             return out.reshape(*([1] * t.ndim)) if keepdims else out
-        axes = [axis] if isinstance(axis, int) else list(axis)
+        axes = [int(axis)] if isinstance(axis, int | np.integer) else [int(a) for a in axis]
         axes = sorted({norm_axis(a, t.ndim, op) for a in axes}, reverse=True)
         if op != "logsumexp" and len(axes) > 1:
             merged = _merge_adjacent(t.shape, axes)
@@ -111,8 +140,8 @@ class ReduceMixin:
     def amax(self, dim: Dims = None, keepdim: bool = False) -> Tensor:
         """The largest values (NaN if any is NaN), no indices."""
         t = self._t()
-        if not t.dtype.is_float:  # the max kernel is f32: integers up to 2^24 are exact
-            return t.astype(dtypes.float32)._reduce("max", dim, keepdim).astype(t.dtype)
+        if not t.dtype.is_float:
+            return _int_max(t, dim, keepdim)
         return t._reduce("max", dim, keepdim)
 
     def amin(self, dim: Dims = None, keepdim: bool = False) -> Tensor:
@@ -136,11 +165,22 @@ class ReduceMixin:
         values = self.amax if op == "max" else self.amin
         if axis is not None or dim is None:  # numpy's spelling, or everything: the values
             return values(axis, keepdim or keepdims)
-        if not isinstance(dim, int):
+        if not isinstance(dim, int | np.integer):
             raise TraceError(op, f"{op}(dim) takes one dimension, got {dim!r}; use amax/amin "
                              "for several", _where())
-        arg = self.argmax if op == "max" else self.argmin
-        return ValuesIndices(values(dim, keepdim), arg(dim, keepdim))
+        from alpha_jit.tensor import iota, where
+
+        t = self._t()
+        d = norm_axis(dim, t.ndim, op)
+        idx = (self.argmax if op == "max" else self.argmin)(d, True)
+        # the values picked at the indices, so the gradient goes to that one element (as
+        # PyTorch's max(dim)), not shared among ties
+        if not t.dtype.is_float:  # no gradient to route; the sum kernel would round i32
+            return ValuesIndices(values(d, keepdim), idx if keepdim else idx.reshape(*(
+                s for i, s in enumerate(t.shape) if i != d)))
+        picked = where(iota(t.shape, d).eq(idx), t, 0)._reduce("sum", d, keepdim)
+        return ValuesIndices(picked, idx if keepdim else idx.reshape(*(
+            s for i, s in enumerate(t.shape) if i != d)))
 
     def argmax(self, dim: int | None = None, keepdim: bool = False) -> Tensor:
         """Index (i32) of the first largest value; NaN counts as largest, as in PyTorch."""
@@ -157,10 +197,11 @@ class ReduceMixin:
             flat = t.reshape(-1)._argbest(0, False, largest)
             return flat.reshape(*([1] * t.ndim)) if keepdim else flat
         d = norm_axis(dim, t.ndim, "argmax" if largest else "argmin")
-        x = t if t.dtype.is_float else t.astype(dtypes.float32)
-        x = x if largest else -x
-        best = x._reduce("max", d, True)
-        hit = x.eq(best) | x.ne(x)  # NaN: x != x
+        x = t if largest else -t
+        if t.dtype.is_float:
+            hit = x.eq(x._reduce("max", d, True)) | x.ne(x)  # NaN: x != x
+        else:
+            hit = x.eq(_int_max(x, d, True))
         n = t.shape[d]
         if n >= 1 << 24:
             raise TraceError("argmax", f"dimension of size {n} is too long for exact f32 "
@@ -185,7 +226,7 @@ class ReduceMixin:
         t = self._t()
         if not t.dtype.is_float:
             t = t.astype(dtypes.float32)
-        axes = range(t.ndim) if d is None else ([d] if isinstance(d, int) else d)
+        axes = range(t.ndim) if d is None else ([d] if isinstance(d, int | np.integer) else d)
         n = math.prod(t.shape[norm_axis(a, t.ndim, "var")] for a in axes)
         centred = t - t._reduce("mean", d, True)
         # n - c <= 0 divides by zero: inf (or NaN for 0 / 0), as PyTorch gives

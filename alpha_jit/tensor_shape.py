@@ -188,8 +188,13 @@ class LayoutMixin:
     # pieces --------------------------------------------------------------------------------
     def narrow(self, dim: int, start: int, length: int) -> Tensor:
         d = norm_axis(dim, self.ndim, "narrow")
+        size = self.shape[d]
+        a = start + size if start < 0 else start
+        if not (0 <= a <= size and 0 <= length and a + length <= size):
+            raise ShapeError("narrow", f"start {start} and length {length} do not fit "
+                             f"dimension {dim} of shape {self.shape}", _where())
         idx: list[Any] = [slice(None)] * self.ndim
-        idx[d] = slice(start, start + length)
+        idx[d] = slice(a, a + length)
         return self[tuple(idx)]
 
     def split(self, split_size_or_sections: int | Sequence[int], dim: int = 0) -> tuple:
@@ -329,6 +334,9 @@ def _index(t: Tensor, index: Any) -> Tensor:
     if starts != [0] * t.ndim or stops != list(t.shape):
         out = trace.apply("slice", [t], {"starts": tuple(starts), "stops": tuple(stops)})
     kept = [out.shape[dd] for dd in out_dims if dd is not None]
+    if 0 in out.shape:
+        raise ShapeError("getitem", f"{index!r} selects nothing from shape {t.shape}: empty "
+                         "tensors are not supported", _where())
     if len(kept) != out.ndim:
         out = out.reshape(*kept)
     # positions among the kept dimensions (None axes are inserted last)
@@ -364,8 +372,10 @@ def _take(x: Tensor, d: int, ix: Any) -> Tensor:
         ids = ix._t()
         if ids.dtype.is_float:
             raise TraceError("getitem", f"index tensors must be integers, got "
-                             f"{ids.dtype}{list(ids.shape)}", _where())
-        note_index_bound(ids, size, "getitem")
+                             f"{ids.dtype}{list(ids.shape)}; a mask (a comparison) would be "
+                             "boolean-mask indexing, whose shape depends on the data: use "
+                             "aj.where(mask, x, 0) or x.masked_fill(~mask, 0)", _where())
+        note_index_bound(ids, size, "getitem", low=-size)
         ids = where(ids < 0, ids + size, ids)  # PyTorch wraps negative indices
     else:
         arr = np.asarray(ix)

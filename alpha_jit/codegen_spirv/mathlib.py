@@ -2,11 +2,13 @@
 
 Why: Vulkan bounds GLSL.std.450 Sin/Cos only to 2^-11 absolute error, and only on [-pi, pi];
 outside that range a driver may return anything, and there is no erf at all (PyTorch's default
-GELU needs one). These follow Cephes' single-precision routines: a three-part Cody-Waite
-reduction by pi/2 and minimax polynomials on [-pi/4, pi/4] (about 1 ulp for |x| up to ~8192;
-accuracy degrades slowly beyond, as in Cephes), and for erf a Taylor series near 0 with the
-Numerical Recipes erfc fit (fractional error < 1.2e-7) elsewhere. NaN and inf give numpy's
-results (sin/cos of inf is NaN, erf(+-inf) = +-1).
+GELU needs one). sin/cos reduce by pi/2 in four parts of 8, 8, 8 and 24 bits (Cody-Waite:
+each k * part is exact for |k| < 2^16, so the reduction is exact to ~1e-12 up to |x| = 1e5)
+and use Cephes' minimax polynomials on [-pi/4, pi/4] (about 1 ulp). Beyond |x| = 1e5 a
+reduction without a 2/pi bit table would be wrong, so the result is NaN: loud, never a quiet
+wrong value (reduce such arguments first, e.g. positions times frequencies modulo 2 pi). erf
+is a Taylor series near 0 and the Numerical Recipes erfc fit (fractional error < 1.2e-7)
+elsewhere. NaN and inf give numpy's results (sin/cos of inf is NaN, erf(+-inf) = +-1).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import math
 
 from .dsl import KernelBuilder, Value
 
-# pi/2 split so that k * _PIO2[0] is exact in f32 for |k| < 2^15
-_PIO2 = (1.5703125, 4.837512969970703125e-4, 7.54978995489188216e-8)
+# pi/2 = sum of these (to 5e-17): 8-bit parts, so k * part is exact in f32 for |k| < 2^16
+_PIO2 = (1.5703125, 0.000484466552734375, -6.407499313354492e-07, 9.92093629470503e-10)
+SIN_COS_MAX = 1e5  # beyond: NaN (k would pass 2^16)
 _SIN = (-1.6666654611e-1, 8.3321608736e-3, -1.9515295891e-4)
 _COS = (4.166664568298827e-2, -1.388731625493765e-3, 2.443315711809948e-5)
 # 2/sqrt(pi) * (-1)^n / (n! (2n+1)): erf's Taylor coefficients of x^(2n+1)
@@ -45,7 +48,9 @@ def _nan(kb: KernelBuilder) -> Value:
 def sin_cos(kb: KernelBuilder, x: Value, which: str) -> Value:
     """sin(x) (which="sin") or cos(x) (which="cos") of an f32."""
     k = kb.glsl("RoundEven", "f32", x * (2.0 / math.pi))
-    r = ((x - k * _PIO2[0]) - k * _PIO2[1]) - k * _PIO2[2]  # r in [-pi/4, pi/4]
+    r = x
+    for part in _PIO2:  # r in [-pi/4, pi/4]
+        r = r - k * part
     r2 = r * r
     s = r + r * r2 * _horner(r2, _SIN)
     c = 1.0 - r2 * 0.5 + r2 * r2 * _horner(r2, _COS)
@@ -56,7 +61,8 @@ def sin_cos(kb: KernelBuilder, x: Value, which: str) -> Value:
     swap = (q & 1) == 1
     v = kb.select(swap, c, s)
     v = kb.select(q >= 2, -v, v)
-    return kb.select(_finite(kb, x), v, _nan(kb))  # inf -> NaN, NaN stays NaN
+    # inf -> NaN, NaN stays NaN, and past the exact reduction NaN as well
+    return kb.select(_finite(kb, x) & (kb.abs(x) <= SIN_COS_MAX), v, _nan(kb))
 
 
 def erf(kb: KernelBuilder, x: Value) -> Value:

@@ -201,7 +201,8 @@ _NP_BINARY = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "max": np.m
               "shr": np.right_shift, "and": np.bitwise_and}
 _NP_UNARY = {"neg": np.negative, "exp": np.exp, "log": np.log, "tanh": np.tanh,
              "sqrt": np.sqrt, "abs": np.abs, "rsqrt": lambda x: 1 / np.sqrt(x),
-             "floor": np.floor, "sin": np.sin, "cos": np.cos, "erf": None}
+             "floor": np.floor, "sin": lambda x: _bounded(np.sin, x),
+             "cos": lambda x: _bounded(np.cos, x), "erf": None}
 _NP_COMPARE = {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
                "eq": np.equal, "ne": np.not_equal}
 
@@ -257,3 +258,8 @@ def erf_np(x: np.ndarray) -> np.ndarray:
     out = np.vectorize(math.erf, otypes=[np.float64])(x.astype(np.float64)) if x.size else \
         x.astype(np.float64)
     return out.astype(x.dtype if x.dtype.kind == "f" else np.float64)
+
+
+def _bounded(fn: object, x: np.ndarray) -> np.ndarray:
+    """sin/cos as the kernels compute them: NaN past `mathlib.SIN_COS_MAX`."""
+    return np.where(np.abs(x) <= mathlib.SIN_COS_MAX, fn(x), np.nan)  # type: ignore[operator]

@@ -107,6 +107,12 @@ class TraceContext:
             self.guards.append((obj, attr, value))
         return value
 
+    def record_guard(self, obj: Any, attr: str, value: Any) -> None:
+        """Guard `obj.attr` on a value already read (a module's parameter: the same holder)."""
+        if (id(obj), attr) not in self.assigned and \
+                not any(o is obj and a == attr for o, a, _ in self.guards):
+            self.guards.append((obj, attr, value))
+
     def assign_guarded(self, obj: Any, attr: str) -> None:
         """The traced function sets `obj.attr`: reads after this do not guard."""
         self.assigned.add((id(obj), attr))
@@ -235,7 +241,8 @@ def _autocast(ctx: TraceContext, opdef: Any, targs: list[Any]) -> list[Any]:
         vals = targs[first:]
         floats = {t.dtype for t in vals if t.dtype.is_float}
         if len(floats) > 1:
-            wide = dtypes.float32 if dtypes.float32 in floats else dtypes.float16
+            # f32 with anything, and bf16 with f16 (neither holds the other), meet in f32
+            wide = dtypes.float16 if floats == {dtypes.float16} else dtypes.float32
         elif floats and len(floats) < len({t.dtype for t in vals}):
             wide = floats.pop()  # PyTorch's promotion: integer and float meet in the float
         else:

@@ -79,9 +79,16 @@ def linear(x: Any, weight: Any, bias: Any = None) -> Tensor:
 
 def log_softmax(x: Any, dim: int | None = None, *, axis: int | None = None,
                 dtype: Any = None) -> Tensor:
-    """x - logsumexp(x) along `dim` (default the last; numpy's `axis=` too)."""
+    """x - logsumexp(x) along `dim` (numpy's `axis=` too). Without either, PyTorch's
+    deprecated implicit choice: dim 0 for 0-, 1- and 3-D inputs, else 1 (with its warning)."""
     x = as_tensor(x) if dtype is None else as_tensor(x).astype(dtype)
-    d = axis if axis is not None else (-1 if dim is None else dim)
+    d = axis if axis is not None else dim
+    if d is None:
+        import warnings
+
+        d = 0 if x.ndim in (0, 1, 3) else 1
+        warnings.warn("Implicit dimension choice for softmax has been deprecated. Change the "
+                      "call to include dim=X as an argument.", UserWarning, stacklevel=3)
     return x - x.logsumexp(d, keepdim=True)
 
 
@@ -122,11 +129,34 @@ def l1_loss(input: Any, target: Any, reduction: str = "mean") -> Tensor:  # noqa
     return _reduce_loss("l1_loss", (as_tensor(input) - target).abs(), reduction)
 
 
-def nll_loss(input: Any, target: Any, reduction: str = "mean") -> Tensor:  # noqa: A002
-    """Negative log-likelihood of integer targets [N] under log-probabilities [N, C]."""
-    logp = as_tensor(input)
-    picked = (logp * one_hot(target, logp.shape[-1])).sum(-1)
-    return _reduce_loss("nll_loss", -picked, reduction)
+def nll_loss(input: Any, target: Any, weight: Any = None,  # noqa: A002
+             ignore_index: int | None = None, reduction: str = "mean") -> Tensor:
+    """Negative log-likelihood of integer targets [N] under log-probabilities [N, C]. A
+    target outside [0, C) gives NaN (an argument is range-checked before the step runs);
+    `ignore_index` rows count for nothing, as in `cross_entropy`."""
+    logp, y = as_tensor(input), as_tensor(target)
+    where_ = trace.current().provenance().where()
+    if weight is not None:
+        raise TraceError("nll_loss", "class weights are not supported; multiply the per-row "
+                         "losses (reduction='none') by weight[target] instead", where_)
+    if logp.ndim != 2 or y.shape != logp.shape[:1] or y.dtype != dtypes.int32:
+        raise ShapeError("nll_loss", f"expects log-probabilities [N, C] and integer targets "
+                         f"[N], got {logp.dtype}{list(logp.shape)} and {y.dtype}{list(y.shape)}",
+                         where_)
+    c = logp.shape[1]
+    note_index_bound(y, c, "nll_loss", also=ignore_index)
+    from alpha_jit.tensor import where
+
+    picked = (logp * one_hot(y, c)).sum(-1)
+    rows = where((y >= 0) & (y < c), -picked, float("nan"))
+    if ignore_index is not None:
+        keep = y.ne(ignore_index)
+        rows = where(keep, rows, 0.0)
+        if reduction == "mean":  # all ignored: 0, as cross_entropy
+            from alpha_jit.tensor import maximum
+
+            return rows.sum() / maximum(keep.sum(), 1.0)
+    return _reduce_loss("nll_loss", rows, reduction)
 
 
 def layer_norm(input: Any, normalized_shape: Any, weight: Any = None,  # noqa: A002
@@ -170,8 +200,10 @@ def pad(input: Any, pad: Sequence[int], mode: str = "constant",  # noqa: A002
     for i in range(len(pad) // 2):
         pads[x.ndim - 1 - i] = (int(pad[2 * i]), int(pad[2 * i + 1]))
     out = pad_zeros(x, pads)
-    if value != 0.0:  # the padding is where a padded ones tensor is 0
-        out = out + (1.0 - pad_zeros(full(x.shape, 1.0, x.dtype), pads)) * value
+    if value != 0.0:  # the padding is where a padded ones tensor is 0 (a select: inf, NaN)
+        from alpha_jit.tensor import where
+
+        out = where(pad_zeros(full(x.shape, 1.0, x.dtype), pads), out, float(value))
     return out
 
 
@@ -215,11 +247,11 @@ def cross_entropy(logits: Any, labels: Any, weight: Any = None, ignore_index: in
                          f"{reduction!r}")
     elif ignore_index is None:
         loss = rows.mean()
-    else:
-        keep = y.ne(ignore_index)  # an ignored row's loss is 0 already
+    else:  # an ignored row's loss is 0 already; every row ignored: a loss (and gradient) of
+        # 0, where PyTorch gives NaN that would reach the weights
         from alpha_jit.tensor import maximum
 
-        loss = rows.sum() / maximum(keep.sum(), 1.0)
+        loss = rows.sum() / maximum(y.ne(ignore_index).sum(), 1.0)
     # under autocast the loss is f32 whatever the logits' dtype (PyTorch's autocast runs
     # cross_entropy in f32): a bf16/f16 loss would round it, and an f16 one overflows the
     # loss scale
@@ -242,10 +274,12 @@ def embedding(input: Any, weight: Any, padding_idx: int | None = None,  # noqa: 
     return out
 
 
-def note_index_bound(ids: Tensor, high: int, op: str, also: int | None = None) -> None:
+def note_index_bound(ids: Tensor, high: int, op: str, also: int | None = None,
+                     low: int = 0) -> None:
     """Ids that come straight from a step argument are range-checked on every call, before
     any GPU work: an out-of-range id would otherwise read or drop memory silently. `also`
-    is one more allowed value (an ignore_index)."""
+    is one more allowed value (an ignore_index); `low` < 0 allows negative indices (which
+    indexing wraps)."""
     ctx = trace.current()
     g = ctx.graph
     node = ids.node
@@ -253,8 +287,9 @@ def note_index_bound(ids: Tensor, high: int, op: str, also: int | None = None) -
         node = g.args(node)[0]
     if g.op(node) == "input":
         idx = g.attrs(node)["index"]
-        lo, hi = 0, high
+        lo, hi = low, high
         if idx in ctx.index_bounds:
+            lo = max(lo, ctx.index_bounds[idx][0])
             hi = min(hi, ctx.index_bounds[idx][1])
             also = also if also == ctx.index_bounds[idx][4] else None
         ctx.index_bounds[idx] = (lo, hi, op, ctx.provenance().where(), also)
@@ -269,9 +304,10 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, attn_mask: Any = None,
     `enable_gqa`). Under `precision="bf16"|"f16"` q, k, v are read in the low type and the
     result is f32, like a GEMM. `scale` defaults to 1/sqrt(hd).
 
-    `attn_mask` runs unfused (scores materialised): a numpy bool array keeps the True
-    positions (PyTorch's bool mask); anything else is added to the scores (PyTorch's float
-    mask; turn an alpha_jit comparison mask into one with `aj.where(m, 0.0, float("-inf"))`)."""
+    `attn_mask` runs unfused (scores materialised). A boolean mask keeps its True positions
+    (PyTorch's bool mask): a numpy bool array, a bool buffer, a comparison (`a > b`, `.bool()`)
+    or `&`/`|`/`~` of those; any other float tensor is added to the scores (PyTorch's float
+    mask). Integer masks raise. A row with nothing kept gives 0, as PyTorch's."""
     import math
 
     q, k, v = as_tensor(q), as_tensor(k), as_tensor(v)
@@ -280,9 +316,16 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, attn_mask: Any = None,
         raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1), got "
                          f"{dropout_p}")
     if attn_mask is not None:
-        if isinstance(attn_mask, np.ndarray) and attn_mask.dtype == np.bool_:
-            attn_mask = np.where(attn_mask, 0.0, -np.inf).astype(np.float32)
-        return _attention_unfused(q, k, v, is_causal, scale, dropout_p, as_tensor(attn_mask))
+        m = as_tensor(attn_mask)
+        if not m.dtype.is_float:
+            raise DTypeError("scaled_dot_product_attention", f"attn_mask must be boolean (a "
+                             f"comparison, a numpy bool array) or float (added to the scores), "
+                             f"got {m.dtype}{list(m.shape)}", trace.current().provenance().where())
+        if _is_bool_mask(m):
+            from alpha_jit.tensor import where
+
+            m = where(m, 0.0, float("-inf"))
+        return _attention_unfused(q, k, v, is_causal, scale, dropout_p, m)
     ctx = trace.current()
     attrs: dict = {"causal": bool(is_causal), "scale": scale}
     if ctx.autocast is not None:  # the precision policy, as for GEMMs: low operands, f32 out
@@ -295,6 +338,30 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, attn_mask: Any = None,
         attrs.update(dropout=float(dropout_p), seed=default_generator.seed, salt=next_salt())
         extra = [counter()]
     return trace.apply("attention", [q, k, v, *extra], attrs)
+
+
+_MASK_OPS = ("lt", "le", "gt", "ge", "eq", "ne")
+
+
+def _is_bool_mask(m: Tensor) -> bool:
+    """Whether `m` is a boolean mask by construction (alpha_jit has no bool dtype: masks are
+    f32 1.0 / 0.0): a comparison, a bool array or buffer, views of those, & and | of them."""
+    ctx = trace.current()
+    g = ctx.graph
+
+    def walk(n: int) -> bool:
+        op = g.op(n)
+        if op in _MASK_OPS:
+            return True
+        if op in ("reshape", "broadcast_to", "transpose", "slice", "cast"):
+            return walk(g.args(n)[0])
+        if op in ("mul", "maximum", "minimum"):  # &, |
+            return all(walk(a) for a in g.args(n))
+        if op == "state":
+            return bool(getattr(ctx.state.get(g.attrs(n)["key"]), "is_mask", False))
+        return False
+
+    return walk(m.node)
 
 
 def _attention_unfused(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
@@ -310,6 +377,11 @@ def _attention_unfused(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: flo
     att = (q @ k.swap_last()) * scale
     if mask is not None:
         att = att + mask
+        # a row with nothing kept: PyTorch's attention gives 0 there, softmax alone NaN
+        from alpha_jit.tensor import where
+
+        empty = att.amax(-1, keepdim=True).eq(float("-inf"))
+        return where(empty, 0.0, dropout(softmax(att, -1), dropout_p)) @ v
     if causal:
         t, s = att.shape[-2], att.shape[-1]
         att = where(iota((t, s), 0) >= iota((t, s), 1), att, float("-inf"))

@@ -126,7 +126,7 @@ class Module:
         if isinstance(value, Parameter):
             if params is None:
                 raise AttributeError("cannot assign parameters before Module.__init__() call")
-            self._forget(name)
+            self._forget(name, keep=self._parameters)  # a replacement keeps its place
             self.register_parameter(name, value)
         elif params is not None and name in params:
             if value is not None:
@@ -136,7 +136,7 @@ class Module:
         elif isinstance(value, Module):
             if params is None:
                 raise AttributeError("cannot assign module before Module.__init__() call")
-            self._forget(name)
+            self._forget(name, keep=self._modules)
             self._add(name, value)
             self.name_parameters()
         elif params is not None and name in self._modules:
@@ -155,7 +155,11 @@ class Module:
         for store in ("_parameters", "_buffers", "_modules"):
             members = d.get(store)
             if members is not None and name in members:
-                return members[name]
+                value = members[name]
+                ctx = trace.active()
+                if ctx is not None and store != "_modules":  # replaced after compiling: retrace
+                    ctx.record_guard(self, name, value)
+                return value
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     def __delattr__(self, name: str) -> None:
@@ -169,11 +173,14 @@ class Module:
     def __dir__(self) -> list[str]:
         return sorted({*super().__dir__(), *self._parameters, *self._buffers, *self._modules})
 
-    def _forget(self, name: str) -> None:
-        """Drop `name` from every store before it is registered in another one."""
+    def _forget(self, name: str, keep: dict | None = None) -> None:
+        """Drop `name` from every store but `keep` before it is registered there (where an
+        existing entry is replaced in place: PyTorch keeps a replaced member's position, and
+        a Sequential's order is its forward order)."""
         self.__dict__.pop(name, None)
         for store in (self._parameters, self._buffers, self._modules):
-            store.pop(name, None)
+            if store is not keep:
+                store.pop(name, None)
         self._non_persistent_buffers_set.discard(name)
 
     def _check_new_name(self, name: Any, kind: str, store: dict) -> None:
@@ -242,10 +249,14 @@ class Module:
             return
         else:
             arr = sd.host_array(value)
+            mask = arr.dtype == bool
+            if mask:  # masks are f32 1.0 / 0.0 here; marked so attention keeps, not adds, them
+                arr = arr.astype("float32")
             if old is not None and old.shape == arr.shape and old.dtype == dtypes.from_numpy(arr):
                 old.assign(arr)  # in place: compiled steps that read the buffer see the change
             else:
                 self._buffers[name] = StateTensor(arr, name)
+                self._buffers[name].is_mask = mask
         new = self._buffers[name]
         if new is not None and new.state_name in _DEFAULT_NAMES:
             new.state_name = name

@@ -108,6 +108,10 @@ class Optimizer:
                           for p in g["params"]}
         self.schedule: Callable[[int], float] | None = None
         self.step_count = 0  # updates applied so far (advanced by the executor, once per call)
+        # state key -> step_count when the parameter's first update was traced: a parameter
+        # that starts training later (unfrozen) counts its own steps, as PyTorch's "step"
+        self._start: dict[int, int] = {}
+        self._traced = False  # some step() was traced: later newcomers start their own count
         self._compiled_options: list[dict[str, Any]] | None = None
         # slot name ("exp_avg", ...) -> parameter state key -> its StateTensor, made on first use
         self._slots: dict[str, dict[int, StateTensor]] = {n: {} for n in self.SLOTS}
@@ -263,11 +267,31 @@ class Optimizer:
                     raise TraceError("optimizer", f"gradient of {p.state_name} has shape "
                                      f"{g.shape}, parameter {p.shape}", ctx.provenance().where())
                 i = self._group_of[p.state_key]
+                # a parameter joining after others were updated (unfrozen) starts its own
+                # count now; on the first trace (also after a resume) every count is step_count
+                self._start.setdefault(p.state_key, self.step_count if self._traced else 0)
                 with ctx.in_module(p.state_name):
                     self._update(p, g, i, self.param_groups[i])
+        self._traced = True
 
     def _update(self, p: Parameter, g: Tensor, i: int, group: dict[str, Any]) -> None:
         raise NotImplementedError(f"{type(self).__name__} must define _update")
+
+    def _own(self, name: str, p: Parameter) -> str:
+        """The hparam `name` (e.g. "bc1/0") as seen by p's own step count."""
+        return self._own_name(name, self._start.get(p.state_key, 0))
+
+    def _starts(self, i: int) -> set[int]:
+        """The distinct first-update offsets of group i's parameters."""
+        return {self._start.get(p.state_key, 0) for p in self.param_groups[i]["params"]} | {0}
+
+    @staticmethod
+    def _own_name(name: str, start: int) -> str:
+        return name if start == 0 else f"{name}+{start}"
+
+    def param_step(self, p: Parameter) -> int:
+        """Updates applied to `p` (PyTorch's per-parameter "step")."""
+        return max(0, self.step_count - self._start.get(p.state_key, 0))
 
     @staticmethod
     def _write(holder: StateTensor, new: Tensor) -> None:
@@ -310,7 +334,9 @@ class SGD(Optimizer):
     def hparams(self, t: int) -> dict[str, float]:
         out = super().hparams(t)
         for i, g in enumerate(self.param_groups):  # PyTorch: no dampening on the first step
-            out[f"dscale/{i}"] = 1.0 if t == 1 else 1.0 - g["dampening"]
+            for s in self._starts(i):
+                out[self._own_name(f"dscale/{i}", s)] = 1.0 if t - s == 1 else \
+                    1.0 - g["dampening"]
         return out
 
     def _update(self, p: Parameter, g: Tensor, i: int, group: dict[str, Any]) -> None:
@@ -321,7 +347,7 @@ class SGD(Optimizer):
             g = g + p * group["weight_decay"]
         if group["momentum"]:
             buf = self.slot(p, "momentum_buffer")
-            scaled = g * self._h(f"dscale/{i}") if group["dampening"] else g
+            scaled = g * self._h(self._own(f"dscale/{i}", p)) if group["dampening"] else g
             new_buf = buf * group["momentum"] + scaled
             self._write(buf, new_buf)
             g = g + new_buf * group["momentum"] if group["nesterov"] else new_buf
@@ -389,12 +415,15 @@ class Adam(Optimizer):
         out = super().hparams(t)
         for i, g in enumerate(self.param_groups):
             b1, b2 = g["betas"]
-            out[f"bc1/{i}"] = 1.0 - b1 ** t
-            out[f"bc2_sqrt/{i}"] = math.sqrt(1.0 - b2 ** t)
+            for s in self._starts(i):  # bias corrections by each parameter's own step
+                n = max(t - s, 1)
+                out[self._own_name(f"bc1/{i}", s)] = 1.0 - b1 ** n
+                out[self._own_name(f"bc2_sqrt/{i}", s)] = math.sqrt(1.0 - b2 ** n)
         return out
 
     def _update(self, p: Parameter, g: Tensor, i: int, group: dict[str, Any]) -> None:
-        lr, bc1, bc2_sqrt = self._h(f"lr/{i}"), self._h(f"bc1/{i}"), self._h(f"bc2_sqrt/{i}")
+        lr = self._h(f"lr/{i}")
+        bc1, bc2_sqrt = self._h(self._own(f"bc1/{i}", p)), self._h(self._own(f"bc2_sqrt/{i}", p))
         b1, b2 = group["betas"]
         wd = group["weight_decay"]
         if group["maximize"]:

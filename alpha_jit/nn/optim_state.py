@@ -8,9 +8,11 @@ The format is torch.optim's, so a dict saved here can be reloaded here and one s
 
 Parameters are numbered in group order. A parameter's state holds "step" and its state tensors
 by PyTorch's names (`exp_avg`, `exp_avg_sq`, `max_exp_avg_sq` for Adam/AdamW with amsgrad,
-`momentum_buffer` for SGD with momentum). alpha_jit keeps one step count for the optimizer
-(`step_count`), so every parameter's "step" is the same; loading takes it from the state and
-refuses states whose steps differ. torch's SGD keeps no "step": alpha_jit's SGD writes one too
+`momentum_buffer` for SGD with momentum). A parameter's "step" counts its own updates
+(`Optimizer.param_step`: one that started training later, e.g. unfrozen, has fewer);
+loading sets `step_count` to the largest and each parameter's start from its own. A
+parameter never updated has no state, as in torch. torch's SGD keeps no "step": alpha_jit's
+SGD writes one too
 (learning-rate schedules need it, and torch ignores it), and loading torch's SGD state sets
 `step_count` to 1 when momentum buffers are present (they exist only after a first step, and
 the next update must apply dampening); set `opt.step_count` afterwards if a schedule depends on
@@ -53,8 +55,10 @@ def state_dict(opt: Optimizer) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     if opt.step_count > 0:  # torch has no state before the first step
         for p in opt.params:
+            if opt.param_step(p) == 0 and p.state_key in opt._start:
+                continue  # traced but not updated yet: no state, as in torch
             group = opt.param_groups[opt._group_of[p.state_key]]
-            entry = {"step": float(opt.step_count)}
+            entry = {"step": float(opt.param_step(p))}
             for name in opt.slots_for(group):
                 entry[name] = opt.slot(p, name).numpy()
             state[index[p.state_key]] = entry
@@ -85,14 +89,14 @@ def _loaded_groups(opt: Optimizer, saved: Any) -> list[dict[str, Any]]:
 
 
 def _loaded_state(opt: Optimizer, saved: Any, groups: list[dict[str, Any]]
-                  ) -> tuple[dict[int, dict[str, np.ndarray]], set[float]]:
-    """{state key: {slot: array}} and the distinct "step" values, checked against the
-    parameters (shapes, names, indices)."""
+                  ) -> tuple[dict[int, dict[str, np.ndarray]], dict[int, float]]:
+    """{state key: {slot: array}} and {state key: "step"}, checked against the parameters
+    (shapes, names, indices)."""
     if not isinstance(saved, dict):
         raise _error(opt, f"'state' must be a dict, got {type(saved).__name__}")
     params: list[Parameter] = [p for g in groups for p in g["params"]]
     out: dict[int, dict[str, np.ndarray]] = {}
-    steps: set[float] = set()
+    steps: dict[int, float] = {}
     for key, entry in saved.items():
         try:
             i = int(key)  # JSON turns the int keys into strings
@@ -108,7 +112,7 @@ def _loaded_state(opt: Optimizer, saved: Any, groups: list[dict[str, Any]]
             if value is None:  # older torch: {"momentum_buffer": None} without momentum
                 continue
             if name == "step":
-                steps.add(float(host_array(value)))
+                steps[p.state_key] = float(host_array(value))
                 continue
             if name not in opt.SLOTS:
                 raise _error(opt, f"state of parameter {i} ({p.state_name}) has an unknown "
@@ -127,15 +131,13 @@ def _loaded_state(opt: Optimizer, saved: Any, groups: list[dict[str, Any]]
     return out, steps
 
 
-def _step_count(opt: Optimizer, steps: set[float], state: dict[int, dict[str, np.ndarray]]) -> int:
-    if len(steps) > 1:
-        raise _error(opt, f"the parameters' step counts differ ({sorted(steps)}); alpha_jit "
-                     "keeps one step count for all parameters")
-    if steps:
-        t = steps.pop()
+def _step_count(opt: Optimizer, steps: dict[int, float],
+                state: dict[int, dict[str, np.ndarray]]) -> int:
+    for t in steps.values():
         if not (t >= 0 and t == int(t)):
             raise _error(opt, f"step must be a whole number >= 0, got {t}")
-        return int(t)
+    if steps:
+        return int(max(steps.values()))
     # torch's SGD keeps no step: its buffers exist only after a first update
     return 1 if any(state.values()) else 0
 
@@ -157,3 +159,8 @@ def load_state_dict(opt: Optimizer, sd: dict[str, Any]) -> None:
             holder = opt.slot(p, name)
             holder.assign(arrays.get(name, np.zeros(p.shape, np.float32)))
     opt.step_count = step_count
+    # each parameter's own count: one with fewer steps started later, one without state has
+    # none yet; without a saved step (torch's SGD) a parameter with state follows the count
+    opt._start = {p.state_key: step_count - int(steps.get(p.state_key, step_count if
+                  p.state_key in state else 0)) for p in opt.params}
+    opt._traced = True

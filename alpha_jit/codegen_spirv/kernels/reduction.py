@@ -31,12 +31,13 @@ _IDENTITY = {"add": 0.0, "max": float("-inf")}
 
 
 class _WorkgroupReducer:
-    """Reduce one f32 per invocation to one f32 visible to every invocation of the group."""
+    """Reduce one value per invocation (f32, or i32 for an integer sum) to one value visible
+    to every invocation of the group."""
 
-    def __init__(self, kb: KernelBuilder, local: int, caps: object):
-        self.kb = kb
+    def __init__(self, kb: KernelBuilder, local: int, caps: object, acc_dt: str = "f32"):
+        self.kb, self.acc_dt = kb, acc_dt
         min_sg = max(1, int(cap(caps, "min_subgroup_size", 1)))  # type: ignore[call-overload]
-        self.slots: SharedArray = kb.shared("f32", max(1, local // min_sg))
+        self.slots: SharedArray = kb.shared(acc_dt, max(1, local // min_sg))
         self.lane = kb.cast(kb.subgroup_invocation_id(), "i32")
         self.sg_id = kb.cast(kb.subgroup_id(), "i32")
         self.n_sg = kb.cast(kb.num_subgroups(), "i32")
@@ -57,10 +58,14 @@ class _WorkgroupReducer:
         kb.barrier()
         # Every subgroup folds all slots itself: no third barrier, and NumSubgroups may exceed
         # SubgroupSize (256 threads / 8 lanes = 32 slots), hence the strided loop.
-        acc = kb.var("f32", _IDENTITY[op])
+        acc = kb.var(self.acc_dt, _identity(op, self.acc_dt))
         with kb.loop(self.lane, self.n_sg, self.sg_size) as j:
             acc.set(self.combine(op, acc.get(), self.slots.load(j)))
         return self.subgroup(op, acc.get())
+
+
+def _identity(op: str, acc_dt: str) -> float | int:
+    return 0 if acc_dt == "i32" else _IDENTITY[op]
 
 
 def generate_reduction(spec: KernelSpec, caps: object = None) -> KernelBinary:
@@ -84,13 +89,15 @@ def generate_reduction(spec: KernelSpec, caps: object = None) -> KernelBinary:
     x_buf = kb.buffer("x", storage_dtype(in_dt), writable=False)
     out_buf = kb.buffer("out", storage_dtype(out_dt), writable=True)
     out_ct = compute_dtype(storage_dtype(out_dt))
+    # an integer sum accumulates in i32 (exact, wrapping like PyTorch's); all else in f32
+    acc_dt = "i32" if mode == "sum" and in_dt == "i32" else "f32"
 
     def load(base: Value, r: Value | int) -> Value:
         if isinstance(r, int):
             idx = base + r * red_stride if r else base
         else:
             idx = base + r * red_stride if red_stride != 1 else base + r
-        return kb.cast(x_buf.load(idx), "f32")
+        return kb.cast(x_buf.load(idx), acc_dt)
 
     def combine(op: str, a: Value, b: Value) -> Value:
         return a + b if op == "add" else nan_minmax(kb, "max", a, b)  # NaN rows stay NaN
@@ -119,7 +126,7 @@ def generate_reduction(spec: KernelSpec, caps: object = None) -> KernelBinary:
                     for r in range(1, red_len):
                         acc = combine(op, acc, f(load(base, r)))
                     return acc
-                var = kb.var("f32", _IDENTITY[op])
+                var = kb.var(acc_dt, _identity(op, acc_dt))
                 with kb.loop(0, red_len) as r:
                     var.set(combine(op, var.get(), f(load(base, r))))
                 return var.get()
@@ -130,14 +137,14 @@ def generate_reduction(spec: KernelSpec, caps: object = None) -> KernelBinary:
                          notes={"rows": rows, "red_len": red_len, "thread_per_row": True,
                                 "variant": f"thread per row x{local}"})
 
-    reduce_group = _WorkgroupReducer(kb, local, caps)
+    reduce_group = _WorkgroupReducer(kb, local, caps, acc_dt)
     lid = kb.cast(kb.local_id(0), "i32")
     with kb.loop(kb.cast(kb.workgroup_id(0), "i32"), rows,
                  kb.cast(kb.num_workgroups(0), "i32")) as row:
         base = _row_base(kb, row, outer_shape, outer_strides, offset)
 
         def group_reduce(op: str, f: Callable[[Value], Value] = lambda v: v) -> Value:
-            acc = kb.var("f32", _IDENTITY[op])
+            acc = kb.var(acc_dt, _identity(op, acc_dt))
             with kb.loop(lid, red_len, local) as r:
                 acc.set(combine(op, acc.get(), f(load(base, r))))
             return reduce_group(op, acc.get())

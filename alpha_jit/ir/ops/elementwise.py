@@ -88,10 +88,11 @@ _binary("abs", lambda a, attrs: np.abs(a[0]),
 _unary("relu", lambda a, attrs: np.maximum(a[0], 0),
        lambda g, args, out, attrs: [g * (args[0] > 0.0)],
        lambda e, attrs, a: e.binary("max", a, e.const(0.0, "f32")))
-_unary("sin", lambda a, attrs: np.sin(a[0]), lambda g, args, out, attrs: [g * args[0].cos()],
-       _un("sin"))
-_unary("cos", lambda a, attrs: np.cos(a[0]), lambda g, args, out, attrs: [-g * args[0].sin()],
-       _un("cos"))
+# NaN past |x| = 1e5, where the kernels' exact argument reduction ends (codegen_spirv/mathlib)
+_unary("sin", lambda a, attrs: _bounded_np(np.sin, a[0]),
+       lambda g, args, out, attrs: [g * args[0].cos()], _un("sin"))
+_unary("cos", lambda a, attrs: _bounded_np(np.cos, a[0]),
+       lambda g, args, out, attrs: [-g * args[0].sin()], _un("cos"))
 # erf'(x) = 2/sqrt(pi) exp(-x^2)
 _unary("erf", lambda a, attrs: _erf(a[0]),
        lambda g, args, out, attrs: [g * (2.0 / math.sqrt(math.pi)) * (-args[0] * args[0]).exp()],
@@ -102,14 +103,82 @@ register(OpDef("floor", "elementwise", elementwise_infer("floor"),
                lambda g, args, out, attrs: [None], _un("floor")))
 
 
+def _two_prod(e, x, y, p):
+    """The rounding error of p = x * y, exactly (Dekker: no fma needed; every op is
+    NoContraction through the emitter)."""
+    c = lambda v: e.const(v, "f32")  # noqa: E731
+    mul, sub, add = (lambda u, v, op=op: e.binary(op, u, v) for op in ("mul", "sub", "add"))
+
+    def split(v):
+        t = mul(c(4097.0), v)
+        hi = sub(t, sub(t, v))
+        return hi, sub(v, hi)
+
+    xh, xl = split(x)
+    yh, yl = split(y)
+    return add(add(add(sub(mul(xh, yh), p), mul(xh, yl)), mul(xl, yh)), mul(xl, yl))
+
+
+def _divmod_f32(e, a, b):
+    """numpy's float floor division and remainder: q = floor(a / b) corrected by the exact
+    remainder a - q b (a / b rounds: 1 // 0.1 is 9, not 10), and that remainder."""
+    c = lambda v: e.const(v, "f32")  # noqa: E731
+    cmp, sel = e.compare, e.select
+    q = e.unary("floor", e.binary("div", a, b))
+    p = e.binary("mul", q, b)
+    r = e.binary("sub", e.binary("sub", a, p), _two_prod(e, q, b, p))
+    # r must lie between 0 and b (with b's sign): one step either way fixes a rounded a / b
+    low = e.select(cmp("gt", b, c(0.0)), cmp("lt", r, c(0.0)), cmp("gt", r, c(0.0)))
+    high = e.select(cmp("gt", b, c(0.0)), cmp("ge", r, b), cmp("le", r, b))
+    q = sel(low, e.binary("sub", q, c(1.0)), sel(high, e.binary("add", q, c(1.0)), q))
+    r = sel(low, e.binary("add", r, b), sel(high, e.binary("sub", r, b), r))
+    # b = +-inf with a finite: a // b is 0 or -1 and a % b is a or b, by the signs
+    inf_b = cmp("eq", e.unary("abs", b), c(math.inf))
+    finite_a = cmp("ne", e.unary("abs", a), c(math.inf))
+    against = e.select(cmp("lt", a, c(0.0)), cmp("gt", b, c(0.0)), cmp("lt", b, c(0.0)))
+    against = e.select(cmp("eq", a, c(0.0)), cmp("ne", a, a), against)  # a == 0: never
+    special = e.select(inf_b, finite_a, inf_b)  # inf_b and finite_a
+    q = sel(special, sel(against, c(-1.0), c(0.0)), q)
+    r = sel(special, sel(against, b, a), r)
+    # an infinite a has no floor quotient (numpy: NaN; its remainder is NaN already)
+    return sel(finite_a, q, c(math.nan)), r
+
+
 def _floordiv_scalar(e, attrs, a, b):
-    q = e.binary("div", a, b)  # floats: IEEE a / b; integers: already floor division
-    return e.unary("floor", q) if a.dtype == "f32" else q
+    if a.dtype != "f32":
+        return e.binary("div", a, b)  # integers: floor division already
+    return _divmod_f32(e, a, b)[0]
+
+
+def _remainder_scalar(e, attrs, a, b):
+    if a.dtype != "f32":
+        return e.binary("sub", a, e.binary("mul", e.binary("div", a, b), b))
+    return _divmod_f32(e, a, b)[1]
 
 
 register(OpDef("floordiv", "elementwise", elementwise_infer("floordiv"),
                lambda a, attrs: np.floor_divide(a[0], a[1]),
                lambda g, args, out, attrs: [None, None], _floordiv_scalar))
+# Python's and PyTorch's remainder (the divisor's sign); d/db = -floor(a / b)
+register(OpDef("remainder", "elementwise", elementwise_infer("remainder"),
+               lambda a, attrs: np.remainder(a[0], a[1]),
+               lambda g, args, out, attrs: [
+                   sum_to(g, args[0].shape),
+                   sum_to(-g * _floordiv(args[0], args[1]), args[1].shape)],
+               _remainder_scalar))
+
+
+def _floordiv(a, b):
+    from alpha_jit.ir import trace
+
+    return trace.apply("floordiv", [a, b])
+
+
+def _bounded_np(fn, x: np.ndarray) -> np.ndarray:
+    from alpha_jit.codegen_spirv.mathlib import SIN_COS_MAX
+
+    with np.errstate(invalid="ignore"):
+        return np.where(np.abs(x) <= SIN_COS_MAX, fn(x), np.nan).astype(x.dtype)
 
 
 def _erf(x: np.ndarray) -> np.ndarray:

@@ -69,10 +69,16 @@ register(OpDef("mean", "reduction", _infer("mean"),
                lambda a, attrs: np.mean(a[0], axis=attrs["axis"], keepdims=attrs["keepdims"]),
                lambda g, args, out, attrs: [
                    _expand(g, attrs, args[0].shape) * (1.0 / args[0].shape[attrs["axis"]])]))
+def _max_vjp(g, args, out, attrs):
+    """Ties share the gradient evenly, as PyTorch's amax and max() do."""
+    hit = args[0].eq(_keep(out, attrs))
+    ties = hit.sum(axis=attrs["axis"], keepdims=True)
+    return [_expand(g, attrs, args[0].shape) * hit / ties]
+
+
 register(OpDef("max", "reduction", _infer("max"),
                lambda a, attrs: np.max(a[0], axis=attrs["axis"], keepdims=attrs["keepdims"]),
-               lambda g, args, out, attrs: [
-                   _expand(g, attrs, args[0].shape) * args[0].eq(_keep(out, attrs))]))
+               _max_vjp))
 register(OpDef("logsumexp", "reduction", _infer("logsumexp"), _lse_ref,
                lambda g, args, out, attrs: [
                    _expand(g, attrs, args[0].shape) * (args[0] - _keep(out, attrs)).exp()]))
