@@ -145,7 +145,10 @@ class ReduceMixin:
         return t._reduce("max", dim, keepdim)
 
     def amin(self, dim: Dims = None, keepdim: bool = False) -> Tensor:
-        return -((-self._t()).amax(dim, keepdim))
+        t = self._t()
+        if not t.dtype.is_float:  # -1 - x reverses i32 order without overflow (-INT_MIN)
+            return -1 - (-1 - t).amax(dim, keepdim)
+        return -((-t).amax(dim, keepdim))
 
     def max(self, dim: Any = None, keepdim: bool = False, *, axis: Dims = None,
             keepdims: bool = False) -> Any:
@@ -197,7 +200,7 @@ class ReduceMixin:
             flat = t.reshape(-1)._argbest(0, False, largest)
             return flat.reshape(*([1] * t.ndim)) if keepdim else flat
         d = norm_axis(dim, t.ndim, "argmax" if largest else "argmin")
-        x = t if largest else -t
+        x = t if largest else (-t if t.dtype.is_float else -1 - t)  # i32: no -INT_MIN
         if t.dtype.is_float:
             hit = x.eq(x._reduce("max", d, True)) | x.ne(x)  # NaN: x != x
         else:

@@ -107,12 +107,6 @@ class TraceContext:
             self.guards.append((obj, attr, value))
         return value
 
-    def record_guard(self, obj: Any, attr: str, value: Any) -> None:
-        """Guard `obj.attr` on a value already read (a module's parameter: the same holder)."""
-        if (id(obj), attr) not in self.assigned and \
-                not any(o is obj and a == attr for o, a, _ in self.guards):
-            self.guards.append((obj, attr, value))
-
     def assign_guarded(self, obj: Any, attr: str) -> None:
         """The traced function sets `obj.attr`: reads after this do not guard."""
         self.assigned.add((id(obj), attr))

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from alpha_jit.nn.module import Module, _addindent, view_registration
+from alpha_jit.nn.module import Module, _addindent, structure_changed, view_registration
 
 
 def _check_module(value: Any, where: str) -> Module:
@@ -38,6 +38,7 @@ class _IndexedModules(Module):
 
     def _renumber(self, members: Iterable[Module]) -> None:
         """Replace the members by `members`, named 0..n-1 (after a delete or insert)."""
+        structure_changed()
         object.__setattr__(self, "_modules", {})
         for i, m in enumerate(members):
             self._add(str(i), m)
@@ -183,6 +184,7 @@ class ModuleDict(Module):
         self.add_module(key, _check_module(module, f"ModuleDict[{key!r}] ="))
 
     def __delitem__(self, key: str) -> None:
+        structure_changed()
         del self._modules[key]
 
     def __len__(self) -> int:

@@ -377,12 +377,13 @@ def _attention_unfused(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: flo
     att = (q @ k.swap_last()) * scale
     if mask is not None:
         att = att + mask
-        # a row with nothing kept: PyTorch's attention gives 0 there, softmax alone NaN
-        from alpha_jit.tensor import where
-
-        empty = att.amax(-1, keepdim=True).eq(float("-inf"))
-        return where(empty, 0.0, dropout(softmax(att, -1), dropout_p)) @ v
     if causal:
         t, s = att.shape[-2], att.shape[-1]
         att = where(iota((t, s), 0) >= iota((t, s), 1), att, float("-inf"))
-    return dropout(softmax(att, -1), dropout_p) @ v
+    if mask is None:
+        return dropout(softmax(att, -1), dropout_p) @ v
+    # a row with nothing kept gives 0, as PyTorch's attention: its scores become 0 before
+    # the softmax (an all -inf row would make the softmax and its gradient NaN)
+    empty = att.amax(-1, keepdim=True).eq(float("-inf"))
+    p = dropout(softmax(where(empty, 0.0, att), -1), dropout_p)
+    return where(empty, 0.0, p) @ v

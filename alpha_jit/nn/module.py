@@ -76,6 +76,21 @@ class Parameter(StateTensor):
         return self
 
 
+class _Structure:
+    """A counter of member replacements (a parameter, buffer or child swapped for another
+    after construction). Every trace guards on it, one integer per call: a compiled step
+    holds the members it read, so any replacement retraces (rare, and logged)."""
+
+    version = 0
+
+
+STRUCTURE = _Structure()
+
+
+def structure_changed() -> None:
+    STRUCTURE.version += 1
+
+
 class Module:
     """Base class of every layer and model: PyTorch's attribute registration and traversal."""
 
@@ -126,12 +141,15 @@ class Module:
         if isinstance(value, Parameter):
             if params is None:
                 raise AttributeError("cannot assign parameters before Module.__init__() call")
+            if params.get(name, value) is not value:
+                structure_changed()
             self._forget(name, keep=self._parameters)  # a replacement keeps its place
             self.register_parameter(name, value)
         elif params is not None and name in params:
             if value is not None:
                 raise TypeError(f"cannot assign '{type(value).__name__}' as parameter '{name}' "
                                 "(nn.Parameter or None expected)")
+            structure_changed()
             params[name] = None
         elif isinstance(value, Module):
             if params is None:
@@ -143,6 +161,7 @@ class Module:
             if value is not None:
                 raise TypeError(f"cannot assign '{type(value).__name__}' as child module "
                                 f"'{name}' (nn.Module or None expected)")
+            structure_changed()
             self._modules[name] = None
         elif params is not None and name in self._buffers:
             self._set_buffer(name, value)
@@ -155,16 +174,13 @@ class Module:
         for store in ("_parameters", "_buffers", "_modules"):
             members = d.get(store)
             if members is not None and name in members:
-                value = members[name]
-                ctx = trace.active()
-                if ctx is not None and store != "_modules":  # replaced after compiling: retrace
-                    ctx.record_guard(self, name, value)
-                return value
+                return members[name]
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     def __delattr__(self, name: str) -> None:
         for store in (self._parameters, self._buffers, self._modules):
             if name in store:
+                structure_changed()
                 del store[name]
                 self._non_persistent_buffers_set.discard(name)
                 return
@@ -197,6 +213,8 @@ class Module:
 
     def _add(self, name: str, module: Module | None) -> None:
         """Register a child without renaming the tree (containers add many, then name once)."""
+        if self._modules.get(name, module) is not module:
+            structure_changed()
         self._modules[name] = module
         if module is not None and not _VIEWS[0]:
             object.__setattr__(module, "_name", name)
@@ -240,6 +258,8 @@ class Module:
     def _set_buffer(self, name: str, value: Any) -> None:
         old = self._buffers.get(name)
         if value is None or isinstance(value, StateTensor):
+            if old is not None and old is not value:
+                structure_changed()
             self._buffers[name] = value
         elif isinstance(value, Tensor):  # `self.buf = new` inside a step: a state write
             if old is None:
@@ -255,6 +275,8 @@ class Module:
             if old is not None and old.shape == arr.shape and old.dtype == dtypes.from_numpy(arr):
                 old.assign(arr)  # in place: compiled steps that read the buffer see the change
             else:
+                if old is not None:
+                    structure_changed()
                 self._buffers[name] = StateTensor(arr, name)
                 self._buffers[name].is_mask = mask
         new = self._buffers[name]
@@ -386,6 +408,7 @@ class Module:
         ctx = trace.active()
         if ctx is None:
             return self.forward(*args, **kw)
+        ctx.guard(STRUCTURE, "version")  # a member replaced after compiling retraces
         name = self._call_name()
         _CALLS.append(self)
         try:

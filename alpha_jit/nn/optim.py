@@ -112,6 +112,7 @@ class Optimizer:
         # that starts training later (unfrozen) counts its own steps, as PyTorch's "step"
         self._start: dict[int, int] = {}
         self._traced = False  # some step() was traced: later newcomers start their own count
+        self._start_version = 0  # load_state_dict replaced `_start`: compiled steps retrace
         self._compiled_options: list[dict[str, Any]] | None = None
         # slot name ("exp_avg", ...) -> parameter state key -> its StateTensor, made on first use
         self._slots: dict[str, dict[int, StateTensor]] = {n: {} for n in self.SLOTS}
@@ -258,6 +259,7 @@ class Optimizer:
         for i, g in enumerate(self.param_groups):
             self._validate(g, f"{type(self).__name__} parameter group {i}")
         self._compiled_options = self._options()
+        ctx.guard(self, "_start_version")  # the per-parameter step offsets are baked in
         with ctx.in_phase("opt"):
             for p in self.params:
                 g = p.grad
@@ -290,8 +292,12 @@ class Optimizer:
         return name if start == 0 else f"{name}+{start}"
 
     def param_step(self, p: Parameter) -> int:
-        """Updates applied to `p` (PyTorch's per-parameter "step")."""
-        return max(0, self.step_count - self._start.get(p.state_key, 0))
+        """Updates applied to `p` (PyTorch's per-parameter "step"). A parameter no traced
+        step has updated has 0, unless nothing was traced yet (a resumed optimizer whose
+        `step_count` was set: every parameter has that many)."""
+        if p.state_key in self._start:
+            return max(0, self.step_count - self._start[p.state_key])
+        return 0 if self._traced else self.step_count
 
     @staticmethod
     def _write(holder: StateTensor, new: Tensor) -> None:

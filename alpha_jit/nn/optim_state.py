@@ -55,8 +55,8 @@ def state_dict(opt: Optimizer) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     if opt.step_count > 0:  # torch has no state before the first step
         for p in opt.params:
-            if opt.param_step(p) == 0 and p.state_key in opt._start:
-                continue  # traced but not updated yet: no state, as in torch
+            if opt.param_step(p) == 0:
+                continue  # not updated yet: no state, as in torch
             group = opt.param_groups[opt._group_of[p.state_key]]
             entry = {"step": float(opt.param_step(p))}
             for name in opt.slots_for(group):
@@ -164,3 +164,4 @@ def load_state_dict(opt: Optimizer, sd: dict[str, Any]) -> None:
     opt._start = {p.state_key: step_count - int(steps.get(p.state_key, step_count if
                   p.state_key in state else 0)) for p in opt.params}
     opt._traced = True
+    opt._start_version += 1  # steps compiled with the old offsets retrace

@@ -240,7 +240,10 @@ def _problems(plan: StepPlan) -> list[str]:
             out.append(f"{what} needs one allocation of {a.bytes} bytes ({_gib(a.bytes)}), over "
                        f"maxMemoryAllocationSize={caps.max_memory_allocation_size} "
                        f"({_gib(caps.max_memory_allocation_size)})")
-    for k, info in zip(low.kernels, plan.kernels, strict=True):
+    for k, info, b in zip(low.kernels, plan.kernels, plan.binaries, strict=True):
+        if "problem" in b.notes:  # a kernel the device cannot run correctly
+            src = info.sources[0] if info.sources else "?"
+            out.append(f"kernel {info.id} ({info.name}, {src}): {b.notes['problem']}")
         for bid in [*k.reads, *k.writes]:
             nbytes = low.buffers[bid].nbytes
             if nbytes > caps.max_storage_buffer_range:

@@ -87,3 +87,21 @@ def test_sum_over_leading_axis(run_kernel, device_type):
     x = rng.standard_normal(2048 * 130).astype(np.float32)
     (out,) = run_kernel(b, [x], [((130,), np.float32)])
     assert rel_l2(out, reference_reduction(s, x)) < 1e-5
+
+
+def test_long_rows_are_summed_whole_or_refused_on_llvmpipe():
+    """llvmpipe ends a loop after 65535 iterations without an error: a long column sum once
+    came out as 65535. Long rows go to a workgroup per row; rows no workgroup can finish
+    within the limit are refused by the plan, never summed short."""
+    import alpha_jit as aj
+    from alpha_jit.runtime import get_device
+    from alpha_jit.runtime.step_plan import MemoryPlanError
+
+    x = np.ones((2**17 + 5, 2), np.float32)
+    np.testing.assert_array_equal(aj.compile(lambda t: t.sum(0))(x).numpy(), [2**17 + 5] * 2)
+    xi = np.ones((2**17 + 5, 2), np.int32)
+    np.testing.assert_array_equal(aj.compile(lambda t: t.sum(0))(xi).numpy(), [2**17 + 5] * 2)
+    if get_device().caps.device_type != "cpu":
+        return
+    with pytest.raises(MemoryPlanError, match="65535 loop iterations"):
+        aj.compile(lambda t: t.sum())(np.ones(2**24 + 8, np.float32))

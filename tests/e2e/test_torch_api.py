@@ -304,3 +304,63 @@ def test_empty_selections_and_bad_narrow_raise():
     with pytest.raises(aj.ShapeError, match="do not fit"):
         aj.compile(lambda x: x.narrow(0, 3, 4))(X)
     np.testing.assert_array_equal(aj.compile(lambda x: x.narrow(0, -2, 2))(X).numpy(), X[-2:])
+
+
+def test_replacing_a_submodule_after_compiling_retraces():
+    s = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    f = aj.compile(lambda x: s(x))
+    f(X)
+    s[0] = nn.Linear(6, 6)
+    w0, b0 = s[0].weight.numpy(), s[0].bias.numpy()
+    want = np.maximum(X @ w0.T + b0, 0) @ s[2].weight.numpy().T + s[2].bias.numpy()
+    np.testing.assert_allclose(f(X).numpy(), want, rtol=1e-5, atol=1e-6)
+    assert f.traces == 2
+    f(X)
+    assert f.traces == 2  # and only once
+
+
+def test_attention_mask_with_causal_and_empty_rows_has_finite_gradients():
+    torch = pytest.importorskip("torch", reason="the reference is PyTorch")
+    q0 = RNG.normal(size=(1, 2, 4, 8)).astype(np.float32)
+    keep = np.ones((4, 4), bool)
+    keep[1, :] = False  # nothing kept in row 1
+    p = nn.Parameter(q0)
+    opt = nn.optim.SGD([p], lr=1.0)
+
+    @aj.compile
+    def step():
+        out = AF.scaled_dot_product_attention(p, p, p, keep, is_causal=True)
+        loss = (out * out).sum()
+        loss.backward()
+        opt.step()
+        return out
+
+    got = step().numpy()
+    tq = torch.from_numpy(q0).requires_grad_()
+    ref = torch.nn.functional.scaled_dot_product_attention(tq, tq, tq, torch.from_numpy(keep),
+                                                           is_causal=True)
+    (ref * ref).sum().backward()
+    np.testing.assert_allclose(got, ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(p.numpy(), q0 - tq.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_float_floor_division_and_remainder_match_pytorch_on_random_magnitudes():
+    torch = pytest.importorskip("torch", reason="the reference is PyTorch")
+    rng = np.random.default_rng(3)
+    a = np.concatenate([np.array([-0.001, -1, 1e-45, 1e8, 1e35, 0.1, 1e35, 3], np.float32),
+                        (rng.normal(size=500) * 10.0 ** rng.integers(-3, 9, 500))
+                        .astype(np.float32)])
+    b = np.concatenate([np.array([1e5, 1e8, -1, 0.1, 7, 3e38, -1, 0], np.float32),
+                        (rng.normal(size=500) * 10.0 ** rng.integers(-3, 4, 500))
+                        .astype(np.float32)])
+    q, r = aj.compile(lambda a, b: (a // b, a % b))(a, b)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    np.testing.assert_array_equal(q.numpy(), torch.floor_divide(ta, tb).numpy())
+    np.testing.assert_array_equal(r.numpy(), torch.remainder(ta, tb).numpy())
+
+
+def test_integer_min_handles_int32_min():
+    i = np.array([[-2**31, 5, 2**31 - 1, -2**31]], np.int32)
+    got = aj.compile(lambda t: (t.amin(1), t.argmin(1), t.min(), t.min(dim=1).indices))(i)
+    for g, w in zip(got, [i.min(1), i.argmin(1), i.min(), i.argmin(1)], strict=True):
+        np.testing.assert_array_equal(g.numpy(), w)

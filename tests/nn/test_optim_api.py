@@ -286,20 +286,27 @@ def test_loading_torchs_state_dict_continues_like_torch(name, as_numpy):
     _assert_close([[p.numpy() for p in model.parameters()]], want, name)
 
 
-def test_loading_a_different_option_after_compiling_raises_at_the_next_call():
+def test_loading_a_state_dict_after_compiling_retraces_with_its_options():
+    """A load replaces options and per-parameter steps the compiled step baked in: the next
+    call retraces (editing an option in place, without a load, still raises)."""
     model = _model()
     opt = nn.optim.Adam(model.parameters(), lr=0.05)
     step = _step(model, opt)
     step(*DATA[0])
     sd = opt.state_dict()
-    sd["param_groups"][0]["lr"] = 0.01  # lr is fed per call: fine
-    sd["param_groups"][0]["foreach"] = False  # a hint: fine
+    sd["param_groups"][0]["lr"] = 0.01
+    sd["param_groups"][0]["foreach"] = False  # a hint
     opt.load_state_dict(sd)
     step(*DATA[1])
+    sd = opt.state_dict()
     sd["param_groups"][0]["betas"] = (0.5, 0.9)
     opt.load_state_dict(sd)
+    step(*DATA[2])
+    assert step.traces == 3
+    assert opt.param_groups[0]["betas"] == (0.5, 0.9)
+    opt.param_groups[0]["betas"] = (0.1, 0.2)
     with pytest.raises(OptimizerError, match="'betas' changed"):
-        step(*DATA[2])
+        step(*DATA[0])
 
 
 def _adam_state(amsgrad: bool = False, step: float = 2.0) -> dict:
@@ -446,3 +453,21 @@ def test_a_parameter_unfrozen_later_counts_its_own_steps(kind, options):
     _assert_close(got, want, f"{kind} unfrozen at step 3")
     sd = opt.state_dict()["state"]
     assert [sd[i]["step"] for i in range(4)] == [3.0, 3.0, 5.0, 5.0]
+
+
+def test_a_parameter_frozen_from_the_start_has_no_state_and_round_trips():
+    model = _model()
+    first = list(model.parameters())[:2]
+    for p in first:
+        p.requires_grad_(False)
+    opt = nn.optim.AdamW(model.parameters(), lr=0.05)
+    step = _step(model, opt)
+    for x, y in DATA[:2]:
+        step(x, y)
+    sd = opt.state_dict()
+    assert sorted(sd["state"]) == [2, 3]  # torch keeps nothing for never-updated parameters
+    fresh_model = _model()
+    fresh_model.load_state_dict(model.state_dict())
+    fresh = nn.optim.AdamW(fresh_model.parameters(), lr=0.05)
+    fresh.load_state_dict(sd)
+    assert [fresh.param_step(p) for p in fresh.params] == [0, 0, 2, 2]

@@ -27,6 +27,7 @@ from ..scalar import compute_dtype, nan_minmax, subgroup_max
 from .elementwise import local_size_for, storage_dtype
 
 MODES = ("sum", "max", "mean", "lse")
+CPU_MAX_LOOP = 65535  # llvmpipe's loop iteration limit (LP_MAX_TGSI_LOOP_ITERATIONS)
 _IDENTITY = {"add": 0.0, "max": float("-inf")}
 
 
@@ -82,6 +83,13 @@ def generate_reduction(spec: KernelSpec, caps: object = None) -> KernelBinary:
         raise ValueError(f"{spec.name}: cannot reduce an empty axis")
     rows = math.prod(outer_shape)
     local = local_size_for(caps)
+    # llvmpipe ends a loop after 65535 iterations without a word: the plan refuses such a
+    # kernel (StepPlan.problems, before anything runs), never a short sum
+    problem = {}
+    if cap(caps, "device_type", None) == "cpu" and red_len > CPU_MAX_LOOP * local:
+        problem = {"problem": f"a row of {red_len} elements needs more than {CPU_MAX_LOOP} "
+                              "loop iterations per thread, which llvmpipe cuts short; reduce "
+                              f"in two steps (reshape to [..., n, {red_len} // n], sum twice)"}
     serial = _thread_per_row(red_len, red_stride, outer_strides, rows, local, caps)
     if serial:
         local = min(local, 64)  # small groups: short tails, and rows spread over more groups
@@ -134,7 +142,8 @@ def generate_reduction(spec: KernelSpec, caps: object = None) -> KernelBinary:
             out_buf.store(row, kb.cast(finish(serial_reduce), out_ct))
         groups = max(1, min(math.ceil(rows / local), max_groups_x(caps)))
         return kb.binary(spec, [Dispatch((groups, 1, 1))],
-                         notes={"rows": rows, "red_len": red_len, "thread_per_row": True,
+                         notes={**problem, "rows": rows, "red_len": red_len,
+                                "thread_per_row": True,
                                 "variant": f"thread per row x{local}"})
 
     reduce_group = _WorkgroupReducer(kb, local, caps, acc_dt)
@@ -155,7 +164,7 @@ def generate_reduction(spec: KernelSpec, caps: object = None) -> KernelBinary:
 
     groups = max(1, min(rows, max_groups_x(caps)))
     return kb.binary(spec, [Dispatch((groups, 1, 1))],
-                     notes={"rows": rows, "red_len": red_len,
+                     notes={**problem, "rows": rows, "red_len": red_len,
                             "variant": f"workgroup per row x{local} (subgroup ops)"})
 
 
@@ -174,6 +183,8 @@ def _thread_per_row(red_len: int, red_stride: int, outer_strides: tuple, rows: i
     the device, since each thread then walks the whole row alone."""
     if red_len <= _UNROLL:
         return True
+    if cap(caps, "device_type", None) == "cpu" and red_len > CPU_MAX_LOOP:
+        return False  # the thread's loop would pass llvmpipe's iteration limit
     if cap(caps, "device_type", None) == "cpu" and rows >= _CPU_MIN_ROWS:
         return True
     inner = next((s for s in reversed(outer_strides) if s != 0), None)

@@ -119,25 +119,63 @@ def _two_prod(e, x, y, p):
     return add(add(add(sub(mul(xh, yh), p), mul(xh, yl)), mul(xl, yh)), mul(xl, yl))
 
 
+def _exact_rem(e, a, b, q):
+    """a - q b for an integer-valued q, with the product exact (Dekker) and scaled by 2^-40
+    where |q| or |b| is so large that the split would overflow."""
+    c = lambda v: e.const(v, "f32")  # noqa: E731
+    big = lambda v: e.compare("gt", e.unary("abs", v), c(1e30))  # noqa: E731
+    sq = e.select(big(q), c(2.0 ** -40), c(1.0))
+    sb = e.select(big(b), c(2.0 ** -40), c(1.0))
+    qs, bs = e.binary("mul", q, sq), e.binary("mul", b, sb)
+    ps = e.binary("mul", qs, bs)
+    unscale = e.binary("div", c(1.0), e.binary("mul", sq, sb))  # a power of two
+    err = e.binary("mul", _two_prod(e, qs, bs, ps), unscale)
+    # |q| <= 1: q b is exact (and b may be too large to split)
+    err = e.select(e.compare("le", e.unary("abs", q), c(1.0)), c(0.0), err)
+    return e.binary("sub", e.binary("sub", a, e.binary("mul", ps, unscale)), err)
+
+
+_DIVMOD_ROUNDS = 6  # each round shrinks |r / b| by ~2^24: ratios up to f32's range
+
+
 def _divmod_f32(e, a, b):
-    """numpy's float floor division and remainder: q = floor(a / b) corrected by the exact
-    remainder a - q b (a / b rounds: 1 // 0.1 is 9, not 10), and that remainder."""
+    """numpy's float floor division and remainder. q = floor(a / b) rounds (1 // 0.1 would be
+    10), and past |a / b| = 2^24 it is not even the integer part: so the remainder
+    r = a - q b is computed exactly and reduced again by floor(r / b) until it lies in
+    [0, b) (b's sign), q accumulating the steps; a last +-1 settles a rounded r / b."""
     c = lambda v: e.const(v, "f32")  # noqa: E731
     cmp, sel = e.compare, e.select
     q = e.unary("floor", e.binary("div", a, b))
-    p = e.binary("mul", q, b)
-    r = e.binary("sub", e.binary("sub", a, p), _two_prod(e, q, b, p))
-    # r must lie between 0 and b (with b's sign): one step either way fixes a rounded a / b
-    low = e.select(cmp("gt", b, c(0.0)), cmp("lt", r, c(0.0)), cmp("gt", r, c(0.0)))
-    high = e.select(cmp("gt", b, c(0.0)), cmp("ge", r, b), cmp("le", r, b))
+    r = _exact_rem(e, a, b, q)
+    for _ in range(_DIVMOD_ROUNDS - 1):
+        # r == b is a remainder just below b, rounded (numpy keeps it): not another b
+        q2 = sel(cmp("eq", r, b), c(0.0), e.unary("floor", e.binary("div", r, b)))
+        ok = cmp("eq", q2, q2)  # not NaN (b = 0, or an infinite q): keep q as it is
+        r = sel(ok, _exact_rem(e, r, b, sel(ok, q2, c(0.0))), r)
+        q = sel(ok, e.binary("add", q, q2), q)
+    # r == b after rounding is numpy's answer too (-0.001 % 1e5 is 1e5): only r past b
+    low = sel(cmp("gt", b, c(0.0)), cmp("lt", r, c(0.0)), cmp("gt", r, c(0.0)))
+    high = sel(cmp("gt", b, c(0.0)), cmp("gt", r, b), cmp("lt", r, b))
     q = sel(low, e.binary("sub", q, c(1.0)), sel(high, e.binary("add", q, c(1.0)), q))
     r = sel(low, e.binary("add", r, b), sel(high, e.binary("sub", r, b), r))
+    # the quotient as numpy and PyTorch round it (not always the exact floor once a - fmod
+    # rounds): div = (a - fmod) / b from fmod (a's sign), less 1 where fmod moved to b's sign,
+    # then to the nearest integer
+    moved = sel(cmp("eq", r, c(0.0)), cmp("ne", r, r),
+                sel(cmp("lt", a, c(0.0)), cmp("gt", b, c(0.0)), cmp("lt", b, c(0.0))))
+    fmod = sel(moved, e.binary("sub", r, b), r)
+    div = e.binary("div", e.binary("sub", a, fmod), b)
+    div = sel(moved, e.binary("sub", div, c(1.0)), div)
+    near = e.unary("floor", div)
+    near = sel(cmp("gt", e.binary("sub", div, near), c(0.5)), e.binary("add", near, c(1.0)),
+               near)
+    q = sel(cmp("eq", near, near), near, q)  # not where b = 0 (q is +-inf or NaN there)
     # b = +-inf with a finite: a // b is 0 or -1 and a % b is a or b, by the signs
     inf_b = cmp("eq", e.unary("abs", b), c(math.inf))
     finite_a = cmp("ne", e.unary("abs", a), c(math.inf))
-    against = e.select(cmp("lt", a, c(0.0)), cmp("gt", b, c(0.0)), cmp("lt", b, c(0.0)))
-    against = e.select(cmp("eq", a, c(0.0)), cmp("ne", a, a), against)  # a == 0: never
-    special = e.select(inf_b, finite_a, inf_b)  # inf_b and finite_a
+    against = sel(cmp("lt", a, c(0.0)), cmp("gt", b, c(0.0)), cmp("lt", b, c(0.0)))
+    against = sel(cmp("eq", a, c(0.0)), cmp("ne", a, a), against)  # a == 0: never
+    special = sel(inf_b, finite_a, inf_b)  # inf_b and finite_a
     q = sel(special, sel(against, c(-1.0), c(0.0)), q)
     r = sel(special, sel(against, b, a), r)
     # an infinite a has no floor quotient (numpy: NaN; its remainder is NaN already)
