@@ -91,10 +91,10 @@ class TensorOps(ReduceMixin, LayoutMixin):
 
     def __mod__(self, o: Any) -> Tensor:
         """Python's and PyTorch's remainder: the sign of the divisor, a - floor(a / b) * b."""
-        return _remainder(self, o)
+        return _binary("remainder", self, o)
 
     def __rmod__(self, o: Any) -> Tensor:
-        return _remainder(o, self)
+        return _binary("remainder", o, self)
 
     def __neg__(self) -> Tensor:
         return trace.apply("neg", [self])
@@ -448,10 +448,6 @@ def _binary(op: str, a: Any, b: Any, to_float: bool = False) -> Tensor:
     if to_float and not ta.dtype.is_float and not tb.dtype.is_float:
         ta, tb = ta.astype(dtypes.float32), tb.astype(dtypes.float32)
     return trace.apply(op, [ta, tb])
-
-
-def _remainder(a: Any, b: Any) -> Tensor:
-    return _binary("remainder", a, b)
 
 
 def _logical(x: Any, other: Any, op: str) -> Tensor:

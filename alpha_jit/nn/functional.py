@@ -14,7 +14,7 @@ import numpy as np
 from alpha_jit import dtypes
 from alpha_jit.errors import DTypeError, ShapeError, TraceError
 from alpha_jit.ir import trace
-from alpha_jit.tensor import Tensor, as_tensor, full, iota
+from alpha_jit.tensor import Tensor, as_tensor, full, iota, maximum, where
 from alpha_jit.tensor_shape import pad as pad_zeros
 
 
@@ -145,16 +145,12 @@ def nll_loss(input: Any, target: Any, weight: Any = None,  # noqa: A002
                          where_)
     c = logp.shape[1]
     note_index_bound(y, c, "nll_loss", also=ignore_index)
-    from alpha_jit.tensor import where
-
     picked = (logp * one_hot(y, c)).sum(-1)
     rows = where((y >= 0) & (y < c), -picked, float("nan"))
     if ignore_index is not None:
         keep = y.ne(ignore_index)
         rows = where(keep, rows, 0.0)
         if reduction == "mean":  # all ignored: 0, as cross_entropy
-            from alpha_jit.tensor import maximum
-
             return rows.sum() / maximum(keep.sum(), 1.0)
     return _reduce_loss("nll_loss", rows, reduction)
 
@@ -201,8 +197,6 @@ def pad(input: Any, pad: Sequence[int], mode: str = "constant",  # noqa: A002
         pads[x.ndim - 1 - i] = (int(pad[2 * i]), int(pad[2 * i + 1]))
     out = pad_zeros(x, pads)
     if value != 0.0:  # the padding is where a padded ones tensor is 0 (a select: inf, NaN)
-        from alpha_jit.tensor import where
-
         out = where(pad_zeros(full(x.shape, 1.0, x.dtype), pads), out, float(value))
     return out
 
@@ -220,13 +214,13 @@ def cross_entropy(logits: Any, labels: Any, weight: Any = None, ignore_index: in
                          trace.current().provenance().where())
     z, y = as_tensor(logits), as_tensor(labels)
     ctx = trace.current()
-    where = ctx.provenance().where()
+    at = ctx.provenance().where()
     if y.dtype != dtypes.int32:
         raise DTypeError("cross_entropy", f"labels must be integer class indices, got "
-                         f"{y.dtype}{list(y.shape)} (logits {z.dtype}{list(z.shape)})", where)
+                         f"{y.dtype}{list(y.shape)} (logits {z.dtype}{list(z.shape)})", at)
     if z.ndim != 2 or y.shape != z.shape[:1]:
         raise ShapeError("cross_entropy", f"expects logits [N, C] and labels [N], got logits "
-                         f"{z.shape} and labels {y.shape}", where)
+                         f"{z.shape} and labels {y.shape}", at)
     note_index_bound(y, z.shape[1], "cross_entropy", also=ignore_index)
     # one fused kernel: per row (lse - z[y], lse) in f32, no one-hot; the backward forms
     # softmax - onehot on the fly from the saved lse (ir/ops/rowwise.py)
@@ -249,8 +243,6 @@ def cross_entropy(logits: Any, labels: Any, weight: Any = None, ignore_index: in
         loss = rows.mean()
     else:  # an ignored row's loss is 0 already; every row ignored: a loss (and gradient) of
         # 0, where PyTorch gives NaN that would reach the weights
-        from alpha_jit.tensor import maximum
-
         loss = rows.sum() / maximum(y.ne(ignore_index).sum(), 1.0)
     # under autocast the loss is f32 whatever the logits' dtype (PyTorch's autocast runs
     # cross_entropy in f32): a bf16/f16 loss would round it, and an f16 one overflows the
@@ -322,8 +314,6 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, attn_mask: Any = None,
                              f"comparison, a numpy bool array) or float (added to the scores), "
                              f"got {m.dtype}{list(m.shape)}", trace.current().provenance().where())
         if _is_bool_mask(m):
-            from alpha_jit.tensor import where
-
             m = where(m, 0.0, float("-inf"))
         return _attention_unfused(q, k, v, is_causal, scale, dropout_p, m)
     ctx = trace.current()
@@ -366,8 +356,6 @@ def _is_bool_mask(m: Tensor) -> bool:
 
 def _attention_unfused(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
                        dropout_p: float, mask: Tensor | None = None) -> Tensor:
-    from alpha_jit.tensor import where
-
     if q.ndim == 4 and k.ndim == 4 and k.shape[1] != q.shape[1] and k.shape[1] \
             and q.shape[1] % k.shape[1] == 0:  # GQA: each kv head serves H / Hkv query heads
         b, hkv, t, hd = k.shape

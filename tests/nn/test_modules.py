@@ -16,6 +16,7 @@ import pytest
 import alpha_jit as aj
 from alpha_jit import nn
 from alpha_jit.nn import functional as F
+from tests.e2e.util import classifier_step
 
 torch = pytest.importorskip("torch")
 tnn = torch.nn
@@ -209,16 +210,7 @@ def _frozen_step():
     nn.manual_seed(3)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     opt = nn.optim.AdamW(model.parameters(), lr=1e-2)
-
-    @aj.compile
-    def step(x, y):
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
-
-    return model, step
+    return model, classifier_step(model, opt)
 
 
 def test_requires_grad_freezes_and_unfreezing_retraces():
