@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import logging
-import operator
 import os
 import sys
 import warnings
@@ -27,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from alpha_jit import dtypes
+from alpha_jit import dtypes, guards
 from alpha_jit.errors import AlphaJitError, InternalCompilerError, TraceError
 from alpha_jit.ir import trace
 from alpha_jit.ir.graph import Graph
@@ -88,7 +86,7 @@ class TracedStep:
     memory_budget: int | None = None  # compile(memory_budget=...): bytes the plan may use
     # (object, attribute, value) the trace read (trace.TraceContext.guard)
     guards: list[tuple[Any, str, Any]] = field(default_factory=list)
-    _checks: list | None = None  # guard_holds' grouped form, built on first use
+    _guard_set: guards.GuardSet | None = None  # built on the first guard_holds
 
     def state_names(self) -> dict[int, str]:
         """State key -> the parameter's (or moment's, gradient's) name."""
@@ -97,23 +95,15 @@ class TracedStep:
     def guard_holds(self) -> bool:
         """False when a kept gradient appeared or vanished since tracing, or a guarded
         attribute (a module's `training`, a parameter's `requires_grad`) changed: retrace.
-        Checked on every call, so per attribute name one C-level map over the objects (a
-        GPT-2 step has ~400 guards: a Python loop over them cost 60 us a call)."""
-        if self._checks is None:
-            self._checks = _guard_checks(self.guards, self.grad_guard)
-        try:
-            return all(tuple(read(objs)) == want for read, objs, want in self._checks)
-        except AttributeError:  # an attribute that vanished: changed
-            return False
+        Checked on every call: one integer comparison unless a guardable value was written
+        since it last held (`alpha_jit.guards`)."""
+        if self._guard_set is None:
+            self._guard_set = guards.GuardSet(self.guards, self.grad_guard)
+        return self._guard_set.holds()
 
     def guard_change(self) -> str:
         """Why `guard_holds` is False, for the retrace log."""
-        for o, a, v in self.guards:
-            if not _same(getattr(o, a, _MISSING), v):
-                name = getattr(o, "state_name", None) or getattr(o, "_name", "") or \
-                    type(o).__name__
-                return f"{name}.{a} changed from {v!r} to {getattr(o, a, None)!r}"
-        return "a parameter's kept .grad appeared or was cleared"
+        return guards.GuardSet(self.guards, self.grad_guard).change()
 
     def leaves(self, args: list[np.ndarray], state_values: dict[int, np.ndarray],
                hparam_values: dict[tuple, float]) -> dict[int, np.ndarray]:
@@ -132,37 +122,6 @@ class TracedStep:
             elif op == "hparam":
                 feed[n] = np.asarray(hparam_values[g.attrs(n)["key"]], g.dtype(n).np_storage)
         return feed
-
-
-_MISSING = object()
-
-
-def _guard_checks(guards: list[tuple[Any, str, Any]],
-                  grad_guard: list[tuple[Any, bool]]) -> list[tuple[Any, tuple, tuple]]:
-    """(read(objs) -> values, objs, expected values) per guarded attribute name, plus one for
-    the kept-gradient guard (holder present or not): each a map that runs in C."""
-    by_attr: dict[str, tuple[list, list]] = {}
-    for o, a, v in guards:
-        objs, want = by_attr.setdefault(a, ([], []))
-        objs.append(o)
-        want.append(v)
-    checks: list[tuple[Any, tuple, tuple]] = []
-    for a, (objs, want) in by_attr.items():
-        getter = operator.attrgetter(a)
-        checks.append((lambda os, g=getter: map(g, os), tuple(objs), tuple(want)))
-    if grad_guard:
-        holder = operator.attrgetter("_grad_holder")
-        checks.append((lambda ps: map(operator.is_not, map(holder, ps), itertools.repeat(None)),
-                       tuple(p for p, _ in grad_guard), tuple(h for _, h in grad_guard)))
-    return checks
-
-
-def _same(now: Any, then: Any) -> bool:
-    """A guarded value is unchanged: equal for plain values, the same object otherwise (a
-    replaced parameter; `==` on tensors would build an op)."""
-    if isinstance(then, bool | int | float | str | type(None)):
-        return type(now) is type(then) and now == then
-    return now is then
 
 
 def _host_value(holder: StateTensor) -> np.ndarray:

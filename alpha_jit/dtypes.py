@@ -19,6 +19,11 @@ class DType:
     np_storage: str  # numpy dtype used for host-side bytes
     is_float: bool
 
+    @property
+    def np_storage_dtype(self) -> np.dtype:
+        """`np_storage` as a numpy dtype object (made once per type: host calls compare it)."""
+        return _STORAGE[self.np_storage]
+
     def __repr__(self) -> str:
         return self.name
 
@@ -31,6 +36,7 @@ float16 = DType("f16", 2, "float16", True)
 bfloat16 = DType("bf16", 2, "uint16", True)
 int32 = DType("i32", 4, "int32", False)
 
+_STORAGE = {n: np.dtype(n) for n in ("float32", "float16", "uint16", "int32")}
 _BY_NAME = {d.name: d for d in (float32, float16, bfloat16, int32)}
 _ALIASES = {"float32": float32, "float16": float16, "bfloat16": bfloat16, "int32": int32,
             "half": float16}
@@ -58,8 +64,14 @@ def dtype(x: object) -> DType:
     raise TypeError(f"alpha_jit has no dtype for numpy {npd}")
 
 
+_BY_NUMPY: dict[np.dtype, DType] = {}  # per-call input checks: a dict hit, not 5 compares
+
+
 def from_numpy(arr: np.ndarray) -> DType:
-    return dtype(arr.dtype)
+    dt = _BY_NUMPY.get(arr.dtype)
+    if dt is None:
+        dt = _BY_NUMPY[arr.dtype] = dtype(arr.dtype)
+    return dt
 
 
 def to_numpy(dt: DType) -> np.dtype:

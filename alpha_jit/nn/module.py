@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from alpha_jit import dtypes
+from alpha_jit import dtypes, guards
 from alpha_jit.ir import trace
 from alpha_jit.nn import state_dict as sd
 from alpha_jit.tensor import StateTensor, Tensor, full
@@ -39,9 +39,11 @@ def view_registration() -> Iterator[None]:
         _VIEWS[0] -= 1
 
 
-class Parameter(StateTensor):
+class Parameter(guards.GuardedAttrs, StateTensor):
     """Trainable state. `p.grad` is the traced gradient inside a step; after the step, the
     device-resident gradient if the step left one (it did not call `zero_grad()`)."""
+
+    _guarded = frozenset({"requires_grad", "_grad_holder"})  # compiled steps guard on them
 
     requires_grad = True  # an instance attribute after requires_grad_() (autodiff reads it)
 
@@ -76,11 +78,12 @@ class Parameter(StateTensor):
         return self
 
 
-class _Structure:
+class _Structure(guards.GuardedAttrs):
     """A counter of member replacements (a parameter, buffer or child swapped for another
-    after construction). Every trace guards on it, one integer per call: a compiled step
-    holds the members it read, so any replacement retraces (rare, and logged)."""
+    after construction). Every trace guards on it: a compiled step holds the members it
+    read, so any replacement retraces (rare, and logged)."""
 
+    _guarded = frozenset({"version"})
     version = 0
 
 
@@ -121,6 +124,7 @@ class Module:
         if ctx is not None:  # set by the traced function itself: the trace does not depend
             ctx.assign_guarded(self, "_training")  # on the value it had before the call
         object.__setattr__(self, "_training", bool(mode))
+        guards.bump()  # compiled steps that read `training` re-check it
 
     def train(self, mode: bool = True) -> Module:
         """Set training mode on this module and every descendant; returns self."""
@@ -137,6 +141,8 @@ class Module:
 
     # ---- registration --------------------------------------------------------------------
     def __setattr__(self, name: str, value: Any) -> None:
+        if name in guards.TRACKED:  # e.g. `_training` set directly: compiled steps re-check
+            guards.bump()
         params = self.__dict__.get("_parameters")
         if isinstance(value, Parameter):
             if params is None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from alpha_jit import dtypes
+from alpha_jit import dtypes, guards
 from alpha_jit.errors import AlphaJitError, TraceError
 from alpha_jit.ir import trace
 from alpha_jit.nn.loss_scale import guard
@@ -63,7 +63,7 @@ def _check_flags(group: dict[str, Any], keys: tuple[str, ...], where: str) -> No
         group[k] = bool(group[k])
 
 
-class Optimizer:
+class Optimizer(guards.GuardedAttrs):
     """Base: parameter groups (`param_groups`, PyTorch's name and dict format: every group holds
     every option), per-parameter state, the step counter, and the learning rate, optionally a
     schedule `lr_at(step) -> lr` evaluated on the host.
@@ -76,6 +76,8 @@ class Optimizer:
     Per-parameter state (momentum buffers, Adam's moments) are `StateTensor`s named as in
     PyTorch: `opt.state[p]["exp_avg"].numpy()` reads one, `.assign(array)` writes it, before or
     after the step is compiled. `state_dict()` / `load_state_dict()` use PyTorch's format."""
+
+    _guarded = frozenset({"_start_version"})  # compiled steps guard on it
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]):
         items = list(params)
@@ -113,6 +115,7 @@ class Optimizer:
         self._start: dict[int, int] = {}
         self._traced = False  # some step() was traced: later newcomers start their own count
         self._start_version = 0  # load_state_dict replaced `_start`: compiled steps retrace
+        self._starts_memo: dict[tuple, tuple[int, ...]] = {}
         self._compiled_options: list[dict[str, Any]] | None = None
         # slot name ("exp_avg", ...) -> parameter state key -> its StateTensor, made on first use
         self._slots: dict[str, dict[int, StateTensor]] = {n: {} for n in self.SLOTS}
@@ -231,7 +234,13 @@ class Optimizer:
     def _check_unchanged(self) -> None:
         """Options other than lr are constants of the compiled step: a change must not be
         silently ignored."""
-        if self._compiled_options is None:
+        olds = self._compiled_options
+        if olds is None:
+            return
+        groups = self.param_groups
+        # every call: one C-level read per group; the slow loop below only names the change
+        if len(groups) == len(olds) and all(tuple(map(g.get, old)) == tuple(old.values())
+                                            for g, old in zip(groups, olds, strict=True)):
             return
         for i, (old, new) in enumerate(zip(self._compiled_options, self._options(),
                                            strict=True)):
@@ -283,9 +292,16 @@ class Optimizer:
         """The hparam `name` (e.g. "bc1/0") as seen by p's own step count."""
         return self._own_name(name, self._start.get(p.state_key, 0))
 
-    def _starts(self, i: int) -> set[int]:
-        """The distinct first-update offsets of group i's parameters."""
-        return {self._start.get(p.state_key, 0) for p in self.param_groups[i]["params"]} | {0}
+    def _starts(self, i: int) -> tuple[int, ...]:
+        """The distinct first-update offsets of group i's parameters (memoised: `_start` only
+        grows while tracing, or is replaced with `_start_version` bumped)."""
+        params = self.param_groups[i]["params"]
+        key = (i, len(self._start), self._start_version, len(params))
+        hit = self._starts_memo.get(key)
+        if hit is None:
+            found = {self._start.get(p.state_key, 0) for p in params} | {0}
+            hit = self._starts_memo[key] = tuple(sorted(found))
+        return hit
 
     @staticmethod
     def _own_name(name: str, start: int) -> str:

@@ -114,6 +114,11 @@ class BufferRegion:
         view = memoryview(data).cast("B")
         vk.ffi().memmove(self._ptr(offset, view.nbytes), view, view.nbytes)
 
+    def host_view(self) -> np.ndarray:
+        """The mapped bytes as a writable uint8 array (valid until the region is freed): a
+        replayed step writes its inputs by slice assignment, with no call per buffer."""
+        return np.frombuffer(vk.ffi().buffer(self._ptr(0, self.size), self.size), np.uint8)
+
     def read(self, nbytes: int | None = None, offset: int = 0) -> bytes:
         """Copy bytes out of a staging region (after the writing submission was waited on)."""
         n = self.size - offset if nbytes is None else nbytes

@@ -28,24 +28,33 @@ from alpha_jit.runtime.step_plan import STAGING_RING, StepPlan, plan_step
 log = logging.getLogger("alpha_jit.runtime")
 
 
+def _within(a: np.ndarray, lo: int, hi: int) -> bool:
+    """Every value of `a` is in [lo, hi). From 0, one reduction over the unsigned view (a
+    negative value wraps past any hi): ids are checked on every call."""
+    if lo == 0 and a.dtype.kind == "i":
+        return int(a.view(a.dtype.str.replace("i", "u")).max()) < hi
+    return bool(lo <= a.min() and a.max() < hi)
+
+
 class DeviceState:
-    """Where a StateTensor lives on the device, and the last step that wrote it."""
+    """Where a StateTensor lives on the device. Host reads and writes wait for everything
+    submitted (any step may read or write it): a per-state "last writer" stamped on every
+    call cost a loop over ~600 states per call, and missed steps that only read it."""
 
     def __init__(self, device: Device, holder: Any):
         self.device, self.holder = device, holder
         self.nbytes = max(int(np.prod(holder.shape, dtype=np.int64)), 1) * holder.dtype.itemsize
         self.region = device.alloc(self.nbytes)
-        self.last_value = 0
         device.upload(self.region, holder._host)
         holder._host = None
 
     def read(self) -> np.ndarray:
-        self.device.wait(self.last_value)
+        self.device.synchronize()
         h = self.holder
         return self.device.download_array(self.region, h.shape, np.dtype(h.dtype.np_storage))
 
     def write(self, arr: np.ndarray) -> None:
-        self.device.wait(self.last_value)
+        self.device.synchronize()  # no step in flight may still read the old value
         self.device.upload(self.region, np.array(arr, order="C"))
 
 
@@ -149,6 +158,7 @@ class Executable:
         self.out_offsets = plan.out_offsets
         self.readbacks = [dev.alloc_staging(max(plan.out_bytes, 16))
                           for _ in range(STAGING_RING)]
+        self._feeds()
 
     @property
     def planned_bytes(self) -> int:
@@ -218,12 +228,13 @@ class Executable:
     # ---- running -----------------------------------------------------------------------------
     def check_inputs(self, args: list[np.ndarray]) -> list[np.ndarray]:
         out = []
+        bounds_of = self.traced.index_bounds
         for i, a in enumerate(args):
             dt = dtypes.from_numpy(a)
             # checks read the caller's values: narrowing first would turn 2**32 + 1 into 1
-            bounds = self.traced.index_bounds.get(i)
-            # the common case costs two reductions; masks only when something is outside
-            if bounds is not None and a.size and not bounds[0] <= a.min() <= a.max() < bounds[1]:
+            bounds = bounds_of.get(i)
+            # the common case costs one or two reductions; masks only when something is outside
+            if bounds is not None and a.size and not _within(a, bounds[0], bounds[1]):
                 lo, hi, op, where, also = bounds
                 outside = (a < lo) | (a >= hi)
                 if also is not None:
@@ -232,19 +243,39 @@ class Executable:
                     bad = a[outside].ravel()[0]
                     raise AlphaJitError(f"{op}: argument {i} (shape {a.shape}) holds index "
                                         f"{int(bad)}, outside [{lo}, {hi})\n  at {where}")
-            if a.dtype.kind in "iu" and a.dtype != np.dtype(dt.np_storage) and a.size:
-                info = np.iinfo(dt.np_storage)
+            storage = dt.np_storage_dtype
+            if a.dtype is storage or a.dtype == storage:
+                out.append(a)  # staging copies it at once (callers pass C-contiguous arrays)
+                continue
+            if a.dtype.kind in "iu" and a.size:
+                info = np.iinfo(storage)
                 outside = (a < info.min) | (a > info.max)
                 if outside.any():
                     raise AlphaJitError(
                         f"argument {i} ({a.dtype}{list(a.shape)}) holds "
                         f"{int(a[outside].ravel()[0])}, which does not fit the device's "
                         f"{dt.name} (range [{info.min}, {info.max}])")
-            storage = np.dtype(dt.np_storage)
-            # staging copies it at once: only a conversion or a strided array needs a copy here
-            out.append(a if a.dtype == storage and a.flags.c_contiguous
-                       else np.array(a, dtype=storage, order="C"))
+            out.append(np.array(a, dtype=storage, order="C"))
         return out
+
+    def _feeds(self) -> None:
+        """Where each call's inputs and host scalars go, worked out once: per call the
+        staging writes are numpy slice assignments into the mapped slot (one fancy
+        assignment for every f32 scalar), not a write call per buffer."""
+        self._views = [s.host_view() for s in self.stagings]
+        self._input_feeds = [(b.key, soff, b.nbytes) for _, soff, b in self.staged
+                             if b.kind == "input"]
+        scalars = [(b.key, soff) for _, soff, b in self.staged
+                   if b.kind != "input" and b.dtype == dtypes.float32 and soff % 4 == 0]
+        self._f32_keys = [k for k, _ in scalars]
+        self._f32_index = np.array([soff // 4 for _, soff in scalars], dtype=np.intp)
+        f32 = set(self._f32_keys)
+        self._other_feeds = [(b.key, soff, np.dtype(b.dtype.np_storage))
+                             for _, soff, b in self.staged
+                             if b.kind != "input" and b.key not in f32]
+        self._providers = {id(hp.provider): hp.provider for hp in self.traced.hparams.values()}
+        self._hparam_src = [(key, id(hp.provider), hp.name)
+                            for key, hp in self.traced.hparams.items()]
 
     def __call__(self, args: list[np.ndarray], recording: Any = None) -> list[DeviceValue]:
         """Write the inputs and submit the step (`recording`: another recording of it, e.g.
@@ -253,13 +284,8 @@ class Executable:
         if self.released:
             raise AlphaJitError("this compiled step was released (evicted from its cache)")
         arrays = self.check_inputs(args)
-        hvals: dict[tuple, float] = {}
-        providers: dict[int, dict[str, float]] = {}
-        for key, hp in self.traced.hparams.items():
-            pid = id(hp.provider)
-            if pid not in providers:
-                providers[pid] = hp.provider.next_hparams()
-            hvals[key] = providers[pid][hp.name]
+        given = {pid: p.next_hparams() for pid, p in self._providers.items()}
+        hvals = {key: given[pid][name] for key, pid, name in self._hparam_src}
         self.last_hparams = hvals  # what this call fed (tests replay it in the interpreter)
         # the slot used two calls ago: the previous step may still run while this one's
         # inputs are written (the recording's entry barrier orders the two on the GPU)
@@ -270,18 +296,17 @@ class Executable:
             self._fetch_outputs(self._slot_pending[slot][0]._value)
         self.device.wait(self._slot_value[slot])  # its staging is about to be rewritten
         waited = time.perf_counter() - waited
-        staging = self.stagings[slot]
-        for _, soff, b in self.staged:
-            if b.kind == "input":
-                staging.write(arrays[b.key], soff)
-            else:
-                hv = np.asarray(hvals[b.key], dtype=b.dtype.np_storage)
-                staging.write(hv, soff)
+        view = self._views[slot]
+        for key, soff, n in self._input_feeds:
+            view[soff:soff + n] = arrays[key].reshape(-1).view(np.uint8)
+        if self._f32_keys:
+            view.view(np.float32)[self._f32_index] = [hvals[k] for k in self._f32_keys]
+        for key, soff, np_dt in self._other_feeds:
+            raw = np.asarray(hvals[key], dtype=np_dt).reshape(-1).view(np.uint8)
+            view[soff:soff + raw.nbytes] = raw
         value = (recording or self.recordings[slot]).submit()
         self.last_host_s = time.perf_counter() - t0 - waited
         self.last_value = self._slot_value[slot] = value
-        for st in self.states.values():
-            st.last_value = value
         self.pending = self._slot_pending[slot] = [
             DeviceValue(self, value, i, r.shape, r.dtype)
             for i, r in enumerate(self.lowered.returns)]

@@ -1,0 +1,142 @@
+"""The replayed call's host path: guards checked in O(1), yet every guarded write retraces.
+
+A compiled call re-checks the Python state its trace read (`alpha_jit.guards`): after the
+first check it trusts one epoch counter that every write of a guarded attribute advances.
+These tests check that each way a user changes such state still retraces after the cheap
+path was taken, that a guard outside the tracked attributes is checked in full, and that
+the host work of a replayed call does not grow with the model (it was a loop over every
+parameter, moment and guard: ~600 states and ~400 guards for GPT-2).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from alpha_jit import guards, nn
+from alpha_jit.nn.transformer import GPT, GPTConfig
+from tests.e2e.util import classifier_step
+
+
+def _model_and_step():
+    nn.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.0), nn.ReLU(), nn.Linear(8, 3))
+    opt = nn.optim.AdamW(model.parameters(), lr=1e-2)
+    return model, opt, classifier_step(model, opt)
+
+
+def _set_requires_grad(model, opt):
+    model[0].weight.requires_grad = False  # a plain assignment, not requires_grad_()
+
+
+def _set_training_attribute(model, opt):
+    model[1].training = False
+
+
+def _set_private_training(model, opt):
+    model[1]._training = False
+
+
+def _replace_a_parameter(model, opt):
+    # frozen: outside the optimizer, a trainable one would keep its .grad (one more trace)
+    model[3].bias = nn.Parameter(np.ones(3, np.float32), requires_grad=False)
+
+
+def _load_optimizer_state(model, opt):
+    opt.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("change", [_set_requires_grad, _set_training_attribute,
+                                    _set_private_training, _replace_a_parameter,
+                                    _load_optimizer_state])
+def test_every_guarded_write_retraces_after_the_cheap_check(change):
+    model, opt, step = _model_and_step()
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((16, 4)).astype(np.float32), rng.integers(0, 3, 16, np.int32)
+    float(step(x, y))
+    float(step(x, y))  # guards held at this epoch: the next call takes the cheap path
+    float(step(x, y))
+    assert step.traces == 1
+    change(model, opt)
+    float(step(x, y))
+    assert step.traces == 2, change.__name__
+    float(step(x, y))
+    assert step.traces == 2  # and once only
+
+
+class _Plain:
+    flag = 1
+
+
+class _Tracked(guards.GuardedAttrs):
+    _guarded = frozenset({"version"})
+    version = 0
+
+
+def test_a_guard_outside_the_tracked_attributes_is_checked_in_full_every_call():
+    obj = _Plain()
+    gs = guards.GuardSet([(obj, "flag", 1)], [])
+    assert gs.holds() and gs.holds()
+    obj.flag = 2  # no epoch bump: only a full check sees it
+    assert not gs.holds()
+    assert "flag changed from 1 to 2" in gs.change()
+
+
+def test_a_tracked_guard_trusts_the_epoch_until_a_write():
+    obj = _Tracked()
+    gs = guards.GuardSet([(obj, "version", 0)], [])
+    assert gs.holds()
+    epoch = guards.EPOCH.value
+    obj.version = 1
+    assert guards.EPOCH.value == epoch + 1 and not gs.holds()
+    obj.version = 0
+    assert gs.holds()
+
+
+def _host_events_per_replay(n_layer: int) -> int:
+    nn.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    opt = nn.optim.AdamW(model.optim_groups(0.1), lr=1e-3)
+
+    import alpha_jit as aj
+
+    @aj.compile(precision="bf16")
+    def step(x, y):
+        _, loss = model(x, y)
+        loss.backward()
+        nn.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    rng = np.random.default_rng(0)
+    x, y = (rng.integers(0, 64, (2, 16)).astype(np.int32) for _ in range(2))
+    float(step(x, y))
+    float(step(x, y))
+    events = 0  # Python lines run and C functions called: a loop over states shows in both
+
+    def lines(frame, event, arg):
+        nonlocal events
+        events += 1
+        return lines
+
+    def c_calls(frame, event, arg):
+        nonlocal events
+        events += event == "c_call"
+
+    sys.settrace(lines)
+    sys.setprofile(c_calls)
+    try:
+        handle = step(x, y)
+    finally:
+        sys.settrace(None)
+        sys.setprofile(None)
+    float(handle)
+    assert step.traces == 1
+    return events
+
+
+def test_a_replayed_call_does_the_same_host_work_for_1_or_3_layers():
+    assert _host_events_per_replay(1) == _host_events_per_replay(3)
