@@ -31,13 +31,16 @@ from alpha_jit.runtime.capabilities import (
     select_device,
 )
 from alpha_jit.runtime.executor import Command, Recording, barrier_entry, barrier_exit, record
-from alpha_jit.runtime.memory import BufferRegion, MemoryManager
+from alpha_jit.runtime.memory import BufferRegion, MemoryManager, MiB
 from alpha_jit.runtime.pipelines import Pipeline, PipelineManager
 
 __all__ = ["Capabilities", "Device", "enumerate_devices", "get_device", "reset_device",
            "select_device"]
 
 # Device extensions enabled when present (the rest alpha_jit uses are core in 1.2/1.3).
+# bytes per synchronous upload/download round trip: bounded staging, fits the staging heap's
+# first block so parameter uploads never grow it
+TRANSFER_CHUNK = 8 * MiB
 _OPTIONAL_EXTENSIONS = ("VK_KHR_cooperative_matrix", "VK_KHR_shader_bfloat16",
                         "VK_KHR_portability_subset", "VK_KHR_push_descriptor")
 _UINT64_MAX = (1 << 64) - 1
@@ -140,35 +143,43 @@ class Device:
             self.memory.free(region, after_value)
 
     def upload(self, region: BufferRegion, data: np.ndarray | bytes, offset: int = 0) -> None:
-        """Synchronously copy host data into a (device-local) region through staging."""
+        """Synchronously copy host data into a (device-local) region through staging, in
+        chunks of at most TRANSFER_CHUNK bytes: a staging block sized for the largest tensor
+        (GPT-2's 155 MB embedding) would stay held after the upload."""
         raw = _as_bytes_view(data)
         if raw.nbytes == 0:
             return
         if offset + raw.nbytes > region.size:
             raise AlphaJitError(f"upload of {raw.nbytes} bytes at {offset} into a region of "
                                 f"{region.size} bytes")
-        staging = self.alloc_staging(raw.nbytes)
+        staging = self.alloc_staging(min(raw.nbytes, TRANSFER_CHUNK))
         try:
-            staging.write(raw)
-            self._one_off_copy(staging, 0, region, offset, raw.nbytes)
+            for lo in range(0, raw.nbytes, TRANSFER_CHUNK):
+                n = min(TRANSFER_CHUNK, raw.nbytes - lo)
+                staging.write(raw[lo:lo + n])
+                self._one_off_copy(staging, 0, region, offset + lo, n)
         finally:
             self.free(staging)
         self.stats["uploads"] += 1
 
     def download(self, region: BufferRegion, nbytes: int | None = None, offset: int = 0) -> bytes:
-        """Synchronously read `nbytes` of a region back to the host through staging."""
+        """Synchronously read `nbytes` of a region back to the host through staging (chunked
+        as `upload` is)."""
         n = region.size - offset if nbytes is None else nbytes
         if n <= 0 or offset + n > region.size:
             raise AlphaJitError(f"download of {n} bytes at {offset} from a region of "
                                 f"{region.size} bytes")
-        staging = self.alloc_staging(n)
+        out = bytearray(n)
+        staging = self.alloc_staging(min(n, TRANSFER_CHUNK))
         try:
-            self._one_off_copy(region, offset, staging, 0, n)
-            out = staging.read(n)
+            for lo in range(0, n, TRANSFER_CHUNK):
+                m = min(TRANSFER_CHUNK, n - lo)
+                self._one_off_copy(region, offset + lo, staging, 0, m)
+                out[lo:lo + m] = staging.read(m)
         finally:
             self.free(staging)
         self.stats["downloads"] += 1
-        return out
+        return bytes(out)
 
     def download_array(self, region: BufferRegion, shape: Sequence[int],
                        dtype: np.dtype | type) -> np.ndarray:

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 MiB = 1 << 20
 DEFAULT_BLOCK_SIZE = 64 * MiB  # few allocations, small enough for an integrated GPU's heap
+# staging holds a step's inputs and outputs and bounded upload chunks: a smaller first block
+STAGING_BLOCK_SIZE = 16 * MiB
 MIN_ALIGNMENT = 256  # keeps every region usable as a descriptor offset on any driver
 
 _BUFFER_USAGE = 0x1 | 0x2 | 0x20  # TRANSFER_SRC | TRANSFER_DST | STORAGE_BUFFER
@@ -162,6 +164,33 @@ class Heap:
         assert off is not None
         return BufferRegion(block.buffer, off, size, block, reserved)
 
+    def alloc_many(self, sizes: list[int]) -> list[BufferRegion]:
+        """Regions for `sizes` that live together (a step's parameters and optimizer state).
+        More than a block's worth go into new blocks sized for them, in order: first fit
+        into 64 MiB blocks leaves a tail per block that nothing of theirs fits."""
+        reserved = [_round_up(max(s, 1), self.alignment) for s in sizes]
+        if sum(reserved) <= self.block_size:
+            return [self.alloc(s) for s in sizes]
+        out: list[BufferRegion] = []
+        i = 0
+        while i < len(sizes):
+            j, total = i, 0
+            while j < len(sizes) and total + reserved[j] <= self.max_block:
+                total += reserved[j]
+                j += 1
+            if j == i:  # one region over the device's limit: alloc names it
+                out.append(self.alloc(sizes[i]))
+                i += 1
+                continue
+            block = self._new_block(min(_round_up(total, MiB), self.max_block))
+            self.blocks.append(block)
+            for k in range(i, j):
+                off = block.take(reserved[k])
+                assert off is not None
+                out.append(BufferRegion(block.buffer, off, sizes[k], block, reserved[k]))
+            i = j
+        return out
+
     def release(self, region: BufferRegion) -> None:
         region.block.give_back(region.offset, region.reserved)
 
@@ -246,12 +275,16 @@ class MemoryManager:
     def __init__(self, device: Device):
         self.device = device
         self.device_heap = Heap(device, "device")
-        self.staging_heap = Heap(device, "staging")
+        self.staging_heap = Heap(device, "staging", STAGING_BLOCK_SIZE)
         self.deferred: list[tuple[int, BufferRegion]] = []
 
     def alloc(self, nbytes: int) -> BufferRegion:
         """Device-local region of `nbytes` (aligned to at least 256 bytes)."""
         return self.device_heap.alloc(nbytes)
+
+    def alloc_many(self, sizes: list[int]) -> list[BufferRegion]:
+        """Device-local regions that live together, packed tightly (`Heap.alloc_many`)."""
+        return self.device_heap.alloc_many(sizes)
 
     def alloc_staging(self, nbytes: int) -> BufferRegion:
         """Host-visible, coherent, mapped region for uploads and readbacks."""

@@ -41,10 +41,10 @@ class DeviceState:
     submitted (any step may read or write it): a per-state "last writer" stamped on every
     call cost a loop over ~600 states per call, and missed steps that only read it."""
 
-    def __init__(self, device: Device, holder: Any):
+    def __init__(self, device: Device, holder: Any, region: Any = None):
         self.device, self.holder = device, holder
-        self.nbytes = max(int(np.prod(holder.shape, dtype=np.int64)), 1) * holder.dtype.itemsize
-        self.region = device.alloc(self.nbytes)
+        self.nbytes = state_bytes(holder)
+        self.region = region if region is not None else device.alloc(self.nbytes)
         device.upload(self.region, holder._host)
         holder._host = None
 
@@ -58,10 +58,24 @@ class DeviceState:
         self.device.upload(self.region, np.array(arr, order="C"))
 
 
+def state_bytes(holder: Any) -> int:
+    return max(int(np.prod(holder.shape, dtype=np.int64)), 1) * holder.dtype.itemsize
+
+
 def resident(device: Device, holder: Any) -> DeviceState:
     if holder._device is None:
         holder._device = DeviceState(device, holder)
     return holder._device
+
+
+def make_resident(device: Device, holders: list[Any]) -> None:
+    """Upload every holder not yet on the device, their regions carved from blocks sized for
+    them together (`MemoryManager.alloc_many`): one by one, 64 MiB blocks left tails of
+    unused memory (about 45 MiB for a GPT-2-sized model)."""
+    new = list({id(h): h for h in holders if h._device is None}.values())
+    regions = device.memory.alloc_many([state_bytes(h) for h in new])
+    for h, region in zip(new, regions, strict=True):
+        h._device = DeviceState(device, h, region)
 
 
 class DeviceValue:
@@ -136,6 +150,9 @@ class Executable:
         self.pools = [dev.alloc(n) for n in self.mem.pool_bytes]
         self.regions: dict[int, tuple[Any, int]] = {}  # buffer id -> (region, byte offset)
         self.states: dict[object, DeviceState] = {}
+        make_resident(dev, [self.traced.state[b.key] for b in low.buffers.values()
+                            if b.kind == "state"]
+                      + [self.traced.state[k] for k in low.state_writes])
         for b in low.buffers.values():
             if b.kind == "temp":
                 self.regions[b.id] = (self.pools[self.mem.pool_of[b.id]],

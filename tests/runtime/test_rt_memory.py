@@ -117,6 +117,51 @@ def test_upload_download_roundtrip(device):
     device.free(r)
 
 
+def test_transfers_larger_than_a_chunk_round_trip_and_never_grow_staging(device, monkeypatch):
+    from alpha_jit.runtime import device as device_mod
+
+    monkeypatch.setattr(device_mod, "TRANSFER_CHUNK", 1024)  # 10 chunks and a ragged tail
+    a = np.random.default_rng(1).standard_normal(2600).astype(np.float32)  # 10400 bytes
+    r = device.alloc(a.nbytes + 12)
+    device.upload(r, a, offset=12)
+    np.testing.assert_array_equal(np.frombuffer(device.download(r, a.nbytes, 12), np.float32), a)
+    device.free(r)
+    monkeypatch.undo()
+    device.synchronize()
+    staging = device.memory.staging_heap
+    before = sum(b.size for b in staging.blocks)
+    big = np.arange(staging.block_size // 2, dtype=np.int32)  # twice the first block's size
+    r = device.alloc(big.nbytes)
+    device.upload(r, big)
+    np.testing.assert_array_equal(device.download_array(r, big.shape, np.int32), big)
+    device.free(r)
+    device.synchronize()
+    assert sum(b.size for b in staging.blocks) == max(before, staging.block_size)
+
+
+def test_alloc_many_packs_regions_that_live_together_into_blocks_sized_for_them(manager, device):
+    heap = manager.device_heap
+    small = manager.alloc_many([100, 5000])  # under a block: the usual first fit
+    assert len(heap.blocks) == 1
+    mib = 1 << 20
+    sizes = [9 * mib + 1, 3 * mib, 1, 40 * mib, 20 * mib + 7, 777]  # > a 64 MiB block
+    regions = manager.alloc_many(sizes)
+    _intervals_disjoint(small + regions)
+    new = heap.blocks[1:]
+    reserved = sum(r.reserved for r in regions)
+    assert sum(b.size for b in new) < reserved + mib * len(new)  # no 64 MiB tails
+    assert all(r.size == n and r.offset % heap.alignment == 0
+               for r, n in zip(regions, sizes, strict=True))
+    rng = np.random.default_rng(2)
+    data = [rng.integers(0, 255, n, dtype=np.uint8) for n in (sizes[2], sizes[5], 4096)]
+    for r, a in zip((regions[2], regions[5], regions[3]), data, strict=True):
+        device.upload(r, a)
+    for r, a in zip((regions[2], regions[5], regions[3]), data, strict=True):
+        np.testing.assert_array_equal(np.frombuffer(device.download(r, a.nbytes), np.uint8), a)
+    with pytest.raises(AlphaJitError, match="maxMemoryAllocationSize"):
+        manager.alloc_many([heap.max_block + 1, 64 * mib])
+
+
 def test_trim_returns_only_wholly_free_blocks(manager, device):
     keep = manager.alloc(1024)
     big = manager.alloc(manager.device_heap.block_size * 2)  # its own block
