@@ -3,7 +3,8 @@
 The signature (argument shapes and dtypes, precision) keys a cache of compiled steps. A miss
 traces the function into a Graph (forward, autodiff, optimizer), runs the passes, lowers and
 plans it, and records one command buffer; every later call with the same signature only writes
-the inputs and re-submits that buffer. `ALPHA_JIT_LOG=recompile` says why a retrace happened.
+the inputs and re-submits that buffer. `ALPHA_JIT_LOG=recompile` says why a retrace happened;
+`ALPHA_JIT_LOG=build` prints where each build's time went (`BuildTimes`).
 
 Retraces are bounded: the cache is an LRU of `cache_size` signatures whose evicted steps give
 their device memory back, and a function traced more than 8 times warns once, naming the
@@ -17,6 +18,7 @@ import functools
 import logging
 import os
 import sys
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -87,6 +89,9 @@ class TracedStep:
     # (object, attribute, value) the trace read (trace.TraceContext.guard)
     guards: list[tuple[Any, str, Any]] = field(default_factory=list)
     _guard_set: guards.GuardSet | None = None  # built on the first guard_holds
+    # seconds spent tracing (with autodiff) and in the passes: the build report's first rows
+    trace_s: float = 0.0
+    passes_s: float = 0.0
 
     def state_names(self) -> dict[int, str]:
         """State key -> the parameter's (or moment's, gradient's) name."""
@@ -250,10 +255,13 @@ class CompiledFunction:
         """Trace and run the passes, without compiling for a device (used by dump-ir, tests)."""
         where = "{}:{} in {}".format(*trace.user_frame())
         # the user's own Python errors while tracing stay theirs; a failed assertion is ours
+        t0 = time.perf_counter()
         with internal_errors("tracing", where, (AssertionError,)):
             traced = trace_step(self.fn, args, self.precision, self.loss_scaler, self.passes)
+        t1 = time.perf_counter()
         with internal_errors("the passes", where):
             traced.graph, traced.pass_history = run_passes(traced.graph, self.passes)
+        traced.trace_s, traced.passes_s = t1 - t0, time.perf_counter() - t1
         for p, holder in traced.grad_updates:
             p._grad_holder = holder
         traced.memory_budget = self.memory_budget
@@ -313,6 +321,9 @@ class CompiledFunction:
             self._evict(keep=(self.cache_size or 0) - 1)  # before building: memory is reused
         with internal_errors("building the step", "{}:{} in {}".format(*trace.user_frame())):
             exe = Executable(traced)
+        if "build" in os.environ.get("ALPHA_JIT_LOG", ""):
+            print(f"[alpha_jit] built {self.fn.__name__}: {exe.build_times.format()}",
+                  file=sys.stderr)
         self.cache.setdefault(sig, []).append(exe)
         self.cache.move_to_end(sig)
         if _BUILD_HOOK is not None:

@@ -11,8 +11,9 @@ to the first loss read (tracing, passes, lowering, kernel generation, pipeline b
 recording, one step); imports, the model's initialisation and creating the Vulkan device are
 outside the timing.
 
-The probe prints one JSON object as its last line of stdout: compile_s, loss, and the kernel
-cache counters (generated, read from disk).
+The probe prints one JSON object as its last line of stdout: compile_s, loss, the build's
+phases (`runtime.step.BuildTimes`: trace, passes, plan, pipelines, memory, record; the rest of
+compile_s is the first step) and the kernel cache counters (generated, read from disk).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from benchmarks.configs import BenchConfig
 
+last_builds: dict[str, str] = {}  # "cold"/"warm" -> that probe's build phases
 _DRIVER_CACHES = ("MESA_SHADER_CACHE_DIR", "MESA_GLSL_CACHE_DIR", "__GL_SHADER_DISK_CACHE_PATH")
 
 
@@ -58,7 +60,9 @@ def _run_once(args: list[str], env: dict[str, str], timeout_s: float) -> dict:
 
 def measure(bc: BenchConfig, precision: str, seed: int,
             timeout_s: float = 900.0) -> tuple[float | None, float | None, str | None]:
-    """(cold seconds, warm seconds, note or why missing) for `bc`'s step at `precision`."""
+    """(cold seconds, warm seconds, note or why missing) for `bc`'s step at `precision`.
+    `last_builds` then holds each process's build phases (`BuildTimes.format()`)."""
+    last_builds.clear()
     root = Path(tempfile.mkdtemp(prefix="alpha_jit_bench_compile_"))
     args = ["--config", bc.label, "--precision", precision, "--seed", str(seed)]
     env = probe_env(root)
@@ -66,8 +70,10 @@ def measure(bc: BenchConfig, precision: str, seed: int,
     try:
         first = _run_once(args, env, timeout_s)
         cold = float(first["compile_s"])
+        last_builds["cold"] = str(first.get("build", ""))
         second = _run_once(args, env, timeout_s)
         warm = float(second["compile_s"])
+        last_builds["warm"] = str(second.get("build", ""))
     except subprocess.TimeoutExpired:
         return cold, warm, f"a probe process ran past {timeout_s:.0f} s and was stopped"
     except Exception as e:
@@ -105,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     loss = float(step(x, y))
     seconds = time.perf_counter() - t0
-    print(json.dumps({"compile_s": seconds, "loss": loss,
+    exe = next(e for es in step.cache.values() for e in es)
+    print(json.dumps({"compile_s": seconds, "loss": loss, "build": exe.build_times.format(),
                       "generated": generate.COUNTS["generated"],
                       "from_disk": generate.COUNTS["disk"]}), flush=True)
     return 0

@@ -323,12 +323,13 @@ def _verdicts(runs: dict[str, SideRun], guard: Callable[..., Parity], tol: float
 
 def _compile_times(bc: BenchConfig, precision: str, opts: StepOptions,
                    alpha_ok: bool) -> tuple[float | None, float | None, str | None]:
+    from benchmarks import compile_probe
+
+    compile_probe.last_builds.clear()  # a row without probes must not show another row's
     if not opts.compile_time:
         return None, None, "not measured (--no-compile-time)"
     if not alpha_ok:
         return None, None, "alpha_jit's step did not run, or is invalid"
-    from benchmarks import compile_probe
-
     log(f"step {bc.label} {precision}: alpha_jit cold and warm compile (two fresh processes)")
     return compile_probe.measure(bc, precision, opts.seed, opts.probe_timeout_s)
 
@@ -396,6 +397,10 @@ def side_row(bc: BenchConfig, precision: str, env: Environment, run: SideRun,
             why["compile_warm_s"] = probe_why or "not measured"
         if probe_why and cold is not None:
             notes.append(f"compile probe: {probe_why}")
+        from benchmarks.compile_probe import last_builds
+
+        if last_builds.get("warm"):  # where the warm compile goes, for whoever makes it faster
+            notes.append(f"warm build {last_builds['warm']}")
     elif run.side == COMPILE:
         cold = run.first_call_s  # its caches are fresh (environment.cold_inductor_cache)
         why["compile_warm_s"] = ("not measured: a warm torch.compile needs a second process "

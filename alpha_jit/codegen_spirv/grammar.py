@@ -13,7 +13,7 @@ import shutil
 import sys
 import sysconfig
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 
 _GRAMMAR_SUBDIR = Path("include") / "spirv" / "unified1"
@@ -36,11 +36,12 @@ class Instruction:
     extensions: tuple[str, ...]  # any one of these, unless the module version has it in core
     version: str  # first core SPIR-V version, or "None" (extension only)
 
-    @property
+    # cached: the builder asks for every instruction it emits (200k+ for a GPT-2 step)
+    @cached_property
     def has_result(self) -> bool:
         return any(o.kind == "IdResult" for o in self.operands)
 
-    @property
+    @cached_property
     def has_result_type(self) -> bool:
         return any(o.kind == "IdResultType" for o in self.operands)
 

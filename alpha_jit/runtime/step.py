@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -109,6 +110,29 @@ class DeviceValue:
         return f"DeviceValue({shown}, {self.dtype}{list(self.shape)})"
 
 
+@dataclass(frozen=True)
+class BuildTimes:
+    """Where a step's build went, in seconds: tracing (with autodiff), the passes, planning
+    (lowering, kernel generation or disk loads, the memory plan), the driver's pipelines,
+    memory (allocation and parameter uploads) and recording. `alpha-jit bench`'s compile
+    probe and `ALPHA_JIT_LOG=build` report it: the warm compile is their sum."""
+
+    trace: float
+    passes: float
+    plan: float
+    pipelines: float
+    memory: float
+    record: float
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+    def format(self) -> str:
+        parts = ", ".join(f"{f.name} {getattr(self, f.name):.2f}" for f in fields(self))
+        return f"{self.total:.2f} s ({parts})"
+
+
 class Executable:
     """One traced signature compiled for one device."""
 
@@ -120,22 +144,29 @@ class Executable:
         self.profile = profile or os.environ.get("ALPHA_JIT_PROFILE", "") == "1"
         self.device = dev = device or get_device()
         build = dev.pipelines.begin_build()  # times the build for its "cached under" note
+        t0 = time.perf_counter()
         self.plan: StepPlan = plan_step(traced.graph, dev.caps, traced.state_names(),
                                         memory_budget=getattr(traced, "memory_budget", None),
                                         device=dev)
         self.plan.check_fits()  # before the driver compiles anything
         self.lowered: Lowered = self.plan.lowered
         self.binaries = self.plan.binaries
+        t1 = time.perf_counter()
         self.pipelines = build.pipelines(self.binaries)  # the driver's compile, with its own bar
         self.mem: MemoryPlan = self.plan.memory
         self.barriers = self.plan.barriers
+        t2 = time.perf_counter()
         self._allocate()
+        t3 = time.perf_counter()
         name = getattr(traced, "name", "step")
         # one recording per staging slot; a profiled step keeps to slot 0 (its timestamps)
         self.recordings = [dev.record(self._commands(self.profile, slot=i),
                                       name=f"{name} (slot {i})")
                            for i in range(1 if self.profile else STAGING_RING)]
         self.recording = self.recordings[0]
+        self.build_times = BuildTimes(getattr(traced, "trace_s", 0.0),
+                                      getattr(traced, "passes_s", 0.0), t1 - t0, t2 - t1,
+                                      t3 - t2, time.perf_counter() - t3)
         self._slot_value = [0] * len(self.recordings)  # last submit that used each slot
         self._slot_pending: list[list[DeviceValue]] = [[] for _ in self.recordings]
         self._next_slot = 0

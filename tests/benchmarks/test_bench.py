@@ -303,6 +303,10 @@ def test_compile_probe_runs_cold_then_warm_from_the_disk_cache():
     # and computed the same first loss
     assert cold is not None and warm is not None and cold > 0 and warm > 0, note
     assert note is None
+    # each probe says where its build went (the warm one's phases are a bench footnote)
+    for phase in ("trace", "passes", "plan", "pipelines", "memory", "record"):
+        assert phase in compile_probe.last_builds["warm"]
+    assert float(compile_probe.last_builds["warm"].split()[0]) < warm
 
 
 def test_a_wrong_gemm_output_is_invalid_never_a_speed():
