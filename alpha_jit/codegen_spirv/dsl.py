@@ -35,6 +35,7 @@ fma, isnan, isinf, select. Escape hatch: `kb.op("OpSomething", dtype, *operands)
 from __future__ import annotations
 
 import contextlib
+import math
 import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -285,6 +286,8 @@ class KernelBuilder:
         self.push_constant_size = 0
         self.shared_bytes = 0
         self._builtins: dict[str, int] = {}
+        self._types: dict[str, int] = {}
+        self._consts: dict[tuple, int] = {}
         self._glsl = self.m.ext_import("GLSL.std.450")
         void = self.type("void")
         self._fn = self.m.emit("OpFunction", void, "None", self.m.emit("OpTypeFunction", void))
@@ -293,6 +296,14 @@ class KernelBuilder:
     # -- types and constants ------------------------------------------------------------
 
     def type(self, dtype: str) -> int:
+        # memoised: kernels ask for their types ~100k times per GPT-2 step's generation, and
+        # each ask re-encoded an instruction only to find it deduplicated
+        tid = self._types.get(dtype)
+        if tid is None:
+            tid = self._types[dtype] = self._new_type(dtype)
+        return tid
+
+    def _new_type(self, dtype: str) -> int:
         m = self.m
         if dtype == "void":
             return m.emit("OpTypeVoid")
@@ -318,9 +329,14 @@ class KernelBuilder:
                                            self.type("bool")), "bool")
         if _KIND[dtype] == "f":
             value = float(value)  # type: ignore[arg-type]
+            key = (dtype, value, math.copysign(1.0, value))  # -0.0 == 0.0; NaN never hits
         else:
             value = int(value)  # type: ignore[call-overload]
-        return Value(self, self.m.emit("OpConstant", self.type(dtype), value), dtype)
+            key = (dtype, value, 1.0)
+        cid = self._consts.get(key)
+        if cid is None:
+            cid = self._consts[key] = self.m.emit("OpConstant", self.type(dtype), value)
+        return Value(self, cid, dtype)
 
     def f32(self, x: float) -> Value:
         return self.const(x, "f32")
