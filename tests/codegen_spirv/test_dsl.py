@@ -85,3 +85,11 @@ def test_value_type_errors():
         _ = x + kb.i32(1)
     with pytest.raises(TypeError, match="truth"):
         bool(x < 2.0)
+
+
+def test_memoised_constants_keep_negative_zero_and_types_apart():
+    kb = KernelBuilder("consts")
+    assert kb.f32(0.0).id == kb.f32(0).id != kb.f32(-0.0).id  # equal in Python, not in bits
+    assert kb.f32(1.0).id != kb.i32(1).id != kb.u32(1).id
+    assert kb.f32(float("nan")).id == kb.f32(float("nan")).id  # deduplicated by the builder
+    assert kb.type("f32") == kb.type("f32") != kb.type("f16")
