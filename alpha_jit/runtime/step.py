@@ -42,11 +42,12 @@ class DeviceState:
     submitted (any step may read or write it): a per-state "last writer" stamped on every
     call cost a loop over ~600 states per call, and missed steps that only read it."""
 
-    def __init__(self, device: Device, holder: Any, region: Any = None):
+    def __init__(self, device: Device, holder: Any, region: Any = None, uploaded: bool = False):
         self.device, self.holder = device, holder
         self.nbytes = state_bytes(holder)
         self.region = region if region is not None else device.alloc(self.nbytes)
-        device.upload(self.region, holder._host)
+        if not uploaded:  # else the caller filled the region already
+            device.upload(self.region, holder._host)
         holder._host = None
 
     def read(self) -> np.ndarray:
@@ -72,11 +73,21 @@ def resident(device: Device, holder: Any) -> DeviceState:
 def make_resident(device: Device, holders: list[Any]) -> None:
     """Upload every holder not yet on the device, their regions carved from blocks sized for
     them together (`MemoryManager.alloc_many`): one by one, 64 MiB blocks left tails of
-    unused memory (about 45 MiB for a GPT-2-sized model)."""
+    unused memory (about 45 MiB for a GPT-2-sized model). All-zero states (optimizer moments)
+    are filled on the GPU in one submit instead of uploaded."""
     new = list({id(h): h for h in holders if h._device is None}.values())
     regions = device.memory.alloc_many([state_bytes(h) for h in new])
-    for h, region in zip(new, regions, strict=True):
-        h._device = DeviceState(device, h, region)
+    zero = [_all_zero_bits(h._host) and r.size % 4 == 0 for h, r in zip(new, regions, strict=True)]
+    device.fill_zero([r for r, z in zip(regions, zero, strict=True) if z])
+    for h, region, z in zip(new, regions, zero, strict=True):
+        h._device = DeviceState(device, h, region, uploaded=z)
+
+
+def _all_zero_bits(a: np.ndarray) -> bool:
+    """Every byte is 0 (so -0.0 is not: a fill writes +0.0)."""
+    raw = a.reshape(-1).view(np.uint8)
+    wide = raw[: raw.size // 8 * 8].view(np.uint64)  # 8 bytes per compare
+    return not wide.any() and not raw[wide.size * 8:].any()
 
 
 class DeviceValue:

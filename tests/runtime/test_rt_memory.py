@@ -173,3 +173,24 @@ def test_trim_returns_only_wholly_free_blocks(manager, device):
     assert manager.allocated_bytes() == before - freed
     assert any(b is keep.block for b in manager.device_heap.blocks)  # in use: it stays
     manager.free(keep)
+
+
+def test_zero_states_are_filled_on_the_gpu_and_other_bits_are_uploaded(device):
+    from alpha_jit.runtime.step import make_resident
+    from alpha_jit.tensor import StateTensor
+
+    junk = device.alloc(1 << 16)  # memory the states below may reuse must not leak into them
+    device.upload(junk, np.full(1 << 14, 7.5, np.float32))
+    device.free(junk)
+    device.synchronize()
+    values = [np.zeros((64, 32), np.float32),
+              np.array([0.0, -0.0, 0.0], np.float32),  # -0.0 is not all-zero bits
+              np.zeros(3, np.float16),  # 6 bytes: not a fill's multiple of 4, uploaded
+              np.arange(5, dtype=np.float32)]
+    holders = [StateTensor(v, f"s{i}") for i, v in enumerate(values)]
+    uploads = device.stats["uploads"]
+    make_resident(device, holders)
+    assert device.stats["uploads"] - uploads == 3  # the f32 zeros were filled
+    for h, v in zip(holders, values, strict=True):
+        got = h.numpy()
+        np.testing.assert_array_equal(got.view(np.uint8), v.view(np.uint8))
