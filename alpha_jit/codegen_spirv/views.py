@@ -7,6 +7,7 @@ transposed tensor, say) lowering inserts a copy instead.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,7 @@ class View:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return int(math.prod(self.shape))
 
     def is_contiguous(self) -> bool:
         dims = [(s, st) for s, st in zip(self.shape, self.strides, strict=True) if s != 1]

@@ -9,8 +9,6 @@ passes see forward, backward and optimizer nodes as one graph.
 
 from __future__ import annotations
 
-import networkx as nx
-
 from alpha_jit.errors import TraceError
 from alpha_jit.ir import trace
 from alpha_jit.ir.ops import registry
@@ -27,14 +25,13 @@ def grad(loss: Tensor, wrt: list[int], seed: Tensor | None = None) -> dict[int, 
     if not loss.dtype.is_float:
         raise TraceError("backward", f"loss must be floating point, got {loss.dtype}",
                          ctx.provenance().where())
-    ancestors = nx.ancestors(g.g, loss.node) | {loss.node}
+    ancestors = _reach(g.g._pred, [loss.node], None)
     targets = [w for w in wrt if w in ancestors]
     if not targets:
         return {}
-    # nodes on some path from a target to the loss
-    relevant: set[int] = set()
-    for t in targets:
-        relevant |= (nx.descendants(g.g, t) | {t}) & ancestors
+    # nodes on some path from a target to the loss: what the targets reach without leaving
+    # the loss's ancestors (a node outside them reaches none of them)
+    relevant = _reach(g.g._succ, targets, ancestors)
     order = [n for n in g.topo() if n in relevant]
 
     cot: dict[int, Tensor] = {}
@@ -62,6 +59,19 @@ def grad(loss: Tensor, wrt: list[int], seed: Tensor | None = None) -> dict[int, 
                 cot[a] = cot[a] + ga if a in cot else ga
         ctx.prov_override = None
     return {t: cot[t] for t in targets if t in cot}
+
+
+def _reach(adj: dict, starts: list[int], within: set[int] | None) -> set[int]:
+    """`starts` and every node reachable from them along `adj` (networkx's successor or
+    predecessor dicts), inside `within` when given: one sweep for all starts at once."""
+    seen = set(starts)
+    stack = list(seen)
+    while stack:
+        for v in adj[stack.pop()]:
+            if v not in seen and (within is None or v in within):
+                seen.add(v)
+                stack.append(v)
+    return seen
 
 
 def backward(loss: Tensor) -> None:

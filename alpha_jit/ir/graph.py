@@ -8,8 +8,11 @@ Passes rewrite this object; lowering reads it; `dump-ir` prints it.
 
 from __future__ import annotations
 
+import heapq
 import itertools
+from collections.abc import Callable, Hashable, Mapping, Sized
 from dataclasses import dataclass, field, replace
+from operator import itemgetter
 from typing import Any
 
 import networkx as nx
@@ -57,6 +60,8 @@ def freeze_attrs(attrs: dict) -> tuple:
             return v.name
         return v
 
+    if not attrs:  # most nodes: nothing to sort
+        return ()
     return tuple(sorted((k, fz(v)) for k, v in attrs.items()))
 
 
@@ -100,19 +105,30 @@ class Graph:
 
     def args(self, n: int) -> list[int]:
         """Argument node ids of n in argument order."""
-        edges = sorted(self.g.in_edges(n, keys=True), key=lambda e: e[2])
-        return [u for u, _, _ in edges]
+        # read networkx's adjacency dicts directly: the edge views cost 10x more, and this is
+        # called tens of thousands of times per compile
+        pred = self.g._pred.get(n)
+        if pred is None:  # not a node: networkx's own error
+            return [u for u, _, _ in self.g.in_edges(n, keys=True)]
+        if len(pred) < 2:  # one argument node (maybe repeated): no ordering to do
+            return [u for u, keys in pred.items() for _ in keys]
+        edges = [(k, u) for u, keys in pred.items() for k in keys]
+        edges.sort(key=_FIRST)  # stable: the in-edge order breaks (invalid) repeated slots
+        return [u for _, u in edges]
 
     def users(self, n: int) -> list[int]:
-        return sorted({v for _, v in self.g.out_edges(n)})
+        succ = self.g._succ.get(n)
+        if succ is None:  # not a node: networkx's own error
+            return sorted({v for _, v in self.g.out_edges(n)})
+        return sorted(succ)
 
     def topo(self) -> list[int]:
         """Deterministic topological order (ties broken by node id = creation order), except
         that a node a pass created to serve later readers (recompute) comes right before its
         first reader rather than last."""
-        late = {n for n, d in self.g.nodes(data=True) if d["prov"].created_by == "recompute"}
+        late = {n for n, d in self.g._node.items() if d["prov"].created_by == "recompute"}
         if not late:
-            return list(nx.lexicographical_topological_sort(self.g))
+            return lexicographical_topo(self.g)
         # the others in their usual order; each late node just before its first reader (its
         # inputs come earlier anyway: they precede that reader)
         h = nx.DiGraph(self.g.subgraph(set(self.g) - late))
@@ -130,13 +146,13 @@ class Graph:
             keys = [first_use(u) if view(u) else key[u] for u in self.users(n)]
             return min(keys, default=(len(key), 0))
 
-        for n in reversed(list(nx.lexicographical_topological_sort(self.g))):
+        for n in reversed(lexicographical_topo(self.g)):
             if n in late:
                 first = first_use(n)
                 key[n] = (first[0], first[1] - 1)
         # by those keys, each node still after its arguments (a base view may sit before its
         # late source)
-        return list(nx.lexicographical_topological_sort(self.g, key=key.__getitem__))
+        return lexicographical_topo(self.g, key=key.__getitem__)
 
     def _around(self, n: int, late: set[int], up: bool) -> set[int]:
         """The nearest nodes outside `late` above (inputs) or below (readers) node n."""
@@ -158,18 +174,37 @@ class Graph:
         return [n for n in self.topo() if self.op(n) == op]
 
     def copy(self) -> Graph:
-        out = Graph(self.g.copy(), list(self.outputs), dict(self.state_writes))
-        out._ids = itertools.count(max(self.g.nodes, default=-1) + 1)
+        out = Graph(copy_multidigraph(self.g), list(self.outputs), dict(self.state_writes))
+        out._ids = itertools.count(max(self.g._node, default=-1) + 1)
         return out
 
     # ---- editing (for passes) ---------------------------------------------------------------
     def replace_uses(self, old: int, new: int) -> None:
         """Point every use of `old` (edges, outputs, state writes) at `new`."""
-        for _, v, k in list(self.g.out_edges(old, keys=True)):
-            self.g.remove_edge(old, v, key=k)
-            self.g.add_edge(new, v, key=k)
-        self.outputs = [new if o == old else o for o in self.outputs]
-        self.state_writes = {s: (new if n == old else n) for s, n in self.state_writes.items()}
+        succ, pred = self.g._succ, self.g._pred
+        if old not in succ or new not in succ:  # networkx's errors, or its new node
+            for _, v, k in list(self.g.out_edges(old, keys=True)):
+                self.g.remove_edge(old, v, key=k)
+                self.g.add_edge(new, v, key=k)
+        else:  # the same remove_edge + add_edge per use on networkx's dicts (same orders, a
+            # fresh attribute dict per moved edge), without its views: CSE moves thousands
+            for v, keys in list(succ[old].items()):
+                for k in list(keys):
+                    kd = succ[old][v]
+                    del kd[k]
+                    if not kd:
+                        del succ[old][v], pred[v][old]
+                    if v in succ[new]:
+                        kd = succ[new][v]
+                        kd[k] = kd.get(k, {})
+                    else:
+                        succ[new][v] = pred[v][new] = {k: {}}
+            _clear_cache(self.g)
+        if old in self.outputs:
+            self.outputs = [new if o == old else o for o in self.outputs]
+        if old in self.state_writes.values():  # rarely: skip rebuilding a large dict
+            self.state_writes = {s: (new if n == old else n)
+                                 for s, n in self.state_writes.items()}
 
     def remove(self, n: int) -> None:
         self.g.remove_node(n)
@@ -202,3 +237,75 @@ class Graph:
         for key, n in self.state_writes.items():
             lines.append(f"  state[{key}] <- %{n}")
         return "\n".join(lines)
+
+
+_FIRST = itemgetter(0)
+# networkx (3.3+) drops its cached conversions of a graph on every edit; older versions keep none
+_clear_cache = getattr(nx, "_clear_cache", lambda g: None)
+
+
+def copy_multidigraph(g: nx.MultiDiGraph) -> nx.MultiDiGraph:
+    """What `g.copy()` returns (node and edge attribute dicts copied shallowly, adjacency in the
+    same insertion order, each edge's key dict shared by its successor and predecessor entry),
+    built with dict comprehensions instead of one `add_edge` per edge: 10x faster, and the
+    pass manager copies the graph after every pass for `dump-ir`."""
+    h = nx.MultiDiGraph()
+    h.graph.update(g.graph)
+    h._node.update({n: d.copy() for n, d in g._node.items()})
+    succ: dict = {n: {} for n in g._node}
+    pred: dict = {n: {} for n in g._node}
+    for u, nbrs in g._succ.items():  # networkx's copy re-adds edges in this order
+        su = succ[u]
+        for v, keys in nbrs.items():
+            su[v] = pred[v][u] = {k: d.copy() for k, d in keys.items()}
+    h._succ.update(succ)
+    h._pred.update(pred)
+    return h
+
+
+def lexicographical_topo(g: nx.MultiDiGraph,
+                         key: Callable[[Hashable], Any] | None = None) -> list:
+    """`list(nx.lexicographical_topological_sort(g, key))` for a MultiDiGraph: the same order
+    (ties between equal keys broken by node insertion order) from its adjacency dicts, without
+    networkx's per-node edge views. Raises networkx's NetworkXUnfeasible on a cycle, as it
+    does."""
+    return lex_topo(g._succ, key)
+
+
+def lex_topo(succ: Mapping[Hashable, Mapping[Hashable, Sized]],
+             key: Callable[[Hashable], Any] | None = None) -> list:
+    """The lexicographical topological order of a DAG given as node -> {child: its edges} (a
+    sized collection per child: networkx's key dicts, or a 1-tuple for a plain edge): among
+    the nodes whose arguments are all placed, the smallest key first (ties: the earlier node
+    in `succ`); without `key`, nodes are their own keys and must be unique and comparable."""
+    indeg: dict = {}
+    for nbrs in succ.values():
+        for child, edges in nbrs.items():
+            indeg[child] = indeg.get(child, 0) + len(edges)
+    order = []
+    if key is None:  # nodes are their own heap entries
+        heap = [v for v in succ if not indeg.get(v)]
+        heapq.heapify(heap)
+        while heap:
+            node = heapq.heappop(heap)
+            for child, edges in succ[node].items():
+                left = indeg[child] - len(edges)
+                indeg[child] = left
+                if not left:
+                    heapq.heappush(heap, child)
+            order.append(node)
+    else:
+        index = {n: i for i, n in enumerate(succ)}
+        heap = [(key(v), index[v], v) for v in succ if not indeg.get(v)]
+        heapq.heapify(heap)
+        while heap:
+            node = heapq.heappop(heap)[2]
+            for child, edges in succ[node].items():
+                left = indeg[child] - len(edges)
+                indeg[child] = left
+                if not left:
+                    heapq.heappush(heap, (key(child), index[child], child))
+            order.append(node)
+    if len(order) != len(succ):
+        raise nx.NetworkXUnfeasible("Graph contains a cycle or graph changed during iteration")
+    return order

@@ -19,6 +19,7 @@ from typing import Any
 from alpha_jit.dtypes import DType
 from alpha_jit.errors import TraceError
 from alpha_jit.ir.graph import Graph, Provenance
+from alpha_jit.ir.host_gc import gc_paused
 from alpha_jit.ir.ops import registry
 
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,12 +29,24 @@ _STACK: list[TraceContext] = []
 _MODEL_DIR = os.path.join(_PKG_DIR, "nn") + os.sep  # alpha_jit's own models and layers
 
 
+# absolute code file name -> itself normalized, or None inside alpha_jit: every traced op walks
+# the stack, and abspath per frame was a fifth of the trace time (a relative name depends on
+# the working directory: never cached)
+_USER_FILE: dict[str, str | None] = {}
+
+
 def user_frame() -> tuple[str, int, str]:
     """The innermost stack frame outside the alpha_jit package: the user's line."""
     f = sys._getframe(1)
     while f is not None:
-        fn = os.path.abspath(f.f_code.co_filename)
-        if not fn.startswith(_PKG_DIR + os.sep):
+        name = f.f_code.co_filename
+        fn = _USER_FILE.get(name, "")
+        if fn == "":
+            fn = os.path.abspath(name)
+            fn = None if fn.startswith(_PKG_DIR + os.sep) else fn
+            if os.path.isabs(name):
+                _USER_FILE[name] = fn
+        if fn is not None:
             return fn, f.f_lineno, f.f_code.co_name
         f = f.f_back
     return "?", 0, "?"
@@ -192,7 +205,8 @@ def user_where() -> str:
 def tracing(ctx: TraceContext) -> Iterator[TraceContext]:
     _STACK.append(ctx)
     try:
-        yield ctx
+        with gc_paused():  # a trace keeps nearly all it allocates: collections find nothing
+            yield ctx
     finally:
         _STACK.pop()
 

@@ -13,6 +13,7 @@ writes bytes one read).
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 from alpha_jit.codegen_spirv.lower import Lowered
@@ -45,6 +46,7 @@ def plan_memory(lowered: Lowered, align: int = 256, pool_limit: int | None = Non
                 ) -> MemoryPlan:
     """Offsets for every temporary; pools of at most `pool_limit` bytes (None: one pool)."""
     temps = {b.id: b for b in lowered.buffers.values() if b.kind == "temp"}
+    nbytes = {b: t.nbytes for b, t in temps.items()}  # a property computing a product
     end = len(lowered.kernels)
     first: dict[int, int] = {}
     last: dict[int, int] = {}
@@ -57,16 +59,17 @@ def plan_memory(lowered: Lowered, align: int = 256, pool_limit: int | None = Non
     for b in [*lowered.outputs, *lowered.state_writes.values()]:
         last[b] = end  # copied out after the last kernel
     intervals = {b: (first.get(b, 0), last.get(b, end)) for b in temps}
-    slots = _inplace_slots(lowered, temps, first, last)
+    slots = _inplace_slots(lowered, nbytes, first, last)
     members: dict[int, list[int]] = {}
     for b in temps:
         members.setdefault(slots.get(b, b), []).append(b)
-    placed: list[list[tuple[int, int, int, int]]] = []  # per pool: (start, end, offset, size)
+    # per pool: (offset, end offset, first kernel, last kernel), kept sorted by address
+    placed: list[list[tuple[int, int, int, int]]] = []
     offsets: dict[int, int] = {}
     pool_of: dict[int, int] = {}
-    naive = sum(_round_up(temps[b].nbytes, align) for b in temps)
-    for b in sorted(members, key=lambda b: (-temps[b].nbytes, b)):
-        size = _round_up(max(temps[m].nbytes for m in members[b]), align)
+    naive = sum(_round_up(nbytes[b], align) for b in temps)
+    for b in sorted(members, key=lambda b: (-nbytes[b], b)):
+        size = _round_up(max(nbytes[m] for m in members[b]), align)
         s = min(intervals[m][0] for m in members[b])
         e = max(intervals[m][1] for m in members[b])
         pool, off = 0, 0
@@ -80,32 +83,34 @@ def plan_memory(lowered: Lowered, align: int = 256, pool_limit: int | None = Non
             off = 0
         for m in members[b]:
             offsets[m], pool_of[m] = off, pool
-        placed[pool].append((s, e, off, size))
-    pools = [max(o + sz for _, _, o, sz in items) for items in placed]
+        bisect.insort(placed[pool], (off, off + size, s, e))
+    pools = [max(hi for _, hi, _, _ in items) for items in placed]
     return MemoryPlan(offsets, pools, intervals, naive, pool_of)
 
 
-def _inplace_slots(lowered: Lowered, temps: dict, first: dict[int, int], last: dict[int, int]
-                   ) -> dict[int, int]:
+def _inplace_slots(lowered: Lowered, nbytes: dict[int, int], first: dict[int, int],
+                   last: dict[int, int]) -> dict[int, int]:
     """buffer -> the buffer whose memory it takes: a kernel's in-place pair (read, write) when
     that kernel is the read's last use and the write's first (the cross-entropy gradient takes
     the logits' memory, a residual add its input's). Chains resolve to their first buffer."""
     share: dict[int, int] = {}
     for i, k in enumerate(lowered.kernels):
         for r, w in k.inplace:
-            if r in temps and w in temps and r != w and last.get(r) == i \
-                    and first.get(w) == i and w not in share \
-                    and temps[r].nbytes == temps[w].nbytes:
+            if r in nbytes and w in nbytes and r != w and last.get(r) == i \
+                    and first.get(w) == i and w not in share and nbytes[r] == nbytes[w]:
                 share[w] = share.get(r, r)
     return share
 
 
 def _lowest_fit(items: list[tuple[int, int, int, int]], s: int, e: int, size: int,
                 align: int) -> int:
-    """The lowest offset where `size` bytes live over kernels [s, e] overlap nothing placed."""
-    busy = sorted((o, o + sz) for ps, pe, o, sz in items if not (pe < s or e < ps))
+    """The lowest offset where `size` bytes live over kernels [s, e] overlap nothing placed.
+    `items`: (offset, end offset, first kernel, last kernel), sorted: walked in address order,
+    it stops at the first gap that fits instead of sorting the live ones on every call."""
     off = 0
-    for lo, hi in busy:
+    for lo, hi, ps, pe in items:
+        if pe < s or e < ps:
+            continue
         if off + size <= lo:
             break
         off = max(off, _round_up(hi, align))
@@ -129,19 +134,25 @@ def plan_barriers(lowered: Lowered, mem: MemoryPlan, policy: str = "hazard") -> 
                 out.append((b, 0, 1))
         return out
 
-    def overlap(a: tuple, b: tuple) -> bool:
-        return a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
-
-    pend_r: list[tuple] = []
-    pend_w: list[tuple] = []
+    # pending ranges per memory (a pool, or a buffer of its own): a range is compared only
+    # with those in the same memory
+    pend_r: dict = {}
+    pend_w: dict = {}
     barrier = []
     for k in lowered.kernels:
         r, w = ranges(k.reads), ranges(k.writes)
-        hazard = any(overlap(x, y) for x in r for y in pend_w) or \
-            any(overlap(x, y) for x in w for y in pend_w + pend_r)
+        hazard = any(_hits(pend_w, x) for x in r) or \
+            any(_hits(pend_w, x) or _hits(pend_r, x) for x in w)
         barrier.append(hazard)
         if hazard:
-            pend_r, pend_w = [], []
-        pend_r += r
-        pend_w += w
+            pend_r, pend_w = {}, {}
+        for pend, new in ((pend_r, r), (pend_w, w)):
+            for where, lo, hi in new:
+                pend.setdefault(where, []).append((lo, hi))
     return barrier
+
+
+def _hits(pending: dict, x: tuple) -> bool:
+    """Whether range x = (memory, lo, hi) overlaps a pending range in the same memory."""
+    _, lo, hi = x
+    return any(lo < h and o < hi for o, h in pending.get(x[0], ()))

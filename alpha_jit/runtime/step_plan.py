@@ -26,6 +26,7 @@ from alpha_jit.codegen_spirv.kernel import KernelBinary
 from alpha_jit.codegen_spirv.lower import Lowered, LoweredKernel, lower
 from alpha_jit.errors import AlphaJitError
 from alpha_jit.ir.graph import Graph
+from alpha_jit.ir.host_gc import gc_paused
 from alpha_jit.runtime import autotune
 from alpha_jit.runtime.caps import Capabilities
 from alpha_jit.runtime.plan import MemoryPlan, plan_barriers, plan_memory
@@ -153,15 +154,16 @@ def plan_step(graph: Graph, caps: Capabilities, state_names: dict[object, str] |
     (`ir/passes/recompute.py`) and the step planned again; still over, the plan has a problem
     (`check_fits` raises). `device`: a live device on which GEMM shapes not tuned yet are
     measured (`autotune.py`); without one, tuned choices come from the disk cache only."""
-    plan = _plan(graph, caps, state_names, progress, device)
-    if memory_budget is None or plan.peak_bytes <= memory_budget:
-        return plan
-    from alpha_jit.ir.passes.recompute import PASS_NAME, recompute_in_backward
+    with gc_paused():  # planning keeps what it allocates: collections find nothing
+        plan = _plan(graph, caps, state_names, progress, device)
+        if memory_budget is None or plan.peak_bytes <= memory_budget:
+            return plan
+        from alpha_jit.ir.passes.recompute import PASS_NAME, recompute_in_backward
 
-    rewritten, summary = recompute_in_backward(graph)
-    log.info("%s: planned peak %s over memory_budget %s: %s", PASS_NAME, _gib(plan.peak_bytes),
-             _gib(memory_budget), summary)
-    plan = _plan(rewritten, caps, state_names, progress, device)
+        rewritten, summary = recompute_in_backward(graph)
+        log.info("%s: planned peak %s over memory_budget %s: %s", PASS_NAME,
+                 _gib(plan.peak_bytes), _gib(memory_budget), summary)
+        plan = _plan(rewritten, caps, state_names, progress, device)
     plan.recompute = summary
     if plan.peak_bytes > memory_budget:
         plan.problems.append(f"the planned peak {_gib(plan.peak_bytes)} exceeds memory_budget "

@@ -44,18 +44,19 @@ def _chain(g: Graph, c: int, ops: tuple[str, ...]) -> tuple[list[int], int]:
     return chain, u
 
 
-def _sink(g: Graph, c: int) -> bool:
-    """Rewrite 1: cast(views(x)) -> views(cast(x)) for an elementwise x (the same views)."""
+def _sink(g: Graph, c: int) -> int | None:
+    """Rewrite 1: cast(views(x)) -> views(cast(x)) for an elementwise x (the same views);
+    returns the top of the new views (None: no rewrite)."""
     chain, x = _chain(g, c, _VIEWS)
     if not chain or registry.get(g.op(x)).lowering != "elementwise":
-        return False
+        return None
     prov = g.prov(c).with_(created_by="cast_fold")
     out = g.add("cast", [x], dict(g.attrs(c)), g.shape(x), g.dtype(c), prov)
     for v in reversed(chain):
         out = g.add(g.op(v), [out], dict(g.attrs(v)), g.shape(v), g.dtype(c), prov)
     g.replace_uses(c, out)
     g.remove(c)
-    return True
+    return out
 
 
 def _into_producer(g: Graph, c: int, roots: set[int]) -> bool:
@@ -116,9 +117,9 @@ def cast_fold(graph: Graph) -> tuple[Graph, str]:
                 trips += 1
             elif _into_producer(g, c, roots):
                 folded += 1
-            elif _sink(g, c):
+            elif (top := _sink(g, c)) is not None:
                 sunk += 1
-                moved.append(max(g.g.nodes))
+                moved.append(top)  # the newest node: what max(g.g.nodes) found, in O(1)
         work = [_cast_below(g, v) for v in moved]
     return g, (f"{trips} round trips through f32 removed, {folded} casts computed by their "
                f"producer (norm, attention), {sunk} moved before views to fuse with their "

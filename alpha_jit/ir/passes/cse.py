@@ -15,14 +15,19 @@ _NEVER = ("input", "state", "hparam")
 
 @register_pass("cse", "merge nodes computing the same op on the same arguments")
 def cse(graph: Graph) -> tuple[Graph, str]:
-    g = graph.copy()
+    g = graph  # copied at the first merge: until then the input is the same graph
     seen: dict[tuple, int] = {}
     merged = 0
-    for n in g.topo():
-        if n not in g.g or g.op(n) in _NEVER:
+    nodes = graph.g._node
+    for n in graph.topo():
+        d = nodes.get(n)  # the copy's node data, once there is a copy
+        if d is None or d["op"] in _NEVER:
             continue
-        key = (g.op(n), freeze_attrs(g.attrs(n)), tuple(g.args(n)), g.shape(n), g.dtype(n).name)
+        key = (d["op"], freeze_attrs(d["attrs"]), tuple(g.args(n)), d["shape"], d["dtype"].name)
         if key in seen:
+            if g is graph:
+                g = graph.copy()
+                nodes = g.g._node
             g.replace_uses(n, seen[key])
             g.remove(n)
             merged += 1

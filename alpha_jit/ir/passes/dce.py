@@ -14,15 +14,17 @@ from alpha_jit.ir.passes.manager import register_pass
 
 @register_pass("dce", "remove nodes that reach no output or state write")
 def dce(graph: Graph) -> tuple[Graph, str]:
-    g = graph.copy()
     live: set[int] = set()
-    stack = list(g.roots())
-    pred = g.g.pred
+    stack = list(graph.roots())
+    pred = graph.g._pred
     while stack:
         n = stack.pop()
         if n not in live:
             live.add(n)
             stack.extend(u for u in pred[n] if u not in live)
-    dead = [n for n in g.g.nodes if n not in live]
-    g.g.remove_nodes_from(dead)
+    dead = [n for n in graph.g._node if n not in live]
+    g = graph
+    if dead:  # nothing dead: no copy to make
+        g = graph.copy()
+        g.g.remove_nodes_from(dead)
     return g, f"removed {len(dead)} dead nodes, {len(g)} remain"

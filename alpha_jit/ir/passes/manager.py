@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from alpha_jit.errors import AlphaJitError
 from alpha_jit.ir.graph import Graph
+from alpha_jit.ir.host_gc import gc_paused
 
 
 class PassConfigError(AlphaJitError, ValueError):
@@ -26,7 +27,9 @@ log = logging.getLogger("alpha_jit.passes")
 @dataclass(frozen=True)
 class Pass:
     name: str
-    fn: Callable[[Graph], tuple[Graph, str]]  # returns the new graph and a one-line summary
+    # returns the new graph and a one-line summary; never mutates its argument (the graph the
+    # previous pass left is kept as that pass's `dump-ir` snapshot): copy it before a rewrite
+    fn: Callable[[Graph], tuple[Graph, str]]
     doc: str
 
 
@@ -90,14 +93,18 @@ def run_passes(graph: Graph, enabled: Iterable[str] | None = None
             raise PassConfigError(f"unknown passes {sorted(unknown)}; available: {sorted(names)}")
     from alpha_jit.ir.verify import verify
 
-    verify(graph, "tracing")
+    memo: dict = {}  # shape rules' results, shared by the verifications below
     history = []
-    for p in passes:
-        if p.name in disabled or (enabled is not None and p.name not in enabled):
-            continue
-        with pass_errors(p.name):
-            graph, summary = p.fn(graph)
-            verify(graph, f"pass {p.name}")
-        log.info("pass %s: %s", p.name, summary)
-        history.append((p.name, summary, graph.copy()))
+    with gc_paused():  # passes keep what they allocate: collections would find nothing
+        verify(graph, "tracing", memo)
+        for p in passes:
+            if p.name in disabled or (enabled is not None and p.name not in enabled):
+                continue
+            with pass_errors(p.name):
+                graph, summary = p.fn(graph)
+                verify(graph, f"pass {p.name}", memo)
+            log.info("pass %s: %s", p.name, summary)
+            # no copy: the next pass leaves its argument alone, and nothing after the passes
+            # rewrites the final graph (the memory-budget recompute works on a copy)
+            history.append((p.name, summary, graph))
     return graph, history
