@@ -22,14 +22,16 @@ are converted to the other operand's dtype; mixing dtypes needs `kb.cast(v, dtyp
 `v.cast(dtype)`). Integer `/` truncates (C), `%` takes the divisor's sign (Python).
 
 Control flow: `with kb.if_(c):`, `with kb.if_else(c) as (then, orelse): with then: ...
-with orelse: ...`, `with kb.loop(start, stop, step) as i:` (i32 unless an operand is u32;
-`step` may be a Value, then it must be positive). Mutable locals: `v = kb.var("f32", 0.0)`,
-`v.get()`, `v.set(x)`. Workgroup memory: `s = kb.shared("f32", n)`, `s.load(i)`,
-`s.store(i, x)`, `kb.barrier()`. Subgroups: `kb.subgroup_reduce("add"|"max"|"min", x)` and
-the builtins `kb.subgroup_size()`, `kb.subgroup_id()`, `kb.subgroup_invocation_id()`,
-`kb.num_subgroups()`. Math: exp, log, tanh, sqrt, inversesqrt, abs, fmax, fmin, pow, floor,
-fma, isnan, isinf, select. Escape hatch: `kb.op("OpSomething", dtype, *operands)` and `kb.m`
-(the underlying `Module`).
+with orelse: ...`, `with kb.loop(start, stop, step, max_trips=None) as i:` (i32 unless an
+operand is u32; `step` may be a Value, then it must be positive; starts are >= 0; a runtime
+stop or step needs `max_trips`, the worst-case trips per entry: `loop_budget.py` adds them up
+against llvmpipe's per-invocation loop limit and notes a problem on CPU devices). Mutable
+locals: `v = kb.var("f32", 0.0)`, `v.get()`, `v.set(x)`. Workgroup memory:
+`s = kb.shared("f32", n)`, `s.load(i)`, `s.store(i, x)`, `kb.barrier()`. Subgroups:
+`kb.subgroup_reduce("add"|"max"|"min", x)` and the builtins `kb.subgroup_size()`,
+`kb.subgroup_id()`, `kb.subgroup_invocation_id()`, `kb.num_subgroups()`. Math: exp, log, tanh,
+sqrt, inversesqrt, abs, fmax, fmin, pow, floor, fma, isnan, isinf, select. Escape hatch:
+`kb.op("OpSomething", dtype, *operands)` and `kb.m` (the underlying `Module`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from dataclasses import dataclass
 
 from .builder import Module
 from .kernel import Binding, Dispatch, KernelBinary, KernelSpec
+from .loop_budget import GENERIC_WORKAROUND, LoopBudget, trip_bound
 
 # "bf16n": the native bfloat16 type of SPV_KHR_bfloat16 (storage and conversion only)
 _KIND = {"f32": "f", "f16": "f", "bf16n": "f", "i32": "i", "u32": "u", "u16": "u", "bool": "b"}
@@ -288,6 +291,10 @@ class KernelBuilder:
         self._builtins: dict[str, int] = {}
         self._types: dict[str, int] = {}
         self._consts: dict[tuple, int] = {}
+        self._const_ints: dict[int, int] = {}  # id -> value of integer constants (loop bounds)
+        self.loops = LoopBudget()  # this kernel's bound on loop passes per invocation
+        # what the problem note on a CPU device over llvmpipe's loop limit tells the user
+        self.loop_workaround = GENERIC_WORKAROUND
         self._glsl = self.m.ext_import("GLSL.std.450")
         void = self.type("void")
         self._fn = self.m.emit("OpFunction", void, "None", self.m.emit("OpTypeFunction", void))
@@ -336,6 +343,8 @@ class KernelBuilder:
         cid = self._consts.get(key)
         if cid is None:
             cid = self._consts[key] = self.m.emit("OpConstant", self.type(dtype), value)
+            if _KIND[dtype] in "iu":
+                self._const_ints[cid] = value  # type: ignore[assignment]
         return Value(self, cid, dtype)
 
     def f32(self, x: float) -> Value:
@@ -673,9 +682,19 @@ class KernelBuilder:
                     pass
         self.m.emit("OpLabel", result=merge)
 
+    def _static_int(self, x: object) -> int | None:
+        """x as a Python int where it is one or an integer constant; None: a runtime value."""
+        if isinstance(x, Value):
+            return self._const_ints.get(x.id)
+        return int(x) if isinstance(x, int) else None
+
     @contextmanager
-    def loop(self, start: object, stop: object, step: object = 1) -> Iterator[Value]:
-        """`for i in range(start, stop, step)` as a structured loop; yields `i`."""
+    def loop(self, start: object, stop: object, step: object = 1,
+             max_trips: int | None = None) -> Iterator[Value]:
+        """`for i in range(start, stop, step)` as a structured loop; yields `i`. Starts are
+        >= 0; where stop or step is a runtime value, `max_trips` bounds the trips per entry
+        (llvmpipe's loop limit: `loop_budget.py`; a loop without a bound raises)."""
+        trips = trip_bound(*(self._static_int(v) for v in (start, stop, step)), max_trips)
         dtype = next((v.dtype for v in (start, stop, step) if isinstance(v, Value)), "i32")
         counter = self.var(dtype, self.cast(self.value(start, dtype), dtype))
         stop_v = self.cast(self.value(stop, dtype), dtype)
@@ -689,7 +708,9 @@ class KernelBuilder:
         self.m.emit("OpLoopMerge", merge, cont, "None")
         self.m.emit("OpBranchConditional", go_on, body, merge)
         self.m.emit("OpLabel", result=body)
+        self.loops.enter(trips)
         yield i
+        self.loops.exit()
         self.m.emit("OpBranch", cont)
         self.m.emit("OpLabel", result=cont)
         counter.set(counter.get() + step_v)
@@ -715,11 +736,17 @@ class KernelBuilder:
 
     def binary(self, spec: KernelSpec, dispatches: Sequence[Dispatch],
                notes: dict | None = None) -> KernelBinary:
-        """Finish and package the module with its bindings and dispatches for the runtime."""
+        """Finish and package the module with its bindings and dispatches for the runtime;
+        notes["loop_passes"] is the loop bound, and on a CPU device a bound over llvmpipe's
+        limit adds notes["problem"] (the plan then refuses the step before it runs)."""
+        notes = {**(notes or {}), "loop_passes": self.loops.passes}
+        over = self.loops.problem(self.name, self.loop_workaround)
+        if over is not None and cap(self.caps, "device_type", None) == "cpu":
+            notes["problem"] = "; ".join(filter(None, (notes.get("problem"), over)))
         return KernelBinary(spec=spec, words=self.finish(), bindings=tuple(self.bindings),
                             local_size=self.local_size, dispatches=tuple(dispatches),
                             push_constant_size=self.push_constant_size,
-                            shared_bytes=self.shared_bytes, notes=dict(notes or {}))
+                            shared_bytes=self.shared_bytes, notes=notes)
 
 
 def pack_push_constants(values: Sequence[tuple[str, object]]) -> bytes:

@@ -10,17 +10,16 @@ writes, which the planner turns into a memory arena and barriers.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import networkx as nx
-import numpy as np
-
 from alpha_jit.codegen_spirv.kernel import KernelSpec
+from alpha_jit.codegen_spirv.kernels import scatter
 from alpha_jit.codegen_spirv.views import View, padded_const
-from alpha_jit.dtypes import DType
+from alpha_jit.dtypes import DType, int32
 from alpha_jit.errors import InternalCompilerError
-from alpha_jit.ir.graph import Graph, Provenance, freeze_attrs
+from alpha_jit.ir.graph import Graph, Provenance, freeze_attrs, lex_topo
 from alpha_jit.ir.ops import registry
 from alpha_jit.schedule import colsum, epilogue, prologue
 
@@ -66,7 +65,7 @@ class Buffer:
 
     @property
     def nbytes(self) -> int:
-        return max(int(np.prod(self.shape, dtype=np.int64)), 1) * self.dtype.itemsize
+        return max(int(math.prod(self.shape)), 1) * self.dtype.itemsize
 
 
 @dataclass
@@ -128,7 +127,7 @@ class Lowered:
 
 
 def _shape_key(shape: tuple) -> int:
-    return int(np.prod(shape, dtype=np.int64))
+    return int(math.prod(shape))
 
 
 class _Lowerer:
@@ -146,10 +145,13 @@ class _Lowerer:
         self.colsums: dict[int, int] = {}  # bias-gradient reduction <-> its dW GEMM, both ways
         self.done: set[int] = set()  # nodes another node's kernel already computed
         self.written: set[int] = set()  # buffers the kernels emitted so far write
+        self._lowering: dict[str, str] = {}  # op -> its lowering class (asked ~10x per node)
+        self._consts: dict[int, tuple | None] = {}  # node -> _const(node): the graph is fixed
 
     # ---- grouping -------------------------------------------------------------------------
     def _cls(self, n: int) -> str:
-        return registry.get(self.g.op(n)).lowering
+        op = self.g.g._node[n]["op"]
+        return self._lowering.get(op) or self._lowering.setdefault(op, registry.get(op).lowering)
 
     def fuse(self, order: list[int]) -> None:
         """Greedy elementwise fusion in topological order.
@@ -331,12 +333,13 @@ class _Lowerer:
     def _const(self, u: int) -> tuple | None:
         """("const", value, dtype) when u is a constant, or any view of one (a reshaped or
         broadcast constant is the same constant everywhere); None otherwise."""
-        g = self.g
-        while self._cls(u) == "view":
-            u = g.args(u)[0]
-        if g.op(u) == "full":
-            return ("const", g.attrs(u)["value"], g.dtype(u).name)
-        return None
+        if u not in self._consts:
+            g, v = self.g, u
+            while self._cls(v) == "view":
+                v = g.args(v)[0]
+            full = g.op(v) == "full"
+            self._consts[u] = ("const", g.attrs(v)["value"], g.dtype(v).name) if full else None
+        return self._consts[u]
 
     def region(self, gid: int, acc: frozenset = frozenset()) -> Region:
         """Group gid as an elementwise region over its shape; members read the nodes in `acc`
@@ -440,8 +443,14 @@ class _Lowerer:
                 rows, dim = attrs["rows"], g.shape(args[0])[1]
                 params = (("rows", rows), ("dim", dim), ("n", ids.numel),
                           ("dtype", g.dtype(n).name), ("src_offset", src.offset),
-                          ("ids_offset", ids.offset))
-            self._emit(cls, f"{op}_{rows}x{dim}", params, [src.base, ids.base], [n], [n], n)
+                          ("ids_offset", ids.offset), *scatter.choose(rows, dim, ids.numel,
+                                                                      self.caps))
+            writes = [n]
+            if cls == "scatter" and scatter.workspace_words(params):  # its sorted chunks
+                writes.append(next(self.copy_ids))
+                self.out.buffers[writes[-1]] = Buffer(
+                    writes[-1], "temp", (scatter.workspace_words(params),), int32)
+            self._emit(cls, f"{op}_{rows}x{dim}", params, [src.base, ids.base], writes, [n], n)
         elif cls == "kernel":
             kernel_lowering(op)(self, n)
         else:
@@ -547,15 +556,14 @@ class _Lowerer:
                 unit[n] = ("k", n)
             else:
                 unit[n] = ("n", n)
-        q = nx.DiGraph()
-        first = {}
+        first: dict[tuple, int] = {}
         for i, n in enumerate(order):
-            q.add_node(unit[n])
             first.setdefault(unit[n], i)  # units run in the order of their first node
+        q: dict[tuple, dict] = {un: {} for un in first}  # unit -> {unit reading it: one edge}
         for u, v in g.g.edges():
             if unit[u] != unit[v]:
-                q.add_edge(unit[u], unit[v])
-        for un in nx.lexicographical_topological_sort(q, key=lambda x: first[x]):
+                q[unit[u]][unit[v]] = (v,)
+        for un in lex_topo(q, key=first.__getitem__):
             if un[0] == "g":
                 ep = self.epilogues.get(un[1])
                 if ep is None or not epilogue.emit(self, ep):

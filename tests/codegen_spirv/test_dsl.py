@@ -1,10 +1,16 @@
-"""The kernel DSL: every construct produces modules that pass spirv-val, on every caps mix."""
+"""The kernel DSL: every construct produces modules that pass spirv-val, on every caps mix;
+loop bounds add up to the per-invocation bound that guards llvmpipe's loop limit."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 
 from alpha_jit.codegen_spirv.dsl import KernelBuilder
+from alpha_jit.codegen_spirv.kernel import Dispatch, KernelSpec
+from alpha_jit.codegen_spirv.loop_budget import CPU_LOOP_BUDGET
 
 from .conftest import validate
 
@@ -52,9 +58,10 @@ def test_all_constructs_validate(caps):
         y = kb.tanh(x) + kb.exp(x) - kb.log(kb.abs(x) + 1.0) + kb.sqrt(kb.abs(x))
         y = kb.fmax(y, kb.inversesqrt(kb.abs(x) + 1.0)) / 3.0 % 7.0
         y = kb.select(x > 0.0, y, -y) + kb.pow(kb.abs(x), 0.5) + kb.floor(x) + (x // 2.0)
-        with kb.loop(pc["k"], 0, -1) as j:
+        with kb.loop(pc["k"], 0, -1, max_trips=10) as j:
             acc.set(acc.get() + kb.cast(j, "f32"))
-        with kb.loop(kb.cast(gid, "i32"), 100, kb.cast(kb.num_workgroups(0), "i32")) as j:
+        with kb.loop(kb.cast(gid, "i32"), 100, kb.cast(kb.num_workgroups(0), "i32"),
+                     max_trips=100) as j:
             flag.set(flag.get() | (j == 7))
         with kb.if_else(flag.get() & (x != x)) as (then, orelse):
             with then:
@@ -93,3 +100,105 @@ def test_memoised_constants_keep_negative_zero_and_types_apart():
     assert kb.f32(1.0).id != kb.i32(1).id != kb.u32(1).id
     assert kb.f32(float("nan")).id == kb.f32(float("nan")).id  # deduplicated by the builder
     assert kb.type("f32") == kb.type("f32") != kb.type("f16")
+
+
+# ---- loop bounds (llvmpipe's loop limit) ------------------------------------------------------
+CPU = SimpleNamespace(device_type="cpu")
+
+
+def _passes(body, caps=None) -> int:
+    kb = KernelBuilder("bounds", 64, caps)
+    body(kb, kb.push_constants([("n", "i32")])["n"])
+    return kb.loops.passes
+
+
+def test_loop_bounds_add_up_per_invocation():
+    """A loop entered once with t trips costs t + 1 passes; nested loops multiply by the
+    enclosing trips; loops in both arms of a branch count (as if taken)."""
+    def seq(kb, n):
+        with kb.loop(0, 10):
+            pass
+        with kb.loop(3, 10, 2):  # 3, 5, 7, 9
+            pass
+    assert _passes(seq) == 11 + 5
+
+    def nested(kb, n):
+        with kb.loop(0, 10), kb.loop(0, 5):
+            with kb.loop(kb.local_id(0), 64, 16):  # a Value start counts as 0: 4 trips
+                pass
+    assert _passes(nested) == 11 + 10 * 6 + 50 * 5
+
+    def bounded(kb, n):
+        with kb.loop(0, n, max_trips=7):  # a runtime stop: the caller's bound
+            pass
+        with kb.loop(0, 1000, max_trips=3):  # max_trips also caps a computable bound
+            pass
+        with kb.loop(kb.u32(0), kb.u32(9)):  # constant Values are known
+            pass
+        with kb.loop(10, 0, -3):  # 10, 7, 4, 1
+            pass
+    assert _passes(bounded) == 8 + 4 + 10 + 5
+
+    def branches(kb, n):
+        with kb.if_else(n > 3) as (then, orelse):
+            with then, kb.loop(0, 100):
+                pass
+            with orelse, kb.loop(0, 50):
+                pass
+    assert _passes(branches) == 101 + 51
+
+
+@pytest.mark.parametrize("args,why", [
+    (lambda kb, n: (0, n), "max_trips"),  # runtime stop
+    (lambda kb, n: (0, 100, n), "max_trips"),  # runtime step
+    (lambda kb, n: (n, 0, -1), "max_trips"),  # counting down from a runtime start
+    (lambda kb, n: (-1, 10), ">= 0"),
+    (lambda kb, n: (0, 10, 0), "never ends"),
+])
+def test_a_loop_without_a_bound_is_a_generation_error(args, why):
+    kb = KernelBuilder("unbounded", 64)
+    n = kb.push_constants([("n", "i32")])["n"]
+    with pytest.raises(ValueError, match=why), kb.loop(*args(kb, n)):
+        pass
+
+
+def _two_loops(caps, n1: int, n2: int, name: str):
+    """out = (n1, n2): two loops in a row counting their trips (not unrollable: 32-bit)."""
+    kb = KernelBuilder(name, 1, caps)
+    out = kb.buffer("out", "i32", writable=True)
+    c1, c2 = kb.var("i32", 0), kb.var("i32", 0)
+    with kb.loop(0, n1):
+        c1.set(c1.get() + 1)
+    with kb.loop(0, n2):
+        c2.set(c2.get() + 1)
+    out.store(0, c1.get())
+    out.store(1, c2.get())
+    return kb.binary(KernelSpec("loops", name, ((n1, n2),)), [Dispatch((1, 1, 1))])
+
+
+def test_cpu_kernel_over_the_loop_budget_carries_a_problem():
+    fits = _two_loops(CPU, 32766, 32766, "fits")  # 32767 + 32767 passes = 65534
+    over = _two_loops(CPU, 32766, 32767, "over")  # 65535: llvmpipe's counter reaches 0
+    assert fits.notes["loop_passes"] == CPU_LOOP_BUDGET - 1 and "problem" not in fits.notes
+    assert over.notes["loop_passes"] == CPU_LOOP_BUDGET
+    assert over.notes["problem"].startswith("over may make up to 65535 loop passes")
+    assert "after 65535 in all" in over.notes["problem"]
+    gpu = _two_loops(SimpleNamespace(device_type="discrete"), 32766, 32767, "gpu")
+    assert "problem" not in gpu.notes and gpu.words == over.words  # bookkeeping only
+
+
+def test_the_loop_budget_model_matches_the_device(run_kernel):
+    """What the bound assumes of llvmpipe (t + 1 passes per loop entry, nested trips
+    multiplied, 65535 in all), on the device: a kernel just within the budget runs whole."""
+    (out,) = run_kernel(_two_loops(CPU, 32766, 32766, "edge"), [], [((2,), np.int32)])
+    assert out.tolist() == [32766, 32766]
+    kb = KernelBuilder("nested_edge", 1, CPU)
+    buf = kb.buffer("out", "i32", writable=True)
+    c = kb.var("i32", 0)
+    with kb.loop(0, 216), kb.loop(0, 300):  # 217 + 216 * 301 = 65233 passes
+        c.set(c.get() + 1)
+    buf.store(0, c.get())
+    b = kb.binary(KernelSpec("loops", "nested_edge", ()), [Dispatch((1, 1, 1))])
+    assert "problem" not in b.notes
+    (out,) = run_kernel(b, [], [((1,), np.int32)])
+    assert out[0] == 216 * 300

@@ -90,9 +90,10 @@ def test_sum_over_leading_axis(run_kernel, device_type):
 
 
 def test_long_rows_are_summed_whole_or_refused_on_llvmpipe():
-    """llvmpipe ends a loop after 65535 iterations without an error: a long column sum once
-    came out as 65535. Long rows go to a workgroup per row; rows no workgroup can finish
-    within the limit are refused by the plan, never summed short."""
+    """llvmpipe ends every loop of an invocation after 65535 passes in all, without an error:
+    a long column sum once came out as 65535. Long rows go to the layout whose loop bound
+    fits (a workgroup per row); rows no layout can finish within the limit are refused by
+    the plan, naming the kernel, before anything runs, never summed short."""
     import alpha_jit as aj
     from alpha_jit.runtime import get_device
     from alpha_jit.runtime.step_plan import MemoryPlanError
@@ -103,5 +104,19 @@ def test_long_rows_are_summed_whole_or_refused_on_llvmpipe():
     np.testing.assert_array_equal(aj.compile(lambda t: t.sum(0))(xi).numpy(), [2**17 + 5] * 2)
     if get_device().caps.device_type != "cpu":
         return
-    with pytest.raises(MemoryPlanError, match="65535 loop iterations"):
+    with pytest.raises(MemoryPlanError, match=r"kernel \d+ \(sum_\w+, .*after 65535 in all"):
         aj.compile(lambda t: t.sum())(np.ones(2**24 + 8, np.float32))
+
+
+@pytest.mark.parametrize("rows,R,serial", [(130, 2048, True), (130, 70000, False),
+                                           (2, 70000, False), (1, 2**24 + 8, None)])
+def test_cpu_layout_follows_the_loop_bound(rows, R, serial):
+    """On a CPU device a column sum prefers a thread per row, unless its loop bound passes
+    llvmpipe's limit and a workgroup per row's fits; no layout fitting, the kernel carries
+    the problem (the plan refuses it)."""
+    b = build(red_spec("sum", (rows,), (1,), 0, R, rows), SimpleNamespace(device_type="cpu"))
+    if serial is None:
+        assert "after 65535 in all" in b.notes["problem"] and "two steps" in b.notes["problem"]
+        return
+    assert "problem" not in b.notes and b.notes["loop_passes"] < 65535
+    assert b.notes.get("thread_per_row", False) == serial

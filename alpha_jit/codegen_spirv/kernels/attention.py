@@ -194,10 +194,12 @@ def _masked_ranges(c: _Ctx, own_end: Callable[[], Value] | None
     return c.blk0, own_end(), kb.u32(0), c.blk0
 
 
-def _loop_tiles(c: _Ctx, lo: Value | int, hi: Value | int, body: Callable[[Value], None]
-                ) -> None:
+def _loop_tiles(c: _Ctx, lo: Value | int, hi: Value | int, body: Callable[[Value], None],
+                span: int) -> None:
+    """body(j0) for the tiles of [lo, hi), at most `span` rows apart (llvmpipe's loop bound)."""
     kb = c.kb
-    with kb.loop(kb.value(lo, "u32"), kb.value(hi, "u32"), c.cfg.block) as j0:
+    with kb.loop(kb.value(lo, "u32"), kb.value(hi, "u32"), c.cfg.block,
+                 max_trips=math.ceil(span / c.cfg.block)) as j0:
         body(j0)
 
 
@@ -272,8 +274,8 @@ def generate_attention_fwd(spec: KernelSpec, caps: object = None) -> KernelBinar
 
     own_end = (lambda: kb.fmin(c.blk0 + c.cfg.rows, kb.u32(t))) if p["causal"] else None
     m_lo, m_hi, f_lo, f_hi = _masked_ranges(c, own_end)
-    _loop_tiles(c, f_lo, f_hi, lambda j0: body(j0, False))
-    _loop_tiles(c, m_lo, m_hi, lambda j0: body(j0, True))
+    _loop_tiles(c, f_lo, f_hi, lambda j0: body(j0, False), t)
+    _loop_tiles(c, m_lo, m_hi, lambda j0: body(j0, True), c.cfg.rows)  # diagonal or tail
     lv = l_var.get()
     row = (c.bi * h + c.head) * t + i
     with kb.if_(i < t):
@@ -327,11 +329,13 @@ def _query_tiles(c: _Ctx, body: Callable[[Value, Value, bool], None]) -> None:
         f_lo, f_hi = kb.u32(0), kb.u32((t // blk) * blk)
         diag_lo, n1 = kb.u32(0), kb.u32(0)
     n3 = (kb.u32(t) - f_hi + (blk - 1)) / blk
+    tiles = math.ceil(t / blk)
+    masked = min(tiles, math.ceil(c.cfg.rows / blk) + 1)  # n1 diagonal tiles, n3 <= 1 tail
     with kb.loop(kb.u32(0), kb.u32(rep)) as r_head:
         hh = c.head * rep + r_head if rep > 1 else c.head
-        with kb.loop(f_lo, f_hi, blk) as i0:
+        with kb.loop(f_lo, f_hi, blk, max_trips=tiles) as i0:
             body(hh, i0, False)
-        with kb.loop(kb.u32(0), n1 + n3) as idx:
+        with kb.loop(kb.u32(0), n1 + n3, max_trips=masked) as idx:
             i0 = kb.select(idx < n1, diag_lo + idx * blk, f_hi + (idx - n1) * blk)
             body(hh, i0, True)
 
@@ -396,8 +400,8 @@ def generate_attention_dq(spec: KernelSpec, caps: object = None) -> KernelBinary
 
     own_end = (lambda: kb.fmin(c.blk0 + c.cfg.rows, kb.u32(t))) if p["causal"] else None
     m_lo, m_hi, f_lo, f_hi = _masked_ranges(c, own_end)
-    _loop_tiles(c, f_lo, f_hi, lambda j0: body(j0, False))
-    _loop_tiles(c, m_lo, m_hi, lambda j0: body(j0, True))
+    _loop_tiles(c, f_lo, f_hi, lambda j0: body(j0, False), t)
+    _loop_tiles(c, m_lo, m_hi, lambda j0: body(j0, True), c.cfg.rows)  # diagonal or tail
     with kb.if_(i < t):
         qb = _out_base(c, h, c.head, i)
         for d in range(hd):

@@ -422,8 +422,8 @@ def generate_fwd(spec: KernelSpec, caps: object, cfg: CmConfig) -> KernelBinary:
 
     own_end = (lambda: kb.fmin(c.blk0 + cfg.rows, kb.u32(t))) if p["causal"] else None
     m_lo, m_hi, f_lo, f_hi = A._masked_ranges(c, own_end)
-    A._loop_tiles(c, f_lo, f_hi, lambda j0: body(j0, False))
-    A._loop_tiles(c, m_lo, m_hi, lambda j0: body(j0, True))
+    A._loop_tiles(c, f_lo, f_hi, lambda j0: body(j0, False), t)
+    A._loop_tiles(c, m_lo, m_hi, lambda j0: body(j0, True), cfg.rows)  # diagonal or tail
     lv = l_var.get()
     with kb.if_(i < t):
         if "o" in K.outs:
@@ -480,8 +480,8 @@ def generate_dq(spec: KernelSpec, caps: object, cfg: CmConfig) -> KernelBinary:
 
     own_end = (lambda: kb.fmin(c.blk0 + cfg.rows, kb.u32(t))) if p["causal"] else None
     m_lo, m_hi, f_lo, f_hi = A._masked_ranges(c, own_end)
-    A._loop_tiles(c, f_lo, f_hi, lambda j0: body(j0, False))
-    A._loop_tiles(c, m_lo, m_hi, lambda j0: body(j0, True))
+    A._loop_tiles(c, f_lo, f_hi, lambda j0: body(j0, False), t)
+    A._loop_tiles(c, m_lo, m_hi, lambda j0: body(j0, True), cfg.rows)  # diagonal or tail
     K.write_out([a.get() for a in acc], K.outs["dq"], h, c.head, scale)
     flops = 6 * p["b"] * h * t * t * hd // (2 if p["causal"] else 1)
     return K.binary(spec, caps, h, flops, "dq")

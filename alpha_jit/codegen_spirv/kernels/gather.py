@@ -1,31 +1,29 @@
-"""The gather / scatter-add kernel families: embedding lookups and their gradients.
+"""The gather kernel family (embedding lookups) and the helpers its scatter twin shares.
 
-Why: `table[ids]` (embeddings, label picks) and its VJP, `zeros(V, D).index_add(ids, src)`, are
-the only data-dependent addressing in a training step. Both are written for safety and
-reproducibility first:
+Why: `table[ids]` (embeddings, label picks) and its VJP, `zeros(V, D).index_add(ids, src)`
+(`scatter.py`), are the only data-dependent addressing in a training step. Both are written for
+safety and reproducibility first:
 - gather never reads outside the table: an id outside [0, V) writes NaN (INT_MIN for integer
   tables) instead of a clamped row, so a bad id is loud, never a silently wrong value (ids are
   also range-checked on the host before any GPU work);
-- scatter is deterministic without float atomics: each output row is owned by one workgroup row,
-  which walks all N ids in order (staged through shared memory in chunks) and sums the matching
-  source rows in f32, so every run gives the same bits.
+- scatter is deterministic without float atomics: each output row sums its source rows in the
+  order of their positions, in f32, so every run gives the same bits (`scatter.py`).
 
 A workgroup is (lx, ly): lx threads along the embedding dimension d, ly rows; small D packs
 several rows per workgroup instead of idling threads.
 
-Specs (params as (key, value) pairs):
+Spec (params as (key, value) pairs):
     gather:  ("rows", V), ("dim", D), ("n", N), ("dtype", dt), ("table_offset", t),
              ("ids_offset", i)
              bindings: table (element (r, d) at t + r*D + d), ids i32 (N from i), out (N, D)
-    scatter: ("rows", V), ("dim", D), ("n", N), ("dtype", dt), ("src_offset", s),
-             ("ids_offset", i)
-             bindings: src (element (i, d) at s + i*D + d), ids i32 (N from i), out (V, D)
+    scatter: see `scatter.py`.
 Push constants (base_x, base_y, base_z) offset the workgroup ids of split grids.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from ..dsl import KernelBuilder, Value, cap, pack_push_constants
 from ..kernel import Dispatch, KernelBinary, KernelSpec
@@ -36,42 +34,62 @@ DEFAULT_LOCAL_SIZE = 256
 _INT_MIN = -(1 << 31)
 
 
-def _local_shape(dim: int, caps: object) -> tuple[int, int]:
-    """(lx, ly): lx a power of two covering D up to the budget, ly rows filling the rest."""
-    budget = int(min(DEFAULT_LOCAL_SIZE, cap(caps, "max_workgroup_invocations",  # type: ignore
-                                               DEFAULT_LOCAL_SIZE)))
-    budget = 1 << (budget.bit_length() - 1)
-    lx = min(budget, 1 << max(0, dim - 1).bit_length())
-    return lx, budget // lx
+def budget(caps: object) -> int:
+    """Invocations per workgroup: DEFAULT_LOCAL_SIZE or the device's limit, a power of two."""
+    n = int(min(DEFAULT_LOCAL_SIZE, cap(caps, "max_workgroup_invocations",  # type: ignore
+                                        DEFAULT_LOCAL_SIZE)))
+    return 1 << (n.bit_length() - 1)
 
 
-def _setup(spec: KernelSpec, caps: object, first: str, out_rows: int, cols: int = 1
-           ) -> tuple[KernelBuilder, dict, tuple, tuple[int, int], Value, Value]:
-    """Builder, bindings, push constants, this invocation's row and first column (its others
-    follow at strides of lx: `cols` columns per invocation)."""
+def local_shape(dim: int, caps: object, min_lx: int = 1) -> tuple[int, int]:
+    """(lx, ly): lx a power of two covering D (at least min_lx) up to the budget, ly rows
+    filling the rest."""
+    total = budget(caps)
+    lx = min(total, max(min_lx, 1 << max(0, dim - 1).bit_length()))
+    return lx, total // lx
+
+
+def setup(spec: KernelSpec, caps: object, first: str, out_rows: int, shape: tuple[int, int],
+          cols: int = 1, rows: int = 1, fields: Sequence[tuple[str, str]] = ()
+          ) -> tuple[KernelBuilder, dict, tuple, dict[str, Value], Value, Value]:
+    """Builder, params, bindings (first, ids, out), push constants (base_x, base_y, base_z,
+    then `fields`), this invocation's first row and first column: a workgroup of `shape`
+    (lx, ly) owns ly * `rows` rows (an invocation's others follow at strides of ly) and
+    lx * `cols` columns (its others at strides of lx). p["_groups"] is the grid."""
     p = dict(spec.params)
-    lx, ly = _local_shape(math.ceil(p["dim"] / cols), caps)
+    lx, ly = shape
     kb = KernelBuilder(spec.name, (lx, ly, 1), caps)
     dt = storage_dtype(p["dtype"])
     bufs = (kb.buffer(first, dt, writable=False), kb.buffer("ids", "i32", writable=False),
             kb.buffer("out", dt, writable=True))
-    pc = kb.push_constants([("base_x", "u32"), ("base_y", "u32"), ("base_z", "u32")])
+    pc = kb.push_constants([("base_x", "u32"), ("base_y", "u32"), ("base_z", "u32"), *fields])
     d = (kb.workgroup_id(0) + pc["base_x"]) * (lx * cols) + kb.local_id(0)
-    row = (kb.workgroup_id(1) + pc["base_y"]) * ly + kb.local_id(1)
-    p["_groups"] = (math.ceil(p["dim"] / (lx * cols)), math.ceil(out_rows / ly), 1)
-    return kb, p, bufs, (lx, ly), row, d
+    row = (kb.workgroup_id(1) + pc["base_y"]) * (ly * rows) + kb.local_id(1)
+    p["_groups"] = (math.ceil(p["dim"] / (lx * cols)), math.ceil(out_rows / (ly * rows)), 1)
+    return kb, p, bufs, pc, row, d
 
 
-def _finish(kb: KernelBuilder, spec: KernelSpec, p: dict, caps: object) -> KernelBinary:
-    dispatches = [Dispatch(cnt, pack_push_constants([("u32", b) for b in base]))
-                  for cnt, base in grid_plan(p["_groups"], caps)]
-    return kb.binary(spec, dispatches, notes={"rows": p["rows"], "dim": p["dim"], "n": p["n"]})
+def dispatches(groups: Sequence[int], caps: object, *extra: int) -> list[Dispatch]:
+    """The dispatches of a grid, split within the device's limits; push constants: the split's
+    base workgroup ids, then `extra` (u32 each)."""
+    return [Dispatch(cnt, pack_push_constants([("u32", b) for b in (*base, *extra)]))
+            for cnt, base in grid_plan(groups, caps)]
+
+
+def finish(kb: KernelBuilder, spec: KernelSpec, p: dict, caps: object,
+           plan: Sequence[Dispatch] | None = None, variant: str | None = None) -> KernelBinary:
+    """Package the module: one pass over p["_groups"] unless `plan` lists the dispatches."""
+    notes = {"rows": p["rows"], "dim": p["dim"], "n": p["n"]}
+    if variant is not None:
+        notes["variant"] = variant
+    plan = dispatches(p["_groups"], caps) if plan is None else plan
+    return kb.binary(spec, plan, notes=notes)
 
 
 def generate_gather(spec: KernelSpec, caps: object = None) -> KernelBinary:
     """out[i, d] = table[ids[i], d]; NaN (INT_MIN for i32) where ids[i] is outside [0, V)."""
     V, D, N = (dict(spec.params)[k] for k in ("rows", "dim", "n"))
-    kb, p, (table, ids, out), _, i, d = _setup(spec, caps, "table", N)
+    kb, p, (table, ids, out), _, i, d = setup(spec, caps, "table", N, local_shape(D, caps))
     t_off, i_off = p["table_offset"], p["ids_offset"]
     bad = kb.f32(float("nan")) if table.compute == "f32" else kb.const(_INT_MIN, table.compute)
     with kb.if_((i < N) & (d < D)):
@@ -82,61 +100,11 @@ def generate_gather(spec: KernelSpec, caps: object = None) -> KernelBinary:
                 out.store(dst, table.load(kb.cast(r, "u32") * D + (d + t_off)))
             with oob:
                 out.store(dst, bad)
-    return _finish(kb, spec, p, caps)
+    return finish(kb, spec, p, caps)
 
 
 def generate_scatter(spec: KernelSpec, caps: object = None) -> KernelBinary:
-    """out = zeros(V, D); out[ids[i]] += src[i] for i in order (deterministic, f32 sums)."""
-    V, D, N = (dict(spec.params)[k] for k in ("rows", "dim", "n"))
-    # Up to 4 columns per invocation: fewer workgroups, so the ids are scanned fewer times.
-    cols = max(1, min(4, D // DEFAULT_LOCAL_SIZE))
-    kb, p, (src, ids, out), (lx, ly), r, d = _setup(spec, caps, "src", V, cols)
-    s_off, i_off = p["src_offset"], p["ids_offset"]
-    chunk = lx * ly  # one id per invocation per refill of the shared staging array
-    words = math.ceil(chunk / 32)
-    staged = kb.shared("i32", chunk)
-    hits = kb.shared("u32", words)  # bit t: staged[t] names one of this workgroup's rows
-    tid = kb.local_index()
-    row0 = kb.cast(r - kb.local_id(1), "i32")
-    want = kb.cast(r, "i32")
-    live_row = r < V
-    col = [d + c * lx for c in range(cols)]
-    live = [live_row & (x < D) for x in col]
-    acc = [kb.var("f32", 0.0) for _ in range(cols)]
-    u32 = kb.type("u32")
-    with kb.loop(kb.u32(0), N, chunk) as c0:
-        kb.barrier()  # everyone has finished reading the previous chunk
-        with kb.if_(tid < words):
-            hits.store(tid, kb.u32(0))
-        j = c0 + tid
-        id_or_pad = kb.var("i32", -1)  # past N: -1, which names no row
-        with kb.if_(j < N):
-            id_or_pad.set(ids.load(j + i_off))
-        staged.store(tid, id_or_pad.get())
-        kb.barrier()
-        # Atomic OR is order-independent, so the bit mask (and everything after) is deterministic.
-        with kb.if_(kb.cast(id_or_pad.get() - row0, "u32") < ly):
-            # No shared atomics in the DSL yet: emit OpAtomicOr on the shared word directly.
-            kb.m.emit("OpAtomicOr", u32, hits._ptr(tid >> 5), "Workgroup", "Relaxed",
-                      kb.u32(1) << (tid & 31))
-        kb.barrier()
-        # Visit only the hits, in increasing position: sums run in the order of i, every run.
-        with kb.if_(live_row):
-            for w in range(words):
-                bits = kb.var("u32", hits.load(w))
-                with kb.loop(kb.u32(0), kb.op("OpBitCount", "u32", bits.get()), 1):
-                    b = bits.get()
-                    bits.set(b & (b - 1))
-                    t = kb.glsl("FindILsb", "u32", b) + 32 * w
-                    with kb.if_(staged.load(t) == want):
-                        row = (c0 + t) * D + s_off
-                        for c in range(cols):
-                            if D % (lx * cols) == 0:  # every column exists: no check
-                                acc[c].set(acc[c].get() + src.load(row + col[c]))
-                                continue
-                            with kb.if_(live[c]):
-                                acc[c].set(acc[c].get() + src.load(row + col[c]))
-    for c in range(cols):
-        with kb.if_(live[c]):
-            out.store(r * D + col[c], acc[c].get())
-    return _finish(kb, spec, p, caps)
+    """The scatter family's entry point (`generate.py` maps it here); `scatter.py` holds it."""
+    from . import scatter  # scatter builds on this module's helpers: imported on first use
+
+    return scatter.generate(spec, caps)

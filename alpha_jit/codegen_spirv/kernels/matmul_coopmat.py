@@ -161,7 +161,7 @@ def emit(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule | None)
     abuf, bbuf, store, tid, row0, col0, z, pc = _prologue(kb, cfg, p, rule)
     if cfg.split == 1:
         _, acc, csums, sg = _multiply(kb, cfg, p, abuf, bbuf, tid, row0, col0, z, kb.u32(0),
-                                      kb.u32(k))
+                                      kb.u32(k), k)
         if csums:
             _colsum(kb, cfg, csums, tid, row0, col0, n,
                     lambda col, total: store.colsum.store(col, total))  # type: ignore
@@ -178,7 +178,7 @@ def emit(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule | None)
             k_lo = sl * chunk
             k_hi = kb.fmin(k_lo + chunk, k)
             fc, acc, csums, sg = _multiply(kb, cfg, p, abuf, bbuf, tid, row0, col0, bi, k_lo,
-                                           k_hi)
+                                           k_hi, chunk)
             sr, sc = sg / (cfg.tn // cfg.rn), sg % (cfg.tn // cfg.rn)
             for i, row in enumerate(acc):
                 for j, frag in enumerate(row):
@@ -193,11 +193,11 @@ def emit(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule | None)
 
 
 def _multiply(kb: KernelBuilder, cfg: MatmulConfig, p: dict, abuf: Buffer, bbuf: Buffer,
-              tid: Value, row0: Value, col0: Value, bi: Value, k_lo: Value, k_hi: Value
-              ) -> tuple:
-    """The main loop over k in [k_lo, k_hi): both operands staged (coopmat_staging.py),
-    fragments multiplied into the accumulators. Returns (accumulator type, accumulators
-    [i][j], b's column-sum entries, subgroup id)."""
+              tid: Value, row0: Value, col0: Value, bi: Value, k_lo: Value, k_hi: Value,
+              k_span: int) -> tuple:
+    """The main loop over k in [k_lo, k_hi) (at most k_span apart): both operands staged
+    (coopmat_staging.py), fragments multiplied into the accumulators. Returns (accumulator
+    type, accumulators [i][j], b's column-sum entries, subgroup id)."""
     elem = operand_elem(p, "a")
     assert elem is not None
     a_dt, a_off, a_sb, a_sm, a_sk = p["a"]
@@ -216,7 +216,7 @@ def _multiply(kb: KernelBuilder, cfg: MatmulConfig, p: dict, abuf: Buffer, bbuf:
     acc = [[fc.var() for _ in range(fn)] for _ in range(fm)]
     a.fetch(k_lo, k_hi)
     b.fetch(k_lo, k_hi)
-    with kb.loop(k_lo, k_hi, cfg.bk) as k0:
+    with kb.loop(k_lo, k_hi, cfg.bk, max_trips=math.ceil(k_span / cfg.bk)) as k0:
         a.stash()
         b.stash()
         kb.barrier()

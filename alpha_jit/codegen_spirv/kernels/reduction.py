@@ -27,7 +27,6 @@ from ..scalar import compute_dtype, nan_minmax, subgroup_max
 from .elementwise import local_size_for, storage_dtype
 
 MODES = ("sum", "max", "mean", "lse")
-CPU_MAX_LOOP = 65535  # llvmpipe's loop iteration limit (LP_MAX_TGSI_LOOP_ITERATIONS)
 _IDENTITY = {"add": 0.0, "max": float("-inf")}
 
 
@@ -39,6 +38,8 @@ class _WorkgroupReducer:
         self.kb, self.acc_dt = kb, acc_dt
         min_sg = max(1, int(cap(caps, "min_subgroup_size", 1)))  # type: ignore[call-overload]
         self.slots: SharedArray = kb.shared(acc_dt, max(1, local // min_sg))
+        # the fold's trips: at most ceil(local / min_sg) slots, min_sg or more lanes apiece
+        self.fold_trips = math.ceil(math.ceil(local / min_sg) / min_sg)
         self.lane = kb.cast(kb.subgroup_invocation_id(), "i32")
         self.sg_id = kb.cast(kb.subgroup_id(), "i32")
         self.n_sg = kb.cast(kb.num_subgroups(), "i32")
@@ -60,7 +61,7 @@ class _WorkgroupReducer:
         # Every subgroup folds all slots itself: no third barrier, and NumSubgroups may exceed
         # SubgroupSize (256 threads / 8 lanes = 32 slots), hence the strided loop.
         acc = kb.var(self.acc_dt, _identity(op, self.acc_dt))
-        with kb.loop(self.lane, self.n_sg, self.sg_size) as j:
+        with kb.loop(self.lane, self.n_sg, self.sg_size, max_trips=self.fold_trips) as j:
             acc.set(self.combine(op, acc.get(), self.slots.load(j)))
         return self.subgroup(op, acc.get())
 
@@ -72,28 +73,36 @@ def _identity(op: str, acc_dt: str) -> float | int:
 def generate_reduction(spec: KernelSpec, caps: object = None) -> KernelBinary:
     """SPIR-V for one row reduction (see the module docstring for the spec)."""
     p = dict(spec.params)
-    mode = p["mode"]
-    if mode not in MODES:
-        raise ValueError(f"{spec.name}: reduction mode {mode!r} not in {MODES}")
-    outer_shape = tuple(p["outer_shape"])
+    if p["mode"] not in MODES:
+        raise ValueError(f"{spec.name}: reduction mode {p['mode']!r} not in {MODES}")
+    red_len = int(p["red_len"])
+    if red_len < 1:
+        raise ValueError(f"{spec.name}: cannot reduce an empty axis")
+    serial = _thread_per_row(red_len, int(p["red_stride"]), tuple(p["outer_strides"]),
+                             math.prod(p["outer_shape"]), local_size_for(caps), caps)
+    found = _build(spec, caps, serial)
+    if "problem" in found.notes:
+        # over llvmpipe's loop limit (a CPU device): the other layout where its bound fits,
+        # else the plan refuses the kernel (StepPlan.problems, before anything runs)
+        other = _build(spec, caps, not serial)
+        return found if "problem" in other.notes else other
+    return found
+
+
+def _build(spec: KernelSpec, caps: object, serial: bool) -> KernelBinary:
+    """The kernel with a thread per row (`serial`) or a workgroup per row."""
+    p = dict(spec.params)
+    mode, outer_shape = p["mode"], tuple(p["outer_shape"])
     outer_strides = tuple(p["outer_strides"])
     offset, red_len, red_stride = int(p["offset"]), int(p["red_len"]), int(p["red_stride"])
     in_dt, out_dt = p["in_dtype"], p["out_dtype"]
-    if red_len < 1:
-        raise ValueError(f"{spec.name}: cannot reduce an empty axis")
     rows = math.prod(outer_shape)
     local = local_size_for(caps)
-    # llvmpipe ends a loop after 65535 iterations without a word: the plan refuses such a
-    # kernel (StepPlan.problems, before anything runs), never a short sum
-    problem = {}
-    if cap(caps, "device_type", None) == "cpu" and red_len > CPU_MAX_LOOP * local:
-        problem = {"problem": f"a row of {red_len} elements needs more than {CPU_MAX_LOOP} "
-                              "loop iterations per thread, which llvmpipe cuts short; reduce "
-                              f"in two steps (reshape to [..., n, {red_len} // n], sum twice)"}
-    serial = _thread_per_row(red_len, red_stride, outer_strides, rows, local, caps)
     if serial:
         local = min(local, 64)  # small groups: short tails, and rows spread over more groups
     kb = KernelBuilder(spec.name, local, caps)
+    kb.loop_workaround = (f"reduce in two steps (reshape to [..., n, {red_len} // n], sum "
+                          "twice)")
     x_buf = kb.buffer("x", storage_dtype(in_dt), writable=False)
     out_buf = kb.buffer("out", storage_dtype(out_dt), writable=True)
     out_ct = compute_dtype(storage_dtype(out_dt))
@@ -125,7 +134,8 @@ def generate_reduction(spec: KernelSpec, caps: object = None) -> KernelBinary:
         # the rows are the contiguous axis), no shared memory, no barriers.
         gid = kb.cast(kb.global_id(0), "i32")
         stride = kb.cast(kb.num_workgroups(0), "i32") * local
-        with kb.loop(gid, rows, stride) as row:
+        groups = max(1, min(math.ceil(rows / local), max_groups_x(caps)))
+        with kb.loop(gid, rows, stride, max_trips=math.ceil(rows / (groups * local))) as row:
             base = _row_base(kb, row, outer_shape, outer_strides, offset)
 
             def serial_reduce(op: str, f: Callable[[Value], Value] = lambda v: v) -> Value:
@@ -140,16 +150,16 @@ def generate_reduction(spec: KernelSpec, caps: object = None) -> KernelBinary:
                 return var.get()
 
             out_buf.store(row, kb.cast(finish(serial_reduce), out_ct))
-        groups = max(1, min(math.ceil(rows / local), max_groups_x(caps)))
         return kb.binary(spec, [Dispatch((groups, 1, 1))],
-                         notes={**problem, "rows": rows, "red_len": red_len,
+                         notes={"rows": rows, "red_len": red_len,
                                 "thread_per_row": True,
                                 "variant": f"thread per row x{local}"})
 
     reduce_group = _WorkgroupReducer(kb, local, caps, acc_dt)
     lid = kb.cast(kb.local_id(0), "i32")
+    groups = max(1, min(rows, max_groups_x(caps)))
     with kb.loop(kb.cast(kb.workgroup_id(0), "i32"), rows,
-                 kb.cast(kb.num_workgroups(0), "i32")) as row:
+                 kb.cast(kb.num_workgroups(0), "i32"), max_trips=math.ceil(rows / groups)) as row:
         base = _row_base(kb, row, outer_shape, outer_strides, offset)
 
         def group_reduce(op: str, f: Callable[[Value], Value] = lambda v: v) -> Value:
@@ -162,9 +172,8 @@ def generate_reduction(spec: KernelSpec, caps: object = None) -> KernelBinary:
         with kb.if_(lid == 0):
             out_buf.store(row, kb.cast(total, out_ct))
 
-    groups = max(1, min(rows, max_groups_x(caps)))
     return kb.binary(spec, [Dispatch((groups, 1, 1))],
-                     notes={**problem, "rows": rows, "red_len": red_len,
+                     notes={"rows": rows, "red_len": red_len,
                             "variant": f"workgroup per row x{local} (subgroup ops)"})
 
 
@@ -183,8 +192,6 @@ def _thread_per_row(red_len: int, red_stride: int, outer_strides: tuple, rows: i
     the device, since each thread then walks the whole row alone."""
     if red_len <= _UNROLL:
         return True
-    if cap(caps, "device_type", None) == "cpu" and red_len > CPU_MAX_LOOP:
-        return False  # the thread's loop would pass llvmpipe's iteration limit
     if cap(caps, "device_type", None) == "cpu" and rows >= _CPU_MIN_ROWS:
         return True
     inner = next((s for s in reversed(outer_strides) if s != 0), None)

@@ -92,13 +92,18 @@ class _Rows:
             acc.set(nan_minmax(kb, "max", acc.get(), f(j)))
         return self.red("max", acc.get())
 
+    @property
+    def groups(self) -> int:
+        return max(1, min(int(self.p["rows"]), max_groups_x(self.caps)))
+
     def rows_loop(self):
-        kb = self.kb
-        return kb.loop(kb.cast(kb.workgroup_id(0), "i32"), int(self.p["rows"]),
-                       kb.cast(kb.num_workgroups(0), "i32"))
+        kb, rows = self.kb, int(self.p["rows"])
+        return kb.loop(kb.cast(kb.workgroup_id(0), "i32"), rows,
+                       kb.cast(kb.num_workgroups(0), "i32"),
+                       max_trips=math.ceil(rows / self.groups))
 
     def finish(self, notes: dict) -> KernelBinary:
-        groups = max(1, min(int(self.p["rows"]), max_groups_x(self.caps)))
+        groups = self.groups
         notes = {"rows": self.p["rows"], "variant": f"workgroup per row x{self.local}", **notes}
         return self.kb.binary(self.spec, [Dispatch((groups, 1, 1))], notes=notes)
 
@@ -245,7 +250,7 @@ def generate_norm_dwb(spec: KernelSpec, caps: object = None) -> KernelBinary:
         lo = kb.cast(kb.workgroup_id(1), "i32") * span if chunks > 1 else kb.i32(0)
         hi = kb.fmin(lo + span, rows) if chunks > 1 else rows
         with kb.if_(col < dim):
-            with kb.loop(lo + ty, hi, ly) as i:
+            with kb.loop(lo + ty, hi, ly, max_trips=math.ceil(span / ly)) as i:
                 gv = kb.cast(g.load(i * dim + col + go), "f32")
                 xh = (kb.cast(x.load(i * dim + col + xo), "f32") - st.load(i * 2 + so)) \
                     * st.load(i * 2 + 1 + so)
