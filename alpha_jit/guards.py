@@ -6,7 +6,7 @@ offsets, the module structure. A compiled step is only valid while all of that i
 so every call must check it, and a GPT-2 step reads about 420 such values. Checking them all
 cost 13-60 us per call on a small CPU, which is the whole host budget of a replayed step.
 
-So every write of a guardable attribute goes through `GuardedAttrs.__setattr__` (or calls
+So every change of a guardable attribute goes through `GuardedAttrs.__setattr__` (or calls
 `bump()`), which advances one global epoch. A guard set that held at epoch E still holds at
 E: the per-call check is one integer comparison, and only a call after some write (a
 `model.eval()`, a `requires_grad_`, a `zero_grad` that drops a kept gradient) re-reads the
@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-# attributes whose every write bumps the epoch (see GuardedAttrs and its users)
+# attributes whose every change bumps the epoch (see GuardedAttrs and its users)
 TRACKED = frozenset({"_training", "requires_grad", "_grad_holder", "version", "_start_version"})
 
 
@@ -33,22 +33,51 @@ class _Epoch:
 
 
 EPOCH = _Epoch()
+# unique epochs even from racing threads (`+= 1` is not atomic): a value is never reused
+_COUNTER = itertools.count(1)
 
 
 def bump() -> None:
-    """A guardable value changed: every guard set re-reads its values at its next check."""
-    EPOCH.value += 1
+    """A guardable value changed: every guard set re-reads its values at its next check.
+    Call it after the write, so a check between the two cannot cache the old value."""
+    EPOCH.value = next(_COUNTER)
 
 
-class GuardedAttrs:
-    """Mixin: assigning one of the class's `_guarded` attributes bumps the epoch."""
+class _GuardedMeta(type):
+    """Class-level writes (`Parameter.requires_grad = False`) change every instance that has
+    no value of its own: they bump too."""
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in getattr(cls, "_guarded", ()):
+            bump()
+
+    def __delattr__(cls, name: str) -> None:
+        super().__delattr__(name)
+        if name in getattr(cls, "_guarded", ()):
+            bump()
+
+
+class GuardedAttrs(metaclass=_GuardedMeta):
+    """Mixin: changing or deleting one of the class's `_guarded` attributes bumps the epoch.
+    Writes through `vars(obj)` or `object.__setattr__` are not seen (not supported)."""
 
     _guarded: frozenset[str] = frozenset()
+    _bumps_guards = True  # GuardSet trusts the epoch only for objects that bump it
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._guarded:
-            EPOCH.value += 1
+            old = getattr(self, name, _MISSING)
+            object.__setattr__(self, name, value)
+            if not same(value, old):  # `model.train()` every iteration changes nothing
+                bump()
+            return
         object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        object.__delattr__(self, name)
+        if name in self._guarded:
+            bump()
 
 
 _MISSING = object()
@@ -79,20 +108,23 @@ class GuardSet:
                  grad_guard: list[tuple[Any, bool]]):
         self.guards, self.grad_guard = guards, grad_guard
         self.checks = _grouped(guards, grad_guard)
-        # only a set made of tracked attributes may trust the epoch
-        self.epoch_ok = all(a in TRACKED for _, a, _ in guards)
-        self._held_at = -1  # the epoch at which every guard last held
+        # only tracked attributes of objects whose class bumps may trust the epoch
+        self.epoch_ok = all(a in TRACKED and getattr(type(o), "_bumps_guards", False)
+                            for o, a, _ in guards) and \
+            all(getattr(type(p), "_bumps_guards", False) for p, _ in grad_guard)
+        self._at = -1  # the epoch of the last full check, and its result
+        self._result = False
 
     def holds(self) -> bool:
-        if self._held_at == EPOCH.value:
-            return True
         epoch = EPOCH.value
+        if self._at == epoch:  # nothing guardable changed since: same answer, held or not
+            return self._result
         try:
             ok = all(tuple(c.read(c.objs)) == c.want for c in self.checks)
         except AttributeError:  # an attribute that vanished: changed
-            return False
-        if ok and self.epoch_ok:
-            self._held_at = epoch
+            ok = False
+        if self.epoch_ok:
+            self._at, self._result = epoch, ok
         return ok
 
     def change(self) -> str:

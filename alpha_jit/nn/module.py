@@ -78,6 +78,9 @@ class Parameter(guards.GuardedAttrs, StateTensor):
         return self
 
 
+_UNSET = object()
+
+
 class _Structure(guards.GuardedAttrs):
     """A counter of member replacements (a parameter, buffer or child swapped for another
     after construction). Every trace guards on it: a compiled step holds the members it
@@ -98,6 +101,7 @@ class Module:
     """Base class of every layer and model: PyTorch's attribute registration and traversal."""
 
     _name = ""  # the name pushed on the trace's module stack when no caller knows a better one
+    _bumps_guards = True  # writes of guarded attributes bump `guards.EPOCH` (__setattr__)
 
     def __init__(self) -> None:
         # object.__setattr__: our __setattr__ needs these dicts to exist already
@@ -123,8 +127,10 @@ class Module:
         ctx = trace.active()
         if ctx is not None:  # set by the traced function itself: the trace does not depend
             ctx.assign_guarded(self, "_training")  # on the value it had before the call
+        old = self.__dict__.get("_training")
         object.__setattr__(self, "_training", bool(mode))
-        guards.bump()  # compiled steps that read `training` re-check it
+        if old is not bool(mode):  # compiled steps that read `training` re-check it
+            guards.bump()
 
     def train(self, mode: bool = True) -> Module:
         """Set training mode on this module and every descendant; returns self."""
@@ -141,8 +147,6 @@ class Module:
 
     # ---- registration --------------------------------------------------------------------
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in guards.TRACKED:  # e.g. `_training` set directly: compiled steps re-check
-            guards.bump()
         params = self.__dict__.get("_parameters")
         if isinstance(value, Parameter):
             if params is None:
@@ -171,6 +175,11 @@ class Module:
             self._modules[name] = None
         elif params is not None and name in self._buffers:
             self._set_buffer(name, value)
+        elif name in guards.TRACKED:  # e.g. `_training` set directly: compiled steps re-check
+            old = self.__dict__.get(name, _UNSET)
+            object.__setattr__(self, name, value)
+            if not guards.same(value, old):
+                guards.bump()
         else:
             object.__setattr__(self, name, value)
 
@@ -191,6 +200,8 @@ class Module:
                 self._non_persistent_buffers_set.discard(name)
                 return
         object.__delattr__(self, name)
+        if name in guards.TRACKED:
+            guards.bump()
 
     def __dir__(self) -> list[str]:
         return sorted({*super().__dir__(), *self._parameters, *self._buffers, *self._modules})

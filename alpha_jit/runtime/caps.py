@@ -84,12 +84,18 @@ class Capabilities:
 
     def fingerprint(self) -> str:
         """Identity of (device, driver, capabilities); keys every on-disk cache. Cooperative-
-        matrix shapes hash as plain tuples, so the value did not change when they became typed."""
+        matrix shapes hash as plain tuples, so the value did not change when they became typed.
+        Computed once per object (frozen): every generated kernel asks for it."""
+        memo = self.__dict__.get("_fingerprint")
+        if memo is not None:
+            return memo
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         fields.pop("index")  # enumeration order may change when another device appears
         fields["cooperative_matrix"] = tuple(dataclasses.astuple(c)
                                              for c in self.cooperative_matrix)
-        return hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:16]
+        fp = hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:16]
+        object.__setattr__(self, "_fingerprint", fp)  # not a field: eq, hash, replace ignore it
+        return fp
 
     def summary(self) -> str:
         return (f"{self.index}: {self.name} ({self.device_type}, Vulkan {self.api_version}, "

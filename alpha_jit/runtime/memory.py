@@ -172,6 +172,16 @@ class Heap:
         if sum(reserved) <= self.block_size:
             return [self.alloc(s) for s in sizes]
         out: list[BufferRegion] = []
+        try:
+            self._pack(sizes, reserved, out)
+        except BaseException:
+            for r in out:  # nothing half-allocated stays held
+                self.release(r)
+            self.trim()
+            raise
+        return out
+
+    def _pack(self, sizes: list[int], reserved: list[int], out: list[BufferRegion]) -> None:
         i = 0
         while i < len(sizes):
             j, total = i, 0
@@ -189,7 +199,6 @@ class Heap:
                 assert off is not None
                 out.append(BufferRegion(block.buffer, off, sizes[k], block, reserved[k]))
             i = j
-        return out
 
     def release(self, region: BufferRegion) -> None:
         region.block.give_back(region.offset, region.reserved)

@@ -31,8 +31,9 @@ log = logging.getLogger("alpha_jit.runtime")
 
 def _within(a: np.ndarray, lo: int, hi: int) -> bool:
     """Every value of `a` is in [lo, hi). From 0, one reduction over the unsigned view (a
-    negative value wraps past any hi): ids are checked on every call."""
-    if lo == 0 and a.dtype.kind == "i":
+    negative value wraps past any hi the type's positive range holds): ids are checked on
+    every call."""
+    if lo == 0 and a.dtype.kind == "i" and hi <= 1 << (8 * a.dtype.itemsize - 1):
         return int(a.view(a.dtype.str.replace("i", "u")).max()) < hi
     return bool(lo <= a.min() and a.max() < hi)
 
@@ -78,7 +79,8 @@ def make_resident(device: Device, holders: list[Any]) -> None:
     new = list({id(h): h for h in holders if h._device is None}.values())
     regions = device.memory.alloc_many([state_bytes(h) for h in new])
     zero = [_all_zero_bits(h._host) and r.size % 4 == 0 for h, r in zip(new, regions, strict=True)]
-    device.fill_zero([r for r, z in zip(regions, zero, strict=True) if z])
+    if any(zero):  # else no submit: a retrace need not wait for steps in flight
+        device.fill_zero([r for r, z in zip(regions, zero, strict=True) if z])
     for h, region, z in zip(new, regions, zero, strict=True):
         h._device = DeviceState(device, h, region, uploaded=z)
 
@@ -322,7 +324,7 @@ class Executable:
         staging writes are numpy slice assignments into the mapped slot (one fancy
         assignment for every f32 scalar), not a write call per buffer."""
         self._views = [s.host_view() for s in self.stagings]
-        self._input_feeds = [(b.key, soff, b.nbytes) for _, soff, b in self.staged
+        self._input_feeds = [(b.key, soff) for _, soff, b in self.staged
                              if b.kind == "input"]
         scalars = [(b.key, soff) for _, soff, b in self.staged
                    if b.kind != "input" and b.dtype == dtypes.float32 and soff % 4 == 0]
@@ -356,8 +358,9 @@ class Executable:
         self.device.wait(self._slot_value[slot])  # its staging is about to be rewritten
         waited = time.perf_counter() - waited
         view = self._views[slot]
-        for key, soff, n in self._input_feeds:
-            view[soff:soff + n] = arrays[key].reshape(-1).view(np.uint8)
+        for key, soff in self._input_feeds:
+            raw = arrays[key].reshape(-1).view(np.uint8)  # an empty input: no bytes
+            view[soff:soff + raw.nbytes] = raw
         if self._f32_keys:
             view.view(np.float32)[self._f32_index] = [hvals[k] for k in self._f32_keys]
         for key, soff, np_dt in self._other_feeds:

@@ -48,22 +48,62 @@ def _load_optimizer_state(model, opt):
     opt.load_state_dict(opt.state_dict())
 
 
+def _delete_requires_grad(model, opt):
+    w = model[0].weight
+    w.requires_grad = False
+    float(_STEP[0](*_XY))  # retraced frozen, then cached at this epoch
+    del w.requires_grad  # back to the class default (True)
+
+
+def _class_level_requires_grad(model, opt):
+    nn.Parameter.requires_grad = False  # every parameter without a value of its own
+
+
+_STEP: list = []
+_XY: tuple = ()
+
+
 @pytest.mark.parametrize("change", [_set_requires_grad, _set_training_attribute,
                                     _set_private_training, _replace_a_parameter,
-                                    _load_optimizer_state])
+                                    _load_optimizer_state, _delete_requires_grad,
+                                    _class_level_requires_grad])
 def test_every_guarded_write_retraces_after_the_cheap_check(change):
     model, opt, step = _model_and_step()
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((16, 4)).astype(np.float32), rng.integers(0, 3, 16, np.int32)
+    _STEP[:], globals()["_XY"] = [step], (x, y)
     float(step(x, y))
     float(step(x, y))  # guards held at this epoch: the next call takes the cheap path
     float(step(x, y))
     assert step.traces == 1
-    change(model, opt)
-    float(step(x, y))
-    assert step.traces == 2, change.__name__
-    float(step(x, y))
-    assert step.traces == 2  # and once only
+    try:
+        change(model, opt)
+        before = step.traces
+        w0 = model[0].weight.numpy()
+        float(step(x, y))
+        # back to the first trace's state: its cached step is valid again, else a new trace
+        assert step.traces == before + (change is not _delete_requires_grad), change.__name__
+        trained = bool(np.abs(model[0].weight.numpy() - w0).max() > 0)
+        assert trained == bool(model[0].weight.requires_grad), change.__name__
+        float(step(x, y))
+        assert step.traces == before + (change is not _delete_requires_grad)  # once only
+    finally:
+        if "requires_grad" in vars(nn.Parameter) and nn.Parameter.requires_grad is False:
+            nn.Parameter.requires_grad = True
+
+
+def test_unchanged_writes_keep_the_cheap_check_and_failures_are_cached_too():
+    model, opt, step = _model_and_step()
+    epoch = guards.EPOCH.value
+    model.train()  # already training: a PyTorch habit every iteration, no change
+    opt.zero_grad()  # no kept gradients: nothing changes
+    model[0].weight.requires_grad = True
+    assert guards.EPOCH.value == epoch
+    obj = _Tracked()
+    stale = guards.GuardSet([(obj, "version", 5)], [])
+    assert not stale.holds()
+    obj.version = 0  # the same value: no bump, the failed answer stays cached
+    assert guards.EPOCH.value == epoch and stale._at == epoch and not stale._result
 
 
 class _Plain:
@@ -140,3 +180,23 @@ def _host_events_per_replay(n_layer: int) -> int:
 
 def test_a_replayed_call_does_the_same_host_work_for_1_or_3_layers():
     assert _host_events_per_replay(1) == _host_events_per_replay(3)
+
+
+def test_small_signed_ids_are_range_checked_whatever_the_vocab():
+    from alpha_jit.runtime.step import _within
+
+    assert not _within(np.array([1, -1], np.int8), 0, 300)  # -1 wraps to 255 < 300
+    assert not _within(np.array([-30000], np.int16), 0, 40000)
+    assert _within(np.array([0, 127], np.int8), 0, 300)
+    assert not _within(np.array([3, -1], np.int32), 0, 300)
+
+
+def test_an_empty_input_is_staged():
+    import alpha_jit as aj
+
+    @aj.compile
+    def f(e, x):
+        return aj.cat([e, x]) * 2.0
+
+    out = f(np.zeros(0, np.float32), np.arange(3, dtype=np.float32))
+    np.testing.assert_array_equal(out.numpy(), [0.0, 2.0, 4.0])
