@@ -152,7 +152,11 @@ def _cpu_caps():
     """The device's caps where it is a CPU (lavapipe), else a CPU stand-in: the CPU module
     (unroll 4, a row per thread) and llvmpipe's loop limit apply."""
     caps = get_device().caps
-    return caps if caps.device_type == "cpu" else SimpleNamespace(device_type="cpu")
+    if caps.device_type == "cpu":
+        return caps
+    return SimpleNamespace(device_type="cpu", max_shared_memory=32768,  # lavapipe's limits
+                           max_workgroup_invocations=1024, max_workgroup_count=(65535,) * 3,
+                           max_workgroup_size=(1024,) * 3, subgroup_size=8)
 
 
 def _check_segment(run_kernel, V, D, N, ids, dt="f32", s_off=0, i_off=0, chunk=None,

@@ -200,3 +200,24 @@ def test_an_empty_input_is_staged():
 
     out = f(np.zeros(0, np.float32), np.arange(3, dtype=np.float32))
     np.testing.assert_array_equal(out.numpy(), [0.0, 2.0, 4.0])
+
+
+def test_a_spinning_wait_reads_the_same_values_and_the_setting_is_checked(monkeypatch):
+    from alpha_jit.errors import AlphaJitError
+    from alpha_jit.runtime.device import get_device, wait_spin_s
+
+    dev = get_device()
+    monkeypatch.setattr(dev, "_spin_s", 0.05)  # lavapipe does not spin by default
+    model, opt, step = _model_and_step()
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((16, 4)).astype(np.float32), rng.integers(0, 3, 16, np.int32)
+    losses = [float(step(x, y)) for _ in range(3)]
+    assert all(np.isfinite(losses)) and losses[2] < losses[0]
+    assert dev._completed == dev.last_submitted
+    monkeypatch.setenv("ALPHA_JIT_WAIT_SPIN_MS", "2.5")
+    assert wait_spin_s(dev.caps) == 0.0025
+    monkeypatch.setenv("ALPHA_JIT_WAIT_SPIN_MS", "-1")
+    with pytest.raises(AlphaJitError, match="ALPHA_JIT_WAIT_SPIN_MS"):
+        wait_spin_s(dev.caps)
+    monkeypatch.delenv("ALPHA_JIT_WAIT_SPIN_MS")
+    assert wait_spin_s(dev.caps) == (0.0 if dev.caps.device_type == "cpu" else 0.1)
