@@ -17,6 +17,7 @@ import pytest
 
 from alpha_jit import guards, nn
 from alpha_jit.nn.transformer import GPT, GPTConfig
+from benchmarks import training
 from tests.e2e.util import classifier_step
 
 
@@ -138,18 +139,7 @@ def test_a_tracked_guard_trusts_the_epoch_until_a_write():
 def _host_events_per_replay(n_layer: int) -> int:
     nn.manual_seed(0)
     model = GPT(GPTConfig(n_layer=n_layer, n_head=2, n_embd=32, block_size=16, vocab_size=64))
-    opt = nn.optim.AdamW(model.optim_groups(0.1), lr=1e-3)
-
-    import alpha_jit as aj
-
-    @aj.compile(precision="bf16")
-    def step(x, y):
-        _, loss = model(x, y)
-        loss.backward()
-        nn.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        return loss
+    step = training.alpha_step(model, "bf16")  # the bench's step: AdamW, clipping
 
     rng = np.random.default_rng(0)
     x, y = (rng.integers(0, 64, (2, 16)).astype(np.int32) for _ in range(2))

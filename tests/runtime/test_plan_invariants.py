@@ -11,28 +11,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import alpha_jit as aj
-from alpha_jit import nn
 from alpha_jit.codegen_spirv.lower import lower
 from alpha_jit.nn.transformer import GPT, GPTConfig
 from alpha_jit.runtime.plan import plan_barriers, plan_memory
+from benchmarks import training
 
 
 @pytest.fixture(scope="module")
 def lowered():
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64))
-    opt = nn.optim.AdamW(model.parameters(), lr=1e-3)
-
-    def step(x, y):
-        _, loss = model(x, y)
-        loss.backward()
-        nn.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        return loss
-
     x = np.zeros((2, 16), np.int32)
-    return lower(aj.compile(step).trace(x, x).graph)
+    return lower(training.alpha_step(model, "f32").trace(x, x).graph)
 
 
 @pytest.mark.parametrize("limit", [None, 1 << 16, 1 << 20])
