@@ -56,6 +56,8 @@ _MIN_SLICE = 256  # K per split-K slice below which the reducing pass costs more
 # 128 x 128 ones (H200; the 16 column-sum registers per slot crowd the larger tile)
 _LONG_K = 2048
 _LONG_K_WORKSPACE = 64 << 20  # ... unless the partial sums would take more than this (step memory)
+_DEEP_BK = 64  # the K step of the deep 128 x 128 candidates
+_REDUCE_UNROLL = 4  # split-K pass 1: elements each thread sums per loop trip
 
 
 def _groups(p: dict, cfg: MatmulConfig) -> int:
@@ -93,18 +95,28 @@ def candidates(p: dict, caps: object) -> list[MatmulConfig]:
                     out.append(dataclasses.replace(cfg, split=split))
                     split *= 2
                 break
-    return out
+    # 128 x 128 tiles again with K steps of 64, where they fit: half the barriers per K. On
+    # the H200 they won for K of 384-3072 (about 170 against 150 TFLOP/s at K = 384) and lost
+    # for 4096^3 (they hold fewer workgroups per multiprocessor); measured, not the heuristic's
+    deep = [dataclasses.replace(c, bk=_DEEP_BK) for c in out
+            if (c.tm, c.tn, c.split) == (128, 128, 1) and c.bk < _DEEP_BK]
+    return out + [c for c in deep if c.bk <= p["k"]
+                  and shared_bytes(c, bool(p.get("colsum_b"))) <= max_shared]
 
 
 def search(p: dict, caps: object) -> list[MatmulConfig]:
     """The autotuner's short list (each candidate is a kernel to generate, compile and time):
-    the two largest tiles that fill the GPU and the 64 x 64-per-subgroup 128 x 128 tile; for
+    the two largest tiles that fill the GPU, the 64 x 64-per-subgroup 128 x 128 tile and the
+    deep (K step 64) 128 x 128 tile; for
     grids too small to fill it, the two best split-K depths of 128 x 128 and 64 x 64; for long
     K, 128 x 64 and 64 x 64 split 2 and 4 ways."""
-    cands = candidates(p, caps)
+    every = candidates(p, caps)
+    cands = [c for c in every if c.bk < _DEEP_BK]
     whole = [c for c in cands if c.split == 1]
     filled = [c for c in whole if _groups(p, c) >= _FILL]
     out = filled[:2] + [c for c in filled[2:] if (c.tm, c.tn, c.rm) == (128, 128, 64)]
+    # the deep tile with 64 x 32 per subgroup (64 x 64 per subgroup never won deep)
+    out += [c for c in every if (c.bk, c.rn) == (_DEEP_BK, 32) and _groups(p, c) >= _FILL]
     if len(filled) < 2:
         for tm, tn in ((128, 128), (64, 64)):
             splits = [c for c in cands if (c.tm, c.tn, c.split > 1) == (tm, tn, True)
@@ -124,7 +136,7 @@ def choose(p: dict, caps: object) -> MatmulConfig | None:
     instead); None for GEMMs too small for 16 x 16 fragments."""
     if min(p["m"], p["n"], p["k"]) < _FRAG:
         return None
-    cands = candidates(p, caps)
+    cands = [c for c in candidates(p, caps) if c.bk < _DEEP_BK]
     whole = [c for c in cands if c.split == 1]
     for cfg in whole:
         if _groups(p, cfg) >= _FILL:
@@ -214,8 +226,12 @@ def _multiply(kb: KernelBuilder, cfg: MatmulConfig, p: dict, abuf: Buffer, bbuf:
     fc = coopmat.Frag(kb, "f32", "acc")
     fm, fn = cfg.rm // _FRAG, cfg.rn // _FRAG
     acc = [[fc.var() for _ in range(fn)] for _ in range(fm)]
+
     a.fetch(k_lo, k_hi)
     b.fetch(k_lo, k_hi)
+    # one shared tile and the next one in registers: a 2-stage shared ring (one barrier per
+    # K tile) ran 10-40% slower on the H200 at every shape tried (its tiles take twice the
+    # shared memory: fewer workgroups per multiprocessor)
     with kb.loop(k_lo, k_hi, cfg.bk, max_trips=math.ceil(k_span / cfg.bk)) as k0:
         a.stash()
         b.stash()
@@ -245,26 +261,35 @@ def _finish_fragments(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: obje
                       acc: list, sg: Value, tid: Value, row0: Value, col0: Value,
                       bi: Value) -> None:
     """Each fragment through the subgroup's f32 scratch, then element by element through the
-    epilogue store."""
+    epilogue store.
+
+    A runtime loop over the fragments (a uniform branch picks the one to store), each lane
+    finishing its 16*16/lanes elements in straight-line code: the epilogue's loads (bias,
+    residual) of those elements are in flight together. A loop per lane over them made every
+    load wait for the one before: K = 384 GEMMs with a residual epilogue ran at a third of
+    their main loop's speed on the H200. The epilogue's code is in the module 16*16/lanes
+    times (module size and the driver's compile time grow with it, not with the fragments)."""
     lanes = cfg.lanes
     lane = kb.subgroup_invocation_id()
     sr, sc = sg / (cfg.tn // cfg.rn), sg % (cfg.tn // cfg.rn)
-    fc = acc[0][0].frag
+    frags = [f for row in acc for f in row]
+    fn = len(acc[0])
+    fc = frags[0].frag
     scratch = kb.shared("f32", (cfg.threads // lanes) * _FRAG * _SCRATCH_LD)
     base = sg * (_FRAG * _SCRATCH_LD)
-    for i, row_frags in enumerate(acc):
-        for j, frag in enumerate(row_frags):
-            fc.store(scratch, base, frag.get(), _SCRATCH_LD)
-            coopmat.subgroup_barrier(kb)
-            # a loop, not unrolled: the epilogue's code once per fragment (module size and the
-            # driver's compile time grow with it)
-            with kb.loop(lane, _FRAG * _FRAG, lanes) as e:
-                r, c = e / _FRAG, e % _FRAG
-                v = scratch.load(base + r * _SCRATCH_LD + c)
-                row = row0 + sr * cfg.rm + (i * _FRAG) + r
-                col = col0 + sc * cfg.rn + (j * _FRAG) + c
-                _guarded_finish(kb, cfg, p, store, bi, row, col, v)
-            coopmat.subgroup_barrier(kb)  # lanes have read before the next fragment lands
+    with kb.loop(kb.u32(0), len(frags)) as f:
+        for idx, frag in enumerate(frags):  # f is uniform: one branch taken, by the subgroup
+            with kb.if_(f == idx):
+                fc.store(scratch, base, frag.get(), _SCRATCH_LD)
+        coopmat.subgroup_barrier(kb)
+        frow = row0 + sr * cfg.rm + (f / fn) * _FRAG
+        fcol = col0 + sc * cfg.rn + (f % fn) * _FRAG
+        for it in range(_FRAG * _FRAG // lanes):  # rows lanes/16 apart, 16 lanes per row
+            e = lane + it * lanes
+            r, c = e / _FRAG, e % _FRAG
+            v = scratch.load(base + r * _SCRATCH_LD + c)
+            _guarded_finish(kb, cfg, p, store, bi, frow + r, fcol + c, v)
+        coopmat.subgroup_barrier(kb)  # lanes have read before the next fragment lands
 
 
 def _reduce_slices(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object, ws: object,
@@ -273,12 +298,16 @@ def _reduce_slices(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object,
     order: deterministic), finished through the epilogue store; likewise the column sums."""
     mp, np_, cs_base = layout
     tm, tn, split, batch = cfg.tm, cfg.tn, cfg.split, p["batch"]
-    with kb.loop(tid, tm * tn, cfg.threads) as e:
-        row, col = row0 + e / tn, col0 + e % tn
-        total = ws.load((bi * mp + row) * np_ + col)  # type: ignore[attr-defined]
-        for s in range(1, split):
-            total = total + ws.load(((s * batch + bi) * mp + row) * np_ + col)  # type: ignore
-        _guarded_finish(kb, cfg, p, store, bi, row, col, total)
+    per = tm * tn // cfg.threads
+    unroll = math.gcd(per, _REDUCE_UNROLL)  # elements per trip: their loads are in flight together
+    with kb.loop(kb.u32(0), per, unroll) as t:
+        for u in range(unroll):
+            e = tid + (t + u) * cfg.threads
+            row, col = row0 + e / tn, col0 + e % tn
+            total = ws.load((bi * mp + row) * np_ + col)  # type: ignore[attr-defined]
+            for s in range(1, split):
+                total = total + ws.load(((s * batch + bi) * mp + row) * np_ + col)  # type: ignore
+            _guarded_finish(kb, cfg, p, store, bi, row, col, total)
     if p.get("colsum_b"):
         with kb.if_(row0 == 0), kb.loop(tid, tn, cfg.threads) as c:
             col = col0 + c
