@@ -729,6 +729,9 @@ class KernelBuilder:
             if cap(self.caps, "inf_nan_preserve_f32", False):
                 # NaN and inf are values the user must see: no x * 0 -> 0 folding
                 self.m.emit("OpExecutionMode", self._fn, "SignedZeroInfNanPreserve", 32)
+            if cap(self.caps, "denorm_preserve_f32", False):
+                # denormals are values too (numpy's 1e-45 // -1 is -1, not -0): no flushing
+                self.m.emit("OpExecutionMode", self._fn, "DenormPreserve", 32)
             self.m.emit("OpName", self._fn, "main")
             self._fn = None
             self._words = self.m.finish()

@@ -332,6 +332,8 @@ def query(index: int, pd: Any) -> Capabilities:
         extensions=tuple(e for e in RELEVANT_EXTENSIONS if e in exts),
         inf_nan_preserve_f32=bool(floats.shaderSignedZeroInfNanPreserveFloat32)
         if floats is not None else False,
+        denorm_preserve_f32=bool(floats.shaderDenormPreserveFloat32)
+        if floats is not None else False,
     )
 
 

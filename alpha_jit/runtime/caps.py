@@ -81,6 +81,9 @@ class Capabilities:
     # shaderSignedZeroInfNanPreserveFloat32: kernels can forbid the driver from folding
     # x * 0 -> 0 or x / 0 -> 0, which would turn NaN and inf into numbers
     inf_nan_preserve_f32: bool = False
+    # shaderDenormPreserveFloat32: kernels can keep f32 denormals (numpy's 1e-45 // -1 is -1);
+    # without it a device may flush denormal inputs and results to zero
+    denorm_preserve_f32: bool = False
 
     def fingerprint(self) -> str:
         """Identity of (device, driver, capabilities); keys every on-disk cache. Cooperative-

@@ -353,6 +353,11 @@ def test_float_floor_division_and_remainder_match_pytorch_on_random_magnitudes()
     b = np.concatenate([np.array([1e5, 1e8, -1, 0.1, 7, 3e38, -1, 0], np.float32),
                         (rng.normal(size=500) * 10.0 ** rng.integers(-3, 4, 500))
                         .astype(np.float32)])
+    from alpha_jit.runtime.device import get_device
+
+    if not get_device().caps.denorm_preserve_f32:  # the device may flush them (NVIDIA does)
+        sub = lambda x: (x != 0) & (np.abs(x) < np.finfo(np.float32).tiny)  # noqa: E731
+        a, b = (x[~(sub(a) | sub(b))] for x in (a, b))
     q, r = aj.compile(lambda a, b: (a // b, a % b))(a, b)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     np.testing.assert_array_equal(q.numpy(), torch.floor_divide(ta, tb).numpy())

@@ -128,11 +128,95 @@ def _exact_rem(e, a, b, q):
     sb = e.select(big(b), c(2.0 ** -40), c(1.0))
     qs, bs = e.binary("mul", q, sq), e.binary("mul", b, sb)
     ps = e.binary("mul", qs, bs)
-    unscale = e.binary("div", c(1.0), e.binary("mul", sq, sb))  # a power of two
+    # 1 / (sq sb) as constants: a device's division need not be exact even for powers of two
+    unscale = e.binary("mul", e.select(big(q), c(2.0 ** 40), c(1.0)),
+                       e.select(big(b), c(2.0 ** 40), c(1.0)))
     err = e.binary("mul", _two_prod(e, qs, bs, ps), unscale)
     # |q| <= 1: q b is exact (and b may be too large to split)
     err = e.select(e.compare("le", e.unary("abs", q), c(1.0)), c(0.0), err)
     return e.binary("sub", e.binary("sub", a, e.binary("mul", ps, unscale)), err)
+
+
+def _scale64(e, x):
+    """x * 2^(64 j) and j for x >= 0: a finite nonzero x lands in [2^-32, 2^32] (two steps
+    cover f32 from 2^-149 to 2^128); 0, inf and NaN stay out of that range."""
+    c = lambda v: e.const(v, "f32")  # noqa: E731
+    j = c(0.0)
+    for _ in range(2):
+        up, down = e.compare("lt", x, c(2.0 ** -32)), e.compare("gt", x, c(2.0 ** 32))
+        x = e.binary("mul", x, e.select(up, c(2.0 ** 64), e.select(down, c(2.0 ** -64), c(1.0))))
+        j = e.binary("add", j, e.select(up, c(1.0), e.select(down, c(-1.0), c(0.0))))
+    return x, j
+
+
+def _residual(e, a, b, q):
+    """a - q b, exact where q is within an ulp of a / b and no step under- or overflows
+    (a - q b rounded is then exact: Sterbenz for a - RN(q b), and the rest fits 24 bits)."""
+    p = e.binary("mul", q, b)
+    return e.binary("sub", e.binary("sub", a, p), _two_prod(e, q, b, p))
+
+
+# x + x * _ULP_STEP is the next float above a positive normal x, x - x * _ULP_STEP the one
+# below: x * _ULP_STEP lies strictly between half an ulp and an ulp (just over, at 2^k)
+_ULP_STEP = 2.0 ** -24 + 2.0 ** -46
+
+
+def _divisor(e, b):
+    """What `_div_rn` needs of a divisor, built once for several divisions by it: b, |b|
+    scaled into [2^-32, 2^32] (B = |b| 2^(64 jb)), jb, and an approximate 1 / B."""
+    B, jb = _scale64(e, e.unary("abs", b))
+    return b, B, jb, e.binary("div", e.const(1.0, "f32"), B)
+
+
+def _div_rn(e, a, b, by=None):
+    """a / b correctly rounded (IEEE, ties to even) for f32, from a division that may be a few
+    ulp off (Vulkan allows OpFDiv 2.5 ulp; NVIDIA's is not correctly rounded). `by`: the
+    `_divisor(e, b)` to reuse.
+
+    Zeros, infinities, NaN and b = 0 are `e.binary("div")`'s (which spells those out). Other
+    operands are scaled by powers of two into [2^-32, 2^32], where no product below under- or
+    overflows; there q0 = A (1 / B), one Newton step with an exact residual gives q1 within an
+    ulp of A / B, and the exact residual of q1 against half the gap to its neighbour decides
+    the rounding (a quotient of two floats is never exactly halfway between two normal floats).
+    Scaling back is exact, overflows to inf as IEEE does, and a subnormal result is rounded to
+    the subnormal grid once, from the sign of the residual (no double rounding)."""
+    c = lambda v: e.const(v, "f32")  # noqa: E731
+    cmp, sel = e.compare, e.select
+    add, sub, mul = (lambda u, v, op=op: e.binary(op, u, v) for op in ("add", "sub", "mul"))
+    both = lambda x, y: sel(x, y, x)  # noqa: E731
+    either = lambda x, y: sel(x, x, y)  # noqa: E731
+    inside = lambda v: both(cmp("ge", v, c(2.0 ** -32)), cmp("le", v, c(2.0 ** 32)))  # noqa: E731
+    b, B, jb, recip = by if by is not None else _divisor(e, b)
+    A, ja = _scale64(e, e.unary("abs", a))
+    regular = both(inside(A), inside(B))
+    q0 = mul(A, recip)
+    q1 = add(q0, mul(_residual(e, A, B, q0), recip))  # a few ulp moved; error ~2^-20 ulp
+    r1 = _residual(e, A, B, q1)  # exact: A / B - q1 = r1 / B
+    up, down = add(q1, mul(q1, c(_ULP_STEP))), sub(q1, mul(q1, c(_ULP_STEP)))
+    half_up = mul(mul(sub(up, q1), c(0.5)), B)  # half the gap above q1, times B: exact
+    half_down = mul(mul(sub(q1, down), c(0.5)), B)  # below 2^k the gap is half as wide
+    go_up, go_down = cmp("gt", r1, half_up), cmp("lt", r1, e.unary("neg", half_down))
+    q = sel(go_up, up, sel(go_down, down, q1))
+    rq = sub(r1, mul(sub(q, q1), B))  # the sign of A / B - q (a subtraction keeps it)
+    # a subnormal result: round q to the grid g that scales to 2^-149 (adding 2^23 g rounds
+    # to g, ties to even); where q was exactly halfway, the residual says which way
+    k = sub(jb, ja)  # the result is q 2^(64 k)
+    km1, km2, km3 = (cmp("eq", k, c(v)) for v in (-1.0, -2.0, -3.0))
+    g = sel(km1, c(2.0 ** -85), sel(km2, c(2.0 ** -21), c(2.0 ** 43)))
+    top = mul(g, c(2.0 ** 23))  # 2^-126 once scaled
+    tiny = both(either(km1, either(km2, km3)), cmp("lt", q, top))
+    qg = sub(add(q, top), top)
+    d = sub(qg, q)
+    tie = cmp("eq", e.unary("abs", d), mul(g, c(0.5)))
+    wrong = sel(cmp("gt", d, c(0.0)), cmp("lt", rq, c(0.0)), cmp("gt", rq, c(0.0)))
+    qg = sel(both(tie, wrong), sub(q, d), qg)  # the other neighbour, as far from q
+    m = sel(tiny, qg, q)
+    for _ in range(4):  # k in [-4, 4]; each step is exact until one overflows (or gives 0)
+        kup, kdown = cmp("gt", k, c(0.0)), cmp("lt", k, c(0.0))
+        m = mul(m, sel(kup, c(2.0 ** 64), sel(kdown, c(2.0 ** -64), c(1.0))))
+        k = sub(k, sel(kup, c(1.0), sel(kdown, c(-1.0), c(0.0))))
+    against = sel(cmp("lt", a, c(0.0)), cmp("gt", b, c(0.0)), cmp("lt", b, c(0.0)))
+    return sel(regular, sel(against, e.unary("neg", m), m), e.binary("div", a, b))
 
 
 _DIVMOD_ROUNDS = 6  # each round shrinks |r / b| by ~2^24: ratios up to f32's range
@@ -142,14 +226,21 @@ def _divmod_f32(e, a, b):
     """numpy's float floor division and remainder. q = floor(a / b) rounds (1 // 0.1 would be
     10), and past |a / b| = 2^24 it is not even the integer part: so the remainder
     r = a - q b is computed exactly and reduced again by floor(r / b) until it lies in
-    [0, b) (b's sign), q accumulating the steps; a last +-1 settles a rounded r / b."""
+    [0, b) (b's sign), q accumulating the steps; a last +-1 settles a rounded r / b.
+
+    Every quotient is `_div_rn`'s, correctly rounded whatever the device's division: the exact
+    remainders rely on it (a - q b fits a float for q = RN(a / b), not for q a few ulp off),
+    and so does the last rounding to an integer. Where the device does not keep f32
+    denormals (`Capabilities.denorm_preserve_f32` false) a denormal a or b may be read as
+    zero: 1e-45 // -1 is then -0, not numpy's -1."""
     c = lambda v: e.const(v, "f32")  # noqa: E731
     cmp, sel = e.compare, e.select
-    q = e.unary("floor", e.binary("div", a, b))
+    by = _divisor(e, b)
+    q = e.unary("floor", _div_rn(e, a, b, by))
     r = _exact_rem(e, a, b, q)
     for _ in range(_DIVMOD_ROUNDS - 1):
         # r == b is a remainder just below b, rounded (numpy keeps it): not another b
-        q2 = sel(cmp("eq", r, b), c(0.0), e.unary("floor", e.binary("div", r, b)))
+        q2 = sel(cmp("eq", r, b), c(0.0), e.unary("floor", _div_rn(e, r, b, by)))
         ok = cmp("eq", q2, q2)  # not NaN (b = 0, or an infinite q): keep q as it is
         r = sel(ok, _exact_rem(e, r, b, sel(ok, q2, c(0.0))), r)
         q = sel(ok, e.binary("add", q, q2), q)
@@ -164,12 +255,17 @@ def _divmod_f32(e, a, b):
     moved = sel(cmp("eq", r, c(0.0)), cmp("ne", r, r),
                 sel(cmp("lt", a, c(0.0)), cmp("gt", b, c(0.0)), cmp("lt", b, c(0.0))))
     fmod = sel(moved, e.binary("sub", r, b), r)
-    div = e.binary("div", e.binary("sub", a, fmod), b)
+    div = _div_rn(e, e.binary("sub", a, fmod), b, by)
     div = sel(moved, e.binary("sub", div, c(1.0)), div)
     near = e.unary("floor", div)
     near = sel(cmp("gt", e.binary("sub", div, near), c(0.5)), e.binary("add", near, c(1.0)),
                near)
+    # a zero quotient takes the sign of a / b, as numpy's and PyTorch's do (not b's)
+    near = sel(cmp("eq", div, c(0.0)), e.binary("mul", e.binary("div", a, b), c(0.0)), near)
     q = sel(cmp("eq", near, near), near, q)  # not where b = 0 (q is +-inf or NaN there)
+    # a zero remainder takes b's sign, as numpy's does (the exact remainder loses it for a
+    # denormal b)
+    r = sel(cmp("eq", r, c(0.0)), e.binary("mul", b, c(0.0)), r)
     # b = +-inf with a finite: a // b is 0 or -1 and a % b is a or b, by the signs
     inf_b = cmp("eq", e.unary("abs", b), c(math.inf))
     finite_a = cmp("ne", e.unary("abs", a), c(math.inf))
@@ -183,6 +279,9 @@ def _divmod_f32(e, a, b):
 
 
 def _floordiv_scalar(e, attrs, a, b):
+    """numpy's a // b: integers floor-divide; floats take `_divmod_f32`, exact whatever the
+    device's division. Where the device does not keep f32 denormals
+    (`Capabilities.denorm_preserve_f32` false) denormal inputs may be flushed to zero first."""
     if a.dtype != "f32":
         return e.binary("div", a, b)  # integers: floor division already
     return _divmod_f32(e, a, b)[0]
