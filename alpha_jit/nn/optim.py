@@ -187,8 +187,13 @@ class Optimizer(guards.GuardedAttrs):
         """Parameter p's state tensor `name` (zeros until the first update writes it)."""
         table = self._slots[name]
         if p.state_key not in table:
-            table[p.state_key] = StateTensor(np.zeros(p.shape, np.float32),
-                                             f"{p.state_name}.{name}")
+            from alpha_jit.runtime.step import mark_zero
+
+            holder = StateTensor(np.zeros(p.shape, np.float32), f"{p.state_name}.{name}")
+            # known zero: the step fills it on the GPU, no scan of its bytes (read-only until
+            # `assign` replaces it, so an in-place write cannot falsify that)
+            mark_zero(holder._host)
+            table[p.state_key] = holder
         return table[p.state_key]
 
     @property

@@ -39,8 +39,8 @@ __all__ = ["Capabilities", "Device", "enumerate_devices", "get_device", "reset_d
            "select_device"]
 
 # Device extensions enabled when present (the rest alpha_jit uses are core in 1.2/1.3).
-# bytes per synchronous upload/download round trip: bounded staging, fits the staging heap's
-# first block so parameter uploads never grow it
+# staging bytes one upload or download holds: bounded, fits the staging heap's first block so
+# parameter uploads never grow it (uploads use it as two halves, filled and copied in turn)
 TRANSFER_CHUNK = 8 * MiB
 _OPTIONAL_EXTENSIONS = ("VK_KHR_cooperative_matrix", "VK_KHR_shader_bfloat16",
                         "VK_KHR_portability_subset", "VK_KHR_push_descriptor")
@@ -146,24 +146,99 @@ class Device:
             self.memory.free(region, after_value)
 
     def upload(self, region: BufferRegion, data: np.ndarray | bytes, offset: int = 0) -> None:
-        """Synchronously copy host data into a (device-local) region through staging, in
-        chunks of at most TRANSFER_CHUNK bytes: a staging block sized for the largest tensor
-        (GPT-2's 155 MB embedding) would stay held after the upload."""
+        """Synchronously copy host data into a (device-local) region at `offset`
+        (`upload_many`'s streaming through bounded staging)."""
         raw = _as_bytes_view(data)
         if raw.nbytes == 0:
             return
         if offset + raw.nbytes > region.size:
             raise AlphaJitError(f"upload of {raw.nbytes} bytes at {offset} into a region of "
                                 f"{region.size} bytes")
-        staging = self.alloc_staging(min(raw.nbytes, TRANSFER_CHUNK))
-        try:
-            for lo in range(0, raw.nbytes, TRANSFER_CHUNK):
-                n = min(TRANSFER_CHUNK, raw.nbytes - lo)
-                staging.write(raw[lo:lo + n])
-                self._one_off_copy(staging, 0, region, offset + lo, n)
-        finally:
-            self.free(staging)
+        self._stream([(region, offset, raw)])
         self.stats["uploads"] += 1
+
+    def upload_many(self, items: Sequence[tuple[BufferRegion, np.ndarray | bytes]]) -> None:
+        """Synchronously copy each host buffer to the start of its region. Everything streams
+        through one staging region of at most TRANSFER_CHUNK bytes (a staging block sized for
+        the largest tensor, GPT-2's 155 MB embedding, would stay held after the upload), used
+        as two halves: the host fills one while the GPU copies out of the other, and small
+        buffers share a half (one submit for many LayerNorm weights)."""
+        views = [(r, _as_bytes_view(d)) for r, d in items]
+        for r, raw in views:
+            if raw.nbytes > r.size:
+                raise AlphaJitError(f"upload of {raw.nbytes} bytes into a region of {r.size} "
+                                    "bytes")
+        self._stream([(r, 0, raw) for r, raw in views])
+        self.stats["uploads"] += len(views)
+
+    def _stream(self, items: list[tuple[BufferRegion, int, memoryview]]) -> None:
+        """Copy (region, offset, bytes) items through the two staging halves; returns once
+        every copy is done."""
+        total = sum(raw.nbytes for _, _, raw in items)
+        if total == 0:
+            return
+        size = min(total, TRANSFER_CHUNK)
+        half = max(TRANSFER_CHUNK // 2, 1)
+        halves = [(0, min(size, half))] + ([(half, size - half)] if size > half else [])
+        staging = self.alloc_staging(size)
+        cbs: list[Any] = [None] * len(halves)  # one command buffer per half, re-recorded
+        done_at = [0] * len(halves)  # timeline value of the last copy out of each half
+        cur, used = 0, 0  # the half being filled and its bytes so far
+        copies: list[tuple[BufferRegion, int, int, int]] = []  # (dst, dst offset, src off, n)
+
+        def flush() -> None:
+            nonlocal cur, used
+            if cbs[cur] is None:
+                cbs[cur] = self.allocate_command_buffer()
+            done_at[cur] = self.submit_command_buffer(self._record_copies(cbs[cur], staging,
+                                                                          copies))
+            copies.clear()
+            cur, used = (cur + 1) % len(halves), 0
+
+        try:
+            for region, offset, raw in items:
+                lo = 0
+                while lo < raw.nbytes:
+                    base, cap = halves[cur]
+                    if used == 0:  # the copy that last read this half must be done
+                        self.wait(done_at[cur])
+                    n = min(cap - used, raw.nbytes - lo)
+                    staging.write(raw[lo:lo + n], base + used)
+                    copies.append((region, offset + lo, base + used, n))
+                    used, lo = used + n, lo + n
+                    if used == cap:
+                        flush()
+            if copies:
+                flush()
+        finally:
+            try:  # also after an error mid-way: no copy may still read staging or a buffer
+                self.wait(max(done_at))
+            finally:
+                lib = vk.lib()
+                for cb in cbs:
+                    if cb is not None:
+                        self.forget_command_buffer(cb)
+                        arr = vk.new("VkCommandBuffer[1]", [cb])
+                        lib.vkFreeCommandBuffers(self.handle, self.command_pool, 1, arr)
+                self.free(staging)
+
+    def _record_copies(self, cb: Any, staging: BufferRegion,
+                       copies: list[tuple[BufferRegion, int, int, int]]) -> Any:
+        """Record staging -> region copies between full barriers into `cb` (reset by begin)."""
+        mod = vk.load()
+        lib = vk.lib()
+        begin = vk.new("VkCommandBufferBeginInfo*", {
+            "sType": mod.VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO,
+            "flags": mod.VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT})
+        vk.call("vkBeginCommandBuffer", cb, begin)
+        barrier_entry(cb)
+        for dst, dst_off, src_off, n in copies:
+            region = vk.new("VkBufferCopy*", {"srcOffset": staging.offset + src_off,
+                                              "dstOffset": dst.offset + dst_off, "size": n})
+            lib.vkCmdCopyBuffer(cb, staging.buffer, dst.buffer, 1, region)
+        barrier_exit(cb)
+        vk.call("vkEndCommandBuffer", cb)
+        return cb
 
     def download(self, region: BufferRegion, nbytes: int | None = None, offset: int = 0) -> bytes:
         """Synchronously read `nbytes` of a region back to the host through staging (chunked

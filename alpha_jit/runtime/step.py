@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+import weakref
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -75,14 +77,48 @@ def make_resident(device: Device, holders: list[Any]) -> None:
     """Upload every holder not yet on the device, their regions carved from blocks sized for
     them together (`MemoryManager.alloc_many`): one by one, 64 MiB blocks left tails of
     unused memory (about 45 MiB for a GPT-2-sized model). All-zero states (optimizer moments)
-    are filled on the GPU in one submit instead of uploaded."""
+    are filled on the GPU in one submit instead of uploaded; the rest stream through staging
+    in one `Device.upload_many`."""
     new = list({id(h): h for h in holders if h._device is None}.values())
     regions = device.memory.alloc_many([state_bytes(h) for h in new])
-    zero = [_all_zero_bits(h._host) and r.size % 4 == 0 for h, r in zip(new, regions, strict=True)]
+    zero = [r.size % 4 == 0 and (known_zero(h._host) or _all_zero_bits(h._host))
+            for h, r in zip(new, regions, strict=True)]
     if any(zero):  # else no submit: a retrace need not wait for steps in flight
         device.fill_zero([r for r, z in zip(regions, zero, strict=True) if z])
-    for h, region, z in zip(new, regions, zero, strict=True):
-        h._device = DeviceState(device, h, region, uploaded=z)
+    device.upload_many([(r, h._host) for h, r, z in zip(new, regions, zero, strict=True)
+                        if not z])
+    for h, region in zip(new, regions, strict=True):
+        h._device = DeviceState(device, h, region, uploaded=True)
+
+
+# id -> weak reference of host arrays `mark_zero` declared all zero (arrays are not hashable)
+_KNOWN_ZERO: dict[int, weakref.ref] = {}
+
+
+def mark_zero(a: np.ndarray) -> None:
+    """Declare `a`, which its caller has just made with np.zeros (optimizer moments), all zero
+    bits, so that `make_resident` fills it on the GPU without reading it (a scan of GPT-2's
+    moments took 0.17 s). `a` becomes read-only: an in-place write, which would make the mark
+    a lie and training silently wrong, raises instead; `known_zero` also refuses it once made
+    writable again. A view is not marked (its base could be written through)."""
+    if a.base is not None or not a.flags.c_contiguous or not a.flags.owndata:
+        return
+    a.flags.writeable = False
+    key = id(a)
+
+    def forget(ref: weakref.ref, key: int = key) -> None:
+        if _KNOWN_ZERO.get(key) is ref:  # not a later array that got the same id
+            del _KNOWN_ZERO[key]
+
+    _KNOWN_ZERO[key] = weakref.ref(a, forget)
+
+
+def known_zero(a: np.ndarray | None) -> bool:
+    """`a` is the very array `mark_zero` marked, still read-only: all zero without a scan."""
+    if a is None:
+        return False
+    ref = _KNOWN_ZERO.get(id(a))
+    return ref is not None and ref() is a and not a.flags.writeable
 
 
 def _all_zero_bits(a: np.ndarray) -> bool:
@@ -92,6 +128,36 @@ def _all_zero_bits(a: np.ndarray) -> bool:
         return False
     wide = raw[: raw.size // 8 * 8].view(np.uint64)  # 8 bytes per compare
     return not wide.any() and not raw[wide.size * 8:].any()
+
+
+class _Background:
+    """`fn()` on a thread of its own; `result()` joins it and returns or raises what it did."""
+
+    def __init__(self, fn: Any):
+        self._out: Any = None
+        self._err: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="alpha_jit build",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Any) -> None:
+        try:
+            self._out = fn()
+        except BaseException as e:  # handed to the caller by result()
+            self._err = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._err is not None:
+            raise self._err
+        return self._out
+
+    def discard(self, device: Device) -> None:
+        """Join after the caller failed: free the regions it allocated, drop its error (the
+        caller's is the one to report)."""
+        self._thread.join()
+        for r in self._out or []:
+            device.free(r)
 
 
 class DeviceValue:
@@ -128,9 +194,10 @@ class DeviceValue:
 @dataclass(frozen=True)
 class BuildTimes:
     """Where a step's build went, in seconds: tracing (with autodiff), the passes, planning
-    (lowering, kernel generation or disk loads, the memory plan), the driver's pipelines,
-    memory (allocation and parameter uploads) and recording. `alpha-jit bench`'s compile
-    probe and `ALPHA_JIT_LOG=build` report it: the warm compile is their sum."""
+    (lowering, kernel generation or disk loads, the memory plan), the driver's pipelines
+    (the arena's allocation runs beside them), memory (the rest of the allocation, zero fills
+    and uploads) and recording. `alpha-jit bench`'s compile probe and `ALPHA_JIT_LOG=build`
+    report it: the warm compile is their sum."""
 
     trace: float
     passes: float
@@ -153,6 +220,7 @@ class Executable:
 
     released = False  # set by release(); a class default keeps __init__ untouched
     _out_meta: list | None = None  # (bytes, numpy dtype, shape, bf16) of each output
+    _bindings: list | None = None  # each kernel's (region, offset, bytes), made by _commands
 
     def __init__(self, traced: Any, device: Device | None = None, profile: bool = False):
         self.traced = traced
@@ -167,11 +235,19 @@ class Executable:
         self.lowered: Lowered = self.plan.lowered
         self.binaries = self.plan.binaries
         t1 = time.perf_counter()
-        self.pipelines = build.pipelines(self.binaries)  # the driver's compile, with its own bar
+        # the arena's driver allocation (~20 ms a GB on the H200: 80 ms for GPT-2 at batch 8)
+        # runs on a thread while the driver builds the pipelines
+        arena = _Background(self._alloc_pools)
+        try:
+            self.pipelines = build.pipelines(self.binaries)  # the driver's compile, with a bar
+            t2 = time.perf_counter()
+            pools = arena.result()
+        except BaseException:  # an interrupted join too: no pool may stay held
+            arena.discard(dev)
+            raise
         self.mem: MemoryPlan = self.plan.memory
         self.barriers = self.plan.barriers
-        t2 = time.perf_counter()
-        self._allocate()
+        self._allocate(pools)
         t3 = time.perf_counter()
         name = getattr(traced, "name", "step")
         # one recording per staging slot; a profiled step keeps to slot 0 (its timestamps)
@@ -191,9 +267,21 @@ class Executable:
         self.last_host_s = 0.0  # host time of the last call, entry to submit (benchmarks)
 
     # ---- building ----------------------------------------------------------------------------
-    def _allocate(self) -> None:
+    def _alloc_pools(self) -> list[Any]:
+        """The arena's pools (on the build's helper thread); none left held if one fails."""
+        pools: list[Any] = []
+        try:
+            for n in self.plan.memory.pool_bytes:
+                pools.append(self.device.alloc(n))
+        except BaseException:
+            for r in pools:
+                self.device.free(r)
+            raise
+        return pools
+
+    def _allocate(self, pools: list[Any]) -> None:
         dev, low, plan = self.device, self.lowered, self.plan
-        self.pools = [dev.alloc(n) for n in self.mem.pool_bytes]
+        self.pools = pools
         self.regions: dict[int, tuple[Any, int]] = {}  # buffer id -> (region, byte offset)
         self.states: dict[object, DeviceState] = {}
         make_resident(dev, [self.traced.state[b.key] for b in low.buffers.values()
@@ -243,6 +331,9 @@ class Executable:
         (bottom of pipe) every dispatch and none of the barriers the plan does not need;
         `serialize` adds a barrier before every kernel (isolated times, a different step)."""
         low = self.lowered
+        if self._bindings is None:  # the same in every recording: ~6000 lookups for GPT-2
+            self._bindings = [[self._binding(b) for b in [*k.reads, *k.writes]]
+                              for k in low.kernels]
         cmds: list[Any] = []
         for bid, soff, b in self.staged:
             region, off = self.regions[bid]
@@ -250,12 +341,11 @@ class Executable:
         cmds.append(BarrierCmd())
         if timed:
             cmds.append(TimestampCmd("begin"))
-        for i, (k, binary, pipe, bar) in enumerate(zip(low.kernels, self.binaries,
-                                                       self.pipelines, self.barriers,
-                                                       strict=True)):
+        for i, (bufs, binary, pipe, bar) in enumerate(zip(self._bindings, self.binaries,
+                                                          self.pipelines, self.barriers,
+                                                          strict=True)):
             if bar or serialize:
                 cmds.append(BarrierCmd())
-            bufs = [self._binding(b) for b in [*k.reads, *k.writes]]
             for j, d in enumerate(binary.dispatches):
                 if j:
                     cmds.append(BarrierCmd())  # split dispatches of one kernel may overlap

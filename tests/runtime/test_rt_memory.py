@@ -195,3 +195,74 @@ def test_zero_states_are_filled_on_the_gpu_and_other_bits_are_uploaded(device):
     for h, v in zip(holders, values, strict=True):
         got = h.numpy()
         np.testing.assert_array_equal(got.view(np.uint8), v.view(np.uint8))
+
+
+@pytest.mark.parametrize("nbytes", [0, 4, 1023, 1024, 2048, 3 * 1024 + 333, 10 * 1024])
+def test_double_buffered_upload_is_exact_for_any_size(device, monkeypatch, nbytes):
+    from alpha_jit.runtime import device as device_mod
+
+    monkeypatch.setattr(device_mod, "TRANSFER_CHUNK", 1024)  # halves of 512 bytes
+    data = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
+    r = device.alloc(nbytes + 40)
+    device.upload(r, np.full(nbytes + 40, 0xAB, np.uint8))
+    device.upload(r, data, offset=20)
+    back = np.frombuffer(device.download(r), np.uint8)
+    np.testing.assert_array_equal(back[20:20 + nbytes], data)
+    assert (back[:20] == 0xAB).all() and (back[20 + nbytes:] == 0xAB).all()  # nothing spilled
+    device.free(r)
+
+
+def test_upload_many_packs_small_buffers_and_splits_large_ones(device, monkeypatch):
+    from alpha_jit.runtime import device as device_mod
+
+    monkeypatch.setattr(device_mod, "TRANSFER_CHUNK", 1024)
+    rng = np.random.default_rng(5)
+    sizes = [3, 0, 700, 1024, 5, 2500, 512, 1, 4096 + 7]  # straddle both halves, ragged tails
+    data = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+    regions = [device.alloc(max(n, 1)) for n in sizes]
+    submits, uploads = device.stats["submits"], device.stats["uploads"]
+    device.upload_many(list(zip(regions, data, strict=True)))
+    assert device.stats["uploads"] - uploads == len(sizes)
+    # one submit per filled half: packing, not one per buffer or piece
+    assert device.stats["submits"] - submits == -(-sum(sizes) // 512)
+    for r, a in zip(regions, data, strict=True):
+        if a.size:
+            np.testing.assert_array_equal(np.frombuffer(device.download(r, a.size), np.uint8), a)
+        device.free(r)
+    device.upload_many([])  # nothing to do: no staging, no submit
+    with pytest.raises(AlphaJitError, match="into a region of"):
+        small = device.alloc(8)
+        try:
+            device.upload_many([(small, np.zeros(3, np.float32))])
+        finally:
+            device.free(small)
+
+
+def test_an_upload_that_fails_mid_way_waits_and_frees_its_staging(device, monkeypatch):
+    from alpha_jit.errors import VulkanError
+    from alpha_jit.runtime import device as device_mod
+
+    monkeypatch.setattr(device_mod, "TRANSFER_CHUNK", 1024)
+    device.synchronize()
+    in_use = device.memory.staging_heap.bytes_in_use
+    calls = 0
+    submit = device.submit_command_buffer
+
+    def failing(cb):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise VulkanError("vkQueueSubmit failed (a test)")
+        return submit(cb)
+
+    monkeypatch.setattr(device, "submit_command_buffer", failing)
+    r = device.alloc(4096)
+    with pytest.raises(VulkanError):
+        device.upload(r, np.ones(1024, np.float32))
+    monkeypatch.undo()
+    assert device.completed_value() == device.last_submitted  # the two submitted copies ended
+    assert device.memory.staging_heap.bytes_in_use == in_use
+    device.upload(r, np.arange(1024, dtype=np.float32))  # the device still works
+    np.testing.assert_array_equal(device.download_array(r, (1024,), np.float32),
+                                  np.arange(1024, dtype=np.float32))
+    device.free(r)

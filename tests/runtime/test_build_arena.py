@@ -1,0 +1,56 @@
+"""A step's arena is allocated on a helper thread while the driver builds the pipelines.
+
+Whatever fails on either side, the build raises that error and keeps no device memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import alpha_jit as aj
+from alpha_jit.errors import AlphaJitError
+from alpha_jit.runtime import pipelines, step
+
+
+def _fn():
+    @aj.compile
+    def f(x):
+        return (x * 2.0 + 1.0).sum()
+
+    return f
+
+
+def _in_use(device) -> int:
+    device.synchronize()
+    device.completed_value()  # deferred frees whose submit has passed
+    return device.memory.bytes_in_use()
+
+
+def test_the_arena_is_ready_when_the_step_runs(device):
+    x = np.arange(1000, dtype=np.float32)
+    assert float(_fn()(x)) == pytest.approx(float((x * 2 + 1).sum()))
+
+
+def test_a_failed_pipeline_build_frees_the_arena(device, monkeypatch):
+    before = _in_use(device)
+
+    def fail(self, binaries):
+        raise AlphaJitError("the driver refused a pipeline (a test)")
+
+    monkeypatch.setattr(pipelines.BuildProgress, "pipelines", fail)
+    with pytest.raises(AlphaJitError, match="refused a pipeline"):
+        _fn()(np.ones(4096, np.float32))
+    assert _in_use(device) == before
+
+
+def test_a_failed_arena_allocation_is_the_builds_error(device, monkeypatch):
+    before = _in_use(device)
+
+    def fail(self):
+        raise AlphaJitError("out of device memory (a test)")
+
+    monkeypatch.setattr(step.Executable, "_alloc_pools", fail)
+    with pytest.raises(AlphaJitError, match="out of device memory"):
+        _fn()(np.ones(4096, np.float32))
+    assert _in_use(device) == before
