@@ -150,15 +150,18 @@ def resolve(kernels: list[Any], caps: Any, device: Any = None,
             _store(path, entries)  # type: ignore[arg-type]
             device.synchronize()
             device.memory.trim()  # the scratch must not stay reserved beside the step's memory
+    chosen: dict[tuple, matmul.MatmulConfig] = {}  # by params: a layer's GEMMs repeat
     for k in gemms:
-        heuristic = matmul.choose_config(k.spec, caps)
-        cfg = heuristic
-        tuned = entries.get(bare_spec(k.spec).key())
-        if tuned is not None:
-            want = matmul.MatmulConfig(*tuned.config)
-            # the full spec may not fit the tuned tile (its column sums need shared memory)
-            if want in _candidates(k.spec, caps):
-                cfg = want
+        cfg = chosen.get(k.spec.params)
+        if cfg is None:
+            cfg = matmul.choose_config(k.spec, caps)
+            tuned = entries.get(bare_spec(k.spec).key())
+            if tuned is not None:
+                want = matmul.MatmulConfig(*tuned.config)
+                # the full spec may not fit the tuned tile (its column sums need shared memory)
+                if want in _candidates(k.spec, caps):
+                    cfg = want
+            chosen[k.spec.params] = cfg
         k.spec = _with_config(k.spec, cfg)
         if cfg.split > 1 and buffers is not None:
             size = matmul_coopmat.workspace_bytes(dict(k.spec.params), cfg) // 4
