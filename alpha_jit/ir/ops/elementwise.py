@@ -119,24 +119,6 @@ def _two_prod(e, x, y, p):
     return add(add(add(sub(mul(xh, yh), p), mul(xh, yl)), mul(xl, yh)), mul(xl, yl))
 
 
-def _exact_rem(e, a, b, q):
-    """a - q b for an integer-valued q, with the product exact (Dekker) and scaled by 2^-40
-    where |q| or |b| is so large that the split would overflow."""
-    c = lambda v: e.const(v, "f32")  # noqa: E731
-    big = lambda v: e.compare("gt", e.unary("abs", v), c(1e30))  # noqa: E731
-    sq = e.select(big(q), c(2.0 ** -40), c(1.0))
-    sb = e.select(big(b), c(2.0 ** -40), c(1.0))
-    qs, bs = e.binary("mul", q, sq), e.binary("mul", b, sb)
-    ps = e.binary("mul", qs, bs)
-    # 1 / (sq sb) as constants: a device's division need not be exact even for powers of two
-    unscale = e.binary("mul", e.select(big(q), c(2.0 ** 40), c(1.0)),
-                       e.select(big(b), c(2.0 ** 40), c(1.0)))
-    err = e.binary("mul", _two_prod(e, qs, bs, ps), unscale)
-    # |q| <= 1: q b is exact (and b may be too large to split)
-    err = e.select(e.compare("le", e.unary("abs", q), c(1.0)), c(0.0), err)
-    return e.binary("sub", e.binary("sub", a, e.binary("mul", ps, unscale)), err)
-
-
 def _scale64(e, x):
     """x * 2^(64 j) and j for x >= 0: a finite nonzero x lands in [2^-32, 2^32] (two steps
     cover f32 from 2^-149 to 2^128); 0, inf and NaN stay out of that range."""
@@ -219,63 +201,101 @@ def _div_rn(e, a, b, by=None):
     return sel(regular, sel(against, e.unary("neg", m), m), e.binary("div", a, b))
 
 
-_DIVMOD_ROUNDS = 6  # each round shrinks |r / b| by ~2^24: ratios up to f32's range
+_FMOD_STEPS = 31  # then 8 bits of ea - eb each: ea - eb <= 253 = 7 + 8 * 31
+
+
+def _fmod_scaled(e, a, b):
+    """C's fmodf(a, b) for finite a and finite nonzero b with |a| >= |b|, exact (an fmod is
+    always a float) and scaled: (fmod(a, b) s, s, 1 / s), where s (2^64, 1 or 2^-64) brings
+    |b| into [2^-62, 2^100), so that the scaled fmod is never a denormal (a device that does
+    not keep them would lose it; only the unscaled remainder itself may be one).
+
+    No float division, so nothing rounds whatever the ratio (up to 2^277): on the integer
+    significands |a| = ma 2^ea, |b| = mb 2^eb (below 2^24; denormals have no implicit bit),
+    fmod = (ma 2^(ea - eb) mod mb) 2^eb, reduced in u32 8 bits of ea - eb at a time (r < mb,
+    so r 2^8 fits). r 2^eb s is then exact: r times the unit of mb in |b| s, its ulp."""
+    c = lambda v: e.const(v, "f32")  # noqa: E731
+    u = lambda v: e.const(v, "u32")  # noqa: E731
+    cmp, sel = e.compare, e.select
+    add, sub, mul, div, band, shr = (lambda x, y, op=op: e.binary(op, x, y)
+                                     for op in ("add", "sub", "mul", "div", "and", "shr"))
+    ua, ub = band(e.bits(a), u(0x7FFFFFFF)), band(e.bits(b), u(0x7FFFFFFF))
+
+    def significand(x):  # and the exponent field as a denormal's counts it (1, not 0)
+        field = shr(x, u(23))
+        normal = cmp("ne", field, u(0))
+        return add(band(x, u(0x7FFFFF)), sel(normal, u(0x800000), u(0))), sel(normal, field, u(1))
+
+    ma, ea = significand(ua)
+    mb, eb = significand(ub)
+    mb = sel(cmp("eq", mb, u(0)), u(1), mb)  # b = 0 (a NaN lane): no u32 / 0
+    mod = lambda t: sub(t, mul(div(t, mb), mb))  # noqa: E731
+    d = sub(ea, eb)  # other lanes (|a| < |b|: ea < eb) wrap around, and are not used
+    r = mod(mul(mod(ma), shr(u(128), sub(u(7), band(d, u(7))))))  # d mod 8 first
+    n = shr(d, u(3))
+    for i in range(_FMOD_STEPS):
+        r = mod(mul(r, sel(cmp("gt", n, u(i)), u(256), u(1))))
+    ab = e.unary("abs", b)
+    small, big = cmp("lt", ab, c(2.0 ** -60)), cmp("ge", ab, c(2.0 ** 100))
+    s = sel(small, c(2.0 ** 64), sel(big, c(2.0 ** -64), c(1.0)))
+    bs = mul(ab, s)
+    unit = sub(add(bs, mul(bs, c(_ULP_STEP))), bs)  # the next float up, less |b| s: its ulp
+    unit = sel(cmp("lt", ub, u(0x800000)), c(2.0 ** -85), unit)  # a denormal's 2^-149, scaled
+    mag = mul(e.cast(r, "f32"), unit)
+    fmod = sel(cmp("lt", a, c(0.0)), e.unary("neg", mag), mag)
+    return fmod, s, sel(small, c(2.0 ** -64), sel(big, c(2.0 ** 64), c(1.0)))
 
 
 def _divmod_f32(e, a, b):
-    """numpy's float floor division and remainder. q = floor(a / b) rounds (1 // 0.1 would be
-    10), and past |a / b| = 2^24 it is not even the integer part: so the remainder
-    r = a - q b is computed exactly and reduced again by floor(r / b) until it lies in
-    [0, b) (b's sign), q accumulating the steps; a last +-1 settles a rounded r / b.
+    """numpy's float floor division and remainder, bit for bit (signed zeros, infinities and
+    NaN included): numpy's own steps (npy_divmodf) from an exact fmod,
 
-    Every quotient is `_div_rn`'s, correctly rounded whatever the device's division: the exact
-    remainders rely on it (a - q b fits a float for q = RN(a / b), not for q a few ulp off),
-    and so does the last rounding to an integer. Where the device does not keep f32
-    denormals (`Capabilities.denorm_preserve_f32` false) a denormal a or b may be read as
-    zero: 1e-45 // -1 is then -0, not numpy's -1."""
+        mod = fmod(a, b); div = (a - mod) / b     (fmod: NaN for a = +-inf, b = 0 or NaN)
+        mod != 0 (NaN too) and its sign not b's: mod += b, div -= 1
+        mod == 0: mod = +-0 with b's sign
+        div != 0: floor(div), plus 1 where div - floor(div) > 0.5 (div is near an integer)
+        div == 0: +-0 with the sign of a / b
+        b == 0: a / b (+-inf or NaN), remainder NaN.
+
+    fmod is a where |a| < |b|, else `_fmod_scaled`'s, and where it is scaled these steps are
+    too (exactly: fmod + b is exact there, a multiple of b's ulp below |b|), so that a
+    denormal fmod is never what a device that does not keep denormals decides on (normal a
+    and b, normal answers). The division is `_div_rn`'s, correctly rounded whatever the
+    device's (Vulkan allows OpFDiv 2.5 ulp; NVIDIA's is off by one on large quotients),
+    overflowing to inf as numpy's does; a - mod never overflows (|mod| <= |a|, same sign).
+    Where the device does not keep f32 denormals (`Capabilities.denorm_preserve_f32` false) a
+    denormal a or b may be read as zero (1e-45 // -1 is then -0, not numpy's -1), and a
+    denormal remainder may be flushed to zero."""
     c = lambda v: e.const(v, "f32")  # noqa: E731
     cmp, sel = e.compare, e.select
-    by = _divisor(e, b)
-    q = e.unary("floor", _div_rn(e, a, b, by))
-    r = _exact_rem(e, a, b, q)
-    for _ in range(_DIVMOD_ROUNDS - 1):
-        # r == b is a remainder just below b, rounded (numpy keeps it): not another b
-        q2 = sel(cmp("eq", r, b), c(0.0), e.unary("floor", _div_rn(e, r, b, by)))
-        ok = cmp("eq", q2, q2)  # not NaN (b = 0, or an infinite q): keep q as it is
-        r = sel(ok, _exact_rem(e, r, b, sel(ok, q2, c(0.0))), r)
-        q = sel(ok, e.binary("add", q, q2), q)
-    # r == b after rounding is numpy's answer too (-0.001 % 1e5 is 1e5): only r past b
-    low = sel(cmp("gt", b, c(0.0)), cmp("lt", r, c(0.0)), cmp("gt", r, c(0.0)))
-    high = sel(cmp("gt", b, c(0.0)), cmp("gt", r, b), cmp("lt", r, b))
-    q = sel(low, e.binary("sub", q, c(1.0)), sel(high, e.binary("add", q, c(1.0)), q))
-    r = sel(low, e.binary("add", r, b), sel(high, e.binary("sub", r, b), r))
-    # the quotient as numpy and PyTorch round it (not always the exact floor once a - fmod
-    # rounds): div = (a - fmod) / b from fmod (a's sign), less 1 where fmod moved to b's sign,
-    # then to the nearest integer
-    moved = sel(cmp("eq", r, c(0.0)), cmp("ne", r, r),
-                sel(cmp("lt", a, c(0.0)), cmp("gt", b, c(0.0)), cmp("lt", b, c(0.0))))
-    fmod = sel(moved, e.binary("sub", r, b), r)
-    div = _div_rn(e, e.binary("sub", a, fmod), b, by)
-    div = sel(moved, e.binary("sub", div, c(1.0)), div)
+    add, sub, mul = (lambda x, y, op=op: e.binary(op, x, y) for op in ("add", "sub", "mul"))
+    aa, ab = e.unary("abs", a), e.unary("abs", b)
+    finite_a = cmp("lt", aa, c(math.inf))
+    ok = sel(finite_a, cmp("gt", ab, c(0.0)), finite_a)  # finite a, nonzero b (not NaN)
+    lesser = cmp("lt", aa, ab)  # fmod = a (b = +-inf too)
+    fmod_s, s, unscale = _fmod_scaled(e, a, b)
+    nan = c(math.nan)
+    fmod = sel(ok, sel(lesser, a, mul(fmod_s, unscale)), nan)
+    fmod_s = sel(ok, sel(lesser, a, fmod_s), nan)  # fmod's sign and zero, for the decisions
+    b_neg = cmp("lt", b, c(0.0))
+    nonzero = cmp("ne", fmod_s, c(0.0))
+    moved = sel(nonzero, sel(b_neg, cmp("gt", fmod_s, c(0.0)), cmp("lt", fmod_s, c(0.0))),
+                nonzero)
+    r = sel(cmp("eq", fmod_s, c(0.0)), sel(b_neg, c(-0.0), c(0.0)), fmod)
+    r = sel(moved, sel(lesser, add(a, b), mul(add(fmod_s, mul(b, s)), unscale)), r)
+    # a - fmod scaled as fmod is where b is small (and a not too large for it): the same
+    # ratio, without a denormal fmod (where |a| < |b|, a - a is +0 whatever the scale)
+    small = cmp("lt", ab, c(2.0 ** -60))
+    up = sel(small, cmp("lt", aa, c(2.0 ** 60)), small)
+    sa = sel(up, c(2.0 ** 64), c(1.0))
+    num = sub(mul(a, sa), sel(lesser, mul(a, sa), sel(up, fmod_s, fmod)))
+    div = _div_rn(e, num, mul(b, sa))
+    div = sel(moved, sub(div, c(1.0)), div)
     near = e.unary("floor", div)
-    near = sel(cmp("gt", e.binary("sub", div, near), c(0.5)), e.binary("add", near, c(1.0)),
-               near)
-    # a zero quotient takes the sign of a / b, as numpy's and PyTorch's do (not b's)
-    near = sel(cmp("eq", div, c(0.0)), e.binary("mul", e.binary("div", a, b), c(0.0)), near)
-    q = sel(cmp("eq", near, near), near, q)  # not where b = 0 (q is +-inf or NaN there)
-    # a zero remainder takes b's sign, as numpy's does (the exact remainder loses it for a
-    # denormal b)
-    r = sel(cmp("eq", r, c(0.0)), e.binary("mul", b, c(0.0)), r)
-    # b = +-inf with a finite: a // b is 0 or -1 and a % b is a or b, by the signs
-    inf_b = cmp("eq", e.unary("abs", b), c(math.inf))
-    finite_a = cmp("ne", e.unary("abs", a), c(math.inf))
-    against = sel(cmp("lt", a, c(0.0)), cmp("gt", b, c(0.0)), cmp("lt", b, c(0.0)))
-    against = sel(cmp("eq", a, c(0.0)), cmp("ne", a, a), against)  # a == 0: never
-    special = sel(inf_b, finite_a, inf_b)  # inf_b and finite_a
-    q = sel(special, sel(against, c(-1.0), c(0.0)), q)
-    r = sel(special, sel(against, b, a), r)
-    # an infinite a has no floor quotient (numpy: NaN; its remainder is NaN already)
-    return sel(finite_a, q, c(math.nan)), r
+    near = sel(cmp("gt", sub(div, near), c(0.5)), add(near, c(1.0)), near)
+    a_by_b = e.binary("div", a, b)  # the sign of a zero quotient; b = 0's whole answer
+    q = sel(cmp("ne", div, c(0.0)), near, mul(a_by_b, c(0.0)))
+    return sel(cmp("eq", b, c(0.0)), a_by_b, q), r
 
 
 def _floordiv_scalar(e, attrs, a, b):
