@@ -83,10 +83,15 @@ def make_resident(device: Device, holders: list[Any]) -> None:
     regions = device.memory.alloc_many([state_bytes(h) for h in new])
     zero = [r.size % 4 == 0 and (known_zero(h._host) or _all_zero_bits(h._host))
             for h, r in zip(new, regions, strict=True)]
-    if any(zero):  # else no submit: a retrace need not wait for steps in flight
-        device.fill_zero([r for r, z in zip(regions, zero, strict=True) if z])
-    device.upload_many([(r, h._host) for h, r, z in zip(new, regions, zero, strict=True)
-                        if not z])
+    try:
+        if any(zero):  # else no submit: a retrace need not wait for steps in flight
+            device.fill_zero([r for r, z in zip(regions, zero, strict=True) if z])
+        device.upload_many([(r, h._host) for h, r, z in zip(new, regions, zero, strict=True)
+                            if not z])
+    except BaseException:  # Ctrl-C or a device error mid-upload: a retry allocates afresh
+        for r in regions:
+            device.free(r)
+        raise
     for h, region in zip(new, regions, strict=True):
         h._device = DeviceState(device, h, region, uploaded=True)
 
@@ -99,8 +104,10 @@ def mark_zero(a: np.ndarray) -> None:
     """Declare `a`, which its caller has just made with np.zeros (optimizer moments), all zero
     bits, so that `make_resident` fills it on the GPU without reading it (a scan of GPT-2's
     moments took 0.17 s). `a` becomes read-only: an in-place write, which would make the mark
-    a lie and training silently wrong, raises instead; `known_zero` also refuses it once made
-    writable again. A view is not marked (its base could be written through)."""
+    a lie and training silently wrong, raises instead; `known_zero` refuses it while it is
+    writable (making it writable, writing and setting it read-only again would defeat the
+    check: only the state's own code touches its host array). A view is not marked (its base
+    could be written through)."""
     if a.base is not None or not a.flags.c_contiguous or not a.flags.owndata:
         return
     a.flags.writeable = False

@@ -229,3 +229,27 @@ def test_coopmat_variants_validate_for_the_h200(monkeypatch):
             tools.validate(b.words, b.name, h200.spirv_target_env())
             features |= {key for key, _ in params} | ({"split"} if cfg.split > 1 else set())
     assert {"epilogue", "colsum_b", "a_round", "split"} <= features
+
+
+def test_deep_tiles_are_tuned_never_guessed():
+    """The deep (bk 64) 128 x 128 tiles: in the tuner's short list where they fill the H200 and
+    fit its shared memory, never the heuristic's choice (they lost at 4096^3), never deeper
+    than K, and never with column sums (whose shared array would overflow 48 KiB)."""
+    from pathlib import Path
+
+    from alpha_jit.codegen_spirv.kernels import matmul_coopmat as mc
+    from alpha_jit.runtime import caps as caps_mod
+
+    h200 = caps_mod.load(Path(__file__).resolve().parents[1] / "data" / "h200-caps.json")
+    limit = h200.max_shared_memory
+    for m, n, k, colsum in ((16384, 1152, 384, False), (4096, 4096, 4096, False),
+                            (8192, 768, 48, False), (1536, 384, 16384, True)):
+        p = dict(mm_spec(1, m, n, k, dt="bf16").params)
+        if colsum:
+            p["colsum_b"] = True
+        deep = [c for c in mc.candidates(p, h200) if c.bk == 64]
+        assert all(c.bk <= k and mc.shared_bytes(c, colsum) <= limit for c in deep)
+        assert mc.choose(p, h200).bk < 64
+        short = [c for c in mc.search(p, h200) if c.bk == 64]
+        assert bool(short) == (k >= 64 and not colsum), (m, n, k, colsum)
+        assert all((c.tm, c.tn, c.rn, c.split) == (128, 128, 32, 1) for c in short)

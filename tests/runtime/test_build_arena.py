@@ -54,3 +54,23 @@ def test_a_failed_arena_allocation_is_the_builds_error(device, monkeypatch):
     with pytest.raises(AlphaJitError, match="out of device memory"):
         _fn()(np.ones(4096, np.float32))
     assert _in_use(device) == before
+
+
+def test_a_failed_upload_keeps_no_state_memory(device, monkeypatch):
+    # a Ctrl-C or a device error mid-upload: the states' regions are freed, not held for good
+    from alpha_jit import nn
+
+    params = [nn.Parameter(np.full((300, 70), i + 1.0, np.float32)) for i in range(3)]
+    before = _in_use(device)
+
+    def fail(self, items):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(device), "upload_many", fail)
+    with pytest.raises(KeyboardInterrupt):
+        step.make_resident(device, params)
+    assert _in_use(device) == before and all(p._device is None for p in params)
+    monkeypatch.undo()
+    step.make_resident(device, params)  # the retry uploads them
+    assert all(np.array_equal(p.numpy(), np.full((300, 70), i + 1.0)) for i, p in
+               enumerate(params))

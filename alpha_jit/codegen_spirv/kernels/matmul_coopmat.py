@@ -67,7 +67,8 @@ def _groups(p: dict, cfg: MatmulConfig) -> int:
 def candidates(p: dict, caps: object) -> list[MatmulConfig]:
     """Every cooperative-matrix tiling that fits the device for this spec (the autotuner's
     search space), largest tiles first, each also split over K where its grid is too small
-    to fill the GPU; empty where the variant does not apply."""
+    to fill the GPU, then the deep (bk 64) 128 x 128 ones; empty where the variant does not
+    apply."""
     elem = operand_elem(p, "a")
     if elem is None or operand_elem(p, "b") != elem or not coopmat.supported(caps, elem):
         return []
