@@ -15,6 +15,7 @@ import alpha_jit as aj
 from alpha_jit import nn
 from alpha_jit.nn import functional as F
 from alpha_jit.nn.optim import OptimizerError
+from tests.e2e.util import regression_step
 
 RNG = np.random.default_rng(7)
 
@@ -160,15 +161,7 @@ def _two_layer(opt_factory):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     first, second = model.parameters()[:2], model.parameters()[2:]
     opt = opt_factory(first, second)
-
-    @aj.compile
-    def step(a, b):
-        loss = ((model(a) - b) ** 2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
-
+    step = regression_step(model, opt)
     before = [p.numpy() for p in model.parameters()]
     float(step(_f32(16, 4), _f32(16, 2)))
     after = [p.numpy() for p in model.parameters()]

@@ -1,9 +1,24 @@
-"""The training steps most end-to-end tests compile: a classifier, a language model."""
+"""The training steps most end-to-end tests compile: a regression, a classifier, a language
+model."""
 
 from __future__ import annotations
 
 import alpha_jit as aj
 from alpha_jit.nn import functional as F
+
+
+def regression_step(model, opt) -> aj.CompiledFunction:
+    """forward, mean squared error, backward, optimizer update, zero_grad: returns the loss."""
+
+    @aj.compile
+    def step(x, y):
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    return step
 
 
 def classifier_step(model, opt) -> aj.CompiledFunction:

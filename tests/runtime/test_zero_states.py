@@ -13,11 +13,11 @@ import gc
 import numpy as np
 import pytest
 
-import alpha_jit as aj
 from alpha_jit import nn
 from alpha_jit.runtime import step as step_mod
 from alpha_jit.runtime.step import known_zero, make_resident, mark_zero
 from alpha_jit.tensor import StateTensor
+from tests.e2e.util import regression_step
 
 LR, WD, B1, B2, EPS = 0.05, 0.1, 0.9, 0.999, 1e-8
 
@@ -87,18 +87,6 @@ def _data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
             rng.standard_normal((5, 3)).astype(np.float32))
 
 
-def _compiled(model: nn.Module, opt: nn.optim.Optimizer) -> aj.CompiledFunction:
-    @aj.compile
-    def step(x, y):
-        loss = ((model(x) - y) ** 2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
-
-    return step
-
-
 def _reference(w, b, m, v, t, x, y):
     """One AdamW update (PyTorch's formulas) of y ~ x @ w.T + b under the mean squared error;
     m, v: {"w": ..., "b": ...} moments before it, t: the update's number (1-based)."""
@@ -135,7 +123,7 @@ def test_moments_written_after_creation_reach_the_step(how):
             opt.state[p]["exp_avg"].assign(m[k])
             opt.state[p]["exp_avg_sq"].assign(v[k])
         t = 1
-    step = _compiled(model, opt)
+    step = regression_step(model, opt)
     x, y = _data()
     float(step(x, y))
     want = _reference(w.astype(np.float64), b.astype(np.float64),
@@ -158,7 +146,7 @@ def test_fresh_moments_step_like_the_reference():
     model = nn.Linear(4, 3)
     opt = nn.optim.AdamW(model.parameters(), lr=LR, betas=(B1, B2), eps=EPS, weight_decay=WD)
     w, b = model.weight.numpy().astype(np.float64), model.bias.numpy().astype(np.float64)
-    step = _compiled(model, opt)
+    step = regression_step(model, opt)
     x, y = _data(3)
     float(step(x, y))
     zero = {"w": np.zeros_like(w), "b": np.zeros_like(b)}
