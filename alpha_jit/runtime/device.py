@@ -214,31 +214,23 @@ class Device:
             try:  # also after an error mid-way: no copy may still read staging or a buffer
                 self.wait(max(done_at))
             finally:
-                lib = vk.lib()
                 for cb in cbs:
                     if cb is not None:
-                        self.forget_command_buffer(cb)
-                        arr = vk.new("VkCommandBuffer[1]", [cb])
-                        lib.vkFreeCommandBuffers(self.handle, self.command_pool, 1, arr)
+                        self.free_command_buffer(cb)
                 self.free(staging)
 
     def _record_copies(self, cb: Any, staging: BufferRegion,
                        copies: list[tuple[BufferRegion, int, int, int]]) -> Any:
         """Record staging -> region copies between full barriers into `cb` (reset by begin)."""
-        mod = vk.load()
         lib = vk.lib()
-        begin = vk.new("VkCommandBufferBeginInfo*", {
-            "sType": mod.VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO,
-            "flags": mod.VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT})
-        vk.call("vkBeginCommandBuffer", cb, begin)
-        barrier_entry(cb)
-        for dst, dst_off, src_off, n in copies:
-            region = vk.new("VkBufferCopy*", {"srcOffset": staging.offset + src_off,
-                                              "dstOffset": dst.offset + dst_off, "size": n})
-            lib.vkCmdCopyBuffer(cb, staging.buffer, dst.buffer, 1, region)
-        barrier_exit(cb)
-        vk.call("vkEndCommandBuffer", cb)
-        return cb
+
+        def commands(cb: Any) -> None:
+            for dst, dst_off, src_off, n in copies:
+                region = vk.new("VkBufferCopy*", {"srcOffset": staging.offset + src_off,
+                                                  "dstOffset": dst.offset + dst_off, "size": n})
+                lib.vkCmdCopyBuffer(cb, staging.buffer, dst.buffer, 1, region)
+
+        return self._record_one_time(cb, commands)
 
     def download(self, region: BufferRegion, nbytes: int | None = None, offset: int = 0) -> bytes:
         """Synchronously read `nbytes` of a region back to the host through staging (chunked
@@ -286,23 +278,26 @@ class Device:
     def _one_off(self, commands: Any) -> None:
         """Record `commands(cb)` between full barriers into a one-time command buffer, submit
         it and wait."""
-        mod = vk.load()
-        lib = vk.lib()
         cb = self.allocate_command_buffer()
         try:
-            begin = vk.new("VkCommandBufferBeginInfo*", {
-                "sType": mod.VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO,
-                "flags": mod.VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT})
-            vk.call("vkBeginCommandBuffer", cb, begin)
-            barrier_entry(cb)
-            commands(cb)
-            barrier_exit(cb)
-            vk.call("vkEndCommandBuffer", cb)
-            self.wait(self.submit_command_buffer(cb))
+            self.wait(self.submit_command_buffer(self._record_one_time(cb, commands)))
         finally:
-            self.forget_command_buffer(cb)
-            arr = vk.new("VkCommandBuffer[1]", [cb])
-            lib.vkFreeCommandBuffers(self.handle, self.command_pool, 1, arr)
+            self.free_command_buffer(cb)
+
+    @staticmethod
+    def _record_one_time(cb: Any, commands: Any) -> Any:
+        """Record `commands(cb)` between full barriers into `cb` for one submit (begin resets
+        a command buffer recorded before)."""
+        mod = vk.load()
+        begin = vk.new("VkCommandBufferBeginInfo*", {
+            "sType": mod.VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO,
+            "flags": mod.VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT})
+        vk.call("vkBeginCommandBuffer", cb, begin)
+        barrier_entry(cb)
+        commands(cb)
+        barrier_exit(cb)
+        vk.call("vkEndCommandBuffer", cb)
+        return cb
 
     # --- pipelines and recordings ---------------------------------------------------------
 
@@ -364,6 +359,12 @@ class Device:
     def forget_command_buffer(self, command_buffer: Any) -> None:
         """Drop the cached submit structs of a freed command buffer."""
         self._submits.pop(int(vk.ffi().cast("uintptr_t", command_buffer)), None)
+
+    def free_command_buffer(self, command_buffer: Any) -> None:
+        """Free a command buffer no submit still uses, and its cached submit structs."""
+        self.forget_command_buffer(command_buffer)
+        arr = vk.new("VkCommandBuffer[1]", [command_buffer])
+        vk.lib().vkFreeCommandBuffers(self.handle, self.command_pool, 1, arr)
 
     def _queue_submit(self, info: Any) -> None:
         """The one vkQueueSubmit call (a seam for tests that simulate a failing driver)."""

@@ -227,9 +227,7 @@ class Recording:
         self.wait()
         ffi = vk.ffi()
         lib = vk.lib()
-        self.device.forget_command_buffer(self.command_buffer)
-        cbs = vk.new("VkCommandBuffer[1]", [self.command_buffer])
-        lib.vkFreeCommandBuffers(self.device.handle, self.device.command_pool, 1, cbs)
+        self.device.free_command_buffer(self.command_buffer)
         if self.descriptor_pool is not None:
             lib.vkDestroyDescriptorPool(self.device.handle, self.descriptor_pool, ffi.NULL)
         if self.query_pool is not None:

@@ -11,7 +11,6 @@ deferred list and returns to the free list only once the device's semaphore has 
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -145,14 +144,8 @@ class Heap:
         self.alignment = max(caps.min_storage_buffer_offset_alignment, MIN_ALIGNMENT)
         self.max_block = caps.max_memory_allocation_size
         self.blocks: list[MemoryBlock] = []
-        # a step's build allocates its arena on a helper thread (`step.Executable`)
-        self._lock = threading.RLock()
 
     def alloc(self, size: int) -> BufferRegion:
-        with self._lock:
-            return self._alloc(size)
-
-    def _alloc(self, size: int) -> BufferRegion:
         if size <= 0:
             raise AlphaJitError(f"cannot allocate {size} bytes")
         reserved = _round_up(size, self.alignment)
@@ -176,18 +169,17 @@ class Heap:
         More than a block's worth go into new blocks sized for them, in order: first fit
         into 64 MiB blocks leaves a tail per block that nothing of theirs fits."""
         reserved = [_round_up(max(s, 1), self.alignment) for s in sizes]
-        with self._lock:
-            if sum(reserved) <= self.block_size:
-                return [self._alloc(s) for s in sizes]
-            out: list[BufferRegion] = []
-            try:
-                self._pack(sizes, reserved, out)
-            except BaseException:
-                for r in out:  # nothing half-allocated stays held
-                    self.release(r)
-                self.trim()
-                raise
-            return out
+        if sum(reserved) <= self.block_size:
+            return [self.alloc(s) for s in sizes]
+        out: list[BufferRegion] = []
+        try:
+            self._pack(sizes, reserved, out)
+        except BaseException:
+            for r in out:  # nothing half-allocated stays held
+                self.release(r)
+            self.trim()
+            raise
+        return out
 
     def _pack(self, sizes: list[int], reserved: list[int], out: list[BufferRegion]) -> None:
         i = 0
@@ -197,7 +189,7 @@ class Heap:
                 total += reserved[j]
                 j += 1
             if j == i:  # one region over the device's limit: alloc names it
-                out.append(self._alloc(sizes[i]))
+                out.append(self.alloc(sizes[i]))
                 i += 1
                 continue
             block = self._new_block(min(_round_up(total, MiB), self.max_block))
@@ -209,8 +201,7 @@ class Heap:
             i = j
 
     def release(self, region: BufferRegion) -> None:
-        with self._lock:
-            region.block.give_back(region.offset, region.reserved)
+        region.block.give_back(region.offset, region.reserved)
 
     @property
     def bytes_in_use(self) -> int:
@@ -268,11 +259,10 @@ class Heap:
 
     def trim(self) -> int:
         """Give every wholly free block back to the driver; returns the bytes given back."""
-        with self._lock:
-            idle = [b for b in self.blocks if b.free_bytes == b.size]
-            self._destroy(idle)
-            self.blocks = [b for b in self.blocks if b not in idle]
-            return sum(b.size for b in idle)
+        idle = [b for b in self.blocks if b.free_bytes == b.size]
+        self._destroy(idle)
+        self.blocks = [b for b in self.blocks if b not in idle]
+        return sum(b.size for b in idle)
 
     def _destroy(self, blocks: list[MemoryBlock]) -> None:
         dev = self.device.handle
@@ -284,9 +274,8 @@ class Heap:
             vk.lib().vkFreeMemory(dev, block.memory, ffi.NULL)
 
     def destroy(self) -> None:
-        with self._lock:
-            self._destroy(self.blocks)
-            self.blocks.clear()
+        self._destroy(self.blocks)
+        self.blocks.clear()
 
 
 class MemoryManager:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 import weakref
 from dataclasses import dataclass, fields
@@ -137,36 +136,6 @@ def _all_zero_bits(a: np.ndarray) -> bool:
     return not wide.any() and not raw[wide.size * 8:].any()
 
 
-class _Background:
-    """`fn()` on a thread of its own; `result()` joins it and returns or raises what it did."""
-
-    def __init__(self, fn: Any):
-        self._out: Any = None
-        self._err: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), name="alpha_jit build",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Any) -> None:
-        try:
-            self._out = fn()
-        except BaseException as e:  # handed to the caller by result()
-            self._err = e
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._err is not None:
-            raise self._err
-        return self._out
-
-    def discard(self, device: Device) -> None:
-        """Join after the caller failed: free the regions it allocated, drop its error (the
-        caller's is the one to report)."""
-        self._thread.join()
-        for r in self._out or []:
-            device.free(r)
-
-
 class DeviceValue:
     """A value a step returned. `float(v)`, `v.item()`, `v.numpy()` wait for the GPU."""
 
@@ -201,10 +170,9 @@ class DeviceValue:
 @dataclass(frozen=True)
 class BuildTimes:
     """Where a step's build went, in seconds: tracing (with autodiff), the passes, planning
-    (lowering, kernel generation or disk loads, the memory plan), the driver's pipelines
-    (the arena's allocation runs beside them), memory (the rest of the allocation, zero fills
-    and uploads) and recording. `alpha-jit bench`'s compile probe and `ALPHA_JIT_LOG=build`
-    report it: the warm compile is their sum."""
+    (lowering, kernel generation or disk loads, the memory plan), the driver's pipelines,
+    memory (allocation, zero fills and uploads) and recording. `alpha-jit bench`'s compile
+    probe and `ALPHA_JIT_LOG=build` report it: the warm compile is their sum."""
 
     trace: float
     passes: float
@@ -242,19 +210,11 @@ class Executable:
         self.lowered: Lowered = self.plan.lowered
         self.binaries = self.plan.binaries
         t1 = time.perf_counter()
-        # the arena's driver allocation (~20 ms a GB on the H200: 80 ms for GPT-2 at batch 8)
-        # runs on a thread while the driver builds the pipelines
-        arena = _Background(self._alloc_pools)
-        try:
-            self.pipelines = build.pipelines(self.binaries)  # the driver's compile, with a bar
-            t2 = time.perf_counter()
-            pools = arena.result()
-        except BaseException:  # an interrupted join too: no pool may stay held
-            arena.discard(dev)
-            raise
+        self.pipelines = build.pipelines(self.binaries)  # the driver's compile, with its own bar
+        t2 = time.perf_counter()
         self.mem: MemoryPlan = self.plan.memory
         self.barriers = self.plan.barriers
-        self._allocate(pools)
+        self._allocate(self._alloc_pools())
         t3 = time.perf_counter()
         name = getattr(traced, "name", "step")
         # one recording per staging slot; a profiled step keeps to slot 0 (its timestamps)
@@ -275,7 +235,7 @@ class Executable:
 
     # ---- building ----------------------------------------------------------------------------
     def _alloc_pools(self) -> list[Any]:
-        """The arena's pools (on the build's helper thread); none left held if one fails."""
+        """The arena's pools; none left held if one fails."""
         pools: list[Any] = []
         try:
             for n in self.plan.memory.pool_bytes:

@@ -1,6 +1,5 @@
-"""A step's arena is allocated on a helper thread while the driver builds the pipelines.
-
-Whatever fails on either side, the build raises that error and keeps no device memory.
+"""A step's build that fails (the driver's pipelines, the arena's allocation, a state upload)
+raises that error and keeps no device memory.
 """
 
 from __future__ import annotations
