@@ -147,8 +147,13 @@ def test_every_candidate_tiling(caps):
     cands = matmul_coopmat.candidates(dict(base.params), caps)
     big = _spec(1, 2048, 2048, 64, "bf16")
     cands_big = matmul_coopmat.candidates(dict(big.params), caps)
+    # a weight gradient's long K: 128 x 128 tiles split up to 8 ways, column sums in shared
+    # registers across staging rounds, ragged M and N
+    long_k = _spec(1, 136, 264, 4200, "bf16", a_t=True, extra=(("colsum_b", True),))
+    cands_long = matmul_coopmat.candidates(dict(long_k.params), caps)
     assert any(c.split > 1 for c in cands) and any(c.tm * c.tn > 128 * 128 for c in cands_big)
-    for spec, cs in ((base, cands), (big, cands_big)):
+    assert any((c.tm, c.tn, c.split) == (128, 128, 8) for c in cands_long)
+    for spec, cs in ((base, cands), (big, cands_big), (long_k, cands_long)):
         for cfg in cs:
             s = KernelSpec("matmul", spec.name, (*spec.params, ("config", cfg.to_param())))
             n_out = 2 if dict(spec.params).get("colsum_b") else 1

@@ -95,48 +95,60 @@ class Staged:
                 sidx = sidx / _VEC
             guard = v < total if (r + 1) * threads > total else None
             self.slots.append((kk, o, sidx, addr, guard))
-        self.regs = [kb.var("u32x4" if self.vector else elem) for _ in self.slots]
-        # column sums of b (raw values): per slot, one per column the slot covers
+        # the loads as they arrive: conversion and column sums wait for `stash`, so the
+        # next tile's loads stay in flight during the math (using them in `fetch` stalled
+        # there until they landed)
+        raw = ["u32x4"] if self.vector and lay.rnd is None else \
+            ["f32x4", "f32x4"] if self.vector else [self.src.storage]
+        self.regs = [[kb.var(dt) for dt in raw] for _ in self.slots]
+        self._ragged = k % bk != 0  # else every tile lies wholly inside K (slices end on tiles)
+        # column sums of b (raw values): per slot, one per column the slot covers. Unguarded
+        # slots of an n-major tile whose rows the threads cover whole cover the same columns
+        # every round: they add into one set (8 registers, not 8 per slot)
         cols = self.width if (self.vector and not self.k_major) else 1
-        self.csums = [[kb.var("f32", 0.0) for _ in range(cols)] for _ in self.slots] \
-            if colsum else []
-        self._zero = kb.null("u32x4") if self.vector else \
-            (kb.to_bf16n(kb.f32(0.0)) if elem == "bf16n" else kb.cast(kb.f32(0.0), elem))
+        shared = cols > 1 and threads % per_row == 0
+        self.csums, self._cs_first = [], []
+        for si, (*_, guard) in enumerate(self.slots if colsum else []):
+            if shared and guard is None and si > 0 and self.slots[0][-1] is None:
+                self.csums.append(self.csums[0])
+                self._cs_first.append(False)
+            else:
+                self.csums.append([kb.var("f32", 0.0) for _ in range(cols)])
+                self._cs_first.append(True)
 
     # -- global -> registers -------------------------------------------------------------
-    def fetch(self, k0: Value, k_hi: Value) -> None:
-        """Load the K tile from k0 into the registers (zeros from k_hi on)."""
+    def fetch(self, k0: Value) -> None:
+        """Load the K tile from k0 into the registers (its rows past K clamped: `stash`
+        zeroes them)."""
         kb, k = self.kb, self.k
         for si, (kk, _o, _sidx, addr, _guard) in enumerate(self.slots):
-            kg = k0 + kk
-            ok = kg < k_hi
-            at = addr + kb.fmin(kg, k - self.width if self.k_major else k - 1) \
+            at = addr + kb.fmin(k0 + kk, k - self.width if self.k_major else k - 1) \
                 * _u(kb, self.lay.s_k)
-            raw, wide = self._load(at)
-            self.regs[si].set(kb.select(ok, raw, self._zero))
-            for j, cs in enumerate(self.csums[si] if self.csums else []):
-                vals = wide if len(self.csums[si]) > 1 else [_sum(wide)]
-                cs.set(cs.get() + kb.select(ok, vals[j], 0.0))
+            if not self.vector:
+                loads = [self.src.load_raw(at)]
+            elif self.lay.rnd is None:  # eight 16-bit elements, packed two per word
+                loads = [self.src.load_raw(at >> 3)]
+            else:  # f32 data the graph cast to bf16: two 16-byte loads
+                loads = [self.src.load_raw((at >> 2) + h) for h in (0, 1)]
+            for reg, v in zip(self.regs[si], loads, strict=True):
+                reg.set(v)
 
-    def _load(self, at: Value) -> tuple[Value, list[Value]]:
-        """(register value, the elements widened to f32, for column sums) at element `at`."""
+    def _convert(self, vals: list[Value]) -> tuple[Value, list[Value]]:
+        """(what the shared tile holds, the elements as f32 for column sums) of one slot's
+        loads: rounded as the cast did where the operand is f32 data cast to bf16."""
         kb = self.kb
         if not self.vector:
-            raw = self.src.load_raw(at)
-            wide = [kb.from_bf16n(raw) if raw.dtype == "bf16n" else kb.cast(raw, "f32")] \
-                if self.csums else []
+            raw = vals[0]
+            wide = [raw if raw.dtype == "f32" else kb.from_bf16n(raw) if raw.dtype == "bf16n"
+                    else kb.cast(raw, "f32")] if self.csums else []
             return (kb.to_bf16n(raw) if self.lay.rnd is not None else raw), wide
-        if self.lay.rnd is None:  # eight 16-bit elements, packed two per word
-            vec = self.src.load_raw(at >> 3)
-            wide = [self._half(kb.extract(vec, i // 2), i % 2) for i in range(_VEC)] \
+        if self.lay.rnd is None:
+            wide = [self._half(kb.extract(vals[0], i // 2), i % 2) for i in range(_VEC)] \
                 if self.csums else []
-            return vec, wide
-        # f32 data the graph cast to bf16: two 16-byte loads, rounded as the cast did
-        q = at >> 2
-        f = [kb.extract(self.src.load_raw(q + h), i) for h in (0, 1) for i in range(4)]
+            return vals[0], wide
+        f = [kb.extract(v, i) for v in vals for i in range(4)]
         bits = [kb.bf16_bits(x) for x in f]
-        words = [bits[2 * i] | (bits[2 * i + 1] << 16) for i in range(4)]
-        return kb.vector("u32x4", words), f
+        return kb.vector("u32x4", [bits[2 * i] | (bits[2 * i + 1] << 16) for i in range(4)]), f
 
     def _half(self, word: Value, hi: int) -> Value:
         """Element `hi` (0: low half) of a packed word, as f32."""
@@ -147,11 +159,20 @@ class Staged:
         return kb.cast(kb.bitcast(h, "f16"), "f32")
 
     # -- registers -> shared -> fragments ---------------------------------------------------
-    def stash(self) -> None:
-        """Registers to the shared tile (the caller puts barriers around it)."""
-        for (_kk, _o, sidx, _addr, guard), reg in zip(self.slots, self.regs, strict=True):
-            with self.kb.when(guard):
-                self.sh.store(sidx, reg.get())
+    def stash(self, k0: Value, k_hi: Value) -> None:
+        """The K tile from k0 (in the registers) to the shared tile, zeros from k_hi on, its
+        column sums added (the caller puts barriers around it)."""
+        kb = self.kb
+        for si, (kk, _o, sidx, _addr, guard) in enumerate(self.slots):
+            vals = [r.get() for r in self.regs[si]]
+            if self._ragged:
+                ok = k0 + kk < k_hi
+                vals = [kb.select(ok, v, kb.null(v.dtype)) for v in vals]
+            packed, wide = self._convert(vals)
+            for j, cs in enumerate(self.csums[si] if self.csums else []):
+                cs.set(cs.get() + (wide[j] if len(self.csums[si]) > 1 else _sum(wide)))
+            with kb.when(guard):
+                self.sh.store(sidx, packed)
 
     def fragment(self, frag: coopmat.Frag, o0: Value, kk: int) -> coopmat.Fragment:
         """The fragment at outer offset o0 (a multiple of 16) and k offset kk of the tile."""
@@ -167,9 +188,11 @@ class Staged:
         """(guard, index in a bk x tile array, f32 value or 0.0) of every column-sum partial
         of this workgroup, covering the array exactly once."""
         tile, out = self.lay.tile, []
-        for (kk, o, _sidx, _addr, guard), sums in zip(self.slots, self.csums, strict=True):
-            if len(sums) > 1:  # a row of 8 columns
-                out += [(guard, kk * tile + o + j, s.get()) for j, s in enumerate(sums)]
+        for (kk, o, _sidx, _addr, guard), sums, first in zip(self.slots, self.csums,
+                                                             self._cs_first, strict=True):
+            if len(sums) > 1:  # a row of 8 columns (held by an earlier slot: zeros here)
+                out += [(guard, kk * tile + o + j, s.get() if first else 0.0)
+                        for j, s in enumerate(sums)]
             else:  # 8 k of one column, summed: the other 7 places hold 0
                 out.append((guard, kk * tile + o, sums[0].get()))
                 out += [(guard, (kk + j) * tile + o, 0.0) for j in range(1, self.width)]

@@ -490,7 +490,7 @@ def generate_matmul(spec: KernelSpec, caps: object = None,
     # one pass over the grid per K chunk, in K order ("rows" only; the others take K whole)
     k_starts = [(k0,) for k0 in range(0, p["k"], cfg.bk)] if "k0" in _push_fields(cfg) else [()]
     if cfg.split > 1:  # split-K: the slices' partial sums (z: batch x slice), then their sum
-        passes = [((*groups[:2], groups[2] * cfg.split), (0,)), (groups, (1,))]
+        passes = [((*groups[:2], groups[2] * cfg.split), (phase,)) for phase in (0, 1)]
     else:
         passes = [(groups, k0) for k0 in k_starts]
     dispatches = [Dispatch(cnt, pack_push_constants([("u32", v) for v in (*base, *extra)]))

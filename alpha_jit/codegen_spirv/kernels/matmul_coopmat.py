@@ -56,6 +56,8 @@ _MIN_SLICE = 256  # K per split-K slice below which the reducing pass costs more
 # 128 x 128 ones (H200; the 16 column-sum registers per slot crowd the larger tile)
 _LONG_K = 2048
 _LONG_K_WORKSPACE = 64 << 20  # ... unless the partial sums would take more than this (step memory)
+_LONG_K_SPLIT = 32  # a 384 x 384 weight gradient has 9 tiles of 128 x 128 ...
+_LONG_K_SLICE = 512  # ... and K = 16384: 32 slices of 512 fill the GPU twice
 _DEEP_BK = 64  # the K step of the deep 128 x 128 candidates
 _REDUCE_UNROLL = 4  # split-K pass 1: elements each thread sums per loop trip
 
@@ -89,10 +91,7 @@ def candidates(p: dict, caps: object) -> list[MatmulConfig]:
                     shared_bytes(cfg, bool(p.get("colsum_b"))) <= max_shared:
                 out.append(cfg)
                 split = 2
-                while p["k"] >= split * _MIN_SLICE and split <= 8 and (
-                        _groups(p, cfg) * split <= 2 * _FILL
-                        or (p["k"] >= _LONG_K and split <= 4 and workspace_bytes(
-                            p, dataclasses.replace(cfg, split=split)) <= _LONG_K_WORKSPACE)):
+                while _splits(p, cfg, split):
                     out.append(dataclasses.replace(cfg, split=split))
                     split *= 2
                 break
@@ -100,9 +99,22 @@ def candidates(p: dict, caps: object) -> list[MatmulConfig]:
     # the H200 they won for K of 384-3072 (about 170 against 150 TFLOP/s at K = 384) and lost
     # for 4096^3 (they hold fewer workgroups per multiprocessor); measured, not the heuristic's
     deep = [dataclasses.replace(c, bk=_DEEP_BK) for c in out
-            if (c.tm, c.tn, c.split) == (128, 128, 1) and c.bk < _DEEP_BK]
+            if (c.tm, c.tn) == (128, 128) and c.bk < _DEEP_BK
+            and (c.split == 1 or p["k"] >= _LONG_K)]
     return out + [c for c in deep if c.bk <= p["k"]
                   and shared_bytes(c, bool(p.get("colsum_b"))) <= max_shared]
+
+
+def _splits(p: dict, cfg: MatmulConfig, split: int) -> bool:
+    """Whether K split `split` ways is a candidate: slices of at least _MIN_SLICE while the
+    grid stays under two waves; for long K (weight gradients) up to _LONG_K_SPLIT ways, slices
+    of _LONG_K_SLICE, three waves (4 ways whatever the grid), within the workspace bound."""
+    groups = _groups(p, cfg) * split
+    if p["k"] < _LONG_K:
+        return p["k"] >= split * _MIN_SLICE and split <= 8 and groups <= 2 * _FILL
+    return p["k"] >= split * _LONG_K_SLICE and split <= _LONG_K_SPLIT \
+        and (split <= 4 or groups <= 3 * _FILL) \
+        and workspace_bytes(p, dataclasses.replace(cfg, split=split)) <= _LONG_K_WORKSPACE
 
 
 def search(p: dict, caps: object) -> list[MatmulConfig]:
@@ -125,9 +137,14 @@ def search(p: dict, caps: object) -> list[MatmulConfig]:
             fill = [c for c in splits if _groups(p, c) * c.split >= _FILL]
             out += fill[:2] if fill else splits[-1:]
         out += [c for c in whole[-1:] if c not in out]
-    if p["k"] >= _LONG_K:  # long K (weight gradients): small tiles split 2 and 4 ways
+    if p["k"] >= _LONG_K:  # long K (weight gradients): small tiles split 2 and 4 ways ...
         out += [c for c in cands if c.split in (2, 4) and (c.tm, c.tn, c.rm) in
                 ((128, 64, 32), (64, 64, 32)) and c not in out]
+        # ... and 128 x 128 tiles (shallow and deep) split into one to three waves
+        for bk in (32, _DEEP_BK):
+            big = [c for c in every if (c.tm, c.tn, c.rm, c.bk) == (128, 128, 64, bk)
+                   and c.split > 1 and _groups(p, c) * c.split >= _FILL]
+            out += [c for c in big[:2] if c not in out]
     return out
 
 
@@ -228,18 +245,18 @@ def _multiply(kb: KernelBuilder, cfg: MatmulConfig, p: dict, abuf: Buffer, bbuf:
     fm, fn = cfg.rm // _FRAG, cfg.rn // _FRAG
     acc = [[fc.var() for _ in range(fn)] for _ in range(fm)]
 
-    a.fetch(k_lo, k_hi)
-    b.fetch(k_lo, k_hi)
+    a.fetch(k_lo)
+    b.fetch(k_lo)
     # one shared tile and the next one in registers: a 2-stage shared ring (one barrier per
     # K tile) ran 10-40% slower on the H200 at every shape tried (its tiles take twice the
     # shared memory: fewer workgroups per multiprocessor)
     with kb.loop(k_lo, k_hi, cfg.bk, max_trips=math.ceil(k_span / cfg.bk)) as k0:
-        a.stash()
-        b.stash()
+        a.stash(k0, k_hi)
+        b.stash(k0, k_hi)
         kb.barrier()
         with kb.if_(k0 + cfg.bk < k_hi):  # the next tile's global loads overlap the math
-            a.fetch(k0 + cfg.bk, k_hi)
-            b.fetch(k0 + cfg.bk, k_hi)
+            a.fetch(k0 + cfg.bk)
+            b.fetch(k0 + cfg.bk)
         for kk in range(0, cfg.bk, _FRAG):
             av = [a.fragment(fa, sr * cfg.rm + i * _FRAG, kk) for i in range(fm)]
             bv = [b.fragment(fb, sc * cfg.rn + j * _FRAG, kk) for j in range(fn)]
@@ -293,29 +310,41 @@ def _finish_fragments(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: obje
         coopmat.subgroup_barrier(kb)  # lanes have read before the next fragment lands
 
 
-def _reduce_slices(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object, ws: object,
-                   tid: Value, row0: Value, col0: Value, bi: Value, layout: tuple) -> None:
-    """Split-K pass 1: each element of the tile is the sum of the slices' partials (in slice
-    order: deterministic), finished through the epilogue store; likewise the column sums."""
+def _reduce_slices(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object, ws: Buffer,
+                   tid: Value, row0: Value, col0: Value, z: Value, layout: tuple) -> None:
+    """Split-K pass 1, on pass 0's grid: workgroup (tile, part) sums the slices' partials of
+    1/split of the tile's rows (in slice order: deterministic), 4 columns per 16-byte load
+    where each thread has 4, and finishes them through the epilogue store; likewise b's
+    column sums. One workgroup per tile, looping over all of it, left a 384 x 384 weight
+    gradient split 16 ways 9 workgroups for 9 MiB of partials."""
     mp, np_, cs_base = layout
     tm, tn, split, batch = cfg.tm, cfg.tn, cfg.split, p["batch"]
-    per = tm * tn // cfg.threads
-    unroll = math.gcd(per, _REDUCE_UNROLL)  # elements per trip: their loads are in flight together
+    bi, part = z / split, z % split
+    rows = tm // split  # of the tile, summed by this workgroup
+    width = 4 if rows * tn >= 4 * cfg.threads else 1  # columns per thread and load
+    src = kb.buffer_view(ws, "f32x4") if width == 4 else ws
+    per = rows * tn // (width * cfg.threads)  # loads per thread and slice
+    unroll = math.gcd(per, _REDUCE_UNROLL)  # their loads are in flight together
     with kb.loop(kb.u32(0), per, unroll) as t:
         for u in range(unroll):
             e = tid + (t + u) * cfg.threads
-            row, col = row0 + e / tn, col0 + e % tn
-            total = ws.load((bi * mp + row) * np_ + col)  # type: ignore[attr-defined]
-            for s in range(1, split):
-                total = total + ws.load(((s * batch + bi) * mp + row) * np_ + col)  # type: ignore
-            _guarded_finish(kb, cfg, p, store, bi, row, col, total)
+            row = row0 + part * rows + e / (tn // width)
+            col = col0 + (e % (tn // width)) * width
+            sums = None
+            for s in range(split):  # np_ and col are multiples of 4: aligned vectors
+                at = ((s * batch + bi) * mp + row) * np_ + col
+                v = src.load(at / width if width > 1 else at)
+                vals = [kb.extract(v, j) for j in range(width)] if width > 1 else [v]
+                sums = vals if sums is None else [x + y for x, y in zip(sums, vals, strict=True)]
+            for j, total in enumerate(sums):  # type: ignore[arg-type]
+                _guarded_finish(kb, cfg, p, store, bi, row, col + j, total)
     if p.get("colsum_b"):
-        with kb.if_(row0 == 0), kb.loop(tid, tn, cfg.threads) as c:
+        with kb.if_((row0 == 0) & (part == 0)), kb.loop(tid, tn, cfg.threads) as c:
             col = col0 + c
             with kb.when(col < p["n"] if p["n"] % tn else None):
-                total = ws.load(cs_base + col)  # type: ignore[attr-defined]
+                total = ws.load(cs_base + col)
                 for s in range(1, split):
-                    total = total + ws.load(cs_base + s * np_ + col)  # type: ignore
+                    total = total + ws.load(cs_base + s * np_ + col)
                 store.colsum.store(col, total)  # type: ignore[attr-defined]
 
 
