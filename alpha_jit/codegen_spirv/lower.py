@@ -302,10 +302,11 @@ class _Lowerer:
     def inplace_pairs(self, shape: tuple, entries: list[tuple[int, tuple | None, int]],
                       outs: list[tuple[int, set[int]]]) -> tuple[tuple[int, int], ...]:
         """(read, write) buffer pairs safe to share memory in a one-thread-per-element kernel
-        over `shape`: the read is a whole temporary read once, contiguously from offset 0, with
-        the write's element size, and the written value depends on it (so no compiler can
-        store it before the load). entries: (buffer, strides or None if it can never pair,
-        offset) per input; outs: (buffer, indices of the entries its value depends on)."""
+        over `shape`: the read is a whole temporary (or a state, paired with the value written
+        back to it) read once, contiguously from offset 0, with the write's element size, and
+        the written value depends on it (so no compiler can store it before the load).
+        entries: (buffer, strides or None if it can never pair, offset) per input; outs:
+        (buffer, indices of the entries its value depends on)."""
         seen: dict[int, int] = {}
         for b, *_ in entries:
             seen[b] = seen.get(b, 0) + 1
@@ -313,14 +314,22 @@ class _Lowerer:
         contiguous = tuple(View.of(0, shape).strides)
         free = list(outs)
         pairs = []
-        for i, (b, strides, off) in enumerate(entries):
+        # a state read pairs only with the value written back to that state (the optimizer
+        # updating a parameter or a moment in place: the plan decides), and first
+        writes = self.g.state_writes
+        order = sorted(range(len(entries)),
+                       key=lambda i: self.out.buffers[entries[i][0]].kind != "state")
+        for i in order:
+            b, strides, off = entries[i]
             buf = self.out.buffers[b]
-            if strides is None or seen[b] != 1 or buf.kind != "temp" or off != 0 \
-                    or _shape_key(buf.shape) != numel or tuple(strides) != contiguous:
+            if strides is None or seen[b] != 1 or buf.kind not in ("temp", "state") \
+                    or off != 0 or _shape_key(buf.shape) != numel \
+                    or tuple(strides) != contiguous:
                 continue
             size = buf.dtype.itemsize
             match = next((o for o in free if i in o[1]
-                          and self.out.buffers[o[0]].dtype.itemsize == size), None)
+                          and self.out.buffers[o[0]].dtype.itemsize == size
+                          and (buf.kind == "temp" or writes.get(buf.key) == o[0])), None)
             if match is not None:
                 free.remove(match)
                 pairs.append((b, match[0]))

@@ -30,6 +30,9 @@ class MemoryPlan:
     intervals: dict[int, tuple[int, int]]  # temp buffer id -> (first, last) kernel position
     naive_bytes: int  # what the temporaries would take without reuse
     pool_of: dict[int, int] = field(default_factory=dict)  # temp buffer id -> pool index
+    # temp buffer id -> the state buffer whose memory it is written into (an in-place update:
+    # no arena memory, no copy back at the end of the step)
+    state_alias: dict[int, int] = field(default_factory=dict)
 
     @property
     def arena_bytes(self) -> int:
@@ -58,6 +61,9 @@ def plan_memory(lowered: Lowered, align: int = 256, pool_limit: int | None = Non
             last[b] = max(last.get(b, i), i)
     for b in [*lowered.outputs, *lowered.state_writes.values()]:
         last[b] = end  # copied out after the last kernel
+    aliases = _state_aliases(lowered, first, last)
+    for w in aliases:
+        del temps[w], nbytes[w]
     intervals = {b: (first.get(b, 0), last.get(b, end)) for b in temps}
     slots = _inplace_slots(lowered, nbytes, first, last)
     members: dict[int, list[int]] = {}
@@ -85,7 +91,24 @@ def plan_memory(lowered: Lowered, align: int = 256, pool_limit: int | None = Non
             offsets[m], pool_of[m] = off, pool
         bisect.insort(placed[pool], (off, off + size, s, e))
     pools = [max(hi for _, hi, _, _ in items) for items in placed]
-    return MemoryPlan(offsets, pools, intervals, naive, pool_of)
+    return MemoryPlan(offsets, pools, intervals, naive, pool_of, aliases)
+
+
+def _state_aliases(lowered: Lowered, first: dict[int, int], last: dict[int, int]
+                   ) -> dict[int, int]:
+    """temp -> state buffer: a kernel's in-place pair (state, the value written back to that
+    state) where the kernel is the state's last reader and the value's first writer. The
+    optimizer then updates parameters and moments where they live: the end-of-step copies
+    took 3 ms of a GPT-2 step on the H200 (1.5 GB of parameters and moments)."""
+    writes = {w: key for key, w in lowered.state_writes.items()}
+    out: dict[int, int] = {}
+    for i, k in enumerate(lowered.kernels):
+        for r, w in k.inplace:
+            buf = lowered.buffers[r]
+            if buf.kind == "state" and writes.get(w) == buf.key and last.get(r) == i \
+                    and first.get(w) == i and buf.nbytes == lowered.buffers[w].nbytes:
+                out[w] = r
+    return out
 
 
 def _inplace_slots(lowered: Lowered, nbytes: dict[int, int], first: dict[int, int],
@@ -127,6 +150,7 @@ def plan_barriers(lowered: Lowered, mem: MemoryPlan, policy: str = "hazard") -> 
     def ranges(ids: list[int]) -> list[tuple]:
         out = []
         for b in ids:
+            b = mem.state_alias.get(b, b)  # written in place: the state's own memory
             if b in mem.offsets:
                 o = mem.offsets[b]
                 out.append((("pool", mem.pool_of[b]), o, o + lowered.buffers[b].nbytes))

@@ -255,7 +255,7 @@ class Executable:
                             if b.kind == "state"]
                       + [self.traced.state[k] for k in low.state_writes])
         for b in low.buffers.values():
-            if b.kind == "temp":
+            if b.kind == "temp" and b.id not in self.mem.state_alias:
                 self.regions[b.id] = (self.pools[self.mem.pool_of[b.id]],
                                       self.mem.offsets[b.id])
             elif b.kind == "state":
@@ -271,6 +271,8 @@ class Executable:
         for key in low.state_writes:
             if key not in self.states:
                 self.states[key] = resident(dev, self.traced.state[key])
+        for w, r in self.mem.state_alias.items():  # updated in place
+            self.regions[w] = self.regions[r]
         self.stagings = [dev.alloc_staging(max(plan.stage_bytes, 16))
                          for _ in range(STAGING_RING)]
         self.out_offsets = plan.out_offsets
@@ -325,6 +327,8 @@ class Executable:
         if timed:
             cmds.append(TimestampCmd("end"))
         for key, bid in low.state_writes.items():
+            if bid in self.mem.state_alias:
+                continue  # the kernel wrote it in place
             region, off = self.regions[bid]
             cmds.append(CopyCmd(region, self.states[key].region, low.buffers[bid].nbytes, off, 0))
         for bid, roff in zip(low.outputs, self.out_offsets, strict=True):
