@@ -579,14 +579,18 @@ class _Lowerer:
                     self.elementwise(un[1])
             elif un[0] == "k":
                 self.single(un[1])
+        written = {k for k, n in g.state_writes.items()
+                   if not (g.op(n) == "state" and g.attrs(n)["key"] == k)}
         for o in g.outputs:
-            buf = self._root_buffer(o)
+            # a state's value as it was, returned though the step writes the state: copied
+            # by a kernel (the readback comes after the write-back, or the update is in place)
+            base = self.out.buffers[self.need_view(o, o).base]
+            buf = self._root_buffer(o, temp_only=base.kind == "state" and base.key in written)
             self.out.outputs.append(buf)
             self.out.returns.append(Returned(buf, g.shape(o), g.dtype(o)))
         for key, n in g.state_writes.items():
-            if g.op(n) == "state" and g.attrs(n)["key"] == key:
-                continue  # written back unchanged
-            self.out.state_writes[key] = self._root_buffer(n, temp_only=True)
+            if key in written:  # else written back unchanged
+                self.out.state_writes[key] = self._root_buffer(n, temp_only=True)
         return self.out
 
     def _root_buffer(self, n: int, temp_only: bool = False) -> int:

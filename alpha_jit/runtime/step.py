@@ -327,8 +327,9 @@ class Executable:
         if timed:
             cmds.append(TimestampCmd("end"))
         for key, bid in low.state_writes.items():
-            if bid in self.mem.state_alias:
-                continue  # the kernel wrote it in place
+            alias = self.mem.state_alias.get(bid)
+            if alias is not None and low.buffers[alias].key == key:
+                continue  # the kernel wrote it in place (other states of the value: copied)
             region, off = self.regions[bid]
             cmds.append(CopyCmd(region, self.states[key].region, low.buffers[bid].nbytes, off, 0))
         for bid, roff in zip(low.outputs, self.out_offsets, strict=True):

@@ -60,7 +60,7 @@ def test_a_state_read_around_its_update_sees_the_right_values(read_after):
 
     @aj.compile
     def f(x):
-        grid = p.reshape(8, 8)  # a view of the state as it was
+        grid = p.reshape(8, 8)  # a view of the state (read as it was, by a later kernel)
         before = p.sum()
         p.assign(p * 0.5 + x)
         after = p.sum()
@@ -84,3 +84,42 @@ def test_a_state_read_around_its_update_sees_the_right_values(read_after):
     # after a barrier behind the reduction that read it
     assert bool(exe.mem.state_alias) is not read_after
     assert read_after or exe.plan.barriers[update]
+
+
+@pytest.mark.parametrize("order", ["shadow first", "shadow last"])
+def test_one_value_written_back_to_two_states_reaches_both(order):
+    p = nn.Parameter(np.arange(8, dtype=np.float32), requires_grad=False)
+    shadow = nn.Parameter(np.zeros(8, np.float32), requires_grad=False)  # written, never read
+
+    @aj.compile
+    def f(x):
+        new = p * 0.5 + x
+        for s in ((shadow, p) if order == "shadow first" else (p, shadow)):
+            s.assign(new)
+        return x.sum()
+
+    want = np.arange(8, dtype=np.float64)
+    for i in range(2):
+        x = np.full(8, i + 1.0, np.float32)
+        float(f(x))
+        want = want * 0.5 + x
+        np.testing.assert_allclose(p.numpy(), want, rtol=1e-6)
+        np.testing.assert_allclose(shadow.numpy(), want, rtol=1e-6)
+    assert _executable(f).mem.state_alias  # p in place, shadow copied from p's memory
+
+
+def test_a_state_returned_as_it_was_is_the_old_value():
+    q0 = np.linspace(0, 1, 64, dtype=np.float32)
+    q = nn.Parameter(q0.copy(), requires_grad=False)
+
+    @aj.compile
+    def f(x):
+        old = q.reshape(8, 8)
+        q.assign(q * 0.5 + x)
+        return old, q
+
+    x = np.ones(64, np.float32)
+    old, new = (np.asarray(r) for r in f(x))
+    np.testing.assert_array_equal(old, q0.reshape(8, 8))
+    np.testing.assert_allclose(new, q0 * 0.5 + 1.0, rtol=1e-6)
+    np.testing.assert_allclose(q.numpy(), q0 * 0.5 + 1.0, rtol=1e-6)

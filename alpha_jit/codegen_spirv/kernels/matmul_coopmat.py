@@ -53,7 +53,7 @@ _FILL = 128  # workgroups that keep a big GPU busy (the H200 has 132 multiproces
 _MIN_SLICE = 256  # K per split-K slice below which the reducing pass costs more than it saves
 # K from which splitting pays even for grids that fill the GPU: a weight gradient over 8192
 # tokens with b's column sums ran 2.6x faster as 128 x 64 tiles split 4 than as whole
-# 128 x 128 ones (H200; the 16 column-sum registers per slot crowd the larger tile)
+# 128 x 128 ones (H200, session 4, when each staging slot had its own 8 column-sum registers)
 _LONG_K = 2048
 _LONG_K_WORKSPACE = 64 << 20  # ... unless the partial sums would take more than this (step memory)
 _LONG_K_SPLIT = 32  # a 384 x 384 weight gradient has 9 tiles of 128 x 128 ...
@@ -69,8 +69,8 @@ def _groups(p: dict, cfg: MatmulConfig) -> int:
 def candidates(p: dict, caps: object) -> list[MatmulConfig]:
     """Every cooperative-matrix tiling that fits the device for this spec (the autotuner's
     search space), largest tiles first, each also split over K where its grid is too small
-    to fill the GPU, then the deep (bk 64) 128 x 128 ones; empty where the variant does not
-    apply."""
+    to fill the GPU or K is long (`_splits`), then the deep (bk 64) 128 x 128 ones (split
+    too for long K); empty where the variant does not apply."""
     elem = operand_elem(p, "a")
     if elem is None or operand_elem(p, "b") != elem or not coopmat.supported(caps, elem):
         return []
@@ -110,6 +110,8 @@ def _splits(p: dict, cfg: MatmulConfig, split: int) -> bool:
     grid stays under two waves; for long K (weight gradients) up to _LONG_K_SPLIT ways, slices
     of _LONG_K_SLICE, three waves (4 ways whatever the grid), within the workspace bound."""
     groups = _groups(p, cfg) * split
+    if split * cfg.lanes > cfg.rm * cfg.rn:  # pass 1 gives every thread an element at least
+        return False
     if p["k"] < _LONG_K:
         return p["k"] >= split * _MIN_SLICE and split <= 8 and groups <= 2 * _FILL
     return p["k"] >= split * _LONG_K_SLICE and split <= _LONG_K_SPLIT \
@@ -122,7 +124,8 @@ def search(p: dict, caps: object) -> list[MatmulConfig]:
     the two largest tiles that fill the GPU, the 64 x 64-per-subgroup 128 x 128 tile and the
     deep (K step 64) 128 x 128 tile; for
     grids too small to fill it, the two best split-K depths of 128 x 128 and 64 x 64; for long
-    K, 128 x 64 and 64 x 64 split 2 and 4 ways."""
+    K, 128 x 64 and 64 x 64 split 2 and 4 ways and 128 x 128 (bk 32 and 64) split into the
+    first two depths that fill the GPU (up to 32 ways)."""
     every = candidates(p, caps)
     cands = [c for c in every if c.bk < _DEEP_BK]
     whole = [c for c in cands if c.split == 1]
@@ -314,9 +317,9 @@ def _reduce_slices(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object,
                    tid: Value, row0: Value, col0: Value, z: Value, layout: tuple) -> None:
     """Split-K pass 1, on pass 0's grid: workgroup (tile, part) sums the slices' partials of
     1/split of the tile's rows (in slice order: deterministic), 4 columns per 16-byte load
-    where each thread has 4, and finishes them through the epilogue store; likewise b's
-    column sums. One workgroup per tile, looping over all of it, left a 384 x 384 weight
-    gradient split 16 ways 9 workgroups for 9 MiB of partials."""
+    where each thread has at least 4 elements (else one), and finishes them through the
+    epilogue store; likewise b's column sums. One workgroup per tile, looping over all of
+    it, left a 384 x 384 weight gradient split 16 ways 9 workgroups for 9 MiB of partials."""
     mp, np_, cs_base = layout
     tm, tn, split, batch = cfg.tm, cfg.tn, cfg.split, p["batch"]
     bi, part = z / split, z % split
@@ -324,6 +327,7 @@ def _reduce_slices(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object,
     width = 4 if rows * tn >= 4 * cfg.threads else 1  # columns per thread and load
     src = kb.buffer_view(ws, "f32x4") if width == 4 else ws
     per = rows * tn // (width * cfg.threads)  # loads per thread and slice
+    assert per >= 1 and per * width * cfg.threads == rows * tn, cfg  # `_splits` ensures it
     unroll = math.gcd(per, _REDUCE_UNROLL)  # their loads are in flight together
     with kb.loop(kb.u32(0), per, unroll) as t:
         for u in range(unroll):

@@ -439,7 +439,8 @@ def _gelu_scalar(e, attrs, x):
     if _exact(attrs):
         return mul(mul(c(0.5), x), add(c(1.0), e.unary("erf", mul(x, c(SQRT1_2)))))
     # x * 0.5 (1 + tanh u) through one exp and one division: a third of a full tanh's
-    # instructions (no small-|u| branch), exactly 0 and x where tanh saturates to -1 and 1
+    # instructions (no small-|u| branch); exactly x where tanh saturates to 1, and x q (tiny,
+    # then 0 once q underflows) where it saturates to -1
     return mul(x, _gelu_halves(e, x)[0])
 
 
@@ -478,10 +479,11 @@ def _gelu_grad_scalar(e, attrs, x, g):
         pdf = mul(e.unary("exp", mul(c(-0.5), x2)), c(INV_SQRT_2PI))
         return mul(g, add(cdf, mul(x, pdf)))
     # with s, r the halves (1 + t = 2s, 1 - t^2 = 4 s r): the tanh form's derivative
-    # s (1 + 2 x r C (1 + 3 * 0.044715 x^2)), without a tanh or a cancellation
+    # s + 2 C x (s r) (1 + 3 * 0.044715 x^2), without a tanh or a cancellation; s r first, so
+    # a huge negative x gives 0 (s = 0) as the reference does, not 0 * inf
     s, r = _gelu_halves(e, x)
-    slope = mul(mul(mul(c(2 * GELU_C), x), r), add(c(1.0), mul(c(3 * 0.044715), x2)))
-    return mul(g, mul(s, add(c(1.0), slope)))
+    slope = mul(mul(mul(c(2 * GELU_C), x), mul(s, r)), add(c(1.0), mul(c(3 * 0.044715), x2)))
+    return mul(g, add(s, slope))
 
 
 def _gelu_vjp(g, args, out, attrs):
