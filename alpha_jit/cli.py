@@ -59,6 +59,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
     if args.json:
         out = []
         for c in devs:
+            if c.index == chosen and c.cooperative_matrix:
+                from alpha_jit.runtime.device import get_device
+
+                c = get_device().caps  # with its fragment layouts, probed on the open device
             d = c.to_json()
             d["fingerprint"] = c.fingerprint()
             d["selected"] = c.index == chosen

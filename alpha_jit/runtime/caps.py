@@ -43,6 +43,25 @@ class CoopMatShape:
 
 
 @dataclass(frozen=True)
+class FragmentLayout:
+    """Where a cooperative-matrix fragment's elements live, as probed on the device (the KHR
+    extension leaves it to the implementation): element e of lane l is cell
+    `cells[l * length + e]` = row * cols + col. Kernels that keep softmax statistics in
+    registers read rows and columns from it (`codegen_spirv/fragments.py`)."""
+
+    elem: str  # component type name, as in CoopMatShape: bf16 | f16 | f32
+    use: str  # a | b | acc
+    rows: int
+    cols: int
+    lanes: int
+    cells: tuple[int, ...]
+
+    @property
+    def length(self) -> int:
+        return len(self.cells) // self.lanes
+
+
+@dataclass(frozen=True)
 class Capabilities:
     index: int
     name: str
@@ -84,6 +103,8 @@ class Capabilities:
     # shaderDenormPreserveFloat32: kernels can keep f32 denormals (numpy's 1e-45 // -1 is -1);
     # without it a device may flush denormal inputs and results to zero
     denorm_preserve_f32: bool = False
+    # probed by running a kernel (`codegen_spirv/fragments.py`), empty until a device is open
+    fragment_layouts: tuple[FragmentLayout, ...] = ()
 
     def fingerprint(self) -> str:
         """Identity of (device, driver, capabilities); keys every on-disk cache. Cooperative-
@@ -96,6 +117,11 @@ class Capabilities:
         fields.pop("index")  # enumeration order may change when another device appears
         fields["cooperative_matrix"] = tuple(dataclasses.astuple(c)
                                              for c in self.cooperative_matrix)
+        if not self.fragment_layouts:  # records from before the probe keep their fingerprint
+            fields.pop("fragment_layouts")
+        else:
+            fields["fragment_layouts"] = tuple(dataclasses.astuple(x)
+                                               for x in self.fragment_layouts)
         fp = hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:16]
         object.__setattr__(self, "_fingerprint", fp)  # not a field: eq, hash, replace ignore it
         return fp
@@ -108,6 +134,14 @@ class Capabilities:
         """The shapes with A and B of type `a` accumulating into `c` at `scope`."""
         return tuple(s for s in self.cooperative_matrix
                      if s.a == a and s.b == a and s.c == c and s.result == c and s.scope == scope)
+
+    def fragment_layout(self, elem: str, use: str, rows: int = 16, cols: int = 16
+                        ) -> FragmentLayout | None:
+        """The probed layout of an (elem, use, rows x cols) subgroup fragment, if known."""
+        for x in self.fragment_layouts:
+            if (x.elem, x.use, x.rows, x.cols) == (elem, use, rows, cols):
+                return x
+        return None
 
     def spirv_target_env(self) -> str:
         """The spirv-val target environment for modules meant for this device."""
@@ -138,18 +172,18 @@ def _check(value: Any, hint: Any) -> Any:
         if not isinstance(value, str):
             raise TypeError(f"expected a string, got {value!r}")
         return value
-    if hint is CoopMatShape:
-        names = [f.name for f in dataclasses.fields(CoopMatShape)]
+    if hint in (CoopMatShape, FragmentLayout):
+        names = [f.name for f in dataclasses.fields(hint)]
+        what = "a cooperative-matrix entry" if hint is CoopMatShape else "a fragment layout"
         if isinstance(value, dict):
             missing = [n for n in names if n not in value]
             if missing:
-                raise TypeError(f"cooperative-matrix entry {value!r} lacks {missing}")
+                raise TypeError(f"{what} {value!r} lacks {missing}")
             value = [value[n] for n in names]
         if not isinstance(value, list | tuple) or len(value) != len(names):
-            raise TypeError(f"expected a cooperative-matrix entry [{', '.join(names)}], "
-                            f"got {value!r}")
-        hints = typing.get_type_hints(CoopMatShape)
-        return CoopMatShape(*(_check(v, hints[n]) for v, n in zip(value, names, strict=True)))
+            raise TypeError(f"expected {what} [{', '.join(names)}], got {value!r}")
+        hints = typing.get_type_hints(hint)
+        return hint(*(_check(v, hints[n]) for v, n in zip(value, names, strict=True)))
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise TypeError(f"expected a list, got {value!r}")
@@ -177,6 +211,8 @@ def from_dict(data: dict[str, Any], source: str = "<dict>") -> Capabilities:
         if f.name not in data:
             if f.default is dataclasses.MISSING:
                 missing.append(f.name)
+            elif f.name == "fragment_layouts" and not data.get("cooperative_matrix"):
+                pass  # nothing to probe on such a device
             else:
                 defaulted.append(f"{f.name}={f.default!r}")
             continue

@@ -9,9 +9,11 @@ at run time goes through it: allocate, upload, record, submit, wait, download.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -67,6 +69,8 @@ class Device:
         self._create()
         self.memory = MemoryManager(self)
         self.pipelines = PipelineManager(self)
+        if caps.cooperative_matrix and not caps.fragment_layouts:
+            self.caps = dataclasses.replace(caps, fragment_layouts=self._probe_fragments())
 
     # --- creation ------------------------------------------------------------------------
 
@@ -126,6 +130,20 @@ class Device:
         self.timeline = sem[0]
         self.memory_properties = vk.new("VkPhysicalDeviceMemoryProperties*")
         vk.lib().vkGetPhysicalDeviceMemoryProperties(pd, self.memory_properties)
+
+    def _probe_fragments(self) -> tuple:
+        """Where the device keeps fragment elements (kernels that take fragments apart need
+        it); a probe that fails leaves it unknown, and those kernels keep their shared-memory
+        variant."""
+        from alpha_jit.codegen_spirv.fragments import probe
+
+        try:
+            return probe(self)
+        except Exception as e:  # noqa: BLE001 - any driver failure: the kernels need not it
+            warnings.warn(f"probing cooperative-matrix fragment layouts on {self.caps.name} "
+                          f"failed ({e}); attention keeps its shared-memory softmax",
+                          stacklevel=3)
+            return ()
 
     def __repr__(self) -> str:
         return f"Device({self.caps.summary()})"

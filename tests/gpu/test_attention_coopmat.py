@@ -67,6 +67,17 @@ CASES = [(2, 4, 4, 256, 64, True, "bf16", True, 0.0, "bf16"),
          (1, 2, 2, 40, 96, True, "bf16", False, 0.0, "bf16")]
 
 
+def _registers_where_known(caps, dt: str, family: str, variant: str) -> None:
+    """A device whose fragment layout allows it runs the register-softmax kernel: the parity
+    below is then that kernel's."""
+    from alpha_jit.codegen_spirv.fragments import register_softmax_map
+    from alpha_jit.codegen_spirv.kernels import attention_registers as AR
+
+    known = register_softmax_map(caps, {"bf16": "bf16n", "f16": "f16"}[dt]) is not None
+    if family in AR._GENERATORS and known:
+        assert "registers" in variant, variant
+
+
 def _close(got, want, tol: float, what: object) -> None:
     """Relative error over the whole tensor, and no element off by more than 10 tol of the
     largest (an error confined to a few rows shows)."""
@@ -113,6 +124,7 @@ def test_families_match_simt_and_float64(caps, case):
     outs_f = [((b * h * t * hd,), np.float32), ((b * h * t,), np.float32)]
     (o_s, lse_s), _ = _run(caps, fwd, arrays + ctr, outs_f, simt=True)
     (o_c, lse_c), variant = _run(caps, fwd, arrays + ctr, outs_f, simt=False)
+    _registers_where_known(caps, dt, "attention_fwd", variant)
     _close(o_c, o_s, 1e-2, variant)
     _close(lse_c, lse_s, 1e-3, variant)
 

@@ -608,7 +608,10 @@ def generate(spec: KernelSpec, caps: object) -> KernelBinary | None:
     cfg = choose(spec.family, dict(spec.params), caps)
     if cfg is None:
         return None
-    return _GENERATORS[spec.family](spec, caps, cfg)
+    from . import attention_registers  # it builds on this file's _Kernel
+
+    fast = attention_registers.generate(spec, caps, cfg)
+    return fast if fast is not None else _GENERATORS[spec.family](spec, caps, cfg)
 
 
 A.FAST_VARIANTS.append(generate)
