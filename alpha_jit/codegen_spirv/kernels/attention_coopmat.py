@@ -76,20 +76,47 @@ def _aligned(entry: tuple) -> bool:
     return strides[3] == 1 and all(x % vec == 0 for x in (off, *strides[:3]))
 
 
-def shared_bytes(family: str, cfg: CmConfig, hd: int) -> int:
+def shared_bytes(family: str, cfg: CmConfig, hd: int, registers: bool = False) -> int:
     """Workgroup memory: two streamed 16-bit tiles (+ lse and D of dk/dv's queries), and per
-    subgroup its 16-bit tiles, f32 scratch and (forward) row statistics."""
+    subgroup its 16-bit tiles, f32 scratch and (forward) row statistics. The register-softmax
+    kernels (attention_registers.py) keep one 16-bit tile and the output's scratch."""
     bl, dkdv = cfg.block, family == "attention_dkdv"
     # dk/dv: lse, D and D's partial sums (8 elements each) of the query tile
     tiles = 2 * bl * (hd + _VEC) * 2 + ((2 + hd // _VEC) * bl * 4 if dkdv else 0)
-    own16 = (2 if dkdv else 1) * _F * (max(bl, hd) + _VEC) * 2
-    regions = 1 if family == "attention_fwd" else 2
-    scratch = 4 * max(regions * _F * (bl + 4), _F * (hd + 4))
-    stats = 4 * 2 * _F * cfg.lpr if family == "attention_fwd" else 0
-    return tiles + cfg.subgroups * (own16 + scratch + stats)
+    return tiles + cfg.subgroups * _Layout(family, cfg, hd, registers).bytes_per_subgroup()
 
 
-def choose(family: str, p: dict, caps: object) -> CmConfig | None:
+@dataclass(frozen=True)
+class _Layout:
+    """A subgroup's share of workgroup memory: its 16-bit tiles and its f32 scratch."""
+
+    family: str
+    cfg: CmConfig
+    hd: int
+    registers: bool
+
+    @property
+    def n16(self) -> int:  # dk/dv's P and dS, or one tile for the staged operands
+        return 2 if self.family == "attention_dkdv" and not self.registers else 1
+
+    @property
+    def wide(self) -> int:  # a 16-bit tile's row, in 16-byte vectors
+        return (max(self.cfg.block, self.hd) + _VEC) // _VEC
+
+    @property
+    def scr_floats(self) -> int:
+        if self.registers:
+            return _F * (self.hd + 4)  # the outputs leave through it
+        regions = 1 if self.family == "attention_fwd" else 2
+        return max(regions * _F * (self.cfg.block + 4), _F * (self.hd + 4))
+
+    def bytes_per_subgroup(self) -> int:
+        stats = 0 if self.registers or self.family != "attention_fwd" \
+            else 4 * 2 * _F * self.cfg.lpr
+        return self.n16 * _F * self.wide * 16 + 4 * self.scr_floats + stats
+
+
+def choose(family: str, p: dict, caps: object, registers: bool = False) -> CmConfig | None:
     """The tiling for this spec on the device, or None where the variant does not apply. The
     lowering records ALPHA_JIT_COOPMAT in the spec ("coopmat", bool), so cached kernels follow
     it; a spec without it (a test's) reads the variable."""
@@ -113,7 +140,7 @@ def choose(family: str, p: dict, caps: object) -> CmConfig | None:
             cfg = CmConfig(subgroups, lanes, block)
             if block % (_VEC * cfg.lpr) or cfg.rows % block or cfg.threads > max_threads:
                 continue
-            if shared_bytes(family, cfg, hd) <= max_shared:
+            if shared_bytes(family, cfg, hd, registers) <= max_shared:
                 return cfg
     return None
 
@@ -209,7 +236,8 @@ class _Kernel:
     tiles and f32 scratch, fragment types, and the lane's place in the elementwise step."""
 
     def __init__(self, spec: KernelSpec, caps: object, cfg: CmConfig, family: str,
-                 inputs: tuple[str, ...], outputs: list[tuple[str, str]]):
+                 inputs: tuple[str, ...], outputs: list[tuple[str, str]],
+                 registers: bool = False):
         p = dict(spec.params)
         self.p, self.cfg, self.hd, self.bl = p, cfg, p["hd"], cfg.block
         self.elem = _ELEM[p["q"][0]]
@@ -223,11 +251,9 @@ class _Kernel:
         hd, bl = self.hd, self.bl
         self.ldt = (hd + _VEC) // _VEC  # a streamed tile's row, in 16-byte vectors
         self.tiles = kb.shared("u32x4", 2 * bl * self.ldt)
-        self.n16 = 2 if family == "attention_dkdv" else 1
-        self.wide = (max(bl, hd) + _VEC) // _VEC  # a subgroup tile's row, in vectors
+        lay = _Layout(family, cfg, hd, registers)
+        self.n16, self.wide, self.scr_floats = lay.n16, lay.wide, lay.scr_floats
         self.own = kb.shared("u32x4", cfg.subgroups * self.n16 * _F * self.wide)
-        regions = 1 if family == "attention_fwd" else 2
-        self.scr_floats = max(regions * _F * (bl + 4), _F * (hd + 4))
         self.scr = kb.shared("f32x4", cfg.subgroups * self.scr_floats // 4)
         self.sg = kb.subgroup_id()  # fragments belong to the hardware subgroup
         self.lane = kb.subgroup_invocation_id()
@@ -605,13 +631,13 @@ _GENERATORS = {"attention_fwd": generate_fwd, "attention_dq": generate_dq,
 def generate(spec: KernelSpec, caps: object) -> KernelBinary | None:
     """The tensor-core kernel for an attention spec, or None where the variant does not
     apply (the SIMT kernel runs)."""
-    cfg = choose(spec.family, dict(spec.params), caps)
-    if cfg is None:
-        return None
     from . import attention_registers  # it builds on this file's _Kernel
 
-    fast = attention_registers.generate(spec, caps, cfg)
-    return fast if fast is not None else _GENERATORS[spec.family](spec, caps, cfg)
+    fast = attention_registers.generate(spec, caps)
+    if fast is not None:
+        return fast
+    cfg = choose(spec.family, dict(spec.params), caps)
+    return None if cfg is None else _GENERATORS[spec.family](spec, caps, cfg)
 
 
 A.FAST_VARIANTS.append(generate)

@@ -27,7 +27,7 @@ from ..fragments import Lanes, RowMap, elements, from_elements, register_softmax
 from ..kernel import KernelBinary, KernelSpec
 from ..scalar import ScalarEmitter, ieee_div, nan_minmax
 from . import attention as A
-from .attention_coopmat import _ELEM, _F, _NEG_INF, CmConfig, _Kernel
+from .attention_coopmat import _ELEM, _F, _NEG_INF, CmConfig, _Kernel, choose
 
 _ADD = lambda a, b: a + b  # noqa: E731 - the combine of a row sum
 
@@ -44,7 +44,7 @@ def generate_fwd(spec: KernelSpec, caps: object, cfg: CmConfig, rm: RowMap) -> K
     and O in accumulator fragments."""
     p = dict(spec.params)
     outs_decl = [(n, p["out_dtype"] if n == "o" else "f32") for n in p["outputs"]]
-    K = _Kernel(spec, caps, cfg, "attention_fwd", ("q", "k", "v"), outs_decl)
+    K = _Kernel(spec, caps, cfg, "attention_fwd", ("q", "k", "v"), outs_decl, registers=True)
     kb, c, t, hd, h, bl, scale = K.kb, K.c, p["t"], p["hd"], p["h"], cfg.block, p["scale"]
     n_e, classes = rm.length, rm.classes
     L = Lanes(kb, rm, K.lane)
@@ -127,14 +127,137 @@ def generate_fwd(spec: KernelSpec, caps: object, cfg: CmConfig, rm: RowMap) -> K
     return K.binary(spec, caps, h, flops, "fwd registers")
 
 
-_GENERATORS = {"attention_fwd": generate_fwd}
+def generate_dq(spec: KernelSpec, caps: object, cfg: CmConfig, rm: RowMap) -> KernelBinary:
+    """dq = scale * dS k over key tiles, dS = P (dP - D), P = exp(S - lse), with S, dP and
+    dS in the lanes' fragment elements."""
+    p = dict(spec.params)
+    K = _Kernel(spec, caps, cfg, "attention_dq", A._BWD_INPUTS, [("dq", "f32")], registers=True)
+    kb, c, t, hd, h, bl, scale = K.kb, K.c, p["t"], p["hd"], p["h"], cfg.block, p["scale"]
+    n_e = rm.length
+    L = Lanes(kb, rm, K.lane)
+    rows = [K.row0 + L.row(ci) for ci in range(len(rm.classes))]  # the lane's query rows
+    cols = [L.col(e) for e in range(n_e)]
+    cls_of = [rm.cls(e) for e in range(n_e)]
+    k, v = K.ins["k"], K.ins["v"]
+    hk = c.head / (h // p["hkv"]) if h != p["hkv"] else c.head
+    qf = K.own_fragments("q", K.ins["q"].base(c.bi, c.head))
+    dof = K.own_fragments("do", K.ins["do"].base(c.bi, c.head))
+    lse_base = K.ins["lse"].base(c.bi, c.head)
+    lse = [K.ins["lse"].at(lse_base, kb.fmin(r, t - 1)) for r in rows]
+    dd = [K.row_d(kb.fmin(r, t - 1)) for r in rows]
+    acc = [K.fc.var() for _ in range(hd // _F)]
+
+    own_end = (lambda: kb.fmin(c.blk0 + cfg.rows, kb.u32(t))) if p["causal"] else None
+    kv = K.stream((("k", k.base(c.bi, hk)), ("v", v.base(c.bi, hk))))
+    walk_end = own_end() if own_end is not None else kb.u32(t)
+    for st in kv:
+        st.fetch(kb.u32(0))
+
+    def body(j0: Value, masked: bool) -> None:
+        kb.barrier()
+        for st in kv:
+            st.stash(j0)
+        kb.barrier()
+        with kb.if_(j0 + bl < walk_end):  # the next tile's loads overlap this one's math
+            for st in kv:
+                st.fetch(j0 + bl)
+        da = []
+        for n in range(bl // _F):
+            xs = elements(K.fc, K.product(qf, 0, n * _F, True), n_e)
+            dps = elements(K.fc, K.product(dof, 1, n * _F, True), n_e)
+            ds = []
+            for e, (x, dp) in enumerate(zip(xs, dps, strict=True)):
+                ci, key = cls_of[e], j0 + n * _F + cols[e]
+                pj = kb.exp(x * scale - lse[ci])
+                kj = c.keep(c.head, rows[ci], key)  # dropout scales dP as it scaled P
+                d = pj * ((dp if kj is None else dp * kj) - dd[ci])
+                ds.append(kb.select(A._allowed(c, key, rows[ci]), d, 0.0) if masked else d)
+            da.append(_pack(K, ds))
+        for d in range(hd // _F):
+            acc[d].set(K.product(da, 0, d * _F, False, acc[d].get()))
+
+    m_lo, m_hi, f_lo, f_hi = A._masked_ranges(c, own_end)
+    A._loop_tiles(c, f_lo, f_hi, lambda j0: body(j0, False), t)
+    A._loop_tiles(c, m_lo, m_hi, lambda j0: body(j0, True), cfg.rows)  # diagonal or tail
+    K.write_out([a.get() for a in acc], K.outs["dq"], h, c.head, scale)
+    flops = 6 * p["b"] * h * t * t * hd // (2 if p["causal"] else 1)
+    return K.binary(spec, caps, h, flops, "dq registers")
 
 
-def generate(spec: KernelSpec, caps: object, cfg: CmConfig) -> KernelBinary | None:
-    """The register-softmax kernel for a spec the shared-memory variant would run with
-    tiling cfg, or None where the device's fragment layout does not allow it."""
-    gen = _GENERATORS.get(spec.family)
-    rm = register_softmax_map(caps, _ELEM[dict(spec.params)["q"][0]]) if gen else None
-    if gen is None or rm is None:
+def generate_dkdv(spec: KernelSpec, caps: object, cfg: CmConfig, rm: RowMap) -> KernelBinary:
+    """dv = P^T dO and dk = scale * dS^T q over every query head of the kv head and query
+    tile, for the subgroup's 16 keys: S^T = k q^T and dP^T = v dO^T are accumulators whose
+    rows are keys, so P^T and dS^T are A operands without a transpose."""
+    p = dict(spec.params)
+    K = _Kernel(spec, caps, cfg, "attention_dkdv", A._BWD_INPUTS,
+                [(n, "f32") for n in p["outputs"]], registers=True)
+    kb, c, t, hd, hkv, bl, scale = K.kb, K.c, p["t"], p["hd"], p["hkv"], cfg.block, p["scale"]
+    n_e = rm.length
+    L = Lanes(kb, rm, K.lane)
+    keys = [K.row0 + L.row(ci) for ci in range(len(rm.classes))]  # the lane's key rows
+    cols = [L.col(e) for e in range(n_e)]
+    cls_of = [rm.cls(e) for e in range(n_e)]
+    q, dout = K.ins["q"], K.ins["do"]
+    kf = K.own_fragments("k", K.ins["k"].base(c.bi, c.head))
+    vf = K.own_fragments("v", K.ins["v"].base(c.bi, c.head))
+    lse_sh, dd_sh = kb.shared("f32", bl), kb.shared("f32", bl)
+    part_sh = kb.shared("f32", bl * (hd // 8))
+    dk = [K.fc.var() for _ in range(hd // _F)]
+    dv = [K.fc.var() for _ in range(hd // _F)]
+
+    def body(hh: Value, i0: Value, masked: bool) -> None:
+        kb.barrier()
+        K.stage_tile(0, "q", q.base(c.bi, hh), i0)
+        K.stage_tile(1, "do", dout.base(c.bi, hh), i0)
+        K.row_stats(hh, i0, lse_sh, dd_sh, part_sh)
+        kb.barrier()
+        pa, sa = [], []
+        for n in range(bl // _F):
+            xs = elements(K.fc, K.product(kf, 0, n * _F, True), n_e)
+            dps = elements(K.fc, K.product(vf, 1, n * _F, True), n_e)
+            pd, ds = [], []
+            for e, (x, dp) in enumerate(zip(xs, dps, strict=True)):
+                col = cols[e] + n * _F
+                ii, j = i0 + col, keys[cls_of[e]]
+                pr = kb.exp(x * scale - lse_sh.load(col))
+                kr = c.keep(hh, ii, j)  # dropout: dV takes the dropped P, dS the dropped dP
+                d = pr * ((dp if kr is None else dp * kr) - dd_sh.load(col))
+                pr = pr if kr is None else pr * kr
+                if masked:  # key j visible to query ii (inside T, not in its future)
+                    ok = (ii < t) & (j <= ii) if p["causal"] else ii < t
+                    pr, d = kb.select(ok, pr, 0.0), kb.select(ok, d, 0.0)
+                pd.append(pr)
+                ds.append(d)
+            pa.append(_pack(K, pd))
+            sa.append(_pack(K, ds))
+        for d in range(hd // _F):
+            dv[d].set(K.product(pa, 1, d * _F, False, dv[d].get()))
+            dk[d].set(K.product(sa, 0, d * _F, False, dk[d].get()))
+
+    A._query_tiles(c, body)
+    for name, accs, mul in (("dk", dk, scale), ("dv", dv, 1.0)):
+        if name in K.outs:
+            K.write_out([a.get() for a in accs], K.outs[name], hkv, c.head, mul)
+            coopmat.subgroup_barrier(kb)  # scratch read before the next output lands in it
+    flops = 8 * p["b"] * p["h"] * t * t * hd // (2 if p["causal"] else 1)
+    return K.binary(spec, caps, hkv, flops, "dkdv registers")
+
+
+_GENERATORS = {"attention_fwd": generate_fwd, "attention_dq": generate_dq,
+               "attention_dkdv": generate_dkdv}
+
+
+def generate(spec: KernelSpec, caps: object, cfg: CmConfig | None = None
+             ) -> KernelBinary | None:
+    """The register-softmax kernel for an attention spec (tiling cfg, or the one `choose`
+    gives it), or None where the tensor-core variants do not apply or the device's fragment
+    layout does not allow this one."""
+    p = dict(spec.params)
+    elem = _ELEM.get(p["q"][0])
+    rm = register_softmax_map(caps, elem) if elem is not None else None
+    if rm is None:
         return None
-    return gen(spec, caps, cfg, rm)
+    cfg = cfg if cfg is not None else choose(spec.family, p, caps, registers=True)
+    if cfg is None or cfg.lanes != rm.lanes:
+        return None
+    return _GENERATORS[spec.family](spec, caps, cfg, rm)
