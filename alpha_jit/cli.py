@@ -51,6 +51,19 @@ def variants(caps: Any) -> dict[str, str]:
     }
 
 
+def _probed(c: Any) -> Any:
+    """The selected device's record with its fragment layouts, probed on the open device (as
+    enumerated, with a warning, where the device does not open)."""
+    from alpha_jit.runtime.device import get_device
+
+    try:
+        return get_device().caps
+    except Exception as e:  # noqa: BLE001 - the listing still says what the device lists
+        print(f"alpha-jit devices: {c.name} did not open ({e}); fragment layouts not probed",
+              file=sys.stderr)
+        return c
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     from alpha_jit.runtime.capabilities import enumerate_devices, select_device
 
@@ -60,9 +73,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
         out = []
         for c in devs:
             if c.index == chosen and c.cooperative_matrix:
-                from alpha_jit.runtime.device import get_device
-
-                c = get_device().caps  # with its fragment layouts, probed on the open device
+                c = _probed(c)
             d = c.to_json()
             d["fingerprint"] = c.fingerprint()
             d["selected"] = c.index == chosen

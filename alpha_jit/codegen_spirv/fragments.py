@@ -19,9 +19,9 @@ columns), so a lane computes its rows and columns with a few integer ops, and th
 holding one row are a coset of L's kernel, so a row reduction is the lane's own elements of
 that row then one subgroup xor-shuffle per basis mask. NVIDIA's mma layout and AMD's WMMA
 accumulators both have that shape; a layout without it (or none probed) gives None and the
-kernels keep their shared-memory variant. `same_cells` says whether an accumulator's element
-e sits where an A fragment's element e sits, which is what lets P (an accumulator) become
-an A operand by moving elements.
+kernels keep their shared-memory variant. `register_softmax_map` also asks that an
+accumulator's element e sit where an A fragment's element e sits, which is what lets P (an
+accumulator) become an A operand by moving elements.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def probe_binary(caps: object, elem: str, use: str, rows: int = 16, cols: int = 
     0 writes the fragment's length to out[lanes * 64]."""
     lanes = coopmat.subgroup_size(caps)
     assert lanes is not None
+    assert rows * cols <= 256, "cell indices above 256 are not exact in bf16"
     dsl = _DSL_ELEM[elem]
     spec = KernelSpec("fragment_probe", f"fragment_probe_{elem}_{use}",
                       (("elem", elem), ("use", use), ("rows", rows), ("cols", cols)))
@@ -164,6 +165,13 @@ class RowMap:
     classes: tuple[tuple[int, ...], ...]  # element indices per row the lane holds
     masks: tuple[int, ...]  # xor-shuffle basis of the lanes that share a row
 
+    @property
+    def pivots(self) -> int:
+        """Each mask's highest bit: masks are added in increasing order, so those bits differ,
+        and each set of lanes holding a row has exactly one lane with all of them clear (its
+        first), the one that writes the row's statistics."""
+        return reduce(lambda a, m: a | 1 << (m.bit_length() - 1), self.masks, 0)
+
     def cls(self, e: int) -> int:
         return next(i for i, c in enumerate(self.classes) if e in c)
 
@@ -206,7 +214,7 @@ def register_softmax_map(caps: object, elem: str) -> RowMap | None:
     the A fragment of `elem` ("bf16n" or "f16") has them, so a probability tile computed in
     an accumulator multiplies as A after an element-wise conversion; else None."""
     getter = getattr(caps, "fragment_layout", None)
-    if getter is None:
+    if getter is None or not cap(caps, "subgroup_shuffle", False):
         return None
     acc, a = getter("f32", "acc"), getter(coopmat.CAPS_NAME[elem], "a")
     if acc is None or a is None or acc.cells != a.cells:
@@ -223,9 +231,7 @@ class Lanes:
         self.kb, self.rm = kb, rm
         self._row_lane = self._lane_part(rm.row.lane_bits, lane)
         self._col_lane = self._lane_part(rm.col.lane_bits, lane)
-        # the lane that writes a row's statistic: the first of the lanes holding it
-        span_bits = reduce(lambda a, b: a | b, rm.masks, 0)
-        self.leader = (lane & span_bits) == 0
+        self.leader = (lane & rm.pivots) == 0  # the lane that writes a row's statistics
 
     def _lane_part(self, bits: tuple[int, ...], lane: Value) -> Value:
         kb = self.kb

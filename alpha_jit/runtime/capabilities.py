@@ -42,6 +42,7 @@ RELEVANT_EXTENSIONS = (
 )
 
 _SUBGROUP_ARITHMETIC_BIT = 0x4
+_SUBGROUP_SHUFFLE_BIT = 0x10
 _COMPUTE_STAGE_BIT = 0x20
 
 
@@ -317,6 +318,8 @@ def query(index: int, pd: Any) -> Capabilities:
         subgroup_size_control=feats.get("subgroupSizeControl", False),
         subgroup_arithmetic=bool(subgroup.supportedOperations & _SUBGROUP_ARITHMETIC_BIT
                                  and subgroup.supportedStages & _COMPUTE_STAGE_BIT),
+        subgroup_shuffle=bool(subgroup.supportedOperations & _SUBGROUP_SHUFFLE_BIT
+                              and subgroup.supportedStages & _COMPUTE_STAGE_BIT),
         vulkan_memory_model=feats.get("vulkanMemoryModel", False),
         max_shared_memory=lim.maxComputeSharedMemorySize,
         max_workgroup_invocations=lim.maxComputeWorkGroupInvocations,

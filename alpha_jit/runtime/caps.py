@@ -103,6 +103,8 @@ class Capabilities:
     # shaderDenormPreserveFloat32: kernels can keep f32 denormals (numpy's 1e-45 // -1 is -1);
     # without it a device may flush denormal inputs and results to zero
     denorm_preserve_f32: bool = False
+    # VK_SUBGROUP_FEATURE_SHUFFLE_BIT in compute: the register-softmax row reductions need it
+    subgroup_shuffle: bool = False
     # probed by running a kernel (`codegen_spirv/fragments.py`), empty until a device is open
     fragment_layouts: tuple[FragmentLayout, ...] = ()
 
@@ -211,8 +213,9 @@ def from_dict(data: dict[str, Any], source: str = "<dict>") -> Capabilities:
         if f.name not in data:
             if f.default is dataclasses.MISSING:
                 missing.append(f.name)
-            elif f.name == "fragment_layouts" and not data.get("cooperative_matrix"):
-                pass  # nothing to probe on such a device
+            elif f.name in ("fragment_layouts", "subgroup_shuffle") \
+                    and not data.get("cooperative_matrix"):
+                pass  # only the register-softmax kernels read them, on coopmat devices
             else:
                 defaulted.append(f"{f.name}={f.default!r}")
             continue

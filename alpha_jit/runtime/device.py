@@ -139,7 +139,7 @@ class Device:
 
         try:
             return probe(self)
-        except Exception as e:  # noqa: BLE001 - any driver failure: the kernels need not it
+        except Exception as e:  # noqa: BLE001 - any driver failure: the kernels do not need it
             warnings.warn(f"probing cooperative-matrix fragment layouts on {self.caps.name} "
                           f"failed ({e}); attention keeps its shared-memory softmax",
                           stacklevel=3)

@@ -30,12 +30,14 @@ def _h200():
 
 def _rows_covered(layout: FragmentLayout, rm: F.RowMap) -> None:
     """Independently of `analyse`: each class of each lane, joined over the xor masks' span,
-    is exactly the cells of the row `rm.row` names, and `rm.col` names each element's column."""
+    is exactly the cells of the row `rm.row` names, `rm.col` names each element's column, and
+    exactly one lane of each such set writes the row's statistics."""
     cells = np.array(layout.cells).reshape(layout.lanes, layout.length)
     span = {0}
     for m in rm.masks:
         span |= {s ^ m for s in span}
     for lane in range(layout.lanes):
+        assert sum((lane ^ m) & rm.pivots == 0 for m in span) == 1
         for es in rm.classes:
             row = rm.row.at(lane, es[0])
             got = sorted(int(cells[lane ^ m, e]) for m in span for e in es)
@@ -57,6 +59,8 @@ def test_the_h200_layout_is_taken_apart_in_registers():
     other = dataclasses.replace(caps, fragment_layouts=(acc, moved))
     assert F.register_softmax_map(other, "bf16n") is None
     assert F.register_softmax_map(dataclasses.replace(caps, fragment_layouts=()), "bf16n") is None
+    assert F.register_softmax_map(dataclasses.replace(caps, subgroup_shuffle=False),
+                                  "bf16n") is None
 
 
 def test_a_wave32_wmma_style_accumulator_reduces_over_sixteen_lanes():
@@ -65,6 +69,21 @@ def test_a_wave32_wmma_style_accumulator_reduces_over_sixteen_lanes():
     layout = FragmentLayout("f32", "acc", 16, 16, 32, cells)
     rm = F.analyse(layout)
     assert rm is not None and len(rm.classes) == 8 and sorted(rm.masks) == [1, 2, 4, 8]
+    _rows_covered(layout, rm)
+
+
+def test_masks_of_several_bits_still_have_one_writer_per_row():
+    # lanes {l, l^3, l^16, l^19} share rows: a leader test on the masks' bits would pick none
+    row_bits, col_bits = (1, 1, 2, 4, 0), (1, 0, 0, 0, 2)
+
+    def xor(bits, lane):
+        return F._xor_bits(bits, lane)
+
+    cells = tuple((8 * (e // 4) ^ xor(row_bits, lane)) * 16 + (4 * (e % 4) ^ xor(col_bits, lane))
+                  for lane in range(32) for e in range(8))
+    layout = FragmentLayout("f32", "acc", 16, 16, 32, cells)
+    rm = F.analyse(layout)
+    assert rm is not None and 3 in rm.masks
     _rows_covered(layout, rm)
 
 

@@ -142,9 +142,11 @@ def test_families_match_simt_and_float64(caps, case):
                                                  *layout))
     (dq_s,), _ = _run(caps, dq, ins_b, [((b * h * t * hd,), np.float32)], simt=True)
     (dq_c,), v_dq = _run(caps, dq, ins_b, [((b * h * t * hd,), np.float32)], simt=False)
+    _registers_where_known(caps, dt, "attention_dq", v_dq)
     kv_out = [((b * hkv * t * hd,), np.float32)] * 2
     (dk_s, dv_s), _ = _run(caps, dkdv, ins_b, kv_out, simt=True)
     (dk_c, dv_c), v_kv = _run(caps, dkdv, ins_b, kv_out, simt=False)
+    _registers_where_known(caps, dt, "attention_dkdv", v_kv)
     for name, got, want, var in (("dq", dq_c, dq_s, v_dq), ("dk", dk_c, dk_s, v_kv),
                                  ("dv", dv_c, dv_s, v_kv)):
         _close(got, want, 2e-2, (name, var))

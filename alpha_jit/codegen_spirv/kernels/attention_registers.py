@@ -9,8 +9,9 @@ the accumulator's lane layout, and an accumulator's element e sits where an A fr
 element e does (NVIDIA's mma layout), each lane works on its own elements of S: scale, mask,
 exp, the row maximum (its elements of the row, then xor-shuffles between the lanes holding
 the row), and P becomes an A fragment by converting element by element. The row sum of P
-stays a per-lane partial until the end. Nothing passes through shared memory but the
-streamed k/v tiles, and the output at the end.
+stays a per-lane partial until the end. Shared memory holds what it did before but S, P and
+dS: the streamed tiles (and dk/dv's lse and D), the subgroup's operands on their way into
+fragments, and the outputs at the end.
 
 Same specs, bindings, grid, tiling (CmConfig) and results as the shared-memory variant, whose
 masking, NaN and dropout rules this kernel keeps; where the layout is unknown or different,
