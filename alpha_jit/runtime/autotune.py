@@ -44,8 +44,8 @@ from alpha_jit.errors import AlphaJitError
 log = logging.getLogger("alpha_jit.autotune")
 
 _TARGET_S = 2e-3  # GPU time per candidate measurement (back-to-back dispatches)
-# column sums of b are timed too: they change which tile wins (registers, shared memory)
-_BARE_KEYS = ("batch", "m", "n", "k", "a", "b", "a_round", "b_round", "colsum_b")
+# K sums of b or a are timed too: they change which tile wins (registers, shared memory)
+_BARE_KEYS = ("batch", "m", "n", "k", "a", "b", "a_round", "b_round", "colsum_b", "rowsum_a")
 _LOCK = threading.Lock()
 
 
@@ -55,8 +55,8 @@ def enabled() -> bool:
 
 
 def bare_spec(spec: KernelSpec) -> KernelSpec:
-    """The GEMM of `spec` without what rides along (epilogue, output dtype) but with b's column
-    sums: what is timed, and the key tuned results are shared under."""
+    """The GEMM of `spec` without what rides along (epilogue, output dtype) but with the K sums
+    of b or a: what is timed, and the key tuned results are shared under."""
     params = tuple((k, v) for k, v in spec.params if k in _BARE_KEYS)
     return KernelSpec("matmul", "tune_" + spec.name, params + (("out_dtype", "f32"),))
 
@@ -201,8 +201,8 @@ def _measure(dev: Any, bare: KernelSpec, built: list[tuple[Any, Any]]) -> Tuned:
         count = off + (p["batch"] - 1) * sb + (rows - 1) * s0 + (cols - 1) * s1 + 1
         sizes.append(count * (2 if dt in ("bf16", "f16") else 4))
     sizes.append(4 * p["batch"] * p["m"] * p["n"])
-    if p.get("colsum_b"):  # the column sums of b, bound after the product
-        sizes.append(4 * p["n"])
+    if p.get("colsum_b") or p.get("rowsum_a"):  # the K sums of b or a, after the product
+        sizes.append(4 * (p["n"] if p.get("colsum_b") else p["m"]))
     regions = [dev.alloc(max(s, 4)) for s in sizes]
     workspace: dict[int, Any] = {}  # split-K workspaces by size, shared by the candidates
     flops = 2 * p["batch"] * p["m"] * p["n"] * p["k"]

@@ -1,13 +1,15 @@
-"""GEMM column sums: a Linear's bias gradient is computed by its weight-gradient GEMM.
+"""GEMM K sums: a Linear's bias gradient is computed by its weight-gradient GEMM.
 
 Why: the backward of `x @ W.T + b` reads dY twice, once in the weight-gradient GEMM
-(dW = dY^T x, where dY is the operand whose rows are the K axis) and once in the bias
-gradient (db = sum of dY's rows), a reduction kernel of its own per Linear: 6 of the 26
-backward kernels of a GPT layer. The GEMM already loads every element of dY; summing the
-columns as they are loaded (before any bf16 rounding of the operand) costs one add per load,
-and the first row of workgroups stores the sums (the matmul family's ("colsum_b", True)).
+(dW = dY^T x, where dY is read along the K axis) and once in the bias gradient (db = sum of
+dY's rows), a reduction kernel of its own per Linear: 6 of the 26 backward kernels of a GPT
+layer. The GEMM already loads every element of dY; summing it over K as it is loaded (before
+any bf16 rounding of the operand) costs one add per load, and the first workgroup of each
+row (column) of workgroups stores the sums: the matmul family's ("colsum_b", True) where dY
+is the b operand (x^T @ dY), ("rowsum_a", True) where it is a (dY^T @ x, the layout
+ir/passes/gemm_transpose.py gives weight gradients).
 
-Pairs are found structurally (a sum over the rows of the node the GEMM's b operand reads,
+Pairs are found structurally (a sum over the rows of the node either GEMM operand reads,
 through views and exact casts) and checked exactly when emitted (same buffer, offset,
 strides, lengths, dtype). The two may come in either order: whichever is lowered first emits
 the GEMM with the column sums, provided the GEMM's operands exist by then and no epilogue
@@ -56,48 +58,61 @@ def pairs(lw: _Lowerer, order: list[int], taken: set[int]) -> dict[int, int]:
     by_source: dict[int, list[int]] = {}
     for n in order:
         if lw._cls(n) == "matmul" and n not in taken and len(g.shape(n)) == 2:
-            by_source.setdefault(_source(lw, g.args(n)[1]), []).append(n)
+            for a in dict.fromkeys(_source(lw, x) for x in g.args(n)[:2]):
+                by_source.setdefault(a, []).append(n)
     out: dict[int, int] = {}
     for r in order:
         if g.op(r) != "sum" or g.dtype(r).name != "f32" or r in out:
             continue
-        for m in by_source.get(_source(lw, g.args(r)[0]), []):
-            if m not in out:
+        x, ax = g.args(r)[0], g.attrs(r).get("axis")
+        red = g.shape(x)[ax] if isinstance(ax, int) and len(g.shape(x)) == 2 else None
+        for m in by_source.get(_source(lw, x), []):
+            # the sum runs over the GEMM's K (a dX GEMM reads the same dY along its columns)
+            if m not in out and g.shape(g.args(m)[0])[-1] == red \
+                    and g.shape(r)[-1:] in (g.shape(m)[-1:], g.shape(m)[-2:-1]):
                 out[r], out[m] = m, r
                 break
     return out
 
 
-def _matches(rp: dict, mp: dict, r_base: int, m_reads: list[int]) -> bool:
-    """The reduction sums exactly the columns of the GEMM's b operand over K."""
-    _dt, off, sb, sk, sn = mp["b"]
-    return (mp["batch"] == 1 and r_base == m_reads[1] and rp["mode"] == "sum"
-            and rp["out_dtype"] == "f32" and rp["in_dtype"] == mp["b"][0]
-            and rp["offset"] == off and rp["red_len"] == mp["k"] and rp["red_stride"] == sk
-            and rp["outer_shape"] == (mp["n"],) and rp["outer_strides"] == (sn,))
+def _side(rp: dict, mp: dict, r_base: int, m_reads: list[int]) -> str | None:
+    """The GEMM operand ("b", then "a") whose sums over K the reduction is exactly, if any."""
+    if mp["batch"] != 1 or rp["mode"] != "sum" or rp["out_dtype"] != "f32" \
+            or rp["red_len"] != mp["k"]:
+        return None
+    for side, i, outer in (("b", 1, "n"), ("a", 0, "m")):
+        dt, off, _sb, s_first, s_second = mp[side]
+        sk, s_outer = (s_first, s_second) if side == "b" else (s_second, s_first)
+        if (r_base == m_reads[i] and rp["in_dtype"] == dt and rp["offset"] == off
+                and rp["red_stride"] == sk and rp["outer_shape"] == (mp[outer],)
+                and rp["outer_strides"] == (s_outer,)):
+            return side
+    return None
 
 
-def _emit(lw: _Lowerer, m: int, params: tuple, reads: list[int], r: int | None) -> None:
+_PARAM = {"b": "colsum_b", "a": "rowsum_a"}
+
+
+def _emit(lw: _Lowerer, m: int, params: tuple, reads: list[int], r: int | None,
+          side: str | None = None) -> None:
     p = dict(params)
     name = f"matmul_{p['batch']}x{p['m']}x{p['n']}x{p['k']}"
-    if r is None:
+    if r is None or side is None:
         lw._emit("matmul", name, params, reads, [m], [m], m)
         return
     lw.done.update((m, r))
-    lw._emit("matmul", f"{name}_colsum", params + (("colsum_b", True),), reads, [m, r],
-             [m, r], m, fused_by=(PASS_NAME,))
+    lw._emit("matmul", f"{name}_{'colsum' if side == 'b' else 'rowsum'}",
+             params + ((_PARAM[side], True),), reads, [m, r], [m, r], m, fused_by=(PASS_NAME,))
 
 
 def emit_matmul(lw: _Lowerer, m: int, params: tuple, reads: list[int]) -> None:
     """Emit GEMM m, with its pair's column sums when the pair is not lowered yet and fits."""
     r = lw.colsums.get(m)
+    side = None
     if r is not None and r not in lw.done:
         rp, r_reads = lw.reduction_params(r)
-        if not _matches(dict(rp), dict(params), r_reads[0], reads):
-            r = None
-    else:
-        r = None
-    _emit(lw, m, params, reads, r)
+        side = _side(dict(rp), dict(params), r_reads[0], reads)
+    _emit(lw, m, params, reads, r, side)
 
 
 def emit_early(lw: _Lowerer, r: int) -> bool:
@@ -111,8 +126,9 @@ def emit_early(lw: _Lowerer, r: int) -> bool:
         return False
     params, reads = lw.matmul_params(m)  # safe now: any copy it makes reads computed values
     rp, r_reads = lw.reduction_params(r)
-    if not _matches(dict(rp), dict(params), r_reads[0], reads):
+    side = _side(dict(rp), dict(params), r_reads[0], reads)
+    if side is None:
         lw.colsums.pop(m, None)  # not this pair: each is emitted on its own
         return False
-    _emit(lw, m, params, reads, r)
+    _emit(lw, m, params, reads, r, side)
     return True

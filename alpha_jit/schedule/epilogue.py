@@ -10,9 +10,10 @@ epilogue (the matmul family's ("epilogue", ...) param): the GEMM result never re
 When a group qualifies: every use of the matmul's result (directly or through reshapes, which
 keep the element order) is inside that one group; the group is not larger than the result
 (no broadcast of it); each of its other inputs can be read at the GEMM's (batch, row, column)
-through strides; and the kernel stays within the device's bindings. Groups fed by several
-GEMMs take the last one's epilogue (the others are ordinary inputs). Anything else stays a
-separate kernel, and `ALPHA_JIT_DISABLE_PASSES=gemm_epilogue` turns the pass off.
+through strides; it writes no state (an optimizer update stays an elementwise kernel,
+which updates the state in place); and the kernel stays within the device's bindings. Groups
+fed by several GEMMs take the last one's epilogue (the others are ordinary inputs). Anything
+else stays a separate kernel, and `ALPHA_JIT_DISABLE_PASSES=gemm_epilogue` turns the pass off.
 
 The same holds for any kernel registered as a host (`register_host`): the LayerNorm/RMSNorm
 input gradient takes the residual gradient's add (and the bf16 copy for the next GEMM).
@@ -83,6 +84,11 @@ def find(lw: _Lowerer, order: list[int]) -> dict[int, Epilogue]:
                                                             for _, u in readers):
             continue  # the group broadcasts the result: it is not one element per sum
         if any(lw._cls(m) == "elementwise" and g.op(m) == "pad" for m in lw.members[gid]):
+            continue
+        if any(m in written for m in lw.members[gid]):
+            # an update of state (an optimizer step reading a weight gradient the GEMM writes
+            # in the weight's layout) stays an elementwise kernel: it updates in place there,
+            # with no copy at the end of the step
             continue
         found[gid] = Epilogue(n, gid, frozenset(chain))  # a later GEMM feeding it wins
     return found

@@ -192,6 +192,46 @@ def test_cpu_rows_narrow_output_never_splits_k():
 
 
 
+@pytest.mark.parametrize("variant", ["simt", "rows"])
+@pytest.mark.parametrize("side", ["a", "b"])
+@pytest.mark.parametrize("rounded", [False, True])
+def test_k_sums_of_either_operand(run_kernel, variant, side, rounded):
+    """("colsum_b", True) / ("rowsum_a", True): the sums over K of the operand as loaded
+    (before rounding to bf16), beside the product of the rounded operands; ragged tiles, K
+    over several chunks (rows variant), the summed operand stored transposed (as dY^T is)."""
+    from alpha_jit import dtypes
+    from alpha_jit.codegen_spirv.kernels.matmul import MatmulConfig
+
+    M, N, K = 45, 29, 111
+    a, b = ((0, None, 1, M), (0, None, None, None)) if side == "a" else \
+        ((0, None, None, None), (0, None, 1, K))
+    base = mm_spec(1, M, N, K, a=a, b=b)
+    extra = (("rowsum_a" if side == "a" else "colsum_b", True),)
+    if rounded:
+        extra += ((f"{side}_round", "bf16"),)
+    cfg = choose_config(base, CPU) if variant == "rows" else MatmulConfig("simt", 32, 32, 16)
+    s = KernelSpec("matmul", f"ksum_{side}", (*base.params, *extra, ("config", cfg.to_param())))
+    flats, _ = operands(s)
+    p = dict(s.params)
+    views = []
+    for key, shape in (("a", (M, K)), ("b", (K, N))):
+        _, off, _sb, s0, s1 = p[key]
+        f64 = flats[0 if key == "a" else 1].astype(np.float64)
+        views.append(np.lib.stride_tricks.as_strided(f64[off:], shape, (s0 * 8, s1 * 8)))
+    raw = views[0 if side == "a" else 1]
+    sums = raw.sum(axis=1 if side == "a" else 0)
+    if rounded:  # the product multiplies the bf16 rounding, the sums add the values as loaded
+        r = dtypes.bf16_to_f32(dtypes.f32_to_bf16(raw.astype(np.float32))).astype(np.float64)
+        views[0 if side == "a" else 1] = r
+    want = views[0] @ views[1]
+    built = build(s, CPU if variant == "rows" else None)
+    assert built.notes["config"].variant == variant
+    out, got = run_kernel(tagged(built, f"ksum-{variant}"), flats,
+                          [((1, M, N), np.float32), ((M if side == "a" else N,), np.float32)])
+    assert rel_l2(out[0], want) < 1e-5
+    np.testing.assert_allclose(got, sums, rtol=1e-5, atol=1e-4)
+
+
 def test_coopmat_variants_validate_for_the_h200(monkeypatch):
     """Every cooperative-matrix tiling the autotuner may pick for the H200 (whole and split-K)
     of every GEMM of a bf16 GPT step (bias, GELU and cast epilogues, column sums, operands
@@ -217,6 +257,9 @@ def test_coopmat_variants_validate_for_the_h200(monkeypatch):
     plan = plan_step(step.trace(x, x).graph, h200, progress=False)
     specs = [k.spec for k in plan.lowered.kernels if k.spec.family == "matmul"]
     specs.append(mm_spec(2, 130, 70, 1000, dt="f16"))
+    # b's column sums (a weight gradient written x^T @ dY: gemm_transpose off), split too
+    specs.append(KernelSpec("matmul", "cs", (*mm_spec(1, 136, 264, 4200, dt="bf16").params,
+                                             ("colsum_b", True))))
     features = set()
     for s in specs:
         params = tuple(kv for kv in s.params if kv[0] != "config")
@@ -228,7 +271,7 @@ def test_coopmat_variants_validate_for_the_h200(monkeypatch):
             assert ("workspace_bytes" in b.notes) == (cfg.split > 1)
             tools.validate(b.words, b.name, h200.spirv_target_env())
             features |= {key for key, _ in params} | ({"split"} if cfg.split > 1 else set())
-    assert {"epilogue", "colsum_b", "a_round", "split"} <= features
+    assert {"epilogue", "colsum_b", "rowsum_a", "a_round", "split"} <= features
 
 
 def test_deep_tiles_are_tuned_never_guessed():
@@ -248,7 +291,8 @@ def test_deep_tiles_are_tuned_never_guessed():
         if colsum:
             p["colsum_b"] = True
         deep = [c for c in mc.candidates(p, h200) if c.bk == 64]
-        assert all(c.bk <= k and mc.shared_bytes(c, colsum) <= limit for c in deep)
+        assert all(c.bk <= k and mc.shared_bytes(c, "b" if colsum else None) <= limit
+                   for c in deep)
         assert mc.choose(p, h200).bk < 64
         short = [c for c in mc.search(p, h200) if c.bk == 64]
         assert bool(short) == (k >= 64 and not colsum), (m, n, k, colsum)

@@ -64,12 +64,16 @@ def _run(caps, spec, n_out=1):
     B, M, N, K = p["batch"], p["m"], p["n"], p["k"]
     a_st, a = _operand(p, "a", (B, M, K))
     b_st, bb = _operand(p, "b", (B, K, N))
+    # the K sums of the operand as loaded (before any rounding)
+    sums = bb[0].sum(axis=0) if p.get("colsum_b") else a[0].sum(axis=1) \
+        if p.get("rowsum_a") else None
     if p.get("a_round"):  # the kernel multiplies the bf16 rounding of f32 data
         a = dtypes.bf16_to_f32(dtypes.f32_to_bf16(a.astype(np.float32))).astype(np.float64)
-    outs = [((B, M, N), np.float32)] + ([((N,), np.float32)] if n_out == 2 else []) \
+    outs = [((B, M, N), np.float32)] \
+        + ([((N if p.get("colsum_b") else M,), np.float32)] if n_out == 2 else []) \
         + ([((ws // 4,), np.float32)] if ws else [])
     got = run_kernel(b, [a_st, b_st], outs, fill=0x7FC00000)  # NaN: skipped elements show
-    return got[:n_out], a @ bb, bb
+    return got[:n_out], a @ bb, sums
 
 
 def _rel(got, want):
@@ -95,16 +99,18 @@ def test_transposed_offsets_broadcast(caps, a_t, b_t):
     assert _rel(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("side", ["b", "a"])
 @pytest.mark.parametrize("split", [1, 2, 8])
-def test_f32_operand_rounded_on_load_and_colsum(caps, split):
-    # the weight-gradient shape: a = X^T (K-major), b = dY; split-K slices and their sum
-    extra = (("a_round", "bf16"), ("colsum_b", True))
+def test_f32_operand_rounded_on_load_and_colsum(caps, split, side):
+    # the weight-gradient shapes: a = X^T (K-major), b = dY with b's column sums; or (the
+    # layout gemm_transpose gives it) a = dY^T, b = X with a's row sums; split-K slices
+    extra = (("a_round", "bf16"), ("colsum_b" if side == "b" else "rowsum_a", True))
     if split > 1:
         extra += (("config", ("coopmat", 64, 64, 32, 32, 32, 32, split)),)
     spec = _spec(1, 96, 200, 2600, "bf16", a_t=True, extra=extra)
-    (got, cs), want, bb = _run(caps, spec, n_out=2)
+    (got, cs), want, sums = _run(caps, spec, n_out=2)
     assert _rel(got, want) < 1e-5
-    assert _rel(cs, bb[0].sum(axis=0)) < 1e-5
+    assert _rel(cs, sums) < 1e-5
 
 
 @pytest.mark.parametrize("split", [2, 4])
@@ -129,11 +135,11 @@ def test_gpt_step_matches_reference(caps, precision, options):
 def test_vector_staging_layouts(caps, a_t, b_t):
     # 16-byte staging in every layout pair (aligned offsets and sizes), batched, with the
     # column sums of a k-contiguous or an n-contiguous b
-    spec = _spec(1, 128, 96, 520, "bf16", a_t, b_t, a_off=8, b_off=16,
-                 extra=(("colsum_b", True),))
-    (got, cs), want, bb = _run(caps, spec, n_out=2)
-    assert _rel(got, want) < 1e-5
-    assert _rel(cs, bb[0].sum(axis=0)) < 1e-5
+    for key in ("colsum_b", "rowsum_a"):
+        spec = _spec(1, 128, 96, 520, "bf16", a_t, b_t, a_off=8, b_off=16, extra=((key, True),))
+        (got, cs), want, sums = _run(caps, spec, n_out=2)
+        assert _rel(got, want) < 1e-5
+        assert _rel(cs, sums) < 1e-5, key
     spec = _spec(3, 64, 128, 96, "bf16", a_t, b_t, a_off=24, b_off=8)
     (got,), want, _ = _run(caps, spec)
     assert _rel(got, want) < 1e-5
@@ -151,13 +157,18 @@ def test_every_candidate_tiling(caps):
     # registers across staging rounds, ragged M and N
     long_k = _spec(1, 136, 264, 4200, "bf16", a_t=True, extra=(("colsum_b", True),))
     cands_long = matmul_coopmat.candidates(dict(long_k.params), caps)
+    # and the weight gradient as gemm_transpose writes it: a = dY^T, a's row sums
+    long_a = _spec(1, 264, 136, 4200, "bf16", a_t=True, extra=(("rowsum_a", True),))
+    cands_long_a = matmul_coopmat.candidates(dict(long_a.params), caps)
     assert any(c.split > 1 for c in cands) and any(c.tm * c.tn > 128 * 128 for c in cands_big)
     assert any((c.tm, c.tn, c.split) == (128, 128, 8) for c in cands_long)
-    for spec, cs in ((base, cands), (big, cands_big), (long_k, cands_long)):
+    for spec, cs in ((base, cands), (big, cands_big), (long_k, cands_long),
+                     (long_a, cands_long_a)):
         for cfg in cs:
             s = KernelSpec("matmul", spec.name, (*spec.params, ("config", cfg.to_param())))
-            n_out = 2 if dict(spec.params).get("colsum_b") else 1
-            got, want, bb = _run(caps, s, n_out=n_out)
+            p = dict(spec.params)
+            n_out = 2 if p.get("colsum_b") or p.get("rowsum_a") else 1
+            got, want, sums = _run(caps, s, n_out=n_out)
             assert _rel(got[0], want) < 1e-5, cfg
             if n_out == 2:
-                assert _rel(got[1], bb[0].sum(axis=0)) < 1e-5, cfg
+                assert _rel(got[1], sums) < 1e-5, cfg

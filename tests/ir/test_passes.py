@@ -22,7 +22,7 @@ def _traced(monkeypatch, env: str | None = None, passes=None):
 def test_passes_report_and_shrink_the_graph(monkeypatch):
     t = _traced(monkeypatch)
     names = [name for name, _, _ in t.pass_history]
-    assert names == ["cse", "cast_fold", "dce"]
+    assert names == ["cse", "cast_fold", "gemm_transpose", "dce"]
     summaries = dict((n, s) for n, s, _ in t.pass_history)
     assert "merged" in summaries["cse"] and "removed" in summaries["dce"]
     assert not t.graph.nodes_with_op("exp")
@@ -31,7 +31,7 @@ def test_passes_report_and_shrink_the_graph(monkeypatch):
 
 def test_disable_by_env_and_choose_by_argument(monkeypatch):
     t = _traced(monkeypatch, env="cse")
-    assert [n for n, _, _ in t.pass_history] == ["cast_fold", "dce"]
+    assert [n for n, _, _ in t.pass_history] == ["cast_fold", "gemm_transpose", "dce"]
     assert len(t.graph.nodes_with_op("mul")) == 2
     monkeypatch.delenv("ALPHA_JIT_DISABLE_PASSES")
     t = _traced(monkeypatch, passes=["cse"])

@@ -1,6 +1,8 @@
-"""GEMM column sums: a Linear's bias gradient comes out of its weight-gradient GEMM. Values
-against numpy and against the same step with the pass off (f32, bf16, shapes that fill no tile,
-K split over dispatches on CPU devices); where it must fire and where it must not."""
+"""GEMM K sums: a Linear's bias gradient comes out of its weight-gradient GEMM, as the row sums
+of a (dY^T @ x, the layout gemm_transpose gives it) or, with that pass off, the column sums of
+b (x^T @ dY). Values against numpy and against the same step with the pass off (f32, bf16,
+shapes that fill no tile, K split over dispatches on CPU devices); where it must fire and
+where it must not."""
 
 from __future__ import annotations
 
@@ -26,9 +28,12 @@ def _step(lin, precision):
     return step
 
 
-def _run(lin, x, t, precision, monkeypatch, off):
-    if off:
-        monkeypatch.setenv("ALPHA_JIT_DISABLE_PASSES", "gemm_colsum")
+def _run(lin, x, t, precision, monkeypatch, off, orient=""):
+    off_list = ["gemm_colsum"] if off else []
+    if orient == "colsum_b":
+        off_list.append("gemm_transpose")
+    if off_list:
+        monkeypatch.setenv("ALPHA_JIT_DISABLE_PASSES", ",".join(off_list))
     step = _step(lin, precision)
     got = [v.numpy() for v in step(x, t)]
     plan = plan_step(step.trace(x, t).graph, get_device().caps, progress=False)
@@ -36,21 +41,25 @@ def _run(lin, x, t, precision, monkeypatch, off):
     return got, plan
 
 
-def _colsum_kernels(plan):
-    return [k for k in plan.lowered.kernels if dict(k.spec.params).get("colsum_b")]
+def _colsum_kernels(plan, key=None):
+    keys = (key,) if key else ("colsum_b", "rowsum_a")
+    return [k for k in plan.lowered.kernels
+            if any(dict(k.spec.params).get(kk) for kk in keys)]
 
 
+@pytest.mark.parametrize("orient", ["rowsum_a", "colsum_b"])
 @pytest.mark.parametrize("rows", [20, 111])  # K of the dW GEMM: one CPU chunk, then several
 @pytest.mark.parametrize("precision", ["f32", "bf16"])
-def test_bias_gradient_from_the_weight_gradient_gemm(monkeypatch, rows, precision):
+def test_bias_gradient_from_the_weight_gradient_gemm(monkeypatch, rows, precision, orient):
     rng = np.random.default_rng(rows)
     nn.manual_seed(1)
     lin = nn.Linear(29, 45)
     x = rng.standard_normal((rows, 29)).astype(np.float32)
     t = rng.standard_normal((rows, 45)).astype(np.float32)
-    got, plan = _run(lin, x, t, precision, monkeypatch, off=False)
-    ref, plan_off = _run(lin, x, t, precision, monkeypatch, off=True)
-    assert len(_colsum_kernels(plan)) == 1 and not _colsum_kernels(plan_off)
+    got, plan = _run(lin, x, t, precision, monkeypatch, off=False, orient=orient)
+    ref, plan_off = _run(lin, x, t, precision, monkeypatch, off=True, orient=orient)
+    assert len(_colsum_kernels(plan, orient)) == 1 and not _colsum_kernels(plan_off)
+    assert len(_colsum_kernels(plan)) == 1
     fams = [k.family for k in plan.kernels]
     assert fams.count("reduction") < [k.family for k in plan_off.kernels].count("reduction")
     if precision == "f32":

@@ -1,5 +1,6 @@
-"""The fused elementwise kernel family: one thread per output element, any number of strided
-inputs and contiguous outputs, the body an SSA list of scalar ops evaluated by the IR's rules.
+"""The fused elementwise kernel family: a flat grid of output elements, a few per thread, any
+number of strided inputs and contiguous outputs, the body an SSA list of scalar ops evaluated by
+the IR's rules.
 
 Why: after fusion most of a training step is elementwise regions (bias, GELU, residuals, the
 optimizer update). One generator, specialised by the spec's shapes/strides/dtypes/expression,
@@ -15,12 +16,19 @@ Spec (family "elementwise"), params as (key, value) pairs:
     binding is decorated Aliased
 Buffers bind inputs first, then outputs. Floats compute in f32, i32 in i32; "bool" tensors are
 stored as i32 0/1. Push constants (count, base) split huge tensors over several dispatches.
+
+Memory-bound kernels need bytes in flight (Little's law): above `UNROLL_MIN_ELEMENTS` each
+thread owns `unroll_for` elements, `local` apart so every load stays coalesced (`FlatGrid`), and
+issues all their loads before any store (`emit_unrolled_region`): with ("aliased", True) the
+driver may not hoist a later element's loads above an earlier element's store, and elements are
+disjoint, so loading first keeps in-place semantics.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,6 +39,9 @@ from ..scalar import NumpyScalarEmitter, ScalarEmitter, compute_dtype
 
 ScalarRule = Callable[[str, Any, Any, list], Any]
 DEFAULT_LOCAL_SIZE = 256  # a multiple of every subgroup size in the wild (4..64)
+UNROLL_MIN_ELEMENTS = 1 << 16  # smaller tensors keep one element per thread: their parallelism
+UNROLL = 4  # elements per thread above that: four loads in flight per thread and input
+UNROLL_16BIT = 8  # when all data is 16-bit: a load is half the bytes, so twice as many
 
 
 def storage_dtype(dtype: str) -> str:
@@ -62,6 +73,70 @@ def launch_plan(n: int, local: int, caps: object) -> list[tuple[int, int]]:
 
 def local_size_for(caps: object, want: int = DEFAULT_LOCAL_SIZE) -> int:
     return int(min(want, int(cap(caps, "max_workgroup_invocations", want))))  # type: ignore
+
+
+def unroll_for(n: int, dtypes: Iterable[str]) -> int:
+    """Elements per thread of a flat kernel over n elements whose streamed tensors have
+    `dtypes` (see the constants above)."""
+    if n < UNROLL_MIN_ELEMENTS:
+        return 1
+    return UNROLL_16BIT if all(d in ("bf16", "f16") for d in dtypes) else UNROLL
+
+
+@dataclass(frozen=True, eq=False)  # Values compare into kernel code, not Python bools
+class Lane:
+    """One of a thread's elements: `at` its index clamped into the region (every load and all
+    index math use it, so none is out of bounds and no branch guards them); `ok` whether the
+    element exists (None: always), the guard of its stores."""
+
+    at: Value
+    ok: Value | None
+
+
+@dataclass(frozen=True)
+class FlatGrid:
+    """A 1-D launch over flat element indices, `unroll` elements per thread `local` apart, so
+    each load instruction of a workgroup is one coalesced sweep: element u of thread t of
+    workgroup w is base + w * block + u * local + t (block = local * unroll). A dispatch's push
+    constants are (count, base): the element count and its first element, a multiple of block,
+    so a tensor over maxComputeWorkGroupCount[0] blocks takes several dispatches."""
+
+    local: int
+    unroll: int
+
+    @property
+    def block(self) -> int:
+        """Elements per workgroup."""
+        return self.local * self.unroll
+
+    @property
+    def variant(self) -> str:
+        return f"flat x{self.local} u{self.unroll}"
+
+    def dispatches(self, n: int, caps: object) -> list[Dispatch]:
+        """Dispatches covering n elements in whole blocks."""
+        return [Dispatch((g, 1, 1), pack_push_constants([("u32", n), ("u32", base)]))
+                for g, base in launch_plan(n, self.block, caps)]
+
+    def block_start(self, kb: KernelBuilder, base: Value) -> Value:
+        """The first element of this workgroup's block (u32, workgroup-uniform)."""
+        return base + kb.workgroup_id(0) * self.block
+
+    def lanes(self, kb: KernelBuilder, start: Value, n: int,
+              count: Value | None = None) -> list[Lane]:
+        """This thread's elements of the block at `start` (u32) of a region of n elements
+        (`count`: n as a runtime value, else a constant). Where n fills whole blocks every
+        element exists: no clamp, no guard."""
+        first = start + kb.local_id(0)
+        ragged = n % self.block != 0
+        bound = kb.value(n if count is None else count, "u32")
+        last = bound - 1 if ragged else None
+        lanes = []
+        for u in range(self.unroll):
+            lin = first + u * self.local if u else first
+            lanes.append(Lane(kb.fmin(lin, last), lin < bound) if last is not None
+                         else Lane(lin, None))
+        return lanes
 
 
 class Indexer:
@@ -113,29 +188,36 @@ def _windowed_load(kb: KernelBuilder, ix: Indexer, buf: object, dt: str,
     return var.get()
 
 
-def emit_region(kb: KernelBuilder, em: ScalarEmitter, ix: Indexer, inputs: Sequence[tuple],
-                in_bufs: Sequence[Any], exprs: Sequence[tuple], outputs: Sequence[tuple],
-                out_bufs: Sequence[Any], scalar_rule: ScalarRule, name: str,
-                acc: Value | None = None) -> None:
-    """The body for element `ix.lin` of one region: load the inputs it uses (each once),
-    evaluate the expressions with the IR's scalar rules, store every output at `ix.lin`.
-    `acc`: the value of argument ("acc",) (a GEMM epilogue's accumulator)."""
-    lin = ix.lin
+def load_inputs(kb: KernelBuilder, ix: Indexer, inputs: Sequence[tuple],
+                in_bufs: Sequence[Any], exprs: Sequence[tuple]) -> dict[int, Value]:
+    """Phase 1 of a region at element `ix.lin`: each input the expressions use, loaded once,
+    in order of first use (a padded input through its window: 0 outside)."""
     loaded: dict[int, Value] = {}
+    for _op, _dt, _attrs, args in exprs:
+        for i in (a[1] for a in args if a[0] == "in"):
+            if i in loaded:
+                continue
+            dt, strides, off, *window = inputs[i]
+            if window:
+                v = _windowed_load(kb, ix, in_bufs[i], dt, strides, off, window[0])
+            else:
+                v = in_bufs[i].load(ix.offset(strides, off))
+            loaded[i] = kb.cast(v, "bool") if dt == "bool" else v
+    return loaded
+
+
+def eval_region(kb: KernelBuilder, em: ScalarEmitter, ix: Indexer, loaded: dict[int, Value],
+                exprs: Sequence[tuple], outputs: Sequence[tuple], scalar_rule: ScalarRule,
+                name: str, acc: Value | None = None) -> list[Value]:
+    """Phase 2 of a region: the expressions on the loaded inputs, evaluated with the IR's
+    scalar rules; returns each output's value in its buffer's compute dtype.
+    `acc`: the value of argument ("acc",) (a GEMM epilogue's accumulator)."""
     values: list[Value] = []
 
     def arg(a: tuple) -> Value:
         tag = a[0]
         if tag == "in":
-            i = a[1]
-            if i not in loaded:  # load each input once, only if used
-                dt, strides, off, *window = inputs[i]
-                if window:  # padded input: read only inside the window, 0 outside
-                    v = _windowed_load(kb, ix, in_bufs[i], dt, strides, off, window[0])
-                else:
-                    v = in_bufs[i].load(ix.offset(strides, off))
-                loaded[i] = kb.cast(v, "bool") if dt == "bool" else v
-            return loaded[i]
+            return loaded[a[1]]
         if tag == "e":
             return values[a[1]]
         if tag == "const":
@@ -149,8 +231,35 @@ def emit_region(kb: KernelBuilder, em: ScalarEmitter, ix: Indexer, inputs: Seque
     for op, dt, attrs, args in exprs:
         values.append(round_to(kb, scalar_rule(op, em, _attrs(attrs), [arg(a) for a in args]),
                                dt))
-    for buf, (dt, j) in zip(out_bufs, outputs, strict=True):
-        buf.store(lin, kb.cast(values[j], compute_dtype(storage_dtype(dt))))
+    return [kb.cast(values[j], compute_dtype(storage_dtype(dt))) for dt, j in outputs]
+
+
+def emit_region(kb: KernelBuilder, em: ScalarEmitter, ix: Indexer, inputs: Sequence[tuple],
+                in_bufs: Sequence[Any], exprs: Sequence[tuple], outputs: Sequence[tuple],
+                out_bufs: Sequence[Any], scalar_rule: ScalarRule, name: str,
+                acc: Value | None = None) -> None:
+    """The body for element `ix.lin` of one region: load the inputs it uses (each once),
+    evaluate the expressions with the IR's scalar rules, store every output at `ix.lin`.
+    `acc`: the value of argument ("acc",) (a GEMM epilogue's accumulator)."""
+    loaded = load_inputs(kb, ix, inputs, in_bufs, exprs)
+    values = eval_region(kb, em, ix, loaded, exprs, outputs, scalar_rule, name, acc)
+    for buf, v in zip(out_bufs, values, strict=True):
+        buf.store(ix.lin, v)
+
+
+def emit_unrolled_region(kb: KernelBuilder, em: ScalarEmitter, lanes: Sequence[Lane],
+                         shape: Sequence[int], inputs: Sequence[tuple], in_bufs: Sequence[Any],
+                         exprs: Sequence[tuple], outputs: Sequence[tuple],
+                         out_bufs: Sequence[Any], scalar_rule: ScalarRule, name: str) -> None:
+    """A region at each of a thread's elements (`FlatGrid.lanes`): first every element's loads
+    (clamped indices: no branch), then per element its expressions and its guarded stores."""
+    ixs = [Indexer(kb, lane.at, shape) for lane in lanes]
+    loaded = [load_inputs(kb, ix, inputs, in_bufs, exprs) for ix in ixs]
+    for lane, ix, ld in zip(lanes, ixs, loaded, strict=True):
+        values = eval_region(kb, em, ix, ld, exprs, outputs, scalar_rule, name)
+        with kb.when(lane.ok):
+            for buf, v in zip(out_bufs, values, strict=True):
+                buf.store(ix.lin, v)
 
 
 def round_to(kb: KernelBuilder, v: Value, dtype: str) -> Value:
@@ -221,22 +330,20 @@ def generate_elementwise(spec: KernelSpec, caps: object = None,
     shape = tuple(p["shape"])
     inputs, exprs, outputs = p["inputs"], p["exprs"], p["outputs"]
     n = math.prod(shape)
-    local = local_size_for(caps)
-    kb = KernelBuilder(spec.name, local, caps)
+    grid = FlatGrid(local_size_for(caps),
+                    unroll_for(n, [i[0] for i in inputs] + [o[0] for o in outputs]))
+    kb = KernelBuilder(spec.name, grid.local, caps)
     kb.aliased = bool(p.get("aliased"))
     in_bufs = [kb.buffer(f"in{i}", storage_dtype(dt), writable=False)
                for i, (dt, *_) in enumerate(inputs)]
     out_bufs = [kb.buffer(f"out{k}", storage_dtype(dt), writable=True)
                 for k, (dt, _) in enumerate(outputs)]
     pc = kb.push_constants([("count", "u32"), ("base", "u32")])
-    em = ScalarEmitter(kb)
-    gid = pc["base"] + kb.workgroup_id(0) * local + kb.local_id(0)
-    with kb.if_(gid < pc["count"]):
-        emit_region(kb, em, Indexer(kb, gid, shape), inputs, in_bufs, exprs, outputs, out_bufs,
-                    rule, spec.name)
-    dispatches = [Dispatch((g, 1, 1), pack_push_constants([("u32", n), ("u32", base)]))
-                  for g, base in launch_plan(n, local, caps)]
-    return kb.binary(spec, dispatches, notes={"elements": n, "variant": f"flat x{local}"})
+    lanes = grid.lanes(kb, grid.block_start(kb, pc["base"]), n, pc["count"])
+    emit_unrolled_region(kb, ScalarEmitter(kb), lanes, shape, inputs, in_bufs, exprs, outputs,
+                         out_bufs, rule, spec.name)
+    return kb.binary(spec, grid.dispatches(n, caps),
+                     notes={"elements": n, "variant": grid.variant})
 
 
 def generate_elementwise_multi(spec: KernelSpec, caps: object = None,
@@ -247,32 +354,50 @@ def generate_elementwise_multi(spec: KernelSpec, caps: object = None,
     Spec (family "elementwise_multi"): ("bindings", ((dtype, writable), ...)) in binding order;
     ("exprs", ...) and ("outputs", ((dtype, expr_index), ...)) shared by every segment;
     ("segments", ((shape, ((binding, dtype, strides, offset[, window]), ...), (out binding,
-    ...)), ...)). Threads are numbered over the segments one after another; each runs the
-    region of the segment its number falls in."""
+    ...)), ...)). Segments follow one another on one `FlatGrid`, each starting at a whole
+    block, so a workgroup lies in exactly one segment; it finds that segment by a balanced
+    binary search over the segment starts (workgroup-uniform branches, depth log2(segments),
+    not a test per segment in every thread) and runs that segment's unrolled region."""
     rule = _need_rule(scalar_rule)
     p = dict(spec.params)
-    exprs, outputs, segments = p["exprs"], p["outputs"], p["segments"]
-    local = local_size_for(caps)
-    kb = KernelBuilder(spec.name, local, caps)
+    exprs, outputs = p["exprs"], p["outputs"]
+    segments = [(tuple(shape), ins, outs) for shape, ins, outs in p["segments"]
+                if math.prod(shape) > 0]  # an empty segment has no block to run
+    sizes = [math.prod(shape) for shape, _, _ in segments]
+    grid = FlatGrid(local_size_for(caps),
+                    unroll_for(sum(sizes), [dt for dt, _ in p["bindings"]]))
+    starts = [0]  # each segment's first element on the grid: whole blocks, padded
+    for n in sizes:
+        starts.append(starts[-1] + math.ceil(n / grid.block) * grid.block)
+    kb = KernelBuilder(spec.name, grid.local, caps)
     kb.aliased = bool(p.get("aliased"))
     bufs = [kb.buffer(f"b{i}", storage_dtype(dt), writable=w)
             for i, (dt, w) in enumerate(p["bindings"])]
     pc = kb.push_constants([("count", "u32"), ("base", "u32")])
     em = ScalarEmitter(kb)
-    gid = pc["base"] + kb.workgroup_id(0) * local + kb.local_id(0)
-    start = 0
-    for shape, ins, outs in segments:
-        n = math.prod(shape)
-        with kb.if_((gid >= start) & (gid < start + n)):
-            lin = gid - start if start else gid
-            emit_region(kb, em, Indexer(kb, lin, shape), [i[1:] for i in ins],
-                        [bufs[i[0]] for i in ins], exprs, outputs, [bufs[o] for o in outs], rule,
-                        spec.name)
-        start += n
-    dispatches = [Dispatch((g, 1, 1), pack_push_constants([("u32", start), ("u32", base)]))
-                  for g, base in launch_plan(start, local, caps)]
-    return kb.binary(spec, dispatches, notes={
-        "elements": start, "variant": f"multi-tensor x{len(segments)} flat x{local}"})
+    start = grid.block_start(kb, pc["base"])
+
+    def search(lo: int, hi: int) -> None:
+        """Run the segment among lo..hi-1 that holds this workgroup's block."""
+        if hi - lo == 1:
+            shape, ins, outs = segments[lo]
+            rel = start - starts[lo] if starts[lo] else start
+            emit_unrolled_region(kb, em, grid.lanes(kb, rel, sizes[lo]), shape,
+                                 [i[1:] for i in ins], [bufs[i[0]] for i in ins], exprs,
+                                 outputs, [bufs[o] for o in outs], rule, spec.name)
+            return
+        mid = (lo + hi) // 2
+        with kb.if_else(start < starts[mid]) as (left, right):
+            with left:
+                search(lo, mid)
+            with right:
+                search(mid, hi)
+
+    if segments:
+        search(0, len(segments))
+    return kb.binary(spec, grid.dispatches(starts[-1], caps), notes={
+        "elements": sum(sizes),
+        "variant": f"multi-tensor x{len(p['segments'])} {grid.variant}"})
 
 
 def reference_elementwise(spec: KernelSpec, arrays: Sequence[np.ndarray],
@@ -299,6 +424,8 @@ def reference_elementwise(spec: KernelSpec, arrays: Sequence[np.ndarray],
             return values[a[1]]
         if a[0] == "const":
             return em.const(a[1], a[2])
+        if a[1] < 0:  # ("iota", -1): the linear element index
+            return np.arange(math.prod(shape), dtype=np.int32).reshape(shape)
         idx = np.arange(shape[a[1]], dtype=np.int32)
         return np.broadcast_to(idx.reshape([-1 if d == a[1] else 1 for d in range(len(shape))]),
                                shape)

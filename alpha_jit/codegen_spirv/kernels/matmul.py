@@ -21,7 +21,9 @@ Spec (family "matmul"), params as (key, value) pairs, exactly:
     (the CPU variant adds K chunks there and runs the epilogue after the last one).
     optional ("colsum_b", True) (batch 1): also the column sums of b as loaded, before any
     rounding, sum over kk of b[kk, j] -> f32 [N], the last binding: a bias gradient computed
-    by the weight-gradient GEMM that reads the same dY (schedule/colsum.py).
+    by the weight-gradient GEMM that reads the same dY (schedule/colsum.py). Or
+    ("rowsum_a", True): the row sums of a, sum over kk of a[i, kk] -> f32 [M], the same way
+    (a weight gradient computed as dY^T @ x, ir/passes/gemm_transpose.py).
     optional ("config", MatmulConfig.to_param()): the variant and tiling, chosen before
     generation (runtime/autotune.py); absent, `choose_config`'s heuristic decides. A coopmat
     config with split > 1 adds an f32 workspace binding last (`notes["workspace_bytes"]`).
@@ -226,12 +228,38 @@ def _push_fields(cfg: MatmulConfig) -> list[str]:
         + (["phase"] if cfg.split > 1 else [])
 
 
+def ksum_side(p: dict) -> str | None:
+    """The operand whose sums over K the spec asks for: "b" (colsum_b), "a" (rowsum_a)."""
+    if p.get("colsum_b") and p.get("rowsum_a"):
+        raise ValueError("a matmul spec asks for the K sums of one operand, not both")
+    return "b" if p.get("colsum_b") else "a" if p.get("rowsum_a") else None
+
+
+@dataclass(frozen=True)
+class KSums:
+    """Where the K sums of one operand go: its tile edge and first index in this workgroup,
+    its length (M or N), and whether this workgroup is the one of its row (b's sums) or
+    column (a's) of workgroups that stores them."""
+
+    tile: int
+    origin: Value
+    size: int
+    first: Value
+
+    @staticmethod
+    def of(side: str, cfg: MatmulConfig, p: dict, row0: Value, col0: Value) -> KSums:
+        if side == "b":
+            return KSums(cfg.tn, col0, p["n"], row0 == 0)
+        return KSums(cfg.tm, row0, p["m"], col0 == 0)
+
+
 class _Store(EpilogueStore):
-    """The GEMM's store over (batch, row, column), plus the column sums of b if asked."""
+    """The GEMM's store over (batch, row, column), plus the K sums of b or a if asked."""
 
     def __init__(self, kb: KernelBuilder, p: dict, rule: ScalarRule | None):
         super().__init__(kb, p, rule, (p["batch"], p["m"], p["n"]), bool(p.get("acc_buffer")))
-        self.colsum = kb.buffer("colsum", "f32", writable=True) if p.get("colsum_b") else None
+        self.side = ksum_side(p)
+        self.colsum = kb.buffer("colsum", "f32", writable=True) if self.side else None
 
 
 def _prologue(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule | None) -> tuple:
@@ -290,8 +318,9 @@ def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule |
            operand(bbuf, b_off, b_sb, b_sn, b_sk, tn, n, "b")]
     tx, ty = tid % (tn // rn), tid / (tn // rn)
     acc = [[kb.var("f32", 0.0) for _ in range(rn)] for _ in range(rm)]
-    # column sums of b: each load slot keeps a fixed column, so a running sum per slot
-    csums = [kb.var("f32", 0.0) for _ in ops[1][2]] if store.colsum is not None else []
+    # K sums of b (or a): each load slot keeps a fixed column (row), so a running sum per slot
+    side = 1 if store.side == "b" else 0
+    csums = [kb.var("f32", 0.0) for _ in ops[side][2]] if store.colsum is not None else []
     with kb.loop(kb.u32(0), k, bk) as k0:
         for oi, (sh, _ld, slots, buf, s_k, rounded) in enumerate(ops):
             for si, (kk, sidx, addr, guard) in enumerate(slots):
@@ -302,7 +331,7 @@ def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule |
                 else:
                     raw = buf.load(addr + kg * _u(kb, s_k))
                 v = rounded(raw)
-                if oi == 1 and csums:
+                if oi == side and csums:
                     csums[si].set(csums[si].get() + raw)
                 with kb.when(guard):
                     sh.store(sidx, v)
@@ -319,7 +348,8 @@ def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule |
                 acc[r][c].set(sums[r][c])
         kb.barrier()  # everyone is done reading the tiles before the next step overwrites them
     if csums:
-        _colsum_simt(kb, cfg, store, ops[1], csums, tid, row0, col0, n)
+        _colsum_simt(kb, cfg, store, ops[side], csums, tid,
+                     KSums.of(store.side, cfg, p, row0, col0))  # type: ignore[arg-type]
     out_base = bi * (m * n)
     for r in range(rm):
         row = row0 + ty + r * (tm // rm)
@@ -329,24 +359,22 @@ def _emit_simt(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule |
                 store.finish((bi, row, col), out_base + row * n + col, acc[r][c].get())
 
 
-def _colsum_simt(kb: KernelBuilder, cfg: MatmulConfig, store: _Store, b_op: tuple,
-                 csums: list, tid: Value, row0: Value, col0: Value, n: int) -> None:
-    """Fold the per-slot column sums through b's shared tile (a slot's place there is its
-    column and k offset), and let the first row of workgroups store them."""
-    sh, ld, slots, *_ = b_op
+def _colsum_simt(kb: KernelBuilder, cfg: MatmulConfig, store: _Store, op: tuple,
+                 csums: list, tid: Value, at: KSums) -> None:
+    """Fold the per-slot K sums through the operand's shared tile (a slot's place there is
+    its column or row and k offset), and let the first workgroup of the line store them."""
+    sh, ld, slots, *_ = op
     for (_kk, sidx, _addr, guard), cs in zip(slots, csums, strict=True):
         with kb.when(guard):
             sh.store(sidx, cs.get())
     kb.barrier()
-    col = col0 + tid
-    ok = (tid < cfg.tn) & (row0 == 0)
-    if n % cfg.tn:
-        ok = ok & (col < n)
-    with kb.if_(ok):
-        total = sh.load(tid)
-        for kk in range(1, cfg.bk):
-            total = total + sh.load(tid + kk * ld)
-        store.colsum.store(col, total)  # type: ignore[union-attr]
+    with kb.if_(at.first), kb.loop(tid, at.tile, cfg.threads) as c:  # threads may be < tile
+        idx = at.origin + c
+        with kb.when(idx < at.size if at.size % at.tile else None):
+            total = sh.load(c)
+            for kk in range(1, cfg.bk):
+                total = total + sh.load(c + kk * ld)
+            store.colsum.store(idx, total)  # type: ignore[union-attr]
     kb.barrier()
 
 
@@ -394,6 +422,9 @@ def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule |
             g = kb.fmin(g, n - 1)
         b_cols.append(b_base + g * _u(kb, b_sn) if b_sn else b_base)
     a_sh = kb.shared("f32", tm * bk)
+    # a's row sums add the values as loaded: a copy before rounding where a is rounded
+    a_raw = (kb.shared("f32", tm * bk) if p.get("a_round") else a_sh) \
+        if store.side == "a" else None
     # Staging order: k fastest when k is a's contiguous axis (neighbouring lanes, neighbouring
     # words), else rows fastest.
     k_fast = abs(a_sk) < abs(a_sm) or (a_sk != 0 and a_sm == 0)
@@ -403,13 +434,14 @@ def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule |
         g = row0 + r
         if m % tm:
             g = kb.fmin(g, m - 1)
-        v = in_k(kk, a_round(abuf.load(a_base + g * _u(kb, a_sm) + k_off(kk, a_sk))))
-        if (rnd + 1) * threads > tm * bk:
-            with kb.if_(e < tm * bk):
-                a_sh.store(r * bk + kk, v)
-        else:
-            a_sh.store(r * bk + kk, v)
+        raw = in_k(kk, abuf.load(a_base + g * _u(kb, a_sm) + k_off(kk, a_sk)))
+        with kb.when(e < tm * bk if (rnd + 1) * threads > tm * bk else None):
+            a_sh.store(r * bk + kk, a_round(raw))
+            if a_raw is not None and a_raw is not a_sh:
+                a_raw.store(r * bk + kk, raw)
     kb.barrier()
+    if a_raw is not None:
+        _row_sums_rows(kb, cfg, p, store, a_raw, tid, row0, col0, k0 if split else None)
     sums: list[list[Value | float]] = [[0.0] * rn for _ in range(tm)]
     csum: list[Value | float] = [0.0] * rn  # this thread's columns of b, summed over the chunk
     for kk in range(bk):
@@ -424,7 +456,7 @@ def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule |
             for c in range(rn):
                 s = sums[r][c]
                 sums[r][c] = av * bv[c] if isinstance(s, float) else kb.fma(av, bv[c], s)
-    if store.colsum is not None:
+    if store.side == "b":
         for c in range(rn):
             col = col0 + (tid + c * threads)
             ok = row0 == 0
@@ -446,6 +478,23 @@ def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule |
             v = kb.f32(v) if isinstance(v, float) else v
             with kb.when(in_tile_bounds(row, col, m, n, tm, tn)):
                 _store_partial(kb, store, bi, row, col, idx, v, k0 if split else None, last)
+
+
+def _row_sums_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: _Store,
+                   a_raw: Any, tid: Value, row0: Value, col0: Value, k0: Value | None) -> None:
+    """The "rows" variant's row sums of a over this K chunk (staged as loaded: zeros past K),
+    added to the earlier chunks' by the first column of workgroups."""
+    tm, bk = cfg.tm, cfg.bk
+    with kb.if_(col0 == 0), kb.loop(tid, tm, cfg.threads) as r:
+        row = row0 + r
+        with kb.when(row < p["m"] if p["m"] % tm else None):
+            total = kb.var("f32", a_raw.load(r * bk))
+            for kk in range(1, bk):
+                total.set(total.get() + a_raw.load(r * bk + kk))
+            if k0 is not None:
+                with kb.if_(k0 != 0):
+                    total.set(store.colsum.load(row) + total.get())  # type: ignore[union-attr]
+            store.colsum.store(row, total.get())  # type: ignore[union-attr]
 
 
 def _store_partial(kb: KernelBuilder, store: _Store, bi: Value, row: Value, col: Value,

@@ -29,7 +29,15 @@ from .. import coopmat
 from ..dsl import Buffer, KernelBuilder, Value, cap
 from .coopmat_staging import _PAD, Layout, Staged
 from .elementwise import ScalarRule
-from .matmul import _VARIANTS, CONFIG_CHOOSERS, MatmulConfig, _prologue, in_tile_bounds
+from .matmul import (
+    _VARIANTS,
+    CONFIG_CHOOSERS,
+    KSums,
+    MatmulConfig,
+    _prologue,
+    in_tile_bounds,
+    ksum_side,
+)
 
 _FRAG = 16  # the fragment edge (16 x 16 x 16 shapes)
 _SCRATCH_LD = _FRAG + 4  # f32 scratch row stride: 80 bytes, a multiple of 16
@@ -42,11 +50,13 @@ def operand_elem(p: dict, name: str) -> str | None:
     return _ELEM.get(dt)
 
 
-def shared_bytes(cfg: MatmulConfig, colsum: bool) -> int:
-    """Workgroup memory of a tiling, whichever layout each operand is staged in (bound)."""
+def shared_bytes(cfg: MatmulConfig, side: str | None) -> int:
+    """Workgroup memory of a tiling, whichever layout each operand is staged in (bound);
+    `side`: the operand whose K sums are folded through shared memory ("a", "b" or None)."""
     subgroups = (cfg.tm // cfg.rm) * (cfg.tn // cfg.rn)
     staged = 2 * sum(max(t * (cfg.bk + _PAD), cfg.bk * (t + _PAD)) for t in (cfg.tm, cfg.tn))
-    return staged + 4 * subgroups * _FRAG * _SCRATCH_LD + (4 * cfg.bk * cfg.tn if colsum else 0)
+    sums = 4 * cfg.bk * (cfg.tn if side == "b" else cfg.tm) if side else 0
+    return staged + 4 * subgroups * _FRAG * _SCRATCH_LD + sums
 
 
 _FILL = 128  # workgroups that keep a big GPU busy (the H200 has 132 multiprocessors)
@@ -87,8 +97,7 @@ def candidates(p: dict, caps: object) -> list[MatmulConfig]:
             continue  # big tiles only where there are many of them
         for bk in (32, 16):
             cfg = MatmulConfig("coopmat", tm, tn, bk, rm, rn, lanes or 32)
-            if cfg.threads <= max_threads and \
-                    shared_bytes(cfg, bool(p.get("colsum_b"))) <= max_shared:
+            if cfg.threads <= max_threads and shared_bytes(cfg, ksum_side(p)) <= max_shared:
                 out.append(cfg)
                 split = 2
                 while _splits(p, cfg, split):
@@ -102,7 +111,7 @@ def candidates(p: dict, caps: object) -> list[MatmulConfig]:
             if (c.tm, c.tn) == (128, 128) and c.bk < _DEEP_BK
             and (c.split == 1 or p["k"] >= _LONG_K)]
     return out + [c for c in deep if c.bk <= p["k"]
-                  and shared_bytes(c, bool(p.get("colsum_b"))) <= max_shared]
+                  and shared_bytes(c, ksum_side(p)) <= max_shared]
 
 
 def _splits(p: dict, cfg: MatmulConfig, split: int) -> bool:
@@ -174,9 +183,9 @@ def choose(p: dict, caps: object) -> MatmulConfig | None:
 
 def workspace_bytes(p: dict, cfg: MatmulConfig) -> int:
     """Bytes of the split-K workspace: each slice's partial (B, M, N) sums, padded to whole
-    tiles (fragments are stored unchecked), then each slice's column sums of b."""
+    tiles (fragments are stored unchecked), then each slice's K sums of b (or a)."""
     mp, np_ = _round_up(p["m"], cfg.tm), _round_up(p["n"], cfg.tn)
-    return 4 * cfg.split * (p["batch"] * mp * np_ + np_)
+    return 4 * cfg.split * (p["batch"] * mp * np_ + max(mp, np_))
 
 
 def _round_up(x: int, a: int) -> int:
@@ -196,14 +205,14 @@ def emit(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule | None)
         _, acc, csums, sg = _multiply(kb, cfg, p, abuf, bbuf, tid, row0, col0, z, kb.u32(0),
                                       kb.u32(k), k)
         if csums:
-            _colsum(kb, cfg, csums, tid, row0, col0, n,
-                    lambda col, total: store.colsum.store(col, total))  # type: ignore
+            _colsum(kb, cfg, csums, tid, KSums.of(store.side, cfg, p, row0, col0),
+                    lambda i, total: store.colsum.store(i, total))  # type: ignore
         _finish_fragments(kb, cfg, p, store, acc, sg, tid, row0, col0, z)
         return
     split = cfg.split
     ws = kb.buffer("split_ws", "f32", writable=True)
     mp, np_ = _round_up(m, cfg.tm), _round_up(n, cfg.tn)
-    cs_base = split * p["batch"] * mp * np_
+    cs_base, cs_len = split * p["batch"] * mp * np_, max(mp, np_)
     with kb.if_else(pc["phase"] == 0) as (slices, total):
         with slices:
             bi, sl = z / split, z % split
@@ -219,10 +228,11 @@ def emit(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule | None)
                     c = col0 + sc * cfg.rn + j * _FRAG
                     fc.store(ws, ((sl * p["batch"] + bi) * mp + r) * np_ + c, frag.get(), np_)
             if csums:
-                _colsum(kb, cfg, csums, tid, row0, col0, n,
-                        lambda col, t: ws.store(cs_base + sl * np_ + col, t))
+                _colsum(kb, cfg, csums, tid, KSums.of(store.side, cfg, p, row0, col0),
+                        lambda i, t: ws.store(cs_base + sl * cs_len + i, t))
         with total:
-            _reduce_slices(kb, cfg, p, store, ws, tid, row0, col0, z, (mp, np_, cs_base))
+            _reduce_slices(kb, cfg, p, store, ws, tid, row0, col0, z,
+                           (mp, np_, cs_base, cs_len))
 
 
 def _multiply(kb: KernelBuilder, cfg: MatmulConfig, p: dict, abuf: Buffer, bbuf: Buffer,
@@ -230,16 +240,16 @@ def _multiply(kb: KernelBuilder, cfg: MatmulConfig, p: dict, abuf: Buffer, bbuf:
               k_span: int) -> tuple:
     """The main loop over k in [k_lo, k_hi) (at most k_span apart): both operands staged
     (coopmat_staging.py), fragments multiplied into the accumulators. Returns (accumulator
-    type, accumulators [i][j], b's column-sum entries, subgroup id)."""
+    type, accumulators [i][j], the K-sum entries of b or a, subgroup id)."""
     elem = operand_elem(p, "a")
     assert elem is not None
     a_dt, a_off, a_sb, a_sm, a_sk = p["a"]
     b_dt, b_off, b_sb, b_sk, b_sn = p["b"]
+    side = ksum_side(p)
     a = Staged(kb, "a", abuf, Layout(a_off, a_sb, a_sm, a_sk, p["m"], cfg.tm, p.get("a_round")),
-               cfg.bk, cfg.threads, elem, tid, row0, bi, p["k"], p["batch"], False)
+               cfg.bk, cfg.threads, elem, tid, row0, bi, p["k"], p["batch"], side == "a")
     b = Staged(kb, "b", bbuf, Layout(b_off, b_sb, b_sn, b_sk, p["n"], cfg.tn, p.get("b_round")),
-               cfg.bk, cfg.threads, elem, tid, col0, bi, p["k"], p["batch"],
-               bool(p.get("colsum_b")))
+               cfg.bk, cfg.threads, elem, tid, col0, bi, p["k"], p["batch"], side == "b")
     sg = kb.subgroup_id()  # fragments belong to the hardware subgroup, whatever its lanes
     sr, sc = sg / (cfg.tn // cfg.rn), sg % (cfg.tn // cfg.rn)
     fa = coopmat.Frag(kb, elem, "a")
@@ -267,7 +277,8 @@ def _multiply(kb: KernelBuilder, cfg: MatmulConfig, p: dict, abuf: Buffer, bbuf:
                 for j in range(fn):
                     acc[i][j].set(fc.mul_add(av[i], bv[j], acc[i][j].get()))
         kb.barrier()  # everyone has read the tiles before the next iteration overwrites them
-    return fc, acc, b.colsum_entries() if b.csums else [], sg
+    summed = a if side == "a" else b
+    return fc, acc, summed.colsum_entries() if summed.csums else [], sg
 
 
 def _guarded_finish(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object, bi: Value,
@@ -320,7 +331,7 @@ def _reduce_slices(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object,
     where each thread has at least 4 elements (else one), and finishes them through the
     epilogue store; likewise b's column sums. One workgroup per tile, looping over all of
     it, left a 384 x 384 weight gradient split 16 ways 9 workgroups for 9 MiB of partials."""
-    mp, np_, cs_base = layout
+    mp, np_, cs_base, cs_len = layout
     tm, tn, split, batch = cfg.tm, cfg.tn, cfg.split, p["batch"]
     bi, part = z / split, z % split
     rows = tm // split  # of the tile, summed by this workgroup
@@ -342,32 +353,35 @@ def _reduce_slices(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object,
                 sums = vals if sums is None else [x + y for x, y in zip(sums, vals, strict=True)]
             for j, total in enumerate(sums):  # type: ignore[arg-type]
                 _guarded_finish(kb, cfg, p, store, bi, row, col + j, total)
-    if p.get("colsum_b"):
-        with kb.if_((row0 == 0) & (part == 0)), kb.loop(tid, tn, cfg.threads) as c:
-            col = col0 + c
-            with kb.when(col < p["n"] if p["n"] % tn else None):
-                total = ws.load(cs_base + col)
+    side = ksum_side(p)
+    if side:
+        at = KSums.of(side, cfg, p, row0, col0)
+        with kb.if_(at.first & (part == 0)), kb.loop(tid, at.tile, cfg.threads) as c:
+            i = at.origin + c
+            with kb.when(i < at.size if at.size % at.tile else None):
+                total = ws.load(cs_base + i)
                 for s in range(1, split):
-                    total = total + ws.load(cs_base + s * np_ + col)
-                store.colsum.store(col, total)  # type: ignore[attr-defined]
+                    total = total + ws.load(cs_base + s * cs_len + i)
+                store.colsum.store(i, total)  # type: ignore[attr-defined]
 
 
-def _colsum(kb: KernelBuilder, cfg: MatmulConfig, entries: list, tid: Value, row0: Value,
-            col0: Value, n: int, put: object) -> None:
-    """Fold b's column-sum partials (entries: guard, place in a bk x tn array, value) through
-    shared memory; the first row of workgroups puts each column's total (`put(col, t)`)."""
-    sh = kb.shared("f32", cfg.bk * cfg.tn)
+def _colsum(kb: KernelBuilder, cfg: MatmulConfig, entries: list, tid: Value, at: KSums,
+            put: object) -> None:
+    """Fold the K-sum partials of b (or a) (entries: guard, place in a bk x tile array, value)
+    through shared memory; the first workgroup of the row (column) puts each total
+    (`put(index, t)`)."""
+    sh = kb.shared("f32", cfg.bk * at.tile)
     for guard, plain, val in entries:
         with kb.when(guard):
             sh.store(plain, val)
     kb.barrier()
-    with kb.if_(row0 == 0), kb.loop(tid, cfg.tn, cfg.threads) as c:  # threads may be < tn
-        col = col0 + c
-        with kb.when(col < n if n % cfg.tn else None):
+    with kb.if_(at.first), kb.loop(tid, at.tile, cfg.threads) as c:  # threads may be < tile
+        i = at.origin + c
+        with kb.when(i < at.size if at.size % at.tile else None):
             total = sh.load(c)
             for kk in range(1, cfg.bk):
-                total = total + sh.load(c + kk * cfg.tn)
-            put(col, total)  # type: ignore[operator]
+                total = total + sh.load(c + kk * at.tile)
+            put(i, total)  # type: ignore[operator]
 
 
 _VARIANTS["coopmat"] = emit

@@ -35,7 +35,14 @@ from ..dsl import KernelBuilder, Value, cap, max_groups_x, pack_push_constants
 from ..kernel import Dispatch, KernelBinary, KernelSpec
 from ..lower import Buffer, _Lowerer, register_kernel_lowering
 from ..scalar import ScalarEmitter, compute_dtype, nan_minmax
-from .elementwise import EpilogueStore, ScalarRule, launch_plan, local_size_for, storage_dtype
+from .elementwise import (
+    EpilogueStore,
+    FlatGrid,
+    ScalarRule,
+    local_size_for,
+    storage_dtype,
+    unroll_for,
+)
 from .reduction import _WorkgroupReducer
 
 FAMILIES = {"norm_fwd": "generate_norm_fwd", "norm_stats": "generate_norm_stats",
@@ -328,14 +335,16 @@ def generate_ce_fwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
 
 def generate_ce_bwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
     """dz = softmax(z) * (coef + g_lse) - onehot(y) * coef, coef = g_loss (0 if ignored, NaN
-    for a bad label), softmax from the saved lse: one thread per element, no reduction."""
+    for a bad label), softmax from the saved lse: a flat grid of elements, a few per thread
+    (`FlatGrid`), all their loads before any store (dz may take z's memory), no reduction."""
     p = dict(spec.params)
     rows, classes = int(p["rows"]), int(p["classes"])
-    if rows * classes + int(p["z"][1]) >= 2**32:
+    n = rows * classes
+    grid = FlatGrid(local_size_for(caps), unroll_for(n, (p["z"][0], p["out_dtype"])))
+    if n + max(int(p["z"][1]), grid.block) >= 2**32:  # u32 indices, the last block's included
         raise ValueError(f"{spec.name}: {rows}x{classes} logits exceed the u32 index range")
-    local = local_size_for(caps)
-    kb = KernelBuilder(spec.name, local, caps)
-    kb.aliased = bool(dict(spec.params).get("aliased"))  # dz may take z's memory
+    kb = KernelBuilder(spec.name, grid.local, caps)
+    kb.aliased = bool(p.get("aliased"))  # dz may take z's memory
     z = kb.buffer("z", storage_dtype(p["z"][0]), writable=False)
     y = kb.buffer("y", "i32", writable=False)
     rr = kb.buffer("r", "f32", writable=False)
@@ -344,26 +353,27 @@ def generate_ce_bwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
     ct = compute_dtype(storage_dtype(p["out_dtype"]))
     zo, yo, ro, go = int(p["z"][1]), int(p["y"]), int(p["r"]), int(p["g"])
     pc = kb.push_constants([("count", "u32"), ("base", "u32")])
-    i = pc["base"] + kb.workgroup_id(0) * local + kb.local_id(0)
-    with kb.if_(i < pc["count"]):
-        row = kb.cast(i / classes, "i32")
-        j = kb.cast(i % classes, "i32")
-        lab = y.load(row + yo)
+    lanes = grid.lanes(kb, grid.block_start(kb, pc["base"]), n, pc["count"])
+    loads = []
+    for lane in lanes:  # every element's loads first: dz may take z's memory
+        row = kb.cast(lane.at / classes, "i32")
+        col = kb.cast(lane.at % classes, "i32")
+        zv = kb.cast(z.load(lane.at + zo), "f32")
+        loads.append((col, y.load(row + yo), zv, rr.load(row * 2 + 1 + ro),
+                      g.load(row * 2 + go), g.load(row * 2 + 1 + go)))
+    nan = kb.bitcast(kb.u32(_NAN), "f32")
+    zero = kb.f32(0.0)
+    for lane, (j, lab, zv, lse, g0, g1) in zip(lanes, loads, strict=True):
         keep, valid = _label(kb, p, lab, classes)
-        prob = kb.exp(kb.cast(z.load(i + zo), "f32") - rr.load(row * 2 + 1 + ro))
-        g0, g1 = g.load(row * 2 + go), g.load(row * 2 + 1 + go)
-        nan = kb.bitcast(kb.u32(_NAN), "f32")
-        coef = kb.select(keep, kb.select(valid, g0, nan), kb.f32(0.0))
-        zero = kb.f32(0.0)
+        prob = kb.exp(zv - lse)
+        coef = kb.select(keep, kb.select(valid, g0, nan), zero)
         # an ignored row and a zero lse cotangent contribute nothing, even through a NaN softmax
         dz = kb.select(keep, prob * coef, zero) + kb.select(g1 == 0.0, zero, prob * g1)
         dz = dz - kb.select(j == lab, coef, zero)
-        out.store(i, kb.cast(dz, ct))
-    n = rows * classes
-    dispatches = [Dispatch((gr, 1, 1), pack_push_constants([("u32", n), ("u32", b)]))
-                  for gr, b in launch_plan(n, local, caps)]
-    return kb.binary(spec, dispatches, notes={"rows": rows, "classes": classes,
-                                              "variant": f"flat x{local}"})
+        with kb.when(lane.ok):
+            out.store(lane.at, kb.cast(dz, ct))
+    return kb.binary(spec, grid.dispatches(n, caps), notes={
+        "rows": rows, "classes": classes, "variant": grid.variant})
 
 
 # ---- lowering ------------------------------------------------------------------------------

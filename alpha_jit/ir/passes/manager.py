@@ -48,9 +48,9 @@ def register_pass(name: str, doc: str):
 
 
 def available() -> list[Pass]:
-    from alpha_jit.ir.passes import cast_fold, cse, dce  # noqa: F401  (registration)
+    from alpha_jit.ir.passes import cast_fold, cse, dce, gemm_transpose  # noqa: F401
 
-    order = ["cse", "cast_fold", "dce"]
+    order = ["cse", "cast_fold", "gemm_transpose", "dce"]
     return sorted(_PASSES, key=lambda p: order.index(p.name) if p.name in order else 99)
 
 

@@ -1,0 +1,112 @@
+"""GEMM transpose folding: `(a @ b).T` is computed as `b.T @ a.T`. Values against numpy
+through the public API (operators, batched, transposed operands, results returned and reused),
+where the rewrite must fire and where it must not, and the layout it gives weight gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import alpha_jit as aj
+from alpha_jit import nn
+from alpha_jit.runtime.device import get_device
+from alpha_jit.runtime.step_plan import plan_step
+
+rng = np.random.default_rng(5)
+
+
+def _r(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _transposed_gemms(graph) -> int:
+    """Transposes reading a matmul directly (what the pass rewrites)."""
+    return sum(graph.op(graph.args(t)[0]) == "matmul" for t in graph.nodes_with_op("transpose"))
+
+
+def _check(fn, args, want, folded: bool, tol=1e-4):
+    f = aj.compile(fn)
+    got = f(*args)
+    got = got if isinstance(got, tuple) else (got,)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.numpy().dtype == np.float32
+        np.testing.assert_allclose(g.numpy(), w, rtol=tol, atol=tol)
+    traced = f.trace(*args)
+    summary = dict((n, s) for n, s, _ in traced.pass_history)["gemm_transpose"]
+    assert summary.startswith("1 " if folded else "0 "), summary
+    assert (_transposed_gemms(traced.graph) == 0) == folded
+    return traced
+
+
+def test_transposed_product_plus_a_matrix():
+    a, b, c = _r(37, 20), _r(20, 53), _r(53, 37)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    t = _check(lambda a, b, c: (a @ b).T + c, (a, b, c), [(a64 @ b64).T + c], folded=True)
+    plan = plan_step(t.graph, get_device().caps, progress=False)
+    # the add reads the product in its own layout: it runs in the GEMM's store
+    assert [k.family for k in plan.kernels] == ["matmul"]
+
+
+def test_batched_swap_of_the_last_axes_and_transposed_operands():
+    x, y = _r(3, 17, 9), _r(3, 17, 11)  # x^T @ y, then swapped: y^T @ x, no transposes left
+    want = np.swapaxes(np.swapaxes(x, 1, 2).astype(np.float64) @ y, 1, 2)
+    _check(lambda x, y: (x.mT @ y).mT * 2.0, (x, y), [2.0 * want], folded=True)
+
+
+@pytest.mark.parametrize("case", ["other_perm", "used_twice", "broadcast_batch", "returned"])
+def test_not_folded(case):
+    a3, b3 = _r(2, 5, 7), _r(2, 7, 6)
+    a, b = _r(5, 7), _r(7, 6)
+    if case == "other_perm":  # batch and rows swapped, not the last two axes
+        fn, args = (lambda a, b: (a @ b).permute(1, 0, 2) + 1.0), (a3, b3)
+        want = [np.transpose(a3.astype(np.float64) @ b3, (1, 0, 2)) + 1.0]
+    elif case == "used_twice":  # the product is read as it is too
+        fn, args = (lambda a, b: ((a @ b).T * 3.0, (a @ b).sum())), (a, b)
+        p = a.astype(np.float64) @ b
+        want = [3.0 * p.T, np.array(p.sum())]
+    elif case == "broadcast_batch":  # b shared by the batch: rank 3 against rank 2
+        fn, args = (lambda a, b: (a @ b).mT - 1.0), (a3, b)
+        want = [np.swapaxes(a3.astype(np.float64) @ b, 1, 2) - 1.0]
+    else:  # the product itself leaves the step
+        fn, args = (lambda a, b: (a @ b, (a @ b).T)), (a, b)
+        p = a.astype(np.float64) @ b
+        want = [p, p.T]
+    _check(fn, args, want, folded=False)
+
+
+def test_non_finite_values_stay_where_they_were():
+    a, b = _r(8, 4), _r(4, 6)
+    a[3, 1], b[2, 5] = np.inf, np.nan
+    with np.errstate(invalid="ignore"):
+        want = (a.astype(np.float64) @ b).T
+    _check(lambda a, b: (a @ b).T + 0.0, (a, b), [want], folded=True)
+
+
+@pytest.mark.parametrize("precision", ["f32", "bf16"])
+def test_linear_weight_gradient_in_the_weight_layout(precision):
+    """A Linear's dW = dY^T x written [out, in] by its GEMM, the bias gradient from the same
+    GEMM's row sums of dY^T; values against numpy (f32) and the unfused step."""
+    nn.manual_seed(2)
+    lin = nn.Linear(24, 40)
+    x, t = _r(67, 24), _r(67, 40)
+
+    @aj.compile(precision=precision)
+    def step(x, t):
+        out = lin(x)
+        loss = ((out - t) * (out - t)).sum()
+        loss.backward()
+        grads = (lin.weight.grad, lin.bias.grad)
+        lin.weight.grad = lin.bias.grad = None
+        return grads
+
+    dw, db = (v.numpy() for v in step(x, t))
+    plan = plan_step(step.trace(x, t).graph, get_device().caps, progress=False)
+    gemms = [dict(k.spec.params) for k in plan.lowered.kernels if k.spec.family == "matmul"]
+    summed = [p for p in gemms if p.get("rowsum_a")]
+    assert len(summed) == 1 and (summed[0]["m"], summed[0]["n"]) == (40, 24)
+    assert not [p for p in gemms if p.get("colsum_b")]
+    w, b = lin.weight.numpy().astype(np.float64), lin.bias.numpy().astype(np.float64)
+    dy = 2 * (x @ w.T + b - t)
+    tol = 1e-4 if precision == "f32" else 3e-2
+    np.testing.assert_allclose(dw, dy.T @ x, rtol=tol, atol=tol * np.abs(dy.T @ x).max())
+    np.testing.assert_allclose(db, dy.sum(axis=0), rtol=tol, atol=tol * np.abs(dy).sum(0).max())
