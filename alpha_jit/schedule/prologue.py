@@ -2,7 +2,9 @@
 
 Why: under bf16 autocast every GEMM operand is a cast of an f32 value. A cast that only GEMMs of
 the same phase read (directly or through views) gets no kernel and no buffer: the GEMM reads the
-f32 source and rounds each element on load (the matmul spec's `a_round`/`b_round`). A cast of
+f32 source and rounds each element on load (the matmul spec's `a_round`/`b_round`), unless the
+f32 source is an elementwise value read by nothing but the cast: then the cast joins the
+source's group, which stores the bf16 copy alone (half the bytes; 16-bit GEMM operands). A cast of
 a 16-bit value to f32 (exact) that only reductions read disappears the same way: the reduction
 reads the 16-bit source. Lowering (`_Lowerer._operand`) reads absorbed casts through their
 sources. `ALPHA_JIT_DISABLE_PASSES=gemm_prologue` keeps both kinds as kernels.
@@ -44,6 +46,13 @@ def absorbed_casts(lw: _Lowerer, order: list[int]) -> set[int]:
     def widening(n: int) -> bool:  # exact: the reduction reads the 16-bit source
         return g.dtype(n).name == "f32" and g.dtype(g.args(n)[0]).name in ("bf16", "f16")
 
+    def cast_only(n: int) -> bool:
+        """The cast's f32 source is read by nothing else and fuses with it: its group then
+        stores the bf16 copy alone (half the bytes), and the GEMMs read 16-bit operands."""
+        x = g.args(n)[0]
+        return lw._cls(x) == "elementwise" and x not in roots and g.users(x) == [n]
+
     return {n for n in order if g.op(n) == "cast" and (
         (g.dtype(n).name == "bf16" and g.dtype(g.args(n)[0]).name == "f32"
-         and only_gemms(n, g.prov(n).phase)) or (widening(n) and only_reductions(n)))}
+         and only_gemms(n, g.prov(n).phase) and not cast_only(n))
+        or (widening(n) and only_reductions(n)))}

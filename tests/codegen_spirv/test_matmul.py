@@ -257,8 +257,11 @@ def test_coopmat_variants_validate_for_the_h200(monkeypatch):
     plan = plan_step(step.trace(x, x).graph, h200, progress=False)
     specs = [k.spec for k in plan.lowered.kernels if k.spec.family == "matmul"]
     specs.append(mm_spec(2, 130, 70, 1000, dt="f16"))
-    # b's column sums (a weight gradient written x^T @ dY: gemm_transpose off), split too
-    specs.append(KernelSpec("matmul", "cs", (*mm_spec(1, 136, 264, 4200, dt="bf16").params,
+    # b's column sums (a weight gradient written x^T @ dY: gemm_transpose off) of an f32
+    # operand rounded on load (a dY the graph keeps in f32), split too
+    cs = dict(mm_spec(1, 136, 264, 4200, dt="bf16").params)
+    cs["b"] = ("f32", *cs["b"][1:])
+    specs.append(KernelSpec("matmul", "cs", (*cs.items(), ("b_round", "bf16"),
                                              ("colsum_b", True))))
     features = set()
     for s in specs:
@@ -271,7 +274,7 @@ def test_coopmat_variants_validate_for_the_h200(monkeypatch):
             assert ("workspace_bytes" in b.notes) == (cfg.split > 1)
             tools.validate(b.words, b.name, h200.spirv_target_env())
             features |= {key for key, _ in params} | ({"split"} if cfg.split > 1 else set())
-    assert {"epilogue", "colsum_b", "rowsum_a", "a_round", "split"} <= features
+    assert {"epilogue", "colsum_b", "rowsum_a", "b_round", "split"} <= features
 
 
 def test_deep_tiles_are_tuned_never_guessed():

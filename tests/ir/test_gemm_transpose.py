@@ -110,3 +110,49 @@ def test_linear_weight_gradient_in_the_weight_layout(precision):
     tol = 1e-4 if precision == "f32" else 3e-2
     np.testing.assert_allclose(dw, dy.T @ x, rtol=tol, atol=tol * np.abs(dy.T @ x).max())
     np.testing.assert_allclose(db, dy.sum(axis=0), rtol=tol, atol=tol * np.abs(dy).sum(0).max())
+
+
+def test_bf16_output_gradient_is_stored_once_in_16_bits():
+    """cast_fold rewrite 3 + the prologue rule: under bf16 a Linear's output gradient (a GELU
+    derivative here) is stored only as bf16: its dX and dW GEMMs read 16-bit operands (no
+    rounding on load) and the bias gradient sums the same bf16 copy, in f32. Values against the
+    reference interpreter on the same graph and, loosely, against float64 numpy."""
+    from alpha_jit.ir import interpreter
+
+    nn.manual_seed(4)
+    fc, proj = nn.Linear(16, 48), nn.Linear(48, 16)
+    x = _r(70, 16)
+
+    @aj.compile(precision="bf16")
+    def step(x):
+        h = nn.functional.gelu(fc(x))
+        loss = (proj(h) * proj(h)).sum()
+        loss.backward()
+        grads = (fc.weight.grad, fc.bias.grad)
+        fc.weight.grad = fc.bias.grad = proj.weight.grad = proj.bias.grad = None
+        return grads
+
+    before = {p: p.numpy().copy() for p in (fc.weight, fc.bias, proj.weight, proj.bias)}
+    dw, db = (v.numpy() for v in step(x))
+    traced = step.trace(x)
+    summary = dict((n, s) for n, s, _ in traced.pass_history)["cast_fold"]
+    assert "1 sums reading the 16-bit copy" in summary, summary  # fc's (GELU derivative)
+    plan = plan_step(traced.graph, get_device().caps, progress=False)
+    gemms = [dict(k.spec.params) for k in plan.lowered.kernels if k.spec.family == "matmul"]
+    fc_dw = [p for p in gemms if p.get("rowsum_a") and (p["m"], p["n"]) == (48, 16)]
+    assert len(fc_dw) == 1  # reads the bf16 copy the GELU-derivative epilogue stores
+    assert fc_dw[0]["a"][0] == "bf16" and "a_round" not in fc_dw[0], fc_dw
+    outs, _ = interpreter.run(traced.graph, traced.leaves(
+        [x], {k: s.numpy() for k, s in traced.state.items()}, {}))
+    np.testing.assert_allclose(dw, outs[0], rtol=2e-3, atol=2e-3 * np.abs(outs[0]).max())
+    np.testing.assert_allclose(db, outs[1], rtol=2e-3, atol=2e-3 * np.abs(outs[1]).max())
+    w1, b1, w2, b2 = (before[p].astype(np.float64) for p in (fc.weight, fc.bias, proj.weight,
+                                                              proj.bias))
+    u = x @ w1.T + b1
+    c = np.sqrt(2 / np.pi)
+    t = np.tanh(c * (u + 0.044715 * u**3))
+    h = 0.5 * u * (1 + t)
+    dh = (2 * (h @ w2.T + b2)) @ w2
+    du = dh * (0.5 * (1 + t) + 0.5 * u * (1 - t * t) * c * (1 + 3 * 0.044715 * u * u))
+    np.testing.assert_allclose(db, du.sum(axis=0), rtol=5e-2, atol=5e-2 * np.abs(du).sum(0).max())
+    np.testing.assert_allclose(dw, du.T @ x, rtol=5e-2, atol=5e-2 * np.abs(du.T @ x).max())
