@@ -234,6 +234,9 @@ def apply(op: str, args: list[Any], attrs: dict | None = None) -> Any:
     return Tensor(node, tuple(shape), dtype)
 
 
+AUTOCAST = "autocast"  # provenance `created_by` of the casts the precision policy inserts
+
+
 def _autocast(ctx: TraceContext, opdef: Any, targs: list[Any]) -> list[Any]:
     """The precision policy. GEMMs read their operands in the low-precision dtype (f32
     accumulation happens in the kernel) and return f32; elementwise ops mixing float dtypes
@@ -242,7 +245,11 @@ def _autocast(ctx: TraceContext, opdef: Any, targs: list[Any]) -> list[Any]:
 
     low = ctx.autocast
     if low is not None and opdef.lowering == "matmul":
-        return [t.astype(low) if t.dtype.is_float and t.dtype != low else t for t in targs]
+        made_by, ctx.created_by = ctx.created_by, AUTOCAST  # passes may rely on the policy's
+        try:                                                # casts (cast_fold, rewrite 3)
+            return [t.astype(low) if t.dtype.is_float and t.dtype != low else t for t in targs]
+        finally:
+            ctx.created_by = made_by
     if opdef.lowering == "elementwise" and opdef.name != "cast":
         # where's condition is any dtype; the values promote like any other operands
         first = 1 if opdef.name == "where" else 0

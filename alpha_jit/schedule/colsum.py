@@ -4,9 +4,9 @@ Why: the backward of `x @ W.T + b` reads dY twice, once in the weight-gradient G
 (dW = dY^T x, where dY is read along the K axis) and once in the bias gradient (db = sum of
 dY's rows), a reduction kernel of its own per Linear: 6 of the 26 backward kernels of a GPT
 layer. The GEMM already loads every element of dY; summing it over K as it is loaded (before
-any bf16 rounding of the operand) costs one add per load, and the first workgroup of each
-row (column) of workgroups stores the sums: the matmul family's ("colsum_b", True) where dY
-is the b operand (x^T @ dY), ("rowsum_a", True) where it is a (dY^T @ x, the layout
+any bf16 rounding of the operand) costs one add per load, and one workgroup per tile
+column (row) stores the sums: the matmul family's ("colsum_b", True) where dY is the b
+operand (x^T @ dY), ("rowsum_a", True) where it is a (dY^T @ x, the layout
 ir/passes/gemm_transpose.py gives weight gradients).
 
 Pairs are found structurally (a sum over the rows of the node either GEMM operand reads,
@@ -106,7 +106,7 @@ def _emit(lw: _Lowerer, m: int, params: tuple, reads: list[int], r: int | None,
 
 
 def emit_matmul(lw: _Lowerer, m: int, params: tuple, reads: list[int]) -> None:
-    """Emit GEMM m, with its pair's column sums when the pair is not lowered yet and fits."""
+    """Emit GEMM m, with its pair's K sums when the pair is not lowered yet and fits."""
     r = lw.colsums.get(m)
     side = None
     if r is not None and r not in lw.done:

@@ -3,8 +3,9 @@
 Why: under bf16 autocast every GEMM operand is a cast of an f32 value. A cast that only GEMMs of
 the same phase read (directly or through views) gets no kernel and no buffer: the GEMM reads the
 f32 source and rounds each element on load (the matmul spec's `a_round`/`b_round`), unless the
-f32 source is an elementwise value read by nothing but the cast: then the cast joins the
-source's group, which stores the bf16 copy alone (half the bytes; 16-bit GEMM operands). A cast of
+f32 source is an elementwise value read by nothing but the cast: then the cast is an ordinary
+elementwise node that fuses with its source, whose group stores the bf16 copy alone (half the
+bytes; 16-bit GEMM operands). A cast of
 a 16-bit value to f32 (exact) that only reductions read disappears the same way: the reduction
 reads the 16-bit source. Lowering (`_Lowerer._operand`) reads absorbed casts through their
 sources. `ALPHA_JIT_DISABLE_PASSES=gemm_prologue` keeps both kinds as kernels.

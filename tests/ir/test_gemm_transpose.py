@@ -19,6 +19,13 @@ def _r(*shape):
     return rng.standard_normal(shape).astype(np.float32)
 
 
+def _bf16(v):
+    """float64 values rounded to bf16 (nearest even)."""
+    from alpha_jit import dtypes
+
+    return dtypes.bf16_to_f32(dtypes.f32_to_bf16(v.astype(np.float32))).astype(np.float64)
+
+
 def _transposed_gemms(graph) -> int:
     """Transposes reading a matmul directly (what the pass rewrites)."""
     return sum(graph.op(graph.args(t)[0]) == "matmul" for t in graph.nodes_with_op("transpose"))
@@ -156,3 +163,42 @@ def test_bf16_output_gradient_is_stored_once_in_16_bits():
     du = dh * (0.5 * (1 + t) + 0.5 * u * (1 - t * t) * c * (1 + 3 * 0.044715 * u * u))
     np.testing.assert_allclose(db, du.sum(axis=0), rtol=5e-2, atol=5e-2 * np.abs(du).sum(0).max())
     np.testing.assert_allclose(dw, du.T @ x, rtol=5e-2, atol=5e-2 * np.abs(du.T @ x).max())
+
+
+@pytest.mark.parametrize("case", ["forward_sum", "input_sum", "user_casts_backward"])
+def test_sums_the_user_wrote_stay_f32(case):
+    """cast_fold rewrite 3 reads only the precision policy's casts in the backward: a sum the
+    user wrote, or the gradient of a user's own bf16 GEMM in an f32 program, keeps summing f32
+    values (1e-5 against float64, where reading a bf16 copy is off by about 1e-3)."""
+    x, w, t = _r(40, 24), _r(24, 16), _r(40, 16)
+    x64, w64, t64 = (v.astype(np.float64) for v in (x, w, t))
+    if case == "forward_sum":
+        fn = aj.compile(lambda x, w: ((x * 1.37 + 0.1).sum(0), (
+            (x * 1.37 + 0.1).bfloat16() @ w.bfloat16()).float()))
+        got = fn(x, w)[0].numpy()
+        want = (x64 * np.float32(1.37) + np.float32(0.1)).sum(0)
+    elif case == "input_sum":
+        nn.manual_seed(0)
+        lin = nn.Linear(24, 16)
+        fn = aj.compile(lambda x: (lin(x).float().sum(), x.sum(0)), precision="bf16")
+        got = fn(x)[1].numpy()
+        want = x64.sum(0)
+    else:
+        nn.manual_seed(0)
+        b = nn.Parameter(np.linspace(-1, 1, 16).astype(np.float32))
+        wp = nn.Parameter(w)
+
+        @aj.compile
+        def step(x, t):
+            h = (x.bfloat16() @ wp.bfloat16()).float() + b  # an f32 program's own bf16 GEMM
+            loss = ((h - t) * (h - t)).sum()
+            loss.backward()
+            g = b.grad
+            b.grad = wp.grad = None
+            return g
+
+        got = step(x, t).numpy()
+        # the bf16 GEMM returns bf16 (no autocast: no f32 accumulator result)
+        h = _bf16(_bf16(x64) @ _bf16(w64)) + np.linspace(-1, 1, 16).astype(np.float32)
+        want = (2 * (h - t64)).sum(0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

@@ -235,11 +235,12 @@ def ksum_side(p: dict) -> str | None:
     return "b" if p.get("colsum_b") else "a" if p.get("rowsum_a") else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # Values compare into kernel code, not Python bools
 class KSums:
     """Where the K sums of one operand go: its tile edge and first index in this workgroup,
-    its length (M or N), and whether this workgroup is the one of its row (b's sums) or
-    column (a's) of workgroups that stores them."""
+    its length (M or N), and whether this workgroup stores them: b's sums are stored by the
+    first workgroup of each column of workgroups (row0 == 0), a's by the first of each row
+    (col0 == 0)."""
 
     tile: int
     origin: Value
@@ -448,7 +449,7 @@ def _emit_rows(kb: KernelBuilder, cfg: MatmulConfig, p: dict, rule: ScalarRule |
         off = k_off(kk, b_sk)
         raw = [in_k(kk, bbuf.load(b_cols[c] + off)) for c in range(rn)]
         bv = [b_round(v) for v in raw]
-        if store.colsum is not None:
+        if store.side == "b":
             csum = [v if isinstance(s_, float) else s_ + v for s_, v in zip(csum, raw,
                                                                             strict=True)]
         for r in range(tm):

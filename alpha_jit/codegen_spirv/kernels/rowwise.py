@@ -502,7 +502,7 @@ def _lower_ce_grad(lw: _Lowerer, n: int) -> None:
     (zd, zb), (yd, yb), (rd, rb), (gd, gb) = (_operand(lw, a, n) for a in args)
     params = (("rows", rows), ("classes", classes), ("ignore", _ignore(lw, n)), ("z", zd),
               ("y", yd[1]), ("r", rd[1]), ("g", gd[1]), ("out_dtype", g.dtype(n).name))
-    # one thread per element of dz reads only the same element of z: dz may take z's memory
+    # the thread that reads an element of z writes that element of dz: dz may take z's memory
     pairs = lw.inplace_pairs((rows, classes), [(zb, (classes, 1), zd[1]), (yb, None, 0),
                                                (rb, None, 0), (gb, None, 0)], [(n, {0})])
     if pairs:

@@ -3,7 +3,7 @@
 Why: under bf16/f16 autocast every GEMM and attention operand is cast from the f32 value that
 produced it: the LayerNorm output, the GELU output, the attention output (after its head
 transpose). Each cast was a kernel of its own reading the f32 tensor back, and the f32 tensor
-itself stayed alive. Two rewrites remove them:
+itself stayed alive. These rewrites remove them:
 
 1. A cast of views (reshape, transpose) of an elementwise value becomes the same views of the
    cast, so lowering fuses the cast into the group (or GEMM epilogue) that computes the value:
@@ -15,12 +15,12 @@ itself stayed alive. Two rewrites remove them:
    attention result read otherwise only by attention's backward, makes that op produce the
    cast's dtype (its `out_dtype`): the norm or flash kernel stores bf16 directly. Attention's
    backward then reads the bf16 output, as PyTorch's flash attention does.
-
-3. A sum of an f32 value that is otherwise only read as its 16-bit cast (a Linear's output
-   gradient: its dX and dW GEMMs read the bf16 copy, the bias gradient sums it) sums that
-   copy instead, widened exactly to f32 (the reduction reads the 16-bit data): PyTorch's
-   autocast computes the bias gradient from the bf16 grad_output too. The f32 gradient then
-   has no reader but the cast, so its producer stores the bf16 copy only (schedule/prologue):
+3. A backward sum of an f32 gradient that is otherwise only read as the precision policy's
+   16-bit cast for GEMMs (a Linear's output gradient: its dX and dW GEMMs read the bf16 copy,
+   the bias gradient sums it) sums that copy instead, widened exactly to f32 (the reduction
+   reads the 16-bit data): PyTorch's autocast computes the bias gradient from the bf16
+   grad_output too. Sums and casts the user wrote are left alone. The f32 gradient then has
+   no reader but the cast, so its producer stores the bf16 copy only (schedule/prologue):
    half the bytes written, and GEMMs read 16-bit operands instead of rounding f32 ones on
    load (28-30% of an H200 dX GEMM's time in `gpt2`).
 
@@ -37,6 +37,7 @@ from alpha_jit import dtypes
 from alpha_jit.ir.graph import Graph
 from alpha_jit.ir.ops import registry
 from alpha_jit.ir.passes.manager import register_pass
+from alpha_jit.ir.trace import AUTOCAST
 
 _VIEWS = ("reshape", "transpose")
 _PRODUCERS = ("layer_norm", "rms_norm", "attention")
@@ -65,7 +66,9 @@ def _sink(g: Graph, c: int) -> int | None:
     chain, x = _chain(g, c, _VIEWS)
     if not chain or registry.get(g.op(x)).lowering not in _SINK_INTO:
         return None
-    prov = g.prov(c).with_(created_by="cast_fold")
+    # a cast of the precision policy stays one when moved (rewrite 3 reads only those)
+    made = g.prov(c).created_by
+    prov = g.prov(c).with_(created_by=made if made == AUTOCAST else "cast_fold")
     out = g.add("cast", [x], dict(g.attrs(c)), g.shape(x), g.dtype(c), prov)
     for v in reversed(chain):
         out = g.add(g.op(v), [out], dict(g.attrs(v)), g.shape(v), g.dtype(c), prov)
@@ -117,17 +120,27 @@ def _round_trip(g: Graph, c: int) -> bool:
     return True
 
 
+def _gemm_operand(g: Graph, u: int) -> bool:
+    """Whether u is read only by matmuls (through views)."""
+    return bool(g.users(u)) and all(
+        g.op(v) == "matmul" or (g.op(v) in _VIEWS and _gemm_operand(g, v)) for v in g.users(u))
+
+
 def _sum_reads_cast(g: Graph, r: int, roots: set[int]) -> bool:
-    """Rewrite 3: sum(views(x)) -> sum(views(f32(c))) for f32 x whose every other reader is a
-    cast c of it to one 16-bit dtype (see the module)."""
-    if g.dtype(r) != dtypes.float32:
+    """Rewrite 3: sum(views(x)) -> sum(views(f32(c))) for an f32 gradient x (backward,
+    elementwise) whose every other reader is an autocast cast c of it to one 16-bit dtype that
+    only GEMMs read (see the module). A sum the user wrote, or of a value a cast of the user's
+    reads, keeps its f32 input."""
+    if g.dtype(r) != dtypes.float32 or g.prov(r).phase != "bwd":
         return False
     chain, x = _chain(g, r, _VIEWS)
-    if g.dtype(x) != dtypes.float32 or x in roots or any(v in roots for v in chain):
+    if g.dtype(x) != dtypes.float32 or x in roots or any(v in roots for v in chain) \
+            or registry.get(g.op(x)).lowering != "elementwise" or g.prov(x).phase != "bwd":
         return False
     inside = {*chain, r}
     readers = [u for u in g.users(x) if u not in inside]
-    casts = [u for u in readers if g.op(u) == "cast" and g.dtype(u).name in _LOW]
+    casts = [u for u in readers if g.op(u) == "cast" and g.dtype(u).name in _LOW
+             and g.prov(u).created_by == AUTOCAST and _gemm_operand(g, u)]
     if not casts or len(casts) != len(readers) or len({g.dtype(c) for c in casts}) != 1:
         return False
     if any(len(g.users(v)) != 1 for v in chain):

@@ -18,7 +18,7 @@ matmul(T(b), T(a)) with T the same swap (a T of a T is dropped). The values are 
 
 from __future__ import annotations
 
-from alpha_jit.ir.graph import Graph
+from alpha_jit.ir.graph import Graph, Provenance
 from alpha_jit.ir.passes.manager import register_pass
 
 
@@ -29,7 +29,7 @@ def _swaps_last_two(g: Graph, t: int) -> bool:
     return r >= 2 and perm == (*range(r - 2), r - 1, r - 2)
 
 
-def _swapped(g: Graph, x: int, prov: object) -> int:
+def _swapped(g: Graph, x: int, prov: Provenance) -> int:
     """x with its last two axes exchanged: the node under x if x is such a transpose."""
     if g.op(x) == "transpose" and _swaps_last_two(g, x):
         return g.args(x)[0]
@@ -37,14 +37,14 @@ def _swapped(g: Graph, x: int, prov: object) -> int:
     r = len(shape)
     perm = (*range(r - 2), r - 1, r - 2)
     return g.add("transpose", [x], {"perm": perm}, (*shape[:-2], shape[-1], shape[-2]),
-                 g.dtype(x), prov)  # type: ignore[arg-type]
+                 g.dtype(x), prov)
 
 
 def _fold(g: Graph, t: int, roots: set[int]) -> bool:
+    """Rewrite transpose t of a matmul in place if it qualifies (see the module); t may
+    leave the step (the new GEMM's result takes its place), the matmul may not."""
     m = g.args(t)[0]
-    if g.op(m) != "matmul" or not _swaps_last_two(g, t) or m in roots:
-        return False  # (t may leave the step: the new GEMM's result takes its place)
-    if g.users(m) != [t]:
+    if g.op(m) != "matmul" or not _swaps_last_two(g, t) or m in roots or g.users(m) != [t]:
         return False
     a, b = g.args(m)
     if len(g.shape(a)) != len(g.shape(b)):
@@ -60,7 +60,9 @@ def _fold(g: Graph, t: int, roots: set[int]) -> bool:
 
 @register_pass("gemm_transpose", "compute transpose(a @ b) as b.T @ a.T in the layout read")
 def gemm_transpose(graph: Graph) -> tuple[Graph, str]:
-    g = graph.copy()
+    todo = [t for t in graph.nodes_with_op("transpose")
+            if graph.op(graph.args(t)[0]) == "matmul"]
+    g = graph.copy() if todo else graph  # copied only when something may change
     roots = set(g.roots())
-    folded = sum(_fold(g, t, roots) for t in g.nodes_with_op("transpose") if t in g.g)
+    folded = sum(_fold(g, t, roots) for t in todo)
     return g, f"{folded} transposed GEMM results computed in the layout they are read in"
