@@ -21,6 +21,21 @@ def regression_step(model, opt) -> aj.CompiledFunction:
     return step
 
 
+def linear_grads_step(lin, precision: str = "f32") -> aj.CompiledFunction:
+    """Sum of squared errors of one Linear, backward; returns (loss, dW, db) and clears them."""
+
+    @aj.compile(precision=precision)
+    def step(x, t):
+        out = lin(x)
+        loss = ((out - t) * (out - t)).sum()
+        loss.backward()
+        grads = (lin.weight.grad, lin.bias.grad)
+        lin.weight.grad = lin.bias.grad = None
+        return (loss, *grads)
+
+    return step
+
+
 def classifier_step(model, opt) -> aj.CompiledFunction:
     """forward, cross-entropy, backward, optimizer update, zero_grad: returns the loss."""
 

@@ -11,6 +11,7 @@ import alpha_jit as aj
 from alpha_jit import nn
 from alpha_jit.runtime.device import get_device
 from alpha_jit.runtime.step_plan import plan_step
+from tests.e2e.util import linear_grads_step
 
 rng = np.random.default_rng(5)
 
@@ -97,16 +98,8 @@ def test_linear_weight_gradient_in_the_weight_layout(precision):
     lin = nn.Linear(24, 40)
     x, t = _r(67, 24), _r(67, 40)
 
-    @aj.compile(precision=precision)
-    def step(x, t):
-        out = lin(x)
-        loss = ((out - t) * (out - t)).sum()
-        loss.backward()
-        grads = (lin.weight.grad, lin.bias.grad)
-        lin.weight.grad = lin.bias.grad = None
-        return grads
-
-    dw, db = (v.numpy() for v in step(x, t))
+    step = linear_grads_step(lin, precision)
+    _, dw, db = (v.numpy() for v in step(x, t))
     plan = plan_step(step.trace(x, t).graph, get_device().caps, progress=False)
     gemms = [dict(k.spec.params) for k in plan.lowered.kernels if k.spec.family == "matmul"]
     summed = [p for p in gemms if p.get("rowsum_a")]

@@ -13,19 +13,7 @@ import alpha_jit as aj
 from alpha_jit import nn
 from alpha_jit.runtime.device import get_device
 from alpha_jit.runtime.step_plan import plan_step
-
-
-def _step(lin, precision):
-    @aj.compile(precision=precision)
-    def step(x, t):
-        out = lin(x)
-        loss = ((out - t) * (out - t)).sum()
-        loss.backward()
-        grads = (lin.weight.grad, lin.bias.grad)
-        lin.weight.grad = lin.bias.grad = None
-        return (loss, *grads)
-
-    return step
+from tests.e2e.util import linear_grads_step
 
 
 def _run(lin, x, t, precision, monkeypatch, off, orient=""):
@@ -34,7 +22,7 @@ def _run(lin, x, t, precision, monkeypatch, off, orient=""):
         off_list.append("gemm_transpose")
     if off_list:
         monkeypatch.setenv("ALPHA_JIT_DISABLE_PASSES", ",".join(off_list))
-    step = _step(lin, precision)
+    step = linear_grads_step(lin, precision)
     got = [v.numpy() for v in step(x, t)]
     plan = plan_step(step.trace(x, t).graph, get_device().caps, progress=False)
     monkeypatch.delenv("ALPHA_JIT_DISABLE_PASSES", raising=False)
