@@ -12,8 +12,9 @@ recording, one step); imports, the model's initialisation and creating the Vulka
 outside the timing.
 
 The probe prints one JSON object as its last line of stdout: compile_s, loss, the build's
-phases (`runtime.step.BuildTimes`: trace, passes, plan, pipelines, memory, record; the rest of
-compile_s is the first step) and the kernel cache counters (generated, read from disk).
+phases (`runtime.step.BuildTimes`: trace, passes, plan, tune, generate, pipelines, memory,
+record; the rest of compile_s is the first step) and the kernel cache counters (generated,
+read from disk).
 """
 
 from __future__ import annotations

@@ -399,8 +399,9 @@ def side_row(bc: BenchConfig, precision: str, env: Environment, run: SideRun,
             notes.append(f"compile probe: {probe_why}")
         from benchmarks.compile_probe import last_builds
 
-        if last_builds.get("warm"):  # where the warm compile goes, for whoever makes it faster
-            notes.append(f"warm build {last_builds['warm']}")
+        for which in ("cold", "warm"):  # where each compile goes, for whoever makes it faster
+            if last_builds.get(which):
+                notes.append(f"{which} build {last_builds[which]}")
     elif run.side == COMPILE:
         cold = run.first_call_s  # its caches are fresh (environment.cold_inductor_cache)
         why["compile_warm_s"] = ("not measured: a warm torch.compile needs a second process "

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from alpha_jit.codegen_spirv.kernel import KernelSpec
-from alpha_jit.codegen_spirv.kernels import scatter
+from alpha_jit.codegen_spirv.kernels import reduction, scatter
 from alpha_jit.codegen_spirv.views import View, padded_const
-from alpha_jit.dtypes import DType, int32
+from alpha_jit.dtypes import DType, float32, int32
 from alpha_jit.errors import InternalCompilerError
 from alpha_jit.ir.graph import Graph, Provenance, freeze_attrs, lex_topo
 from alpha_jit.ir.ops import registry
@@ -436,8 +436,16 @@ class _Lowerer:
             if colsum.emit_early(self, n):
                 return
             params, reads = self.reduction_params(n)
-            self._emit("reduction", f"{op}_{dict(params)['red_len']}", params, reads, [n], [n],
-                       n)
+            writes = [n]
+            chunks = reduction.strip_chunks(params, self.caps)
+            if chunks is not None:  # a strided sum as column strips (a bias gradient)
+                params += (("strips", chunks),)
+                if chunks > 1:  # the chunks' partial sums: a temporary of this kernel
+                    writes.append(next(self.copy_ids))
+                    self.out.buffers[writes[-1]] = Buffer(
+                        writes[-1], "temp", (chunks, math.prod(self.g.shape(n))), float32)
+            self._emit("reduction", f"{op}_{dict(params)['red_len']}", params, reads, writes,
+                       [n], n)
         elif cls == "matmul":
             params, reads = self.matmul_params(n)
             colsum.emit_matmul(self, n, params, reads)

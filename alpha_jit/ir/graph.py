@@ -77,9 +77,14 @@ class Graph:
 
     # ---- building -------------------------------------------------------------------------
     def add(self, op: str, args: list[int], attrs: dict, shape: tuple, dtype: DType,
-            prov: Provenance) -> int:
+            prov: Provenance, in_place_of: int | None = None) -> int:
+        """A new node. `in_place_of`: a node a pass replaces; the new one is ordered as that
+        one was (`topo`), not after everything the trace made (a weight gradient rebuilt at
+        the end would otherwise run last and keep its operands alive through the step)."""
         n = next(self._ids)
         self.g.add_node(n, op=op, attrs=dict(attrs), shape=tuple(shape), dtype=dtype, prov=prov)
+        if in_place_of is not None:
+            self.g._node[n]["seq"] = self.g._node[in_place_of].get("seq", in_place_of)
         for i, a in enumerate(args):
             self.g.add_edge(a, n, key=i)
         return n
@@ -123,19 +128,23 @@ class Graph:
         return sorted(succ)
 
     def topo(self) -> list[int]:
-        """Deterministic topological order (ties broken by node id = creation order), except
-        that a node a pass created to serve later readers (recompute) comes right before its
-        first reader rather than last."""
-        late = {n for n, d in self.g._node.items() if d["prov"].created_by == "recompute"}
+        """Deterministic topological order (ties broken by node id = creation order, or by
+        the id of the node a pass made it in place of), except that a node a pass created to
+        serve later readers (recompute) comes right before its first reader rather than
+        last."""
+        nodes = self.g._node
+        seq = {n: d["seq"] for n, d in nodes.items() if "seq" in d}
+        order_key = (lambda n: (seq.get(n, n), n)) if seq else None
+        late = {n for n, d in nodes.items() if d["prov"].created_by == "recompute"}
         if not late:
-            return lexicographical_topo(self.g)
+            return lexicographical_topo(self.g, key=order_key)
         # the others in their usual order; each late node just before its first reader (its
         # inputs come earlier anyway: they precede that reader)
         h = nx.DiGraph(self.g.subgraph(set(self.g) - late))
         for n in late:  # keep what flows through a late node ordered: its inputs first
             ins, outs = self._around(n, late, up=True), self._around(n, late, up=False)
             h.add_edges_from((a, c) for a in ins for c in outs)
-        base = nx.lexicographical_topological_sort(h)
+        base = nx.lexicographical_topological_sort(h, key=order_key)
         key: dict[int, tuple[int, int]] = {n: (i, 0) for i, n in enumerate(base)}
         from alpha_jit.ir.ops import registry
 
@@ -146,7 +155,7 @@ class Graph:
             keys = [first_use(u) if view(u) else key[u] for u in self.users(n)]
             return min(keys, default=(len(key), 0))
 
-        for n in reversed(lexicographical_topo(self.g)):
+        for n in reversed(lexicographical_topo(self.g, key=order_key)):
             if n in late:
                 first = first_use(n)
                 key[n] = (first[0], first[1] - 1)

@@ -170,13 +170,16 @@ class DeviceValue:
 @dataclass(frozen=True)
 class BuildTimes:
     """Where a step's build went, in seconds: tracing (with autodiff), the passes, planning
-    (lowering, kernel generation or disk loads, the memory plan), the driver's pipelines,
+    (lowering, the memory plan and the rest), GEMM tiling choices (timed on the device when
+    the tuning cache is cold), kernel generation (or disk loads), the driver's pipelines,
     memory (allocation, zero fills and uploads) and recording. `alpha-jit bench`'s compile
-    probe and `ALPHA_JIT_LOG=build` report it: the warm compile is their sum."""
+    probe and `ALPHA_JIT_LOG=build` report it: the compile is their sum."""
 
     trace: float
     passes: float
     plan: float
+    tune: float
+    generate: float
     pipelines: float
     memory: float
     record: float
@@ -222,9 +225,11 @@ class Executable:
                                       name=f"{name} (slot {i})")
                            for i in range(1 if self.profile else STAGING_RING)]
         self.recording = self.recordings[0]
+        p = self.plan
         self.build_times = BuildTimes(getattr(traced, "trace_s", 0.0),
-                                      getattr(traced, "passes_s", 0.0), t1 - t0, t2 - t1,
-                                      t3 - t2, time.perf_counter() - t3)
+                                      getattr(traced, "passes_s", 0.0),
+                                      t1 - t0 - p.tune_s - p.generate_s, p.tune_s,
+                                      p.generate_s, t2 - t1, t3 - t2, time.perf_counter() - t3)
         self._slot_value = [0] * len(self.recordings)  # last submit that used each slot
         self._slot_pending: list[list[DeviceValue]] = [[] for _ in self.recordings]
         self._next_slot = 0

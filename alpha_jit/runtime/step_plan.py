@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +98,8 @@ class StepPlan:
     out_bytes: int
     problems: list[str] = field(default_factory=list)  # why it cannot run on caps, if so
     recompute: str = ""  # what memory_budget made the plan recompute in backward, if anything
+    tune_s: float = 0.0  # of the planning time: GEMM tiling choices (timed on a cold cache)
+    generate_s: float = 0.0  # of the planning time: SPIR-V generation (or disk-cache reads)
 
     @property
     def peak_bytes(self) -> int:
@@ -179,10 +182,13 @@ def _plan(graph: Graph, caps: Capabilities, state_names: dict[object, str] | Non
         horizontal.fuse_horizontally(lowered, min(caps.max_storage_buffers_per_stage, 512))
     kernels = lowered.kernels
     # every GEMM's tiling, explicit in its spec (split-K workspaces join the buffers)
+    t0 = time.perf_counter()
     autotune.resolve(kernels, caps, device, lowered.buffers)
+    t1 = time.perf_counter()
     binaries = [generate(k.spec, caps) for k in tqdm(
         kernels, desc="alpha_jit: generating kernels", unit="kernel",
         disable=not progress or len(kernels) < 64, leave=False)]
+    t2 = time.perf_counter()
     align = max(_ALIGN, caps.min_storage_buffer_offset_alignment)
     # a pool per device allocation, each within the device's limits (and a binding's range)
     limit = min(caps.max_memory_allocation_size, 1 << 40) // align * align
@@ -193,6 +199,7 @@ def _plan(graph: Graph, caps: Capabilities, state_names: dict[object, str] | Non
                      enumerate(zip(kernels, binaries, strict=True))], [], [], 0, [], 0)
     _layout(plan, graph, state_names or {})
     plan.problems = _problems(plan)
+    plan.tune_s, plan.generate_s = t1 - t0, t2 - t1
     return plan
 
 

@@ -120,3 +120,83 @@ def test_cpu_layout_follows_the_loop_bound(rows, R, serial):
         return
     assert "problem" not in b.notes and b.notes["loop_passes"] < 65535
     assert b.notes.get("thread_per_row", False) == serial
+
+
+def strip_spec(mode, outer_shape, outer_strides, offset, R, rs, chunks, unroll, in_dt="f32",
+               out_dt="f32"):
+    s = red_spec(mode, outer_shape, outer_strides, offset, R, rs, in_dt, out_dt)
+    return KernelSpec("reduction", f"{s.name}_strips{chunks}u{unroll}",
+                      (*s.params, ("strips", chunks), ("unroll", unroll)))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("chunks,unroll", [(1, 1), (1, 4), (5, 4), (7, 3)])
+def test_column_strips(run_kernel, mode, chunks, unroll):
+    """The column-strip layout a GPU gets for a bias gradient, on lavapipe: columns across
+    lanes (70: a ragged last strip), the 1003 rows in chunks and unrolled trips (ragged tail
+    rows), an offset, NaN and inf columns; f32 and the chunks' workspace after `out`."""
+    R, cols = 1003, 70
+    s = strip_spec(mode, (cols,), (1,), 3, R, cols + 2, chunks, unroll)
+    b = build(s)
+    assert "column strips" in b.variant and len(b.dispatches) == (2 if chunks > 1 else 1)
+    x = (rng.standard_normal(R * (cols + 2) + 3) * 3).astype(np.float32)
+    x[3 + 500 * (cols + 2) + 4] = np.nan  # column 4 is NaN
+    x[3 + 7 * (cols + 2) + 9] = np.inf  # column 9 is inf (max and sum alike)
+    outs = [((cols,), np.float32)] + ([((chunks, cols), np.float32)] if chunks > 1 else [])
+    out = run_kernel(b, [x], outs)[0]
+    want = reference_reduction(s, x)
+    assert np.isnan(out[4]) and np.isposinf(out[9])
+    keep = np.isfinite(want)
+    np.testing.assert_allclose(out[keep], want[keep], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["sum", "max"])
+def test_column_strips_bf16_over_a_middle_axis(run_kernel, mode):
+    """sum over T of x [B=3, T=300, C=40] bf16 -> f32 [3, 40]: the columns are (b, c) pairs,
+    not one contiguous run; bf16 into an f32 output (a bias gradient's dY)."""
+    B, T, C = 3, 300, 40
+    s = strip_spec(mode, (B, C), (T * C, 1), 0, T, C, 4, 2, "bf16", "f32")
+    x = to_bf16(rng.standard_normal(B * T * C) * 2)
+    outs = [((B, C), np.float32), ((4, B * C), np.float32)]
+    out = run_kernel(build(s), [x], outs)[0]
+    want = from_bf16(x).astype(np.float64).reshape(B, T, C)
+    want = want.sum(1) if mode == "sum" else want.max(1)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-4)
+
+
+def test_column_strips_are_chosen_for_strided_float_sums_on_gpus():
+    from alpha_jit.codegen_spirv.kernels.reduction import strip_chunks
+
+    gpu, cpu = SimpleNamespace(device_type="discrete"), SimpleNamespace(device_type="cpu")
+    bias = red_spec("sum", (768,), (1,), 0, 8192, 768, "bf16").params
+    assert strip_chunks(bias, gpu) > 1  # 24 strips of 32 columns do not fill a GPU alone
+    assert strip_chunks(bias, cpu) is None  # lavapipe: a thread per column
+    assert strip_chunks(red_spec("lse", (768,), (1,), 0, 8192, 768).params, gpu) is None
+    assert strip_chunks(red_spec("sum", (768,), (1,), 0, 8192, 768, "i32").params, gpu) is None
+    assert strip_chunks(red_spec("sum", (768,), (8192,), 0, 8192, 1).params, gpu) is None
+    assert strip_chunks(red_spec("sum", (768,), (1,), 0, 8, 768).params, gpu) is None
+
+
+def test_column_strips_inside_a_step(monkeypatch):
+    """Forced on lavapipe (a GPU's choice): a Linear's bias gradient and a mean over the
+    batch axis lower to column strips with a workspace temporary, and match float64."""
+    import alpha_jit as aj
+    from alpha_jit.codegen_spirv.kernels import reduction
+
+    monkeypatch.setattr(reduction, "strip_chunks", lambda params, caps: 3)
+    x = rng.standard_normal((64, 30)).astype(np.float32)
+    g = rng.standard_normal((64, 50)).astype(np.float32)
+    w = rng.standard_normal((50, 30)).astype(np.float32)
+
+    @aj.compile
+    def step(x, g, w):
+        y = x @ w.T
+        return (y * g).sum(0), y.mean(0), (y * g).amax(0)
+
+    got = [np.asarray(t) for t in step(x, g, w)]
+    y = x.astype(np.float64) @ w.T.astype(np.float64)
+    for a, want in zip(got, [(y * g).sum(0), y.mean(0), (y * g).max(0)], strict=True):
+        np.testing.assert_allclose(a, want, rtol=1e-5, atol=1e-4)
+    (exe,) = [e for es in step.cache.values() for e in es]
+    variants = [b.variant for b in exe.binaries]
+    assert sum("column strips" in v for v in variants) == 3, variants

@@ -199,10 +199,12 @@ def test_gpt_step_has_fused_norms_and_no_one_hot():
     assert len(big) <= 3, [(b.shape, b.dtype) for b in big]  # logits, dz, its bf16 copy
 
 
-@pytest.mark.parametrize("chunks,bias", [(1, True), (3, True), (4, False)])
-def test_norm_dwb_row_chunks_match_numpy(chunks, bias):
+@pytest.mark.parametrize("chunks,bias,unroll", [(1, True, 1), (3, True, 1), (4, False, 1),
+                                               (1, True, 4), (6, True, 3)])
+def test_norm_dwb_row_chunks_match_numpy(chunks, bias, unroll):
     """dw/db with the rows split in chunks (what a GPU gets when the column strips are few):
-    partial sums in the chunk binding, then added in chunk order; odd rows and columns."""
+    partial sums in the chunk binding, then added in chunk order; odd rows and columns; whole
+    unrolled trips and a ragged tail of rows."""
     from alpha_jit.codegen_spirv.kernel import KernelSpec
     from alpha_jit.codegen_spirv.kernels.rowwise import generate_norm_dwb
     from alpha_jit.runtime.testing import run_kernel
@@ -215,7 +217,8 @@ def test_norm_dwb_row_chunks_match_numpy(chunks, bias):
               ("g", ("f32", 0)), ("stats", 0))
     if chunks > 1:
         params += (("chunks", chunks),)
-    b = generate_norm_dwb(KernelSpec("norm_dwb", f"dwb_{chunks}_{bias}", params))
+    params += (("unroll", unroll),)  # rows in flight per thread (a GPU's 4)
+    b = generate_norm_dwb(KernelSpec("norm_dwb", f"dwb_{chunks}_{bias}_{unroll}", params))
     tools.validate(b.words, b.name, "vulkan1.2")
     n_out = 2 if bias else 1
     outs = [((n_out, dim), np.float32)] + ([((chunks, n_out, dim), np.float32)]

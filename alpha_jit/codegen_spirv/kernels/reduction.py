@@ -12,6 +12,10 @@ Spec (family "reduction"), params as (key, value) pairs:
     ("red_len", R), ("red_stride", s), ("in_dtype", dtype), ("out_dtype", dtype)
 out[o] = reduce_r input[offset + sum(o_idx * outer_strides) + r * s], out contiguous over
 outer_shape. lse is log(sum(exp(x - max))) + max: two passes over the row, numerically stable.
+    ("strips", R) (optional, chosen by the lowering: `strip_chunks`): a float sum/mean/max over
+    a strided axis whose outputs are adjacent in memory (a bias gradient: dY [8192, N] summed
+    over its rows) runs as a column-strip reduction (`column_strips.py`); with R > 1 row
+    chunks an f32 workspace binding follows `out`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 from ..dsl import KernelBuilder, SharedArray, Value, cap, max_groups_x
 from ..kernel import Dispatch, KernelBinary, KernelSpec
 from ..scalar import compute_dtype, nan_minmax, subgroup_max
+from .column_strips import emit_column_sums, strip_layout
 from .elementwise import local_size_for, storage_dtype
 
 MODES = ("sum", "max", "mean", "lse")
@@ -78,6 +83,8 @@ def generate_reduction(spec: KernelSpec, caps: object = None) -> KernelBinary:
     red_len = int(p["red_len"])
     if red_len < 1:
         raise ValueError(f"{spec.name}: cannot reduce an empty axis")
+    if "strips" in p:
+        return _build_strips(spec, caps)
     serial = _thread_per_row(red_len, int(p["red_stride"]), tuple(p["outer_strides"]),
                              math.prod(p["outer_shape"]), local_size_for(caps), caps)
     found = _build(spec, caps, serial)
@@ -175,6 +182,50 @@ def _build(spec: KernelSpec, caps: object, serial: bool) -> KernelBinary:
     return kb.binary(spec, [Dispatch((groups, 1, 1))],
                      notes={"rows": rows, "red_len": red_len,
                             "variant": f"workgroup per row x{local} (subgroup ops)"})
+
+
+def strip_chunks(params: tuple, caps: object) -> int | None:
+    """Row chunks of the column-strip layout for a reduction spec's params, or None where
+    that layout does not apply: on a GPU, a float sum/mean/max over a longer strided axis
+    whose outputs are side by side in memory (the innermost output axis has stride 1)."""
+    p = dict(params)
+    if cap(caps, "device_type", None) == "cpu" or p["mode"] == "lse" or p["in_dtype"] == "i32":
+        return None
+    inner = next((st for sh, st in zip(reversed(p["outer_shape"]), reversed(p["outer_strides"]),
+                                       strict=True) if sh != 1), None)
+    if inner != 1 or int(p["red_stride"]) <= 1 or int(p["red_len"]) <= _UNROLL:
+        return None
+    return strip_layout(int(p["red_len"]), math.prod(p["outer_shape"]), caps).chunks
+
+
+def _build_strips(spec: KernelSpec, caps: object) -> KernelBinary:
+    """The column-strip layout: output columns across lanes, the reduced axis down the rows."""
+    p = dict(spec.params)
+    mode, outer_shape = p["mode"], tuple(p["outer_shape"])
+    red_len, red_stride = int(p["red_len"]), int(p["red_stride"])
+    cols = math.prod(outer_shape)
+    if mode not in ("sum", "mean", "max") or p["in_dtype"] == "i32":
+        raise ValueError(f"{spec.name}: column strips reduce floats by sum, mean or max, "
+                         f"not {mode} of {p['in_dtype']}")
+    lay = strip_layout(red_len, cols, caps, chunks=int(p["strips"]), unroll=p.get("unroll"))
+    kb = KernelBuilder(spec.name, (lay.lx, lay.ly, 1), caps)
+    x_buf = kb.buffer("x", storage_dtype(p["in_dtype"]), writable=False)
+    out_buf = kb.buffer("out", storage_dtype(p["out_dtype"]), writable=True)
+    ws = kb.buffer("chunk_sums", "f32", writable=True) if lay.chunks > 1 else None
+    out_ct = compute_dtype(storage_dtype(p["out_dtype"]))
+    def column_base(col: Value) -> Value:  # the column's first element
+        return _row_base(kb, col, outer_shape, tuple(p["outer_strides"]), int(p["offset"]))
+
+    def load(r: Value, base: Value) -> list[Value]:
+        return [kb.cast(x_buf.load(base + r * red_stride), "f32")]
+
+    def store(_k: int, col: Value, total: Value) -> None:
+        out_buf.store(col, kb.cast(total / float(red_len) if mode == "mean" else total, out_ct))
+
+    op = "max" if mode == "max" else "add"
+    dispatches = emit_column_sums(kb, lay, red_len, cols, [op], load, store, ws, column_base)
+    return kb.binary(spec, dispatches, notes={"rows": cols, "red_len": red_len,
+                                              "variant": lay.variant()})
 
 
 _CPU_MIN_ROWS = 64  # CPU: a thread per row once there are enough rows for the cores

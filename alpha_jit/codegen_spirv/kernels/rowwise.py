@@ -27,14 +27,14 @@ f32 [rows, 2] buffers; y is i32.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 from ... import dtypes
 from ...schedule import epilogue
-from ..dsl import KernelBuilder, Value, cap, max_groups_x, pack_push_constants
+from ..dsl import KernelBuilder, Value, max_groups_x
 from ..kernel import Dispatch, KernelBinary, KernelSpec
 from ..lower import Buffer, _Lowerer, register_kernel_lowering
 from ..scalar import ScalarEmitter, compute_dtype, nan_minmax
+from .column_strips import emit_column_sums, strip_layout
 from .elementwise import (
     EpilogueStore,
     FlatGrid,
@@ -207,97 +207,38 @@ def generate_norm_dx(spec: KernelSpec, caps: object = None,
     return r.finish({"dim": dim})
 
 
-def _dwb_local(dim: int, caps: object) -> tuple[int, int]:
-    """(columns, row lanes) of a dw/db workgroup: 32 adjacent columns read together."""
-    total = local_size_for(caps)
-    lx = min(32, 1 << max(0, dim - 1).bit_length(), total)
-    return lx, max(1, total // lx)
-
-
-_DWB_FILL = 256  # workgroups that keep a big GPU busy; fewer column strips split the rows
-_DWB_MIN_ROWS = 256  # rows per chunk below which a second pass costs more than it saves
-
-
 def dwb_chunks(rows: int, dim: int, caps: object) -> int:
-    """Row chunks of a dw/db reduction: 1 (one pass) where its column strips alone fill the
-    device or on a CPU device, else enough chunks to fill it (`small`: 12 strips of 384
-    columns over 16384 rows ran 0.28 ms at 178 GB/s on the H200)."""
-    if cap(caps, "device_type", None) == "cpu":
-        return 1
-    strips = math.ceil(dim / _dwb_local(dim, caps)[0])
-    return max(1, min(math.ceil(_DWB_FILL / strips), rows // _DWB_MIN_ROWS, 64))
+    """Row chunks of a dw/db reduction (`column_strips.strip_layout`): 1 on a CPU device,
+    else enough to fill the GPU."""
+    return strip_layout(rows, dim, caps).chunks
 
 
 def generate_norm_dwb(spec: KernelSpec, caps: object = None) -> KernelBinary:
-    """dw[j] = sum_rows g * xhat, db[j] = sum_rows g: one column strip per workgroup, threads
-    striding over rows, then a fixed-order fold of the row lanes (deterministic). With
-    ("chunks", R > 1) the rows are split in R chunks: pass 0 (push constant phase) writes
-    each chunk's sums to an f32 [R, 1 or 2, dim] binding after `out`, pass 1 adds them in
-    chunk order."""
+    """dw[j] = sum_rows g * xhat, db[j] = sum_rows g: a column-strip reduction
+    (`column_strips.py`: deterministic). With ("chunks", R > 1) the rows are split in R
+    chunks whose sums go to an f32 [R, 1 or 2, dim] binding after `out`."""
     p = dict(spec.params)
     rows, dim, bias = int(p["rows"]), int(p["dim"]), bool(p["bias"])
-    chunks = int(p.get("chunks", 1))
     _check_i32(spec, rows * dim)
-    lx, ly = _dwb_local(dim, caps)
-    kb = KernelBuilder(spec.name, (lx, ly, 1), caps)
+    lay = strip_layout(rows, dim, caps, chunks=int(p.get("chunks", 1)), unroll=p.get("unroll"))
+    kb = KernelBuilder(spec.name, (lay.lx, lay.ly, 1), caps)
     x = kb.buffer("x", storage_dtype(p["x"][0]), writable=False)
     g = kb.buffer("g", storage_dtype(p["g"][0]), writable=False)
     st = kb.buffer("stats", "f32", writable=False)
     out = kb.buffer("out", "f32", writable=True)
+    ws = kb.buffer("chunk_sums", "f32", writable=True) if lay.chunks > 1 else None
     xo, go, so = int(p["x"][1]), int(p["g"][1]), int(p["stats"])
-    n_out = 2 if bias else 1
-    part = kb.shared("f32", lx * ly * n_out)
-    tx, ty = kb.cast(kb.local_id(0), "i32"), kb.cast(kb.local_id(1), "i32")
-    col = kb.cast(kb.workgroup_id(0), "i32") * lx + tx
-    span = math.ceil(rows / chunks)  # rows per chunk
 
-    def column_sums(store: Callable[[int, Value], None]) -> None:
-        """This workgroup's rows of its columns, folded over the row lanes in fixed order."""
-        acc = [kb.var("f32", 0.0) for _ in range(n_out)]
-        lo = kb.cast(kb.workgroup_id(1), "i32") * span if chunks > 1 else kb.i32(0)
-        hi = kb.fmin(lo + span, rows) if chunks > 1 else rows
-        with kb.if_(col < dim):
-            with kb.loop(lo + ty, hi, ly, max_trips=math.ceil(span / ly)) as i:
-                gv = kb.cast(g.load(i * dim + col + go), "f32")
-                xh = (kb.cast(x.load(i * dim + col + xo), "f32") - st.load(i * 2 + so)) \
-                    * st.load(i * 2 + 1 + so)
-                acc[0].set(acc[0].get() + gv * xh)
-                if bias:
-                    acc[1].set(acc[1].get() + gv)
-        for k in range(n_out):
-            part.store((k * ly + ty) * lx + tx, acc[k].get())
-        kb.barrier()
-        with kb.if_((ty == 0) & (col < dim)):
-            for k in range(n_out):
-                tot = part.load(k * ly * lx + tx)
-                for lane in range(1, ly):  # fixed order: the same bits every run
-                    tot = tot + part.load((k * ly + lane) * lx + tx)
-                store(k, tot)
+    def load(i: Value, col: Value) -> list[Value]:
+        gv = kb.cast(g.load(i * dim + col + go), "f32")
+        xh = (kb.cast(x.load(i * dim + col + xo), "f32") - st.load(i * 2 + so)) \
+            * st.load(i * 2 + 1 + so)
+        return [gv * xh, gv] if bias else [gv * xh]
 
-    groups = math.ceil(dim / lx)
-    if groups > max_groups_x(caps):
-        raise ValueError(f"{spec.name}: {dim} columns need {groups} workgroups, over the "
-                         f"device's {max_groups_x(caps)}")
-    if chunks == 1:
-        column_sums(lambda k, tot: out.store(k * dim + col, tot))
-        dispatches = [Dispatch((groups, 1, 1))]
-    else:
-        ws = kb.buffer("chunk_sums", "f32", writable=True)
-        phase = kb.push_constants([("phase", "u32")])["phase"]
-        with kb.if_else(phase == 0) as (first, second):
-            with first:
-                chunk = kb.cast(kb.workgroup_id(1), "i32")
-                column_sums(lambda k, tot: ws.store((chunk * n_out + k) * dim + col, tot))
-            with second, kb.if_((ty == 0) & (col < dim)):
-                for k in range(n_out):
-                    tot = ws.load(k * dim + col)
-                    for c in range(1, chunks):  # chunk order: deterministic
-                        tot = tot + ws.load((c * n_out + k) * dim + col)
-                    out.store(k * dim + col, tot)
-        dispatches = [Dispatch((groups, chunks, 1), pack_push_constants([("u32", 0)])),
-                      Dispatch((groups, 1, 1), pack_push_constants([("u32", 1)]))]
-    variant = f"column strips {lx}x{ly}" + (f" x{chunks} row chunks" if chunks > 1 else "")
-    return kb.binary(spec, dispatches, notes={"rows": rows, "dim": dim, "variant": variant})
+    dispatches = emit_column_sums(kb, lay, rows, dim, ["add"] * (2 if bias else 1), load,
+                                  lambda k, col, tot: out.store(k * dim + col, tot), ws)
+    return kb.binary(spec, dispatches, notes={"rows": rows, "dim": dim,
+                                              "variant": lay.variant()})
 
 
 def _label(kb: KernelBuilder, p: dict, y: Value, classes: int) -> tuple[Value, Value]:

@@ -69,9 +69,10 @@ def _sink(g: Graph, c: int) -> int | None:
     # a cast of the precision policy stays one when moved (rewrite 3 reads only those)
     made = g.prov(c).created_by
     prov = g.prov(c).with_(created_by=made if made == AUTOCAST else "cast_fold")
-    out = g.add("cast", [x], dict(g.attrs(c)), g.shape(x), g.dtype(c), prov)
+    out = g.add("cast", [x], dict(g.attrs(c)), g.shape(x), g.dtype(c), prov, in_place_of=c)
     for v in reversed(chain):
-        out = g.add(g.op(v), [out], dict(g.attrs(v)), g.shape(v), g.dtype(c), prov)
+        out = g.add(g.op(v), [out], dict(g.attrs(v)), g.shape(v), g.dtype(c), prov,
+                    in_place_of=c)
     g.replace_uses(c, out)
     g.remove(c)
     return out
@@ -147,9 +148,12 @@ def _sum_reads_cast(g: Graph, r: int, roots: set[int]) -> bool:
         return False  # a view shared with another reader keeps reading x
     c = casts[0]
     prov = g.prov(r).with_(created_by="cast_fold")
-    top = g.add("cast", [c], {"dtype": dtypes.float32}, g.shape(c), dtypes.float32, prov)
+    # ordered where the sum is (not after everything else)
+    top = g.add("cast", [c], {"dtype": dtypes.float32}, g.shape(c), dtypes.float32, prov,
+                in_place_of=r)
     for v in reversed(chain):
-        top = g.add(g.op(v), [top], dict(g.attrs(v)), g.shape(v), dtypes.float32, prov)
+        top = g.add(g.op(v), [top], dict(g.attrs(v)), g.shape(v), dtypes.float32, prov,
+                    in_place_of=r)
     g.rewire(r, g.op(r), [top], dict(g.attrs(r)))
     for v in chain:  # the old views, now unread
         g.remove(v)

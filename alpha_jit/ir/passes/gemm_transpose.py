@@ -29,7 +29,7 @@ def _swaps_last_two(g: Graph, t: int) -> bool:
     return r >= 2 and perm == (*range(r - 2), r - 1, r - 2)
 
 
-def _swapped(g: Graph, x: int, prov: Provenance) -> int:
+def _swapped(g: Graph, x: int, prov: Provenance, at: int) -> int:
     """x with its last two axes exchanged: the node under x if x is such a transpose."""
     if g.op(x) == "transpose" and _swaps_last_two(g, x):
         return g.args(x)[0]
@@ -37,7 +37,7 @@ def _swapped(g: Graph, x: int, prov: Provenance) -> int:
     r = len(shape)
     perm = (*range(r - 2), r - 1, r - 2)
     return g.add("transpose", [x], {"perm": perm}, (*shape[:-2], shape[-1], shape[-2]),
-                 g.dtype(x), prov)
+                 g.dtype(x), prov, in_place_of=at)
 
 
 def _fold(g: Graph, t: int, roots: set[int]) -> bool:
@@ -50,8 +50,10 @@ def _fold(g: Graph, t: int, roots: set[int]) -> bool:
     if len(g.shape(a)) != len(g.shape(b)):
         return False  # a broadcast batch would need the other operand's batch axes first
     prov = g.prov(m).with_(created_by="gemm_transpose")
-    new = g.add("matmul", [_swapped(g, b, prov), _swapped(g, a, prov)], dict(g.attrs(m)),
-                g.shape(t), g.dtype(t), prov)
+    # ordered where the matmul was (autodiff's transpose of a weight gradient comes at the
+    # end): a weight gradient runs as soon as dY is ready
+    new = g.add("matmul", [_swapped(g, b, prov, m), _swapped(g, a, prov, m)],
+                dict(g.attrs(m)), g.shape(t), g.dtype(t), prov, in_place_of=m)
     g.replace_uses(t, new)
     g.remove(t)
     g.remove(m)
