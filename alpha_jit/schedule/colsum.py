@@ -14,6 +14,11 @@ through views and exact casts) and checked exactly when emitted (same buffer, of
 strides, lengths, dtype). The two may come in either order: whichever is lowered first emits
 the GEMM with the column sums, provided the GEMM's operands exist by then and no epilogue
 owns it. `ALPHA_JIT_DISABLE_PASSES=gemm_colsum` turns it off.
+
+Where the sum gets the column-strip layout (`kernels/column_strips.py`: any GPU), the pair is
+not fused: on the H200 the K sums cost a cooperative-matrix weight-gradient GEMM 25-37%
+(`gpt2`: matmuls 31.6 ms with them, 29.0 without) while the 48 strip sums take 1.0 ms, so the
+step ran 43.6 ms against 45.4. CPU devices (lavapipe) keep the fused sums.
 """
 
 from __future__ import annotations
@@ -75,8 +80,13 @@ def pairs(lw: _Lowerer, order: list[int], taken: set[int]) -> dict[int, int]:
     return out
 
 
-def _side(rp: dict, mp: dict, r_base: int, m_reads: list[int]) -> str | None:
-    """The GEMM operand ("b", then "a") whose sums over K the reduction is exactly, if any."""
+def _side(lw: _Lowerer, rp: dict, mp: dict, r_base: int, m_reads: list[int]) -> str | None:
+    """The GEMM operand ("b", then "a") whose sums over K the reduction is exactly, if any;
+    None also where the reduction runs as column strips (a GPU: see the module)."""
+    from alpha_jit.codegen_spirv.kernels import reduction
+
+    if reduction.strip_chunks(tuple(rp.items()), lw.caps) is not None:
+        return None
     if mp["batch"] != 1 or rp["mode"] != "sum" or rp["out_dtype"] != "f32" \
             or rp["red_len"] != mp["k"]:
         return None
@@ -111,7 +121,7 @@ def emit_matmul(lw: _Lowerer, m: int, params: tuple, reads: list[int]) -> None:
     side = None
     if r is not None and r not in lw.done:
         rp, r_reads = lw.reduction_params(r)
-        side = _side(dict(rp), dict(params), r_reads[0], reads)
+        side = _side(lw, dict(rp), dict(params), r_reads[0], reads)
     _emit(lw, m, params, reads, r, side)
 
 
@@ -126,7 +136,7 @@ def emit_early(lw: _Lowerer, r: int) -> bool:
         return False
     params, reads = lw.matmul_params(m)  # safe now: any copy it makes reads computed values
     rp, r_reads = lw.reduction_params(r)
-    side = _side(dict(rp), dict(params), r_reads[0], reads)
+    side = _side(lw, dict(rp), dict(params), r_reads[0], reads)
     if side is None:
         lw.colsums.pop(m, None)  # not this pair: each is emitted on its own
         return False

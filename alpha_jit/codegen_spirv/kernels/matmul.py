@@ -545,7 +545,10 @@ def generate_matmul(spec: KernelSpec, caps: object = None,
         passes = [(groups, k0) for k0 in k_starts]
     dispatches = [Dispatch(cnt, pack_push_constants([("u32", v) for v in (*base, *extra)]))
                   for grid, extra in passes for cnt, base in grid_plan(grid, caps)]
-    notes = {"config": cfg, "variant": cfg.label(),
+    label = cfg.label()
+    if cfg.variant == "coopmat" and matmul_coopmat.direct_store(cfg, p):
+        label += " direct store"
+    notes = {"config": cfg, "variant": label,
              "flops": 2 * p["batch"] * p["m"] * p["n"] * p["k"]}
     if cfg.split > 1:
         notes["workspace_bytes"] = matmul_coopmat.workspace_bytes(p, cfg)

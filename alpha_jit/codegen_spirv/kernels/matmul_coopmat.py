@@ -17,7 +17,9 @@ Shape of the kernel (config: tile tm x tn x bk, a subgroup tile rm x rn, `lanes`
   cast kernel they replace; the column sums of b add the values as loaded, before rounding.
 - Each accumulator fragment is stored to the subgroup's own f32 scratch in shared memory; after
   a subgroup barrier every lane finishes 16*16/lanes elements through the family's epilogue
-  store (bias, GELU, residual, output cast and rounding) with bounds checks.
+  store (bias, GELU, residual, output cast and rounding) with bounds checks. A plain f32
+  output that the tiles cover exactly (no epilogue, M and N multiples of the tile, 16-byte
+  rows) is stored straight from the fragments instead (`direct_store`): the LM head's logits.
 """
 
 from __future__ import annotations
@@ -291,6 +293,14 @@ def _guarded_finish(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object
         store.finish((bi, row, col), bi * (m * n) + row * n + col, v)  # type: ignore
 
 
+def direct_store(cfg: MatmulConfig, p: dict) -> bool:
+    """Whether the accumulators go straight to the output: f32 without an epilogue, no
+    K sums, one K slice, and tiles that cover M x N exactly with 16-byte aligned rows."""
+    return (cfg.split == 1 and p["out_dtype"] == "f32" and "epilogue" not in p
+            and ksum_side(p) is None and p["m"] % cfg.tm == 0 and p["n"] % cfg.tn == 0
+            and p["n"] % 4 == 0)
+
+
 def _finish_fragments(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object,
                       acc: list, sg: Value, tid: Value, row0: Value, col0: Value,
                       bi: Value) -> None:
@@ -302,7 +312,17 @@ def _finish_fragments(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: obje
     residual) of those elements are in flight together. A loop per lane over them made every
     load wait for the one before: K = 384 GEMMs with a residual epilogue ran at a third of
     their main loop's speed on the H200. The epilogue's code is in the module 16*16/lanes
-    times (module size and the driver's compile time grow with it, not with the fragments)."""
+    times (module size and the driver's compile time grow with it, not with the fragments).
+    Where `direct_store` holds, each fragment is stored to the output as it is."""
+    if direct_store(cfg, p):
+        m, n = p["m"], p["n"]
+        sr, sc = sg / (cfg.tn // cfg.rn), sg % (cfg.tn // cfg.rn)
+        for i, row in enumerate(acc):
+            for j, frag in enumerate(row):
+                r = row0 + sr * cfg.rm + i * _FRAG
+                c = col0 + sc * cfg.rn + j * _FRAG
+                frag.frag.store(store.out, bi * (m * n) + r * n + c, frag.get(), n)  # type: ignore
+        return
     lanes = cfg.lanes
     lane = kb.subgroup_invocation_id()
     sr, sc = sg / (cfg.tn // cfg.rn), sg % (cfg.tn // cfg.rn)
