@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,10 +137,13 @@ def resolve(kernels: list[Any], caps: Any, device: Any = None,
                 if len(cands) > 1:
                     todo[bare.key()] = (bare, cands)
         if todo:
+            t0 = time.perf_counter()
             # every candidate generated, then compiled by the driver on several threads
             built = {key: [(cfg, generate(_with_config(bare, cfg), caps)) for cfg in cands]
                      for key, (bare, cands) in todo.items()}
+            t1 = time.perf_counter()
             device.pipelines.get_many([b for cands in built.values() for _, b in cands])
+            t2 = time.perf_counter()
             for key, (bare, _) in tqdm(todo.items(), desc="alpha_jit: tuning GEMM tiles",
                                        unit="shape", leave=False, disable=len(todo) < 2):
                 try:
@@ -150,6 +154,10 @@ def resolve(kernels: list[Any], caps: Any, device: Any = None,
             _store(path, entries)  # type: ignore[arg-type]
             device.synchronize()
             device.memory.trim()  # the scratch must not stay reserved beside the step's memory
+            # where a cold build's tuning goes (the bench's compile probe shows the total)
+            log.info("autotune: %d shapes, %d candidates: generated in %.2f s, compiled in "
+                     "%.2f s, timed in %.2f s", len(todo), sum(len(c) for _, c in todo.values()),
+                     t1 - t0, t2 - t1, time.perf_counter() - t2)
     chosen: dict[tuple, matmul.MatmulConfig] = {}  # by params: a layer's GEMMs repeat
     for k in gemms:
         cfg = chosen.get(k.spec.params)

@@ -263,7 +263,11 @@ def test_coopmat_variants_validate_for_the_h200(monkeypatch):
     cs["b"] = ("f32", *cs["b"][1:])
     specs.append(KernelSpec("matmul", "cs", (*cs.items(), ("b_round", "bf16"),
                                              ("colsum_b", True))))
-    features = set()
+    # a's row sums (dY^T @ x, as gemm_transpose writes it): GPUs sum bias gradients as column
+    # strips, but a CPU device's plan, and these kernels, still fuse them
+    rs = dict(mm_spec(1, 264, 136, 4200, dt="bf16").params)
+    specs.append(KernelSpec("matmul", "rs", (*rs.items(), ("rowsum_a", True))))
+    features, variants = set(), set()
     for s in specs:
         params = tuple(kv for kv in s.params if kv[0] != "config")
         for cfg in matmul_coopmat.candidates(dict(params), h200):
@@ -274,7 +278,9 @@ def test_coopmat_variants_validate_for_the_h200(monkeypatch):
             assert ("workspace_bytes" in b.notes) == (cfg.split > 1)
             tools.validate(b.words, b.name, h200.spirv_target_env())
             features |= {key for key, _ in params} | ({"split"} if cfg.split > 1 else set())
+            variants.add(b.variant)
     assert {"epilogue", "colsum_b", "rowsum_a", "b_round", "split"} <= features
+    assert any(v.endswith("direct store") for v in variants)  # plain f32 outputs
 
 
 def test_deep_tiles_are_tuned_never_guessed():
