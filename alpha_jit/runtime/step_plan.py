@@ -166,7 +166,10 @@ def plan_step(graph: Graph, caps: Capabilities, state_names: dict[object, str] |
         rewritten, summary = recompute_in_backward(graph)
         log.info("%s: planned peak %s over memory_budget %s: %s", PASS_NAME,
                  _gib(plan.peak_bytes), _gib(memory_budget), summary)
+        first = plan
         plan = _plan(rewritten, caps, state_names, progress, device)
+        plan.tune_s += first.tune_s  # the build's tuning and generation, both plans'
+        plan.generate_s += first.generate_s
     plan.recompute = summary
     if plan.peak_bytes > memory_budget:
         plan.problems.append(f"the planned peak {_gib(plan.peak_bytes)} exceeds memory_budget "

@@ -80,12 +80,18 @@ def pairs(lw: _Lowerer, order: list[int], taken: set[int]) -> dict[int, int]:
     return out
 
 
-def _side(lw: _Lowerer, rp: dict, mp: dict, r_base: int, m_reads: list[int]) -> str | None:
-    """The GEMM operand ("b", then "a") whose sums over K the reduction is exactly, if any;
-    None also where the reduction runs as column strips (a GPU: see the module)."""
+def _strips(lw: _Lowerer, rp: tuple) -> bool:
+    """Whether the reduction with these params runs as column strips (a GPU: see the module),
+    and so stays out of its GEMM."""
     from alpha_jit.codegen_spirv.kernels import reduction
 
-    if reduction.strip_chunks(tuple(rp.items()), lw.caps) is not None:
+    return reduction.strip_chunks(rp, lw.caps) is not None
+
+
+def _side(lw: _Lowerer, rp: dict, mp: dict, r_base: int, m_reads: list[int]) -> str | None:
+    """The GEMM operand ("b", then "a") whose sums over K the reduction is exactly, if any;
+    None also where the reduction runs as column strips."""
+    if _strips(lw, tuple(rp.items())):
         return None
     if mp["batch"] != 1 or rp["mode"] != "sum" or rp["out_dtype"] != "f32" \
             or rp["red_len"] != mp["k"]:
@@ -131,11 +137,14 @@ def emit_early(lw: _Lowerer, r: int) -> bool:
     m = lw.colsums.get(r)
     if m is None or m in lw.done:
         return False
-    if not all(_computed(lw, _source(lw, a)) for a in lw.g.args(m)):
-        lw.colsums.pop(m, None)  # its operands come later: each is emitted on its own
+    rp, r_reads = lw.reduction_params(r)
+    if _strips(lw, rp) or not all(_computed(lw, _source(lw, a)) for a in lw.g.args(m)):
+        # a GPU's strip sum, or the GEMM's operands come later: each is emitted on its own
+        # (before the GEMM's params: they may copy an operand)
+        lw.colsums.pop(m, None)
+        lw.colsums.pop(r, None)
         return False
     params, reads = lw.matmul_params(m)  # safe now: any copy it makes reads computed values
-    rp, r_reads = lw.reduction_params(r)
     side = _side(lw, dict(rp), dict(params), r_reads[0], reads)
     if side is None:
         lw.colsums.pop(m, None)  # not this pair: each is emitted on its own

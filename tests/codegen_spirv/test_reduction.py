@@ -175,6 +175,12 @@ def test_column_strips_are_chosen_for_strided_float_sums_on_gpus():
     assert strip_chunks(red_spec("sum", (768,), (1,), 0, 8192, 768, "i32").params, gpu) is None
     assert strip_chunks(red_spec("sum", (768,), (8192,), 0, 8192, 1).params, gpu) is None
     assert strip_chunks(red_spec("sum", (768,), (1,), 0, 8, 768).params, gpu) is None
+    # more strips of 32 columns than workgroups along x: the grid-striding layout plans it
+    small_grid = SimpleNamespace(device_type="discrete", max_workgroup_count=(65535, 1, 1))
+    wide = red_spec("sum", (3_000_000,), (1,), 0, 20, 3_000_000).params
+    assert strip_chunks(wide, small_grid) is None and strip_chunks(wide, gpu) is None
+    assert strip_chunks(red_spec("sum", (65535 * 32,), (1,), 0, 20, 65535 * 32).params,
+                        small_grid) is not None
 
 
 def test_column_strips_inside_a_step(monkeypatch):

@@ -195,7 +195,11 @@ def strip_chunks(params: tuple, caps: object) -> int | None:
                                        strict=True) if sh != 1), None)
     if inner != 1 or int(p["red_stride"]) <= 1 or int(p["red_len"]) <= _UNROLL:
         return None
-    return strip_layout(int(p["red_len"]), math.prod(p["outer_shape"]), caps).chunks
+    cols = math.prod(p["outer_shape"])
+    lay = strip_layout(int(p["red_len"]), cols, caps)
+    if math.ceil(cols / lay.lx) > max_groups_x(caps):
+        return None  # more strips than workgroups along x: the grid-striding layouts
+    return lay.chunks
 
 
 def _build_strips(spec: KernelSpec, caps: object) -> KernelBinary:
