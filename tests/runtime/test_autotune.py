@@ -114,3 +114,23 @@ def test_cpu_devices_keep_the_rows_variant():
     k = _kernel(_wgrad(k=64))
     autotune.resolve([k], caps, get_device(), _buffers())
     assert MatmulConfig(*dict(k.spec.params)["config"]).variant in ("rows", "simt")
+
+
+def test_a_gemm_with_an_epilogue_is_tuned_through_the_epilogue_store(h200):
+    """The bare spec the tuner times keeps the store path of the real kernel: a plain f32
+    output goes straight from the fragments, a bf16 cast epilogue through the epilogue store
+    (timed with the direct store, the LM head's tiles ranked up to 2x differently)."""
+    from alpha_jit.codegen_spirv.kernels.matmul import generate_matmul
+    from alpha_jit.ir.ops import registry
+
+    base = (("batch", 1), ("m", 256), ("n", 512), ("k", 64), ("a", ("bf16", 0, 0, 64, 1)),
+            ("b", ("bf16", 0, 0, 512, 1)), ("out_dtype", "f32"))
+    cast = (("epilogue", ((), (("cast", "bf16", (("dtype", "bf16"),), (("acc",),)),),
+                          (("bf16", 0),))), ("acc_dtype", "f32"))
+    cfg = MatmulConfig("coopmat", 128, 128, 32, 64, 64, 32, 1).to_param()
+    for extra, direct in (((), True), (cast, False)):
+        bare = autotune.bare_spec(KernelSpec("matmul", "g", base + extra))
+        assert dict(bare.params).get("epilogue_store", False) is not direct
+        b = generate_matmul(KernelSpec("matmul", "g", (*bare.params, ("config", cfg))), h200,
+                            registry.scalar_rule)
+        assert b.variant.endswith("direct store") is direct, b.variant

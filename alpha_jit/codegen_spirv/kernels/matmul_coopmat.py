@@ -295,10 +295,11 @@ def _guarded_finish(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object
 
 def direct_store(cfg: MatmulConfig, p: dict) -> bool:
     """Whether the accumulators go straight to the output: f32 without an epilogue, no
-    K sums, one K slice, and tiles that cover M x N exactly with 16-byte aligned rows."""
+    K sums, one K slice, and tiles that cover M x N exactly with 16-byte aligned rows.
+    ("epilogue_store", True) (the tuner's stand-in of a GEMM with an epilogue) says no."""
     return (cfg.split == 1 and p["out_dtype"] == "f32" and "epilogue" not in p
-            and ksum_side(p) is None and p["m"] % cfg.tm == 0 and p["n"] % cfg.tn == 0
-            and p["n"] % 4 == 0)
+            and not p.get("epilogue_store") and ksum_side(p) is None
+            and p["m"] % cfg.tm == 0 and p["n"] % cfg.tn == 0 and p["n"] % 4 == 0)
 
 
 def _finish_fragments(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object,
