@@ -283,6 +283,103 @@ class _Kernel:
                          self.kb.u32(n * self.bl * self.ldt), self.ldt, self.c.tid,
                          self.cfg.threads) for n, (name, base) in enumerate(names)]
 
+    def kv_walk(self, kbase: Value, vbase: Value) -> tuple:
+        """The key/value tiles a query block streams (forward, dq): (own_end, the k and v
+        stagings with tile 0 fetched, walk_end). The walk is contiguous: full tiles from 0 to
+        walk_end, then (causal) the diagonal ones up to own_end(), or the ragged last one."""
+        kb, t = self.kb, self.p["t"]
+        own_end = (lambda: kb.fmin(self.c.blk0 + self.cfg.rows, kb.u32(t))) \
+            if self.p["causal"] else None
+        kv = self.stream((("k", kbase), ("v", vbase)))
+        walk_end = own_end() if own_end is not None else kb.u32(t)
+        for st in kv:
+            st.fetch(kb.u32(0))
+        return own_end, kv, walk_end
+
+    def kv_next(self, kv: list, j0: Value, walk_end: Value) -> None:
+        """Tile j0 of the walk into shared memory, and the next one's loads in flight."""
+        kb = self.kb
+        kb.barrier()  # the previous tile's readers are done
+        for st in kv:
+            st.stash(j0)
+        kb.barrier()
+        with kb.if_(j0 + self.bl < walk_end):  # the next tile's loads overlap this one's math
+            for st in kv:
+                st.fetch(j0 + self.bl)
+
+    def dkdv_element(self, hh: Value, ii: Value, j: Value, col: Value, x: Value, dp: Value,
+                     lse_sh: SharedArray, dd_sh: SharedArray, masked: bool) -> tuple:
+        """(P, dS) of query ii (tile column col) and key j in dk/dv, from S = x and dP = dp:
+        P = exp(S * scale - lse), dS = P (dP - D), dropout applied, masked to 0 where key j
+        is not visible to query ii."""
+        kb, p = self.kb, self.p
+        pr = kb.exp(x * p["scale"] - lse_sh.load(col))
+        kr = self.c.keep(hh, ii, j)  # dropout: dV takes the dropped P, dS the dropped dP
+        d = pr * ((dp if kr is None else dp * kr) - dd_sh.load(col))
+        pr = pr if kr is None else pr * kr
+        if masked:  # key j visible to query ii (inside T, not in its future)
+            t = p["t"]
+            ok = (ii < t) & (j <= ii) if p["causal"] else ii < t
+            pr, d = kb.select(ok, pr, 0.0), kb.select(ok, d, 0.0)
+        return pr, d
+
+    def dq_element(self, row: Value, key: Value, x: Value, dp: Value, lse: Value, dd: Value,
+                   masked: bool) -> Value:
+        """dS of query `row` and `key` in dq, from S = x and dP = dp: P = exp(S * scale - lse),
+        dS = P (dP - D) with dropout, 0 where the key is not visible (masked tiles)."""
+        kb, c = self.kb, self.c
+        pj = kb.exp(x * self.p["scale"] - lse)
+        kj = c.keep(c.head, row, key)  # dropout scales dP as it scaled P
+        d = pj * ((dp if kj is None else dp * kj) - dd)
+        return kb.select(A._allowed(c, key, row), d, 0.0) if masked else d
+
+    def add_dq(self, da: list, acc: list) -> None:
+        """dq += dS k for one key tile (dS as A fragments)."""
+        for n in range(self.hd // _F):
+            acc[n].set(self.product(da, 0, n * _F, False, acc[n].get()))
+
+    def finish_dq(self, spec: KernelSpec, caps: object, body, own_end, acc: list, what: str
+                  ) -> KernelBinary:
+        """Walk the key tiles (full ones, then the diagonal or ragged ones masked), dq (times
+        scale) out through the scratch, and the dq kernel's binary."""
+        c, p, t = self.c, self.p, self.p["t"]
+        m_lo, m_hi, f_lo, f_hi = A._masked_ranges(c, own_end)
+        A._loop_tiles(c, f_lo, f_hi, lambda j0: body(j0, False), t)
+        A._loop_tiles(c, m_lo, m_hi, lambda j0: body(j0, True), self.cfg.rows)
+        self.write_out([a.get() for a in acc], self.outs["dq"], p["h"], c.head, p["scale"])
+        flops = 6 * p["b"] * p["h"] * t * t * p["hd"] // (2 if p["causal"] else 1)
+        return self.binary(spec, caps, p["h"], flops, what)
+
+    def stage_queries(self, hh: Value, i0: Value, lse_sh: SharedArray, dd_sh: SharedArray,
+                      part_sh: SharedArray) -> None:
+        """dk/dv: query tile i0 of head hh (q and dO) into the streamed tiles, its rows' lse
+        and D into shared memory, between barriers."""
+        kb, c = self.kb, self.c
+        kb.barrier()
+        self.stage_tile(0, "q", self.ins["q"].base(c.bi, hh), i0)
+        self.stage_tile(1, "do", self.ins["do"].base(c.bi, hh), i0)
+        self.row_stats(hh, i0, lse_sh, dd_sh, part_sh)
+        kb.barrier()
+
+    def add_dkdv(self, pa: list, sa: list, dk: list, dv: list) -> None:
+        """dv += P^T dO and dk += dS^T q for one query tile (P and dS as A fragments)."""
+        for n in range(self.hd // _F):
+            dv[n].set(self.product(pa, 1, n * _F, False, dv[n].get()))
+            dk[n].set(self.product(sa, 0, n * _F, False, dk[n].get()))
+
+    def finish_dkdv(self, spec: KernelSpec, caps: object, dk: list, dv: list, what: str
+                    ) -> KernelBinary:
+        """dk (times scale) and dv out through the scratch, and the dk/dv kernel's binary."""
+        p = self.p
+        for name, accs, mul in (("dk", dk, p["scale"]), ("dv", dv, 1.0)):
+            if name in self.outs:
+                self.write_out([a.get() for a in accs], self.outs[name], p["hkv"], self.c.head,
+                               mul)
+                coopmat.subgroup_barrier(self.kb)  # scratch read before the next output lands
+        t = p["t"]
+        flops = 8 * p["b"] * p["h"] * t * t * p["hd"] // (2 if p["causal"] else 1)
+        return self.binary(spec, caps, p["hkv"], flops, what)
+
     def stage_tile(self, n: int, name: str, base: Value, r0: Value) -> None:
         """Streamed tile n (0 or 1): `block` rows of `name` from r0 (the caller barriers)."""
         self._stage(name, base, r0, self.bl, self.tiles, self.kb.u32(n * self.bl * self.ldt),
@@ -439,21 +536,10 @@ def generate_fwd(spec: KernelSpec, caps: object, cfg: CmConfig) -> KernelBinary:
     o = [kb.var("f32", 0.0) for _ in range(_VEC * len(o_cols))]
     l_var, m_var, shift_var = kb.var("f32", 0.0), kb.var("f32", _NEG_INF), kb.var("f32", 0.0)
 
-    own_end = (lambda: kb.fmin(c.blk0 + cfg.rows, kb.u32(t))) if p["causal"] else None
-    kv = K.stream((("k", kbase), ("v", vbase)))
-    # the walk is contiguous: full tiles from 0, then the diagonal (or ragged) ones
-    walk_end = own_end() if own_end is not None else kb.u32(t)
-    for st in kv:
-        st.fetch(kb.u32(0))
+    own_end, kv, walk_end = K.kv_walk(kbase, vbase)
 
     def body(j0: Value, masked: bool) -> None:
-        kb.barrier()  # the previous tile's readers are done
-        for st in kv:
-            st.stash(j0)
-        kb.barrier()
-        with kb.if_(j0 + bl < walk_end):  # the next tile's loads overlap this one's math
-            for st in kv:
-                st.fetch(j0 + bl)
+        K.kv_next(kv, j0, walk_end)
         for n in range(bl // _F):
             K.store_scratch(K.product(qf, 0, n * _F, True), 0, bl + 4, n * _F)
         coopmat.subgroup_barrier(kb)
@@ -515,7 +601,7 @@ def generate_dq(spec: KernelSpec, caps: object, cfg: CmConfig) -> KernelBinary:
     """dq = scale * dS k over key tiles, dS = P (dP - D), P = exp(S - lse)."""
     p = dict(spec.params)
     K = _Kernel(spec, caps, cfg, "attention_dq", A._BWD_INPUTS, [("dq", "f32")])
-    kb, c, t, hd, h, bl, scale = K.kb, K.c, p["t"], p["hd"], p["h"], cfg.block, p["scale"]
+    kb, c, t, hd, h, bl = K.kb, K.c, p["t"], p["hd"], p["h"], cfg.block
     k, v = K.ins["k"], K.ins["v"]
     hk = c.head / (h // p["hkv"]) if h != p["hkv"] else c.head
     i = K.row0 + K.r
@@ -527,21 +613,10 @@ def generate_dq(spec: KernelSpec, caps: object, cfg: CmConfig) -> KernelBinary:
     acc = [K.fc.var() for _ in range(hd // _F)]
     dp0 = _F * (bl + 4)  # scratch region of dP
 
-    own_end = (lambda: kb.fmin(c.blk0 + cfg.rows, kb.u32(t))) if p["causal"] else None
-    kv = K.stream((("k", kbase), ("v", vbase)))
-    # the walk is contiguous: full tiles from 0, then the diagonal (or ragged) ones
-    walk_end = own_end() if own_end is not None else kb.u32(t)
-    for st in kv:
-        st.fetch(kb.u32(0))
+    own_end, kv, walk_end = K.kv_walk(kbase, vbase)
 
     def body(j0: Value, masked: bool) -> None:
-        kb.barrier()
-        for st in kv:
-            st.stash(j0)
-        kb.barrier()
-        with kb.if_(j0 + bl < walk_end):  # the next tile's loads overlap this one's math
-            for st in kv:
-                st.fetch(j0 + bl)
+        K.kv_next(kv, j0, walk_end)
         for n in range(bl // _F):
             K.store_scratch(K.product(qf, 0, n * _F, True), 0, bl + 4, n * _F)
             K.store_scratch(K.product(dof, 1, n * _F, True), dp0, bl + 4, n * _F)
@@ -550,22 +625,13 @@ def generate_dq(spec: KernelSpec, caps: object, cfg: CmConfig) -> KernelBinary:
             ds = []
             for e, (x, dp) in enumerate(zip(K.read8(0, bl + 4, c0), K.read8(dp0, bl + 4, c0),
                                             strict=True)):
-                pj = kb.exp(x * scale - lse)
-                kj = c.keep(c.head, i, j0 + c0 + e)  # dropout scales dP as it scaled P
-                d = pj * ((dp if kj is None else dp * kj) - dd)
-                ds.append(kb.select(A._allowed(c, j0 + c0 + e, i), d, 0.0) if masked else d)
+                ds.append(K.dq_element(i, j0 + c0 + e, x, dp, lse, dd, masked))
             K.write16(0, c0, ds)
         coopmat.subgroup_barrier(kb)
         da = [K.own_a(0, kk * _F) for kk in range(bl // _F)]
-        for n in range(hd // _F):
-            acc[n].set(K.product(da, 0, n * _F, False, acc[n].get()))
+        K.add_dq(da, acc)
 
-    m_lo, m_hi, f_lo, f_hi = A._masked_ranges(c, own_end)
-    A._loop_tiles(c, f_lo, f_hi, lambda j0: body(j0, False), t)
-    A._loop_tiles(c, m_lo, m_hi, lambda j0: body(j0, True), cfg.rows)  # diagonal or tail
-    K.write_out([a.get() for a in acc], K.outs["dq"], h, c.head, scale)
-    flops = 6 * p["b"] * h * t * t * hd // (2 if p["causal"] else 1)
-    return K.binary(spec, caps, h, flops, "dq")
+    return K.finish_dq(spec, caps, body, own_end, acc, "dq")
 
 
 def generate_dkdv(spec: KernelSpec, caps: object, cfg: CmConfig) -> KernelBinary:
@@ -574,8 +640,7 @@ def generate_dkdv(spec: KernelSpec, caps: object, cfg: CmConfig) -> KernelBinary
     p = dict(spec.params)
     K = _Kernel(spec, caps, cfg, "attention_dkdv", A._BWD_INPUTS,
                 [(n, "f32") for n in p["outputs"]])
-    kb, c, t, hd, hkv, bl, scale = K.kb, K.c, p["t"], p["hd"], p["hkv"], cfg.block, p["scale"]
-    q, dout = K.ins["q"], K.ins["do"]
+    kb, c, hd, bl = K.kb, K.c, p["hd"], cfg.block
     j = K.row0 + K.r  # the lane's key row
     kf = K.own_fragments("k", K.ins["k"].base(c.bi, c.head))
     vf = K.own_fragments("v", K.ins["v"].base(c.bi, c.head))
@@ -586,11 +651,7 @@ def generate_dkdv(spec: KernelSpec, caps: object, cfg: CmConfig) -> KernelBinary
     dp0 = _F * (bl + 4)
 
     def body(hh: Value, i0: Value, masked: bool) -> None:
-        kb.barrier()
-        K.stage_tile(0, "q", q.base(c.bi, hh), i0)
-        K.stage_tile(1, "do", dout.base(c.bi, hh), i0)
-        K.row_stats(hh, i0, lse_sh, dd_sh, part_sh)
-        kb.barrier()
+        K.stage_queries(hh, i0, lse_sh, dd_sh, part_sh)
         for n in range(bl // _F):  # S^T = k q^T, dP^T = v dO^T for the subgroup's keys
             K.store_scratch(K.product(kf, 0, n * _F, True), 0, bl + 4, n * _F)
             K.store_scratch(K.product(vf, 1, n * _F, True), dp0, bl + 4, n * _F)
@@ -601,13 +662,7 @@ def generate_dkdv(spec: KernelSpec, caps: object, cfg: CmConfig) -> KernelBinary
                                             strict=True)):
                 col = c0 + e
                 ii = i0 + col
-                pr = kb.exp(x * scale - lse_sh.load(col))
-                kr = c.keep(hh, ii, j)  # dropout: dV takes the dropped P, dS the dropped dP
-                d = pr * ((dp if kr is None else dp * kr) - dd_sh.load(col))
-                pr = pr if kr is None else pr * kr
-                if masked:  # key j visible to query ii (inside T, not in its future)
-                    ok = (ii < t) & (j <= ii) if p["causal"] else ii < t
-                    pr, d = kb.select(ok, pr, 0.0), kb.select(ok, d, 0.0)
+                pr, d = K.dkdv_element(hh, ii, j, col, x, dp, lse_sh, dd_sh, masked)
                 pd.append(pr)
                 ds.append(d)
             K.write16(0, c0, pd)
@@ -615,17 +670,10 @@ def generate_dkdv(spec: KernelSpec, caps: object, cfg: CmConfig) -> KernelBinary
         coopmat.subgroup_barrier(kb)
         pa = [K.own_a(0, kk * _F) for kk in range(bl // _F)]
         sa = [K.own_a(1, kk * _F) for kk in range(bl // _F)]
-        for n in range(hd // _F):
-            dv[n].set(K.product(pa, 1, n * _F, False, dv[n].get()))
-            dk[n].set(K.product(sa, 0, n * _F, False, dk[n].get()))
+        K.add_dkdv(pa, sa, dk, dv)
 
     A._query_tiles(c, body)
-    for name, accs, mul in (("dk", dk, scale), ("dv", dv, 1.0)):
-        if name in K.outs:
-            K.write_out([a.get() for a in accs], K.outs[name], hkv, c.head, mul)
-            coopmat.subgroup_barrier(kb)  # scratch read before the next output lands in it
-    flops = 8 * p["b"] * p["h"] * t * t * hd // (2 if p["causal"] else 1)
-    return K.binary(spec, caps, hkv, flops, "dkdv")
+    return K.finish_dkdv(spec, caps, dk, dv, "dkdv")
 
 
 _GENERATORS = {"attention_fwd": generate_fwd, "attention_dq": generate_dq,

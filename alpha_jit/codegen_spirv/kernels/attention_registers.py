@@ -40,6 +40,15 @@ def _pack(K: _Kernel, values: list[Value]) -> coopmat.Fragment:
     return from_elements(K.fa, [conv(v) for v in values])
 
 
+def _lane_places(K: _Kernel, rm: RowMap) -> tuple:
+    """(Lanes, the rows of each of the lane's element classes (K.row0 + row), each element's
+    column, each element's class)."""
+    L = Lanes(K.kb, rm, K.lane)
+    rows = [K.row0 + L.row(ci) for ci in range(len(rm.classes))]
+    cols = [L.col(e) for e in range(rm.length)]
+    return L, rows, cols, [rm.cls(e) for e in range(rm.length)]
+
+
 def generate_fwd(spec: KernelSpec, caps: object, cfg: CmConfig, rm: RowMap) -> KernelBinary:
     """O = softmax(q k^T * scale) v and the row log-sum-exp, online over key tiles, with S
     and O in accumulator fragments."""
@@ -48,10 +57,7 @@ def generate_fwd(spec: KernelSpec, caps: object, cfg: CmConfig, rm: RowMap) -> K
     K = _Kernel(spec, caps, cfg, "attention_fwd", ("q", "k", "v"), outs_decl, registers=True)
     kb, c, t, hd, h, bl, scale = K.kb, K.c, p["t"], p["hd"], p["h"], cfg.block, p["scale"]
     n_e, classes = rm.length, rm.classes
-    L = Lanes(kb, rm, K.lane)
-    rows = [K.row0 + L.row(ci) for ci in range(len(classes))]  # the lane's query rows
-    cols = [L.col(e) for e in range(n_e)]
-    cls_of = [rm.cls(e) for e in range(n_e)]
+    L, rows, cols, cls_of = _lane_places(K, rm)  # rows: the lane's query rows
     q, k, v = K.ins["q"], K.ins["k"], K.ins["v"]
     hk = c.head / (h // p["hkv"]) if h != p["hkv"] else c.head
     qf = K.own_fragments("q", q.base(c.bi, c.head))
@@ -60,20 +66,10 @@ def generate_fwd(spec: KernelSpec, caps: object, cfg: CmConfig, rm: RowMap) -> K
     l_var = [kb.var("f32", 0.0) for _ in classes]  # the lane's part of the row sum
     o = [K.fc.var() for _ in range(hd // _F)]
 
-    own_end = (lambda: kb.fmin(c.blk0 + cfg.rows, kb.u32(t))) if p["causal"] else None
-    kv = K.stream((("k", k.base(c.bi, hk)), ("v", v.base(c.bi, hk))))
-    walk_end = own_end() if own_end is not None else kb.u32(t)
-    for st in kv:
-        st.fetch(kb.u32(0))
+    own_end, kv, walk_end = K.kv_walk(k.base(c.bi, hk), v.base(c.bi, hk))
 
     def body(j0: Value, masked: bool) -> None:
-        kb.barrier()  # the previous tile's readers are done
-        for st in kv:
-            st.stash(j0)
-        kb.barrier()
-        with kb.if_(j0 + bl < walk_end):  # the next tile's loads overlap this one's math
-            for st in kv:
-                st.fetch(j0 + bl)
+        K.kv_next(kv, j0, walk_end)
         s = []  # s[n][e]: the lane's scaled scores of key block n
         for n in range(bl // _F):
             xs = [x * scale for x in elements(K.fc, K.product(qf, 0, n * _F, True), n_e)]
@@ -133,12 +129,9 @@ def generate_dq(spec: KernelSpec, caps: object, cfg: CmConfig, rm: RowMap) -> Ke
     dS in the lanes' fragment elements."""
     p = dict(spec.params)
     K = _Kernel(spec, caps, cfg, "attention_dq", A._BWD_INPUTS, [("dq", "f32")], registers=True)
-    kb, c, t, hd, h, bl, scale = K.kb, K.c, p["t"], p["hd"], p["h"], cfg.block, p["scale"]
+    kb, c, t, hd, h, bl = K.kb, K.c, p["t"], p["hd"], p["h"], cfg.block
     n_e = rm.length
-    L = Lanes(kb, rm, K.lane)
-    rows = [K.row0 + L.row(ci) for ci in range(len(rm.classes))]  # the lane's query rows
-    cols = [L.col(e) for e in range(n_e)]
-    cls_of = [rm.cls(e) for e in range(n_e)]
+    _, rows, cols, cls_of = _lane_places(K, rm)  # rows: the lane's query rows
     k, v = K.ins["k"], K.ins["v"]
     hk = c.head / (h // p["hkv"]) if h != p["hkv"] else c.head
     qf = K.own_fragments("q", K.ins["q"].base(c.bi, c.head))
@@ -148,20 +141,10 @@ def generate_dq(spec: KernelSpec, caps: object, cfg: CmConfig, rm: RowMap) -> Ke
     dd = [K.row_d(kb.fmin(r, t - 1)) for r in rows]
     acc = [K.fc.var() for _ in range(hd // _F)]
 
-    own_end = (lambda: kb.fmin(c.blk0 + cfg.rows, kb.u32(t))) if p["causal"] else None
-    kv = K.stream((("k", k.base(c.bi, hk)), ("v", v.base(c.bi, hk))))
-    walk_end = own_end() if own_end is not None else kb.u32(t)
-    for st in kv:
-        st.fetch(kb.u32(0))
+    own_end, kv, walk_end = K.kv_walk(k.base(c.bi, hk), v.base(c.bi, hk))
 
     def body(j0: Value, masked: bool) -> None:
-        kb.barrier()
-        for st in kv:
-            st.stash(j0)
-        kb.barrier()
-        with kb.if_(j0 + bl < walk_end):  # the next tile's loads overlap this one's math
-            for st in kv:
-                st.fetch(j0 + bl)
+        K.kv_next(kv, j0, walk_end)
         da = []
         for n in range(bl // _F):
             xs = elements(K.fc, K.product(qf, 0, n * _F, True), n_e)
@@ -169,20 +152,11 @@ def generate_dq(spec: KernelSpec, caps: object, cfg: CmConfig, rm: RowMap) -> Ke
             ds = []
             for e, (x, dp) in enumerate(zip(xs, dps, strict=True)):
                 ci, key = cls_of[e], j0 + n * _F + cols[e]
-                pj = kb.exp(x * scale - lse[ci])
-                kj = c.keep(c.head, rows[ci], key)  # dropout scales dP as it scaled P
-                d = pj * ((dp if kj is None else dp * kj) - dd[ci])
-                ds.append(kb.select(A._allowed(c, key, rows[ci]), d, 0.0) if masked else d)
+                ds.append(K.dq_element(rows[ci], key, x, dp, lse[ci], dd[ci], masked))
             da.append(_pack(K, ds))
-        for d in range(hd // _F):
-            acc[d].set(K.product(da, 0, d * _F, False, acc[d].get()))
+        K.add_dq(da, acc)
 
-    m_lo, m_hi, f_lo, f_hi = A._masked_ranges(c, own_end)
-    A._loop_tiles(c, f_lo, f_hi, lambda j0: body(j0, False), t)
-    A._loop_tiles(c, m_lo, m_hi, lambda j0: body(j0, True), cfg.rows)  # diagonal or tail
-    K.write_out([a.get() for a in acc], K.outs["dq"], h, c.head, scale)
-    flops = 6 * p["b"] * h * t * t * hd // (2 if p["causal"] else 1)
-    return K.binary(spec, caps, h, flops, "dq registers")
+    return K.finish_dq(spec, caps, body, own_end, acc, "dq registers")
 
 
 def generate_dkdv(spec: KernelSpec, caps: object, cfg: CmConfig, rm: RowMap) -> KernelBinary:
@@ -192,13 +166,9 @@ def generate_dkdv(spec: KernelSpec, caps: object, cfg: CmConfig, rm: RowMap) -> 
     p = dict(spec.params)
     K = _Kernel(spec, caps, cfg, "attention_dkdv", A._BWD_INPUTS,
                 [(n, "f32") for n in p["outputs"]], registers=True)
-    kb, c, t, hd, hkv, bl, scale = K.kb, K.c, p["t"], p["hd"], p["hkv"], cfg.block, p["scale"]
+    kb, c, hd, bl = K.kb, K.c, p["hd"], cfg.block
     n_e = rm.length
-    L = Lanes(kb, rm, K.lane)
-    keys = [K.row0 + L.row(ci) for ci in range(len(rm.classes))]  # the lane's key rows
-    cols = [L.col(e) for e in range(n_e)]
-    cls_of = [rm.cls(e) for e in range(n_e)]
-    q, dout = K.ins["q"], K.ins["do"]
+    _, keys, cols, cls_of = _lane_places(K, rm)  # keys: the lane's key rows
     kf = K.own_fragments("k", K.ins["k"].base(c.bi, c.head))
     vf = K.own_fragments("v", K.ins["v"].base(c.bi, c.head))
     lse_sh, dd_sh = kb.shared("f32", bl), kb.shared("f32", bl)
@@ -207,11 +177,7 @@ def generate_dkdv(spec: KernelSpec, caps: object, cfg: CmConfig, rm: RowMap) -> 
     dv = [K.fc.var() for _ in range(hd // _F)]
 
     def body(hh: Value, i0: Value, masked: bool) -> None:
-        kb.barrier()
-        K.stage_tile(0, "q", q.base(c.bi, hh), i0)
-        K.stage_tile(1, "do", dout.base(c.bi, hh), i0)
-        K.row_stats(hh, i0, lse_sh, dd_sh, part_sh)
-        kb.barrier()
+        K.stage_queries(hh, i0, lse_sh, dd_sh, part_sh)
         pa, sa = [], []
         for n in range(bl // _F):
             xs = elements(K.fc, K.product(kf, 0, n * _F, True), n_e)
@@ -220,28 +186,15 @@ def generate_dkdv(spec: KernelSpec, caps: object, cfg: CmConfig, rm: RowMap) -> 
             for e, (x, dp) in enumerate(zip(xs, dps, strict=True)):
                 col = cols[e] + n * _F
                 ii, j = i0 + col, keys[cls_of[e]]
-                pr = kb.exp(x * scale - lse_sh.load(col))
-                kr = c.keep(hh, ii, j)  # dropout: dV takes the dropped P, dS the dropped dP
-                d = pr * ((dp if kr is None else dp * kr) - dd_sh.load(col))
-                pr = pr if kr is None else pr * kr
-                if masked:  # key j visible to query ii (inside T, not in its future)
-                    ok = (ii < t) & (j <= ii) if p["causal"] else ii < t
-                    pr, d = kb.select(ok, pr, 0.0), kb.select(ok, d, 0.0)
+                pr, d = K.dkdv_element(hh, ii, j, col, x, dp, lse_sh, dd_sh, masked)
                 pd.append(pr)
                 ds.append(d)
             pa.append(_pack(K, pd))
             sa.append(_pack(K, ds))
-        for d in range(hd // _F):
-            dv[d].set(K.product(pa, 1, d * _F, False, dv[d].get()))
-            dk[d].set(K.product(sa, 0, d * _F, False, dk[d].get()))
+        K.add_dkdv(pa, sa, dk, dv)
 
     A._query_tiles(c, body)
-    for name, accs, mul in (("dk", dk, scale), ("dv", dv, 1.0)):
-        if name in K.outs:
-            K.write_out([a.get() for a in accs], K.outs[name], hkv, c.head, mul)
-            coopmat.subgroup_barrier(kb)  # scratch read before the next output lands in it
-    flops = 8 * p["b"] * p["h"] * t * t * hd // (2 if p["causal"] else 1)
-    return K.binary(spec, caps, hkv, flops, "dkdv registers")
+    return K.finish_dkdv(spec, caps, dk, dv, "dkdv registers")
 
 
 _GENERATORS = {"attention_fwd": generate_fwd, "attention_dq": generate_dq,
