@@ -151,6 +151,15 @@ class Frag:
         kb.m.emit("OpCooperativeMatrixStoreKHR", self._ptr(dst, index), x.id,
                   kb.u32(int(column_major)), kb.u32(stride), *self._access(dst))
 
+    def convert(self, x: Fragment) -> Fragment:
+        """x's elements converted to this type's (same shape and use; OpFConvert, whose
+        rounding is the driver's: callers convert values the target type holds exactly)."""
+        src = x.frag
+        if (src.use, src.rows, src.cols) != (self.use, self.rows, self.cols):
+            raise TypeError(f"convert {src.elem}/{src.use} {src.rows}x{src.cols} to "
+                            f"{self.elem}/{self.use} {self.rows}x{self.cols}")
+        return Fragment(self, self.kb.m.emit("OpFConvert", self.type_id, x.id))
+
     def mul_add(self, a: Fragment, b: Fragment, c: Fragment) -> Fragment:
         """a @ b + c (this type is the accumulator's)."""
         if a.frag.use != "a" or b.frag.use != "b":

@@ -243,6 +243,10 @@ class Lanes:
         """The row (0..15) of the lane's elements of class `cls`."""
         return self._row_lane ^ self.rm.row.base[self.rm.classes[cls][0]]
 
+    def element_row(self, e: int) -> Value:
+        """The row (0..15) of the lane's element e."""
+        return self._row_lane ^ self.rm.row.base[e]
+
     def col(self, e: int) -> Value:
         """The column (0..15) of the lane's element e."""
         return self._col_lane ^ self.rm.col.base[e]

@@ -56,15 +56,19 @@ def enabled() -> bool:
 
 
 def bare_spec(spec: KernelSpec) -> KernelSpec:
-    """The GEMM of `spec` without what rides along (epilogue, output dtype) but with the K sums
-    of b or a: what is timed, and the key tuned results are shared under."""
+    """The GEMM of `spec` without its epilogue's loads and math but with the K sums of b or a,
+    its output dtype (an epilogue's first output's) and its store path: what is timed, and
+    the key tuned results are shared under."""
     params = tuple((k, v) for k, v in spec.params if k in _BARE_KEYS)
     p = dict(spec.params)
-    # a GEMM whose output goes through the epilogue store is timed with that store path, not
-    # the direct one a bare f32 output could take (it ranked tiles 2x apart differently)
-    if "epilogue" in p or p["out_dtype"] != "f32":
-        params += (("epilogue_store", True),)
-    return KernelSpec("matmul", "tune_" + spec.name, params + (("out_dtype", "f32"),))
+    out = p["out_dtype"]
+    # a GEMM with an epilogue is timed through the store path its tiles give that epilogue
+    # (matmul_coopmat.store_path), not the direct one a bare f32 output could take (on the
+    # LM head that ranked tiles 2x apart differently)
+    if "epilogue" in p:
+        params += (("epilogue_store", matmul_coopmat.epilogue_kind(p)),)
+        out = p["epilogue"][2][0][0]
+    return KernelSpec("matmul", "tune_" + spec.name, params + (("out_dtype", out),))
 
 
 @dataclass(frozen=True)

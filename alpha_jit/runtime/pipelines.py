@@ -196,7 +196,7 @@ class PipelineManager:
             if key not in self.pipelines and key not in todo:
                 validate(b, self.device.caps)
                 todo[key] = b
-        workers = max(1, min(8, (os.cpu_count() or 1), len(todo)))
+        workers = max(1, min(16, (os.cpu_count() or 1), len(todo)))
         failure: BaseException | None = None
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             futures = {key: pool.submit(self._create, b) for key, b in todo.items()}

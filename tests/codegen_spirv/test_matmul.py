@@ -281,6 +281,8 @@ def test_coopmat_variants_validate_for_the_h200(monkeypatch):
             variants.add(b.variant)
     assert {"epilogue", "colsum_b", "rowsum_a", "b_round", "split"} <= features
     assert any(v.endswith("direct store") for v in variants)  # plain f32 outputs
+    # epilogues (bias, GELU, casts) on the lanes' elements, stored as 16-bit fragments
+    assert any(v.endswith("fragment store") for v in variants)
 
 
 def test_deep_tiles_are_tuned_never_guessed():
@@ -306,3 +308,34 @@ def test_deep_tiles_are_tuned_never_guessed():
         short = [c for c in mc.search(p, h200) if c.bk == 64]
         assert bool(short) == (k >= 64 and not colsum), (m, n, k, colsum)
         assert all((c.tm, c.tn, c.rn, c.split) == (128, 128, 32, 1) for c in short)
+
+
+def test_store_paths_on_the_h200():
+    """Which GEMMs leave through fragments on the H200 (probed accumulator layout): exactly
+    tiled outputs with no epilogue or an affine one (bias, residual, casts); a GELU epilogue,
+    an overhanging tile or K sums keep the shared scratch."""
+    from pathlib import Path
+
+    from alpha_jit.codegen_spirv.kernels import matmul_coopmat as mc
+    from alpha_jit.codegen_spirv.kernels.matmul import MatmulConfig
+    from alpha_jit.runtime import caps as caps_mod
+
+    h200 = caps_mod.load(Path(__file__).resolve().parents[1] / "data" / "h200-caps.json")
+    assert mc.accumulator_map(h200) is not None
+    cfg = MatmulConfig("coopmat", 128, 128, 32, 64, 64, 32, 1)
+    base = {**dict(mm_spec(1, 256, 512, 64, dt="bf16").params), "out_dtype": "f32"}
+    bias = (("f32", (0, 0, 1), 0),)
+
+    def ep(then: str) -> dict:  # acc + bias, then one op on it, stored as bf16
+        exprs = (("add", "f32", (), (("acc",), ("in", 0))), (then, "f32", (), (("e", 0),)))
+        return {**base, "epilogue": (bias, exprs, (("bf16", 1),))}
+
+    assert mc.store_path(cfg, base, h200) == "direct"
+    assert mc.store_path(cfg, {**base, "out_dtype": "bf16"}, h200) == "fragments"
+    assert mc.store_path(cfg, ep("cast"), h200) == "fragments"
+    assert mc.store_path(cfg, ep("gelu"), h200) == "scratch"
+    assert mc.epilogue_kind(ep("gelu")) == "other"
+    assert mc.store_path(cfg, {**ep("cast"), "n": 520}, h200) == "scratch"
+    assert mc.store_path(cfg, {**base, "colsum_b": True}, h200) == "scratch"
+    assert mc.store_path(dataclasses.replace(cfg, split=2), base, h200) == "scratch"
+    assert mc.store_path(cfg, {**base, "out_dtype": "bf16"}, None) == "scratch"

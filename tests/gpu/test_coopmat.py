@@ -17,6 +17,7 @@ import pytest
 from alpha_jit import dtypes
 from alpha_jit.codegen_spirv import coopmat, tools
 from alpha_jit.codegen_spirv.kernel import KernelSpec
+from alpha_jit.codegen_spirv.kernels import matmul_coopmat
 from alpha_jit.codegen_spirv.kernels.matmul import generate_matmul
 from alpha_jit.ir.ops import registry
 
@@ -185,3 +186,68 @@ def test_direct_store_of_aligned_f32_outputs(caps):
         assert _rel(got, want) < 1e-5
     ragged = generate_matmul(_spec(1, 200, 300, 70, "bf16"), caps, registry.scalar_rule)
     assert "direct store" not in ragged.variant
+
+
+def _matmul_variants(fn, args, caps) -> list[str]:
+    from alpha_jit.runtime.step_plan import plan_step
+
+    plan = plan_step(fn.trace(*args).graph, caps, progress=False)
+    return [k.variant for k in plan.kernels if k.family == "matmul"]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value", "ignore:overflow")
+@pytest.mark.parametrize("precision", ["bf16", "f16"])
+def test_fragment_store_epilogues_match_numpy(caps, precision):
+    """GEMMs whose tiles cover the output exactly run their epilogue on the lanes' own
+    elements and store each output as a fragment: bias (by column), a residual (by row and
+    column), two outputs of different dtypes, inf and NaN in the data. Against numpy on
+    the same rounded operands, and against the same program with the epilogue pass off
+    (separate elementwise kernels)."""
+    import alpha_jit as aj
+    from alpha_jit.nn import functional as F
+
+    if precision == "f16" and not coopmat.supported(caps, "f16"):
+        pytest.skip("no f16 fragments")
+    if matmul_coopmat.accumulator_map(caps) is None:
+        pytest.skip("no probed accumulator layout")
+    g = np.random.default_rng(5)
+    x = g.standard_normal((2, 128, 96)).astype(np.float32)
+    x[0, 3, 7], x[1, 100, 0] = np.inf, np.nan
+    w = (g.standard_normal((256, 96)) * 0.2).astype(np.float32)
+    b = g.standard_normal(256).astype(np.float32)
+    r = g.standard_normal((2, 128, 256)).astype(np.float32)
+
+    def make():
+        @aj.compile(precision=precision)
+        def f(x, w, b, r):
+            h = F.linear(x, w, b)
+            return h.astype(precision), h + r
+
+        return f
+
+    f = make()
+    args = (x, w, b, r)
+    got = [t.numpy() for t in f(*args)]
+    variants = _matmul_variants(f, args, caps)
+    assert any(v.endswith("fragment store") for v in variants), variants
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ALPHA_JIT_DISABLE_PASSES", "gemm_epilogue")
+        ref = [t.numpy() for t in make()(*args)]
+    rnd = (lambda a: dtypes.bf16_to_f32(dtypes.f32_to_bf16(a))) if precision == "bf16" \
+        else (lambda a: a.astype(np.float16).astype(np.float32))
+    h = rnd(x).astype(np.float64) @ rnd(w).T.astype(np.float64) + b
+    want = [h, h + r]
+    if precision == "bf16":  # as stored: bf16 values, rounded to nearest even
+        assert got[0].dtype == np.float32 and not (got[0].view(np.uint32) & 0xFFFF).any()
+    else:
+        assert got[0].dtype == np.float16
+    for a, c, wnt in zip(got, ref, want, strict=True):
+        a, c = np.asarray(a, np.float64), np.asarray(c, np.float64)
+        # inf and NaN where the unfused program has them (the same scalar rules)
+        assert np.array_equal(np.isnan(a), np.isnan(c))
+        assert np.array_equal(a[np.isinf(c)], c[np.isinf(c)])
+        assert np.isinf(a).any() and np.isnan(a).any()
+        ok = np.isfinite(wnt) & np.isfinite(c)
+        np.testing.assert_allclose(a[ok], wnt[ok], rtol=2e-2, atol=2e-2)
+        # one f32 ulp of accumulation order may move a 16-bit rounding by one 16-bit ulp
+        np.testing.assert_allclose(a[ok], c[ok], rtol=1e-2, atol=1e-3)

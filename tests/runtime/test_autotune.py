@@ -117,20 +117,26 @@ def test_cpu_devices_keep_the_rows_variant():
 
 
 def test_a_gemm_with_an_epilogue_is_tuned_through_the_epilogue_store(h200):
-    """The bare spec the tuner times keeps the store path of the real kernel: a plain f32
-    output goes straight from the fragments, a bf16 cast epilogue through the epilogue store
-    (timed with the direct store, the LM head's tiles ranked up to 2x differently)."""
+    """The bare spec the tuner times keeps the store path and output dtype of the real kernel:
+    a plain f32 output goes straight from the fragments, a bf16 cast epilogue through the
+    fragment epilogue where the tiles cover the output, else through the shared scratch
+    (timed with the f32 direct store, the LM head's tiles ranked up to 2x differently)."""
     from alpha_jit.codegen_spirv.kernels.matmul import generate_matmul
     from alpha_jit.ir.ops import registry
 
-    base = (("batch", 1), ("m", 256), ("n", 512), ("k", 64), ("a", ("bf16", 0, 0, 64, 1)),
+    base = (("batch", 1), ("m", 384), ("n", 512), ("k", 64), ("a", ("bf16", 0, 0, 64, 1)),
             ("b", ("bf16", 0, 0, 512, 1)), ("out_dtype", "f32"))
     cast = (("epilogue", ((), (("cast", "bf16", (("dtype", "bf16"),), (("acc",),)),),
                           (("bf16", 0),))), ("acc_dtype", "f32"))
-    cfg = MatmulConfig("coopmat", 128, 128, 32, 64, 64, 32, 1).to_param()
-    for extra, direct in (((), True), (cast, False)):
+    # 256-row tiles overhang m = 384: the scratch path, no suffix after the lane count
+    for extra, tile, path in (((), 128, "direct store"), (cast, 128, "fragment store"),
+                              (cast, 256, "x32")):
         bare = autotune.bare_spec(KernelSpec("matmul", "g", base + extra))
-        assert dict(bare.params).get("epilogue_store", False) is not direct
+        assert dict(bare.params).get("epilogue_store") == ("affine" if extra else None)
+        assert dict(bare.params)["out_dtype"] == ("bf16" if extra else "f32")
+        cfg = MatmulConfig("coopmat", tile, 128, 32, 64, 64, 32, 1).to_param()
         b = generate_matmul(KernelSpec("matmul", "g", (*bare.params, ("config", cfg))), h200,
                             registry.scalar_rule)
-        assert b.variant.endswith("direct store") is direct, b.variant
+        real = generate_matmul(KernelSpec("matmul", "g", (*base, *extra, ("config", cfg))),
+                               h200, registry.scalar_rule)
+        assert b.variant.endswith(path) and real.variant == b.variant, (b.variant, path)

@@ -234,19 +234,6 @@ def eval_region(kb: KernelBuilder, em: ScalarEmitter, ix: Indexer, loaded: dict[
     return [kb.cast(values[j], compute_dtype(storage_dtype(dt))) for dt, j in outputs]
 
 
-def emit_region(kb: KernelBuilder, em: ScalarEmitter, ix: Indexer, inputs: Sequence[tuple],
-                in_bufs: Sequence[Any], exprs: Sequence[tuple], outputs: Sequence[tuple],
-                out_bufs: Sequence[Any], scalar_rule: ScalarRule, name: str,
-                acc: Value | None = None) -> None:
-    """The body for element `ix.lin` of one region: load the inputs it uses (each once),
-    evaluate the expressions with the IR's scalar rules, store every output at `ix.lin`.
-    `acc`: the value of argument ("acc",) (a GEMM epilogue's accumulator)."""
-    loaded = load_inputs(kb, ix, inputs, in_bufs, exprs)
-    values = eval_region(kb, em, ix, loaded, exprs, outputs, scalar_rule, name, acc)
-    for buf, v in zip(out_bufs, values, strict=True):
-        buf.store(ix.lin, v)
-
-
 def emit_unrolled_region(kb: KernelBuilder, em: ScalarEmitter, lanes: Sequence[Lane],
                          shape: Sequence[int], inputs: Sequence[tuple], in_bufs: Sequence[Any],
                          exprs: Sequence[tuple], outputs: Sequence[tuple],
@@ -302,17 +289,29 @@ class EpilogueStore:
         # the host node's own dtype: a 16-bit result is rounded before the epilogue reads it
         self.acc_dtype = p.get("acc_dtype", "f32")
 
-    def finish(self, axes: Sequence[Value], idx: Value, v: Value) -> None:
-        """The element at `axes` of the grid (linear index idx) is complete with value v."""
+    @property
+    def buffers(self) -> list[Any]:
+        """The buffers `finish` stores to, in the order `values` gives their values."""
+        return [self.out] if self.epilogue is None else list(self.out_bufs)
+
+    def values(self, axes: Sequence[Value], idx: Value, v: Value) -> list[Value]:
+        """What `finish` stores for the element at `axes` (linear index idx) with value v: one
+        value per buffer of `buffers`, in its compute dtype (a caller storing whole fragments
+        rounds and stores them itself)."""
         kb = self.kb
         if self.epilogue is None:
-            self.out.store(idx, kb.cast(v, compute_dtype(self.out_dtype)))  # type: ignore
-            return
+            return [kb.cast(v, compute_dtype(self.out_dtype))]
         inputs, exprs, outputs, rule = self.epilogue
         known = {d: kb.cast(a, "i32") for d, a in enumerate(axes)}
-        emit_region(kb, self.em, Indexer(kb, idx, self.grid, known), inputs, self.in_bufs,
-                    exprs, outputs, self.out_bufs, rule, "epilogue",
-                    acc=round_to(kb, v, self.acc_dtype))
+        ix = Indexer(kb, idx, self.grid, known)
+        loaded = load_inputs(kb, ix, inputs, self.in_bufs, exprs)
+        return eval_region(kb, self.em, ix, loaded, exprs, outputs, rule, "epilogue",
+                           acc=round_to(kb, v, self.acc_dtype))
+
+    def finish(self, axes: Sequence[Value], idx: Value, v: Value) -> None:
+        """The element at `axes` of the grid (linear index idx) is complete with value v."""
+        for buf, x in zip(self.buffers, self.values(axes, idx, v), strict=True):
+            buf.store(idx, x)
 
 
 def _need_rule(scalar_rule: ScalarRule | None) -> ScalarRule:

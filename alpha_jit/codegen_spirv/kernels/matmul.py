@@ -546,8 +546,9 @@ def generate_matmul(spec: KernelSpec, caps: object = None,
     dispatches = [Dispatch(cnt, pack_push_constants([("u32", v) for v in (*base, *extra)]))
                   for grid, extra in passes for cnt, base in grid_plan(grid, caps)]
     label = cfg.label()
-    if cfg.variant == "coopmat" and matmul_coopmat.direct_store(cfg, p):
-        label += " direct store"
+    if cfg.variant == "coopmat":
+        label += {"direct": " direct store", "fragments": " fragment store",
+                  "scratch": ""}[matmul_coopmat.store_path(cfg, p, caps)]
     notes = {"config": cfg, "variant": label,
              "flops": 2 * p["batch"] * p["m"] * p["n"] * p["k"]}
     if cfg.split > 1:

@@ -17,9 +17,11 @@ Shape of the kernel (config: tile tm x tn x bk, a subgroup tile rm x rn, `lanes`
   cast kernel they replace; the column sums of b add the values as loaded, before rounding.
 - Each accumulator fragment is stored to the subgroup's own f32 scratch in shared memory; after
   a subgroup barrier every lane finishes 16*16/lanes elements through the family's epilogue
-  store (bias, GELU, residual, output cast and rounding) with bounds checks. A plain f32
-  output that the tiles cover exactly (no epilogue, M and N multiples of the tile, 16-byte
-  rows) is stored straight from the fragments instead (`direct_store`): the LM head's logits.
+  store (bias, GELU, residual, output cast and rounding) with bounds checks. Where the tiles
+  cover M x N exactly (`store_path`) no scratch is needed: a plain f32 output is stored
+  straight from the fragments, and an epilogue runs on each lane's own elements at their
+  probed rows and columns (fragments.py), every output then stored as a fragment of its
+  dtype: the LM head's bf16 logits, the layers' bias, GELU and residual epilogues.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .. import coopmat
+from .. import coopmat, fragments
 from ..dsl import Buffer, KernelBuilder, Value, cap
 from .coopmat_staging import _PAD, Layout, Staged
-from .elementwise import ScalarRule
+from .elementwise import ScalarRule, round_to
 from .matmul import (
     _VARIANTS,
     CONFIG_CHOOSERS,
@@ -44,6 +46,8 @@ from .matmul import (
 _FRAG = 16  # the fragment edge (16 x 16 x 16 shapes)
 _SCRATCH_LD = _FRAG + 4  # f32 scratch row stride: 80 bytes, a multiple of 16
 _ELEM = {"bf16": "bf16n", "f16": "f16"}  # operand dtype -> fragment element type
+_ELEM_BYTES = {"f32": 4, "bf16": 2, "f16": 2}  # outputs a fragment store can write
+_AFFINE_OPS = frozenset({"add", "sub", "mul", "neg", "cast"})  # epilogues stored as fragments
 
 
 def operand_elem(p: dict, name: str) -> str | None:
@@ -293,31 +297,64 @@ def _guarded_finish(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object
         store.finish((bi, row, col), bi * (m * n) + row * n + col, v)  # type: ignore
 
 
-def direct_store(cfg: MatmulConfig, p: dict) -> bool:
-    """Whether the accumulators go straight to the output: f32 without an epilogue, no
-    K sums, one K slice, and tiles that cover M x N exactly with 16-byte aligned rows.
-    ("epilogue_store", True) (the tuner's stand-in of a GEMM with an epilogue) says no."""
-    return (cfg.split == 1 and p["out_dtype"] == "f32" and "epilogue" not in p
-            and not p.get("epilogue_store") and ksum_side(p) is None
-            and p["m"] % cfg.tm == 0 and p["n"] % cfg.tn == 0 and p["n"] % 4 == 0)
+def epilogue_kind(p: dict) -> str | None:
+    """"affine" for an epilogue of adds, multiplies and casts only (bias, residual, scale,
+    output casts), "other" for any other (GELU), None without one; the tuner's stand-in of a
+    GEMM carries its kind as ("epilogue_store", kind)."""
+    ep = p.get("epilogue")
+    if ep is None:
+        return p.get("epilogue_store")
+    return "affine" if all(op in _AFFINE_OPS for op, *_ in ep[1]) else "other"
+
+
+def store_path(cfg: MatmulConfig, p: dict, caps: object) -> str:
+    """How the accumulators reach the output(s), when the tiles cover M x N exactly (one K
+    slice, no K sums): "direct" (a plain f32 output: each fragment stored as it is) or
+    "fragments" (no epilogue or an affine one, run on each lane's elements of a fragment at
+    their probed rows and columns, each output rounded to its dtype and stored as a fragment:
+    needs the accumulator's probed layout and 16-byte output rows); else "scratch" (every
+    element through the subgroup's shared scratch). GELU epilogues keep the scratch: through
+    fragments gpt2's MLP GEMM took 0.279 ms against 0.242 (H200, session 9), where the LM
+    head's cast went from 3.54 to 3.20 ms and the residual adds gained 5-10%."""
+    if not (cfg.split == 1 and ksum_side(p) is None and not p.get("acc_buffer")
+            and p["m"] % cfg.tm == 0 and p["n"] % cfg.tn == 0):
+        return "scratch"
+    ep, kind = p.get("epilogue"), epilogue_kind(p)
+    if kind is None and p["out_dtype"] == "f32" and p["n"] % 4 == 0:
+        return "direct"
+    dts = [dt for dt, _ in ep[2]] if ep is not None else [p["out_dtype"]]
+    if kind != "other" and accumulator_map(caps) is not None and all(
+            dt in _ELEM_BYTES and p["n"] * _ELEM_BYTES[dt] % 16 == 0
+            and (dt == "f32" or coopmat.supported(caps, _ELEM[dt])) for dt in dts):
+        return "fragments"
+    return "scratch"
+
+
+def accumulator_map(caps: object) -> fragments.RowMap | None:
+    """Where a lane's elements of a 16 x 16 f32 accumulator sit (probed), or None."""
+    getter = getattr(caps, "fragment_layout", None)
+    return fragments.analyse(getter("f32", "acc")) if getter is not None else None
 
 
 def _finish_fragments(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object,
                       acc: list, sg: Value, tid: Value, row0: Value, col0: Value,
                       bi: Value) -> None:
-    """Each fragment through the subgroup's f32 scratch, then element by element through the
-    epilogue store.
+    """The accumulators through the epilogue store, by `store_path`.
 
-    A runtime loop over the fragments (a uniform branch picks the one to store), each lane
-    finishing its 16*16/lanes elements in straight-line code: the epilogue's loads (bias,
-    residual) of those elements are in flight together. A loop per lane over them made every
-    load wait for the one before: K = 384 GEMMs with a residual epilogue ran at a third of
-    their main loop's speed on the H200. The epilogue's code is in the module 16*16/lanes
-    times (module size and the driver's compile time grow with it, not with the fragments).
-    Where `direct_store` holds, each fragment is stored to the output as it is."""
-    if direct_store(cfg, p):
-        m, n = p["m"], p["n"]
-        sr, sc = sg / (cfg.tn // cfg.rn), sg % (cfg.tn // cfg.rn)
+    "fragments" is straight-line code over every fragment of the subgroup (the epilogue's
+    code once per element the lane holds): on the H200 a runtime loop over the fragments
+    made every epilogue GEMM of gpt2 slower, up to 25% (sweep 8, session 9).
+    "scratch" is a runtime loop over the fragments (a uniform branch picks the one to
+    finish), each lane finishing its 16*16/lanes elements in straight-line code: the
+    epilogue's loads (bias, residual) of those elements are in flight together. A loop per
+    lane over them made every load wait for the one before: K = 384 GEMMs with a residual
+    epilogue ran at a third of their main loop's speed on the H200. Its epilogue code is in
+    the module 16*16/lanes times (not once per fragment: module size and the driver's
+    compile time grow with it)."""
+    path = store_path(cfg, p, kb.caps)
+    m, n = p["m"], p["n"]
+    sr, sc = sg / (cfg.tn // cfg.rn), sg % (cfg.tn // cfg.rn)
+    if path == "direct":
         for i, row in enumerate(acc):
             for j, frag in enumerate(row):
                 r = row0 + sr * cfg.rm + i * _FRAG
@@ -326,10 +363,15 @@ def _finish_fragments(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: obje
         return
     lanes = cfg.lanes
     lane = kb.subgroup_invocation_id()
-    sr, sc = sg / (cfg.tn // cfg.rn), sg % (cfg.tn // cfg.rn)
     frags = [f for row in acc for f in row]
     fn = len(acc[0])
     fc = frags[0].frag
+    if path == "fragments":
+        finish = _fragment_epilogue(kb, p, store, fc, lane)
+        for f, frag in enumerate(frags):
+            finish(bi, row0 + sr * cfg.rm + (f // fn) * _FRAG,
+                   col0 + sc * cfg.rn + (f % fn) * _FRAG, frag.get())
+        return
     scratch = kb.shared("f32", (cfg.threads // lanes) * _FRAG * _SCRATCH_LD)
     base = sg * (_FRAG * _SCRATCH_LD)
     with kb.loop(kb.u32(0), len(frags)) as f:
@@ -345,6 +387,39 @@ def _finish_fragments(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: obje
             v = scratch.load(base + r * _SCRATCH_LD + c)
             _guarded_finish(kb, cfg, p, store, bi, frow + r, fcol + c, v)
         coopmat.subgroup_barrier(kb)  # lanes have read before the next fragment lands
+
+
+def _fragment_epilogue(kb: KernelBuilder, p: dict, store: object, fc: coopmat.Frag,
+                       lane: Value) -> object:
+    """finish(bi, frow, fcol, x): fragment x, whose cell (0, 0) is (frow, fcol) of batch bi,
+    through the epilogue element by element (each lane's elements at their probed rows and
+    columns), every output rounded to its dtype as a stored element is (nearest even), then
+    converted (exactly) and stored as one fragment per output."""
+    rm = accumulator_map(kb.caps)
+    assert rm is not None
+    at = fragments.Lanes(kb, rm, lane)
+    m, n = p["m"], p["n"]
+    bufs = store.buffers  # type: ignore[attr-defined]
+    outs = []  # (the stored dtype, its fragment type or None for f32)
+    for buf in bufs:
+        if buf.storage == "bf16n":
+            kb.m.capability("BFloat16CooperativeMatrixKHR")
+        outs.append((buf.dtype, None if buf.dtype == "f32"
+                     else coopmat.Frag(kb, _ELEM[buf.dtype], "acc")))
+
+    def finish(bi: Value, frow: Value, fcol: Value, x: coopmat.Fragment) -> None:
+        base = bi * (m * n) + frow * n + fcol
+        per_out: list[list[Value]] = [[] for _ in bufs]
+        for e, v in enumerate(fragments.elements(fc, x, rm.length)):
+            r, c = at.element_row(e), at.col(e)
+            got = store.values((bi, frow + r, fcol + c), base + r * n + c, v)  # type: ignore
+            for k, value in enumerate(got):
+                per_out[k].append(round_to(kb, value, outs[k][0]))
+        for buf, (_, ftype), values in zip(bufs, outs, per_out, strict=True):
+            y = fragments.from_elements(fc, values)
+            (ftype or fc).store(buf, base, ftype.convert(y) if ftype else y, n)
+
+    return finish
 
 
 def _reduce_slices(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object, ws: Buffer,
