@@ -137,10 +137,9 @@ def _splits(p: dict, cfg: MatmulConfig, split: int) -> bool:
 def search(p: dict, caps: object) -> list[MatmulConfig]:
     """The autotuner's short list (each candidate is a kernel to generate, compile and time):
     the two largest tiles that fill the GPU, the 64 x 64-per-subgroup 128 x 128 tile and the
-    deep (K step 64) 128 x 128 tile; for
-    grids too small to fill it, the two best split-K depths of 128 x 128 and 64 x 64; for long
-    K, 128 x 64, 64 x 128 and 64 x 64 split 2 and 4 ways and 128 x 128 (bk 32 and 64) split
-    into the first two depths that fill the GPU (up to 32 ways)."""
+    deep (K step 64) 128 x 128 tile; for grids too small to fill it, the two best split-K
+    depths of 128 x 128 and 64 x 64; for long K, 64 x 64 split 4 ways and 128 x 128 (bk 32
+    and 64) split into the first two depths that fill the GPU (up to 32 ways)."""
     every = candidates(p, caps)
     cands = [c for c in every if c.bk < _DEEP_BK]
     whole = [c for c in cands if c.split == 1]
@@ -155,11 +154,12 @@ def search(p: dict, caps: object) -> list[MatmulConfig]:
             fill = [c for c in splits if _groups(p, c) * c.split >= _FILL]
             out += fill[:2] if fill else splits[-1:]
         out += [c for c in whole[-1:] if c not in out]
-    if p["k"] >= _LONG_K:  # long K (weight gradients): small tiles split 2 and 4 ways ...
-        # (both 128 x 64 and 64 x 128: the operand along the tile's 128 is re-read by half
-        # as many workgroups, which matters for an f32 operand rounded on load)
-        out += [c for c in cands if c.split in (2, 4) and (c.tm, c.tn, c.rm) in
-                ((128, 64, 32), (64, 128, 32), (64, 64, 32)) and c not in out]
+    if p["k"] >= _LONG_K:  # long K (weight gradients): 64 x 64 tiles split 4 ways ...
+        # (128 x 64 and 64 x 128 split 2 or 4 ways, and 64 x 64 split 2, were never within
+        # 1.19x of the best of 13 long-K shapes of small and gpt2 on the H200: each was a
+        # kernel the driver compiled for nothing in every cold build; session 9)
+        out += [c for c in cands if c.split == 4 and (c.tm, c.tn, c.rm) == (64, 64, 32)
+                and c not in out]
         # ... and 128 x 128 tiles (shallow and deep) split into one to three waves
         for bk in (32, _DEEP_BK):
             big = [c for c in every if (c.tm, c.tn, c.rm, c.bk) == (128, 128, 64, bk)
