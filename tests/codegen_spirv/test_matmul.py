@@ -281,7 +281,7 @@ def test_coopmat_variants_validate_for_the_h200(monkeypatch):
             variants.add(b.variant)
     assert {"epilogue", "colsum_b", "rowsum_a", "b_round", "split"} <= features
     assert any(v.endswith("direct store") for v in variants)  # plain f32 outputs
-    # epilogues (bias, GELU, casts) on the lanes' elements, stored as 16-bit fragments
+    # affine epilogues (bias, residual, casts) on the lanes' elements, stored as fragments
     assert any(v.endswith("fragment store") for v in variants)
 
 
@@ -339,3 +339,8 @@ def test_store_paths_on_the_h200():
     assert mc.store_path(cfg, {**base, "colsum_b": True}, h200) == "scratch"
     assert mc.store_path(dataclasses.replace(cfg, split=2), base, h200) == "scratch"
     assert mc.store_path(cfg, {**base, "out_dtype": "bf16"}, None) == "scratch"
+    unprobed = dataclasses.replace(h200, fragment_layouts=())
+    assert mc.store_path(cfg, ep("cast"), unprobed) == "scratch"
+    assert mc.store_path(dataclasses.replace(cfg, lanes=64), ep("cast"), h200) == "scratch"
+    as_bool = {**ep("cast"), "epilogue": (bias, ep("cast")["epilogue"][1], (("bool", 1),))}
+    assert mc.epilogue_kind(as_bool) == "other"

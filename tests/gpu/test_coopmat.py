@@ -251,3 +251,41 @@ def test_fragment_store_epilogues_match_numpy(caps, precision):
         np.testing.assert_allclose(a[ok], wnt[ok], rtol=2e-2, atol=2e-2)
         # one f32 ulp of accumulation order may move a 16-bit rounding by one 16-bit ulp
         np.testing.assert_allclose(a[ok], c[ok], rtol=1e-2, atol=1e-3)
+
+
+def test_fragment_store_places_every_element_and_rounds_to_nearest_even(caps):
+    """One batched GEMM kernel through the fragment store (outputs start as NaN): a bias by
+    column, one by row and a contiguous residual over (batch, m, n); outputs the f32 sum, its
+    bf16 cast and the element's own linear index (iota). The bf16 output must be the nearest
+    even rounding of the f32 output bit for bit (the fragment conversion itself truncates)."""
+    from alpha_jit.runtime.testing import run_kernel
+
+    if matmul_coopmat.accumulator_map(caps) is None:
+        pytest.skip("no probed accumulator layout")
+    B, M, N, K = 3, 128, 256, 64
+    ins = (("f32", (0, 0, 1), 0), ("f32", (0, 1, 0), 0), ("bf16", (M * N, N, 1), 0))
+    exprs = (("add", "f32", (), (("acc",), ("in", 0))), ("add", "f32", (), (("e", 0), ("in", 1))),
+             ("add", "f32", (), (("e", 1), ("in", 2))),
+             ("cast", "bf16", (("dtype", "bf16"),), (("e", 2),)),
+             ("cast", "f32", (("dtype", "f32"),), (("iota", -1),)),
+             ("mul", "f32", (), (("e", 4), ("const", 0.5, "f32"))))
+    cfg = ("coopmat", 128, 128, 32, 64, 64, 32, 1)
+    spec = _spec(B, M, N, K, "bf16", extra=(
+        ("epilogue", (ins, exprs, (("f32", 2), ("bf16", 3), ("f32", 5)))), ("acc_dtype", "f32"),
+        ("config", cfg)))
+    binary = generate_matmul(spec, caps, registry.scalar_rule)
+    assert binary.variant.endswith("fragment store"), binary.variant
+    tools.validate(binary.words, binary.name, caps.spirv_target_env())
+    p = dict(spec.params)
+    a_st, a = _operand(p, "a", (B, M, K))
+    b_st, b = _operand(p, "b", (B, K, N))
+    bias_c, bias_r = (rng.standard_normal(s).astype(np.float32) for s in (N, M))
+    res_st, res = _data(B * M * N, "bf16")
+    shape = (B, M, N)
+    f32, bits, index = run_kernel(binary, [a_st, b_st, bias_c, bias_r, res_st],
+                                  [(shape, np.float32), (shape, np.uint16), (shape, np.float32)],
+                                  fill=0x7FC00000)
+    want = a @ b + bias_c + bias_r[:, None] + res.reshape(shape)
+    assert _rel(f32, want) < 1e-5
+    assert np.array_equal(bits, dtypes.f32_to_bf16(f32))  # nearest even, bit for bit
+    assert np.array_equal(index, np.arange(B * M * N, dtype=np.float32).reshape(shape) * 0.5)

@@ -128,11 +128,16 @@ def test_a_gemm_with_an_epilogue_is_tuned_through_the_epilogue_store(h200):
             ("b", ("bf16", 0, 0, 512, 1)), ("out_dtype", "f32"))
     cast = (("epilogue", ((), (("cast", "bf16", (("dtype", "bf16"),), (("acc",),)),),
                           (("bf16", 0),))), ("acc_dtype", "f32"))
-    # 256-row tiles overhang m = 384: the scratch path, no suffix after the lane count
-    for extra, tile, path in (((), 128, "direct store"), (cast, 128, "fragment store"),
-                              (cast, 256, "x32")):
+    gelu = (("epilogue", ((), (("gelu", "f32", (), (("acc",),)),
+                                ("cast", "bf16", (("dtype", "bf16"),), (("e", 0),))),
+                          (("bf16", 1),))), ("acc_dtype", "f32"))
+    # 256-row tiles overhang m = 384: the scratch path, no suffix after the lane count; a GELU
+    # epilogue keeps the scratch (and its stand-in too) wherever the tiles fall
+    for extra, tile, path, kind in (((), 128, "direct store", None),
+                                    (cast, 128, "fragment store", "affine"),
+                                    (cast, 256, "x32", "affine"), (gelu, 128, "x32", "other")):
         bare = autotune.bare_spec(KernelSpec("matmul", "g", base + extra))
-        assert dict(bare.params).get("epilogue_store") == ("affine" if extra else None)
+        assert dict(bare.params).get("epilogue_store") == kind
         assert dict(bare.params)["out_dtype"] == ("bf16" if extra else "f32")
         cfg = MatmulConfig("coopmat", tile, 128, 32, 64, 64, 32, 1).to_param()
         b = generate_matmul(KernelSpec("matmul", "g", (*bare.params, ("config", cfg))), h200,

@@ -21,7 +21,8 @@ Shape of the kernel (config: tile tm x tn x bk, a subgroup tile rm x rn, `lanes`
   cover M x N exactly (`store_path`) no scratch is needed: a plain f32 output is stored
   straight from the fragments, and an epilogue runs on each lane's own elements at their
   probed rows and columns (fragments.py), every output then stored as a fragment of its
-  dtype: the LM head's bf16 logits, the layers' bias, GELU and residual epilogues.
+  dtype: the LM head's bf16 logits, the layers' bias and residual epilogues (GELU
+  epilogues keep the scratch: measured slower through fragments).
 """
 
 from __future__ import annotations
@@ -299,12 +300,14 @@ def _guarded_finish(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object
 
 def epilogue_kind(p: dict) -> str | None:
     """"affine" for an epilogue of adds, multiplies and casts only (bias, residual, scale,
-    output casts), "other" for any other (GELU), None without one; the tuner's stand-in of a
-    GEMM carries its kind as ("epilogue_store", kind)."""
+    output casts) into float outputs, "other" for any other (GELU, a bool output), None
+    without one; the tuner's stand-in of a GEMM carries its kind as ("epilogue_store", kind)."""
     ep = p.get("epilogue")
     if ep is None:
         return p.get("epilogue_store")
-    return "affine" if all(op in _AFFINE_OPS for op, *_ in ep[1]) else "other"
+    affine = all(op in _AFFINE_OPS for op, *_ in ep[1]) \
+        and all(dt in _ELEM_BYTES for dt, _ in ep[2])
+    return "affine" if affine else "other"
 
 
 def store_path(cfg: MatmulConfig, p: dict, caps: object) -> str:
@@ -323,7 +326,8 @@ def store_path(cfg: MatmulConfig, p: dict, caps: object) -> str:
     if kind is None and p["out_dtype"] == "f32" and p["n"] % 4 == 0:
         return "direct"
     dts = [dt for dt, _ in ep[2]] if ep is not None else [p["out_dtype"]]
-    if kind != "other" and accumulator_map(caps) is not None and all(
+    rm = accumulator_map(caps)
+    if kind != "other" and rm is not None and rm.lanes == cfg.lanes and all(
             dt in _ELEM_BYTES and p["n"] * _ELEM_BYTES[dt] % 16 == 0
             and (dt == "f32" or coopmat.supported(caps, _ELEM[dt])) for dt in dts):
         return "fragments"
@@ -394,7 +398,9 @@ def _fragment_epilogue(kb: KernelBuilder, p: dict, store: object, fc: coopmat.Fr
     """finish(bi, frow, fcol, x): fragment x, whose cell (0, 0) is (frow, fcol) of batch bi,
     through the epilogue element by element (each lane's elements at their probed rows and
     columns), every output rounded to its dtype as a stored element is (nearest even), then
-    converted (exactly) and stored as one fragment per output."""
+    converted (exactly: the H200's fragment conversion to bf16 truncates) and stored as one
+    fragment per output. (The conversion may flush a bf16 denormal, below 1.2e-38, to zero
+    where the scratch path writes its bits.)"""
     rm = accumulator_map(kb.caps)
     assert rm is not None
     at = fragments.Lanes(kb, rm, lane)
