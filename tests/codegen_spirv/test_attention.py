@@ -304,3 +304,62 @@ def test_gpt_step_has_no_score_buffer_and_fewer_kernels(monkeypatch):
     temps = lambda plan: sum(b.nbytes for b in plan.lowered.buffers.values()  # noqa: E731
                              if b.kind == "temp")
     assert temps(fused) < temps(unfused)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_grid_orders_and_split_grids_compute_what_one_dispatch_does(run_kernel, monkeypatch,
+                                                                    causal):
+    """Every block order (`_grid_order`), on grids split over every axis by tiny
+    workgroup-count limits, gives the same results, bit for bit, as the default order in one
+    dispatch: the push-constant bases and the block numbering cover each (block, head, batch)
+    exactly once. The default's results are checked against float64 by
+    `test_forward_and_gradients_match_float64`."""
+    import dataclasses
+
+    from alpha_jit.runtime.device import get_device
+
+    b, h, t, hd = 3, 2, 70, 8
+    caps = get_device().caps
+    split = dataclasses.replace(caps, max_workgroup_count=(2, 1, 2))
+    rng = np.random.default_rng(7)
+    arr = {n: rng.standard_normal((b, h, t, hd)).astype(np.float32)
+           for n in ("q", "k", "v", "o", "do")}
+    arr["lse"] = rng.standard_normal((b, h, t)).astype(np.float32) + 3.0
+
+    def entry(n):
+        return ("f32", 0, tuple(s // 4 for s in arr[n].strides))
+
+    base = (("b", b), ("h", h), ("hkv", h), ("t", t), ("hd", hd), ("causal", causal),
+            ("scale", 0.35), *((n, entry(n)) for n in ("q", "k", "v")))
+    bwd = (*base, *((n, entry(n)) for n in ("o", "lse", "do")))
+    four, three = ((b, h, t, hd), np.float32), ((b, h, t), np.float32)
+    cases = [(KernelSpec("attention_fwd", "fwd", (*base, ("out_dtype", "f32"),
+                                                  ("outputs", ("o", "lse")))),
+              ("q", "k", "v"), [four, three]),
+             (KernelSpec("attention_dq", "dq", bwd), ("q", "k", "v", "o", "lse", "do"), [four]),
+             (KernelSpec("attention_dkdv", "dkdv", (*bwd, ("outputs", ("dk", "dv")))),
+              ("q", "k", "v", "o", "lse", "do"), [four, four])]
+    default = K._grid_order
+    for spec, names, outs in cases:
+        gen = getattr(K, K.FAMILIES[spec.family])
+        one = gen(spec, caps)
+        assert len(one.dispatches) == 1, spec.family
+        want = run_kernel(one, [arr[n] for n in names], outs, fill=0x7FC00000)
+        assert all(np.isfinite(w).all() for w in want), spec.family  # every element written
+        for order in ("fastest", "slowest"):
+            monkeypatch.setattr(K, "_grid_order", lambda family, p, order=order: order)
+            many = gen(spec, split)
+            monkeypatch.setattr(K, "_grid_order", default)
+            assert len(many.dispatches) > 2, (spec.family, order)
+            got = run_kernel(many, [arr[n] for n in names], outs, fill=0x7FC00000)
+            for w, g in zip(want, got, strict=True):
+                np.testing.assert_array_equal(g, w, err_msg=f"{spec.family} {order}")
+
+
+def test_causal_query_blocks_start_from_the_longest_walk():
+    """The chosen orders: a causal forward and dq put their blocks on the slowest axis, the
+    last query block (the longest walk) first; dk/dv and non-causal grids keep blocks on x."""
+    for fam in ("attention_fwd", "attention_dq"):
+        assert K._grid_order(fam, {"causal": True}) == "slowest"
+        assert K._grid_order(fam, {"causal": False}) == "fastest"
+    assert K._grid_order("attention_dkdv", {"causal": True}) == "fastest"

@@ -344,3 +344,32 @@ def test_store_paths_on_the_h200():
     assert mc.store_path(dataclasses.replace(cfg, lanes=64), ep("cast"), h200) == "scratch"
     as_bool = {**ep("cast"), "epilogue": (bias, ep("cast")["epilogue"][1], (("bool", 1),))}
     assert mc.epilogue_kind(as_bool) == "other"
+
+
+def test_tuner_short_list_on_the_h200():
+    """The short list stays short (each candidate is a driver compile in every cold build) and
+    keeps what won on the H200: the largest filling tile, 128 x 128 with 64 x 64 and the deep
+    64 x 32 per subgroup, split-K for small grids and long K; tiles under 128 x 128 only where
+    M or N is at most 64 or nothing else applies."""
+    from pathlib import Path
+
+    from alpha_jit.codegen_spirv.kernels import matmul_coopmat as mc
+    from alpha_jit.runtime import caps as caps_mod
+
+    h200 = caps_mod.load(Path(__file__).resolve().parents[1] / "data" / "h200-caps.json")
+    shapes = {(8192, 2304, 768): 3, (8192, 768, 3072): 4, (768, 3072, 8192): 4,
+              (384, 384, 16384): 4, (384, 1536, 16384): 3, (8192, 50304, 768): 3,
+              (64, 4096, 512): 3, (256, 256, 256): 1}
+    for (m, n, k), count in shapes.items():
+        p = dict(mm_spec(1, m, n, k, dt="bf16").params)
+        short, every = mc.search(p, h200), mc.candidates(p, h200)
+        assert len(short) == count and len(set(short)) == count, (m, n, k, short)
+        assert all(c in every for c in short)
+        tiles = {(c.tm, c.tn) for c in short}
+        assert (256, 128) not in tiles
+        if min(m, n) > 64 and (m, n) != (256, 256):
+            assert all(c.tm * c.tn >= 128 * 128 for c in short), (m, n, k)
+        if k >= 2048 and m * n < 128 * 128 * 128:  # long K on a grid that does not fill
+            assert any(c.split > 1 and (c.tm, c.tn) == (128, 128) for c in short)
+    big = dict(mm_spec(1, 8192, 2304, 768, dt="bf16").params)
+    assert (128, 256) in {(c.tm, c.tn) for c in mc.search(big, h200)}

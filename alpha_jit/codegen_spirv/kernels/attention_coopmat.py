@@ -135,9 +135,10 @@ def choose(family: str, p: dict, caps: object, registers: bool = False) -> CmCon
         return None
     max_threads = int(cap(caps, "max_workgroup_invocations", 1024))  # type: ignore[arg-type]
     max_shared = int(cap(caps, "max_shared_memory", 32768))  # type: ignore[call-overload]
-    # the register forward over long causal walks: 32-key tiles (H200, T 1024: 203 against
-    # 233 us; T 256: 86 against 78, so 64 below)
-    blocks = (32, 16) if registers and family == "attention_fwd" and p["t"] > 512 \
+    # the register forward and dq over long walks: 32-key tiles (H200, T 1024, blocks on the
+    # grid's slowest axis: forward 177 against 286 us, dq 177 against 234; T 256: 64 keys, 78
+    # against 86 and 90 against 101)
+    blocks = (32, 16) if registers and family != "attention_dkdv" and p["t"] > 512 \
         else (64, 32, 16)
     for subgroups in (4, 2):
         for block in blocks:

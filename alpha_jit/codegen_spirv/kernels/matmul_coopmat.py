@@ -137,36 +137,39 @@ def _splits(p: dict, cfg: MatmulConfig, split: int) -> bool:
 
 def search(p: dict, caps: object) -> list[MatmulConfig]:
     """The autotuner's short list (each candidate is a kernel to generate, compile and time):
-    the two largest tiles that fill the GPU, the 64 x 64-per-subgroup 128 x 128 tile and the
-    deep (K step 64) 128 x 128 tile; for grids too small to fill it, the two best split-K
-    depths of 128 x 128 and 64 x 64; for long K, 64 x 64 split 4 ways and 128 x 128 (bk 32
-    and 64) split into the first two depths that fill the GPU (up to 32 ways)."""
+    the largest tile of at least 128 x 128 that fills the GPU, the 64 x 64-per-subgroup
+    128 x 128 tile and the deep (K step 64) 128 x 128 tile; for grids too small to fill it,
+    the two best split-K depths of 128 x 128; for long K, 128 x 128 split into the first two
+    depths that fill the GPU (up to 32 ways) and the deep tile split 8 ways or more. Smaller
+    tiles only where M or N is at most 64 (or nothing else fits).
+
+    Pruned from 39 GEMM shapes of `small` and `gpt2` timed on the H200 (session 9's autotune
+    cache): 256 x 128 (next to 128 x 256), 128 x 128 with 64 x 32 per subgroup at K step 32,
+    64 x 64 tiles (whole or split), the deep tile split 2 or 4 ways and the deep 64 x 32 one
+    split at all (and 128 x 64 / 64 x 128) were 116 of 236 candidates and would have cost 3 us
+    of the best times summed: kernels the driver compiled for nothing in every cold build."""
     every = candidates(p, caps)
     cands = [c for c in every if c.bk < _DEEP_BK]
     whole = [c for c in cands if c.split == 1]
-    filled = [c for c in whole if _groups(p, c) >= _FILL]
-    out = filled[:2] + [c for c in filled[2:] if (c.tm, c.tn, c.rm) == (128, 128, 64)]
+    narrow = min(p["m"], p["n"]) <= 64  # 128 x 128 tiles would be half empty
+    filled = [c for c in whole if _groups(p, c) >= _FILL and (narrow or c.tm * c.tn >= 1 << 14)]
+    out = filled[:1] + [c for c in filled[1:] if (c.tm, c.tn, c.rm, c.rn) == (128, 128, 64, 64)]
     # the deep tile with 64 x 32 per subgroup (64 x 64 per subgroup never won deep)
-    out += [c for c in every if (c.bk, c.rn) == (_DEEP_BK, 32) and _groups(p, c) >= _FILL]
+    out += [c for c in every if (c.bk, c.rn, c.split) == (_DEEP_BK, 32, 1)
+            and _groups(p, c) >= _FILL]
     if len(filled) < 2:
-        for tm, tn in ((128, 128), (64, 64)):
+        for tm, tn in ((128, 128), (64, 64)) if narrow else ((128, 128),):
             splits = [c for c in cands if (c.tm, c.tn, c.split > 1) == (tm, tn, True)
                       and (c.rm, c.rn) == (64 if tm == 128 else 32,) * 2]
             fill = [c for c in splits if _groups(p, c) * c.split >= _FILL]
             out += fill[:2] if fill else splits[-1:]
-        out += [c for c in whole[-1:] if c not in out]
-    if p["k"] >= _LONG_K:  # long K (weight gradients): 64 x 64 tiles split 4 ways ...
-        # (128 x 64 and 64 x 128 split 2 or 4 ways, and 64 x 64 split 2, were never within
-        # 1.19x of the best of 13 long-K shapes of small and gpt2 on the H200: each was a
-        # kernel the driver compiled for nothing in every cold build; session 9)
-        out += [c for c in cands if c.split == 4 and (c.tm, c.tn, c.rm) == (64, 64, 32)
-                and c not in out]
-        # ... and 128 x 128 tiles (shallow and deep) split into one to three waves
-        for bk in (32, _DEEP_BK):
-            big = [c for c in every if (c.tm, c.tn, c.rm, c.bk) == (128, 128, 64, bk)
-                   and c.split > 1 and _groups(p, c) * c.split >= _FILL]
+        out += [c for c in whole[-1:] if c not in out and (narrow or c.tm == 128)]
+    if p["k"] >= _LONG_K:  # long K (weight gradients): 128 x 128 tiles split into waves
+        for bk, least in ((32, 2), (_DEEP_BK, 8)):
+            big = [c for c in every if (c.tm, c.tn, c.rm, c.rn, c.bk) == (128, 128, 64, 64, bk)
+                   and c.split >= least and _groups(p, c) * c.split >= _FILL]
             out += [c for c in big[:2] if c not in out]
-    return out
+    return out if out else whole[-1:]
 
 
 def choose(p: dict, caps: object) -> MatmulConfig | None:
