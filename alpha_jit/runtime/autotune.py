@@ -121,14 +121,18 @@ def _candidates(spec: KernelSpec, caps: Any, short: bool = False) -> list[matmul
     return out + ([heuristic] if heuristic not in out else [])
 
 
+def tunable(kernel: Any) -> bool:
+    """Whether `resolve` gives this LoweredKernel a tiling (its spec changes)."""
+    return kernel.spec.family == "matmul" and "config" not in dict(kernel.spec.params)
+
+
 def resolve(kernels: list[Any], caps: Any, device: Any = None,
             buffers: dict[int, Any] | None = None) -> None:
     """Give every matmul kernel of `kernels` (LoweredKernel, spec replaced in place) an explicit
     config: tuned (measured now if `device` is given and the shape is new), else heuristic.
     A split-K config's f32 workspace becomes a temporary in `buffers` (the lowering's), bound
     after the kernel's other writes and live only in that kernel."""
-    gemms = [k for k in kernels if k.spec.family == "matmul"
-             and "config" not in dict(k.spec.params)]
+    gemms = [k for k in kernels if tunable(k)]
     if not gemms:
         return
     # timestamps are how candidates are compared: no timestamps, no tuning

@@ -155,6 +155,9 @@ class PipelineManager:
         self.fingerprint = device.caps.fingerprint()
         self.path = cache_dir(self.fingerprint) / "pipeline_cache.bin"
         self.pipelines: dict[tuple[str, str], Pipeline] = {}
+        # compiles started by `prefetch` or `get_many` and not collected yet (main thread only)
+        self._pending: dict[tuple[str, str, str], concurrent.futures.Future] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.dirty = False
         self.cache = self._load_cache()
 
@@ -186,29 +189,58 @@ class PipelineManager:
         return (binary.spec.key(), hashlib.sha256(bytes(binary.words)).hexdigest(),
                 self.fingerprint)
 
+    def _submit(self, binary: KernelBinary) -> concurrent.futures.Future | None:
+        """The compile of `binary` on the driver threads (started now if new); None when its
+        pipeline exists."""
+        key = self.key(binary)
+        if key in self.pipelines:
+            return None
+        fut = self._pending.get(key)
+        if fut is None:
+            validate(binary, self.device.caps)
+            if self._pool is None:  # the calls release the GIL; the cache is synchronized
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max(1, min(16, os.cpu_count() or 1)), thread_name_prefix="alpha_jit-compile")
+            fut = self._pending[key] = self._pool.submit(self._create, binary)
+        return fut
+
+    def prefetch(self, binaries: Sequence[KernelBinary]) -> None:
+        """Start the driver compiles of the new binaries and return: a cold build compiles the
+        step's other kernels while the autotuner generates and times GEMM tiles (which need no
+        CPU but the generation's one thread). `get`/`get_many` collect them, and raise a
+        compile's error there."""
+        for b in binaries:
+            self._submit(b)
+
+    def _collect(self, key: tuple[str, str, str], fut: concurrent.futures.Future) -> None:
+        """A finished compile into the memo (or its error raised)."""
+        try:
+            pipeline = fut.result()
+        finally:
+            self._pending.pop(key, None)
+        self.pipelines[key] = pipeline
+        self.dirty = True
+        self.device.stats["pipelines"] += 1
+
     def get_many(self, binaries: Sequence[KernelBinary], bar: Any = None) -> list[Pipeline]:
         """`get` of each binary, the new ones compiled by the driver on several threads (the
         calls release the GIL; the pipeline cache is internally synchronized): a cold step's
         hundreds of pipelines, or the autotuner's candidates, in a fraction of the time."""
-        todo = {}
+        futures = {}
         for b in binaries:
             key = self.key(b)
-            if key not in self.pipelines and key not in todo:
-                validate(b, self.device.caps)
-                todo[key] = b
-        workers = max(1, min(16, (os.cpu_count() or 1), len(todo)))
+            if key not in futures:
+                fut = self._submit(b)
+                if fut is not None:
+                    futures[key] = fut
         failure: BaseException | None = None
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            futures = {key: pool.submit(self._create, b) for key, b in todo.items()}
-            for key, f in futures.items():  # every one kept, even past a failure: none leaks
-                try:
-                    self.pipelines[key] = f.result()
-                    self.dirty = True
-                    self.device.stats["pipelines"] += 1
-                except BaseException as exc:  # noqa: BLE001 - re-raised below
-                    failure = failure or exc
-                if bar is not None:
-                    bar.update(1)
+        for key, fut in futures.items():  # every one collected, even past a failure: none leaks
+            try:
+                self._collect(key, fut)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                failure = failure or exc
+            if bar is not None:
+                bar.update(1)
         if failure is not None:
             raise failure
         return [self.pipelines[self.key(b)] for b in binaries]
@@ -223,6 +255,10 @@ class PipelineManager:
         found = self.pipelines.get(key)
         if found is not None:
             return found
+        fut = self._pending.get(key)  # prefetched: wait for it
+        if fut is not None:
+            self._collect(key, fut)
+            return self.pipelines[key]
         validate(binary, self.device.caps)
         pipeline = self._create(binary)
         self.pipelines[key] = pipeline
@@ -320,6 +356,14 @@ class PipelineManager:
         dev = self.device.handle
         ffi = vk.ffi()
         lib = vk.lib()
+        for key, fut in list(self._pending.items()):  # prefetched, never used: none leaks
+            try:
+                self._collect(key, fut)
+            except Exception:  # noqa: BLE001 - an unused kernel's compile error is moot now
+                pass
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         try:
             self.save()
         finally:

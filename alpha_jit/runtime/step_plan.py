@@ -184,14 +184,21 @@ def _plan(graph: Graph, caps: Capabilities, state_names: dict[object, str] | Non
     if horizontal.enabled():  # one multi-tensor kernel per group of same-expression kernels
         horizontal.fuse_horizontally(lowered, min(caps.max_storage_buffers_per_stage, 512))
     kernels = lowered.kernels
-    # every GEMM's tiling, explicit in its spec (split-K workspaces join the buffers)
     t0 = time.perf_counter()
-    autotune.resolve(kernels, caps, device, lowered.buffers)
-    t1 = time.perf_counter()
-    binaries = [generate(k.spec, caps) for k in tqdm(
+    # what tuning cannot change is generated first, and with a device its driver compiles
+    # run while the tuner generates and times GEMM tiles (a cold build's two slow phases)
+    early = {i: generate(k.spec, caps) for i, k in enumerate(tqdm(
         kernels, desc="alpha_jit: generating kernels", unit="kernel",
-        disable=not progress or len(kernels) < 64, leave=False)]
+        disable=not progress or len(kernels) < 64, leave=False)) if not autotune.tunable(k)}
+    if device is not None:
+        device.pipelines.prefetch(list(early.values()))
+    t1 = time.perf_counter()
+    # every GEMM's tiling, explicit in its spec (split-K workspaces join the buffers)
+    autotune.resolve(kernels, caps, device, lowered.buffers)
     t2 = time.perf_counter()
+    binaries = [early[i] if i in early else generate(k.spec, caps)
+                for i, k in enumerate(kernels)]
+    t3 = time.perf_counter()
     align = max(_ALIGN, caps.min_storage_buffer_offset_alignment)
     # a pool per device allocation, each within the device's limits (and a binding's range)
     limit = min(caps.max_memory_allocation_size, 1 << 40) // align * align
@@ -202,7 +209,7 @@ def _plan(graph: Graph, caps: Capabilities, state_names: dict[object, str] | Non
                      enumerate(zip(kernels, binaries, strict=True))], [], [], 0, [], 0)
     _layout(plan, graph, state_names or {})
     plan.problems = _problems(plan)
-    plan.tune_s, plan.generate_s = t1 - t0, t2 - t1
+    plan.tune_s, plan.generate_s = t2 - t1, (t1 - t0) + (t3 - t2)
     return plan
 
 

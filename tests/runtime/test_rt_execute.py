@@ -187,3 +187,43 @@ def test_timestamps(device):
     rec.release()
     for r in regions:
         device.free(r)
+
+
+def test_prefetched_pipelines_are_collected_once_and_their_errors_surface(device, tmp_path,
+                                                                          monkeypatch):
+    """`prefetch` starts driver compiles and returns; `get`/`get_many` collect them (each
+    counted once), a failed compile raises where its pipeline is asked for (the others still
+    land in the memo), and a prefetched pipeline nobody asked for is destroyed with the
+    manager."""
+    from alpha_jit.codegen_spirv.kernel import KernelSpec
+
+    monkeypatch.setenv("ALPHA_JIT_CACHE_DIR", str(tmp_path))
+    mgr = pl.PipelineManager(device)
+
+    def kernel(name):
+        return dataclasses.replace(sh.add_scaled(8, 1.0),
+                                   spec=KernelSpec("test", name, ("add_scaled", name)))
+
+    a, b, bad, spare = (kernel(n) for n in ("pf_a", "pf_b", "pf_bad", "pf_spare"))
+    real = mgr._create
+
+    def create(binary):
+        if binary.spec.name == "pf_bad":
+            raise VulkanError("vkCreateComputePipelines: the driver said no")
+        return real(binary)
+
+    monkeypatch.setattr(mgr, "_create", create)
+    before = device.stats["pipelines"]
+    mgr.prefetch([a, b, bad, a])
+    assert len(mgr._pending) == 3  # a once
+    with pytest.raises(VulkanError, match="the driver said no"):
+        mgr.get_many([a, bad, b])
+    assert not mgr._pending and set(mgr.pipelines) == {mgr.key(a), mgr.key(b)}
+    assert device.stats["pipelines"] == before + 2
+    pa, pb = mgr.get(a), mgr.pipelines[mgr.key(b)]
+    assert mgr.get_many([b, a]) == [pb, pa] and device.stats["pipelines"] == before + 2
+    mgr.prefetch([spare])
+    assert mgr.get(spare).handle and device.stats["pipelines"] == before + 3
+    mgr.prefetch([kernel("pf_unused")])
+    mgr.destroy()
+    assert not mgr._pending and not mgr.pipelines and mgr._pool is None
