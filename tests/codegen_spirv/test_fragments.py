@@ -147,3 +147,26 @@ def test_register_kernels_validate_and_the_shared_variant_without_layouts(case):
             assert ("registers" in binary.variant) == (c is caps)
             tools.validate(binary.words, spec.name, target_env=c.spirv_target_env())
             assert binary.shared_bytes <= c.max_shared_memory
+
+
+@pytest.mark.parametrize("case", [(8, 12, 12, 1024, 64, True, "bf16", 0.0),
+                                  (2, 4, 2, 100, 64, True, "bf16", 0.1),
+                                  (1, 2, 2, 77, 32, False, "f16", 0.0)],
+                         ids=lambda c: "x".join(map(str, c)))
+def test_two_row_blocks_per_subgroup_validate_and_dkdv_declines(case):
+    """The register forward and dq with two 16-row blocks per subgroup (each B fragment feeds
+    two products) pass spirv-val for 32- and 64-key tiles; dk/dv declines the tiling."""
+    from alpha_jit.codegen_spirv.kernels import attention_coopmat as AC
+    from alpha_jit.codegen_spirv.kernels import attention_registers as AR
+
+    caps = _h200()
+    for spec in _specs(*case):
+        for block in (32, 64):
+            cfg = AC.CmConfig(4, 32, block, row_blocks=2)
+            binary = AR.generate(spec, caps, cfg)
+            if spec.family == "attention_dkdv":
+                assert binary is None
+                continue
+            assert "rows 128 (2 per subgroup)" in binary.variant, binary.variant
+            tools.validate(binary.words, spec.name, target_env=caps.spirv_target_env())
+            assert binary.shared_bytes <= caps.max_shared_memory

@@ -56,10 +56,13 @@ class CmConfig:
     subgroups: int
     lanes: int
     block: int  # keys (forward, dq) or queries (dk/dv) per streamed tile
+    # 16-row blocks per subgroup (register forward and dq): each B fragment loaded from shared
+    # memory feeds that many products
+    row_blocks: int = 1
 
     @property
     def rows(self) -> int:
-        return _F * self.subgroups
+        return _F * self.row_blocks * self.subgroups
 
     @property
     def threads(self) -> int:
@@ -135,18 +138,20 @@ def choose(family: str, p: dict, caps: object, registers: bool = False) -> CmCon
         return None
     max_threads = int(cap(caps, "max_workgroup_invocations", 1024))  # type: ignore[arg-type]
     max_shared = int(cap(caps, "max_shared_memory", 32768))  # type: ignore[call-overload]
+    long_walk = registers and family != "attention_dkdv" and p["t"] > 512
     # the register forward and dq over long walks: 32-key tiles (H200, T 1024, blocks on the
     # grid's slowest axis: forward 177 against 286 us, dq 177 against 234; T 256: 64 keys, 78
-    # against 86 and 90 against 101)
-    blocks = (32, 16) if registers and family != "attention_dkdv" and p["t"] > 512 \
-        else (64, 32, 16)
-    for subgroups in (4, 2):
-        for block in blocks:
-            cfg = CmConfig(subgroups, lanes, block)
-            if block % (_VEC * cfg.lpr) or cfg.rows % block or cfg.threads > max_threads:
-                continue
-            if shared_bytes(family, cfg, hd, registers) <= max_shared:
-                return cfg
+    # against 86 and 90 against 101); the forward's best there is two row blocks per subgroup
+    # with 64-key tiles (156 us; with 32-key tiles 302, and dq's best two-block tiling 276)
+    tilings = [(4, 64, 2)] if long_walk and family == "attention_fwd" and hd <= 64 else []
+    blocks = (32, 16) if long_walk else (64, 32, 16)
+    tilings += [(subgroups, block, 1) for subgroups in (4, 2) for block in blocks]
+    for subgroups, block, row_blocks in tilings:
+        cfg = CmConfig(subgroups, lanes, block, row_blocks)
+        if block % (_VEC * cfg.lpr) or cfg.rows % block or cfg.threads > max_threads:
+            continue
+        if shared_bytes(family, cfg, hd, registers) <= max_shared:
+            return cfg
     return None
 
 
@@ -266,7 +271,11 @@ class _Kernel:
         self.fa = coopmat.Frag(kb, self.elem, "a")
         self.fb = coopmat.Frag(kb, self.elem, "b")
         self.fc = coopmat.Frag(kb, "f32", "acc")
-        self.row0 = c.blk0 + self.sg * _F  # the subgroup's first row
+        self.row0 = c.blk0 + self.sg * (_F * cfg.row_blocks)  # the subgroup's first row
+
+    def block_row0(self, rb: int) -> Value:
+        """The first row of the subgroup's 16-row block rb."""
+        return self.row0 + rb * _F if rb else self.row0
 
     # -- staging ------------------------------------------------------------------------------
     def _stage(self, name: str, base: Value, r0: Value, nrows: int, dst: SharedArray,
@@ -335,9 +344,14 @@ class _Kernel:
         return kb.select(A._allowed(c, key, row), d, 0.0) if masked else d
 
     def add_dq(self, da: list, acc: list) -> None:
-        """dq += dS k for one key tile (dS as A fragments)."""
+        """dq += dS k for one key tile (dS as A fragments; da[rb] and acc[rb] per row block
+        where the subgroup has several)."""
+        if self.cfg.row_blocks == 1:
+            da, acc = [da], [acc]
         for n in range(self.hd // _F):
-            acc[n].set(self.product(da, 0, n * _F, False, acc[n].get()))
+            outs = self.products(da, 0, n * _F, False, [a[n].get() for a in acc])
+            for a, x in zip(acc, outs, strict=True):
+                a[n].set(x)
 
     def finish_dq(self, spec: KernelSpec, caps: object, body, own_end, acc: list, what: str
                   ) -> KernelBinary:
@@ -347,7 +361,11 @@ class _Kernel:
         m_lo, m_hi, f_lo, f_hi = A._masked_ranges(c, own_end)
         A._loop_tiles(c, f_lo, f_hi, lambda j0: body(j0, False), t)
         A._loop_tiles(c, m_lo, m_hi, lambda j0: body(j0, True), self.cfg.rows)
-        self.write_out([a.get() for a in acc], self.outs["dq"], p["h"], c.head, p["scale"])
+        for rb, blk in enumerate([acc] if self.cfg.row_blocks == 1 else acc):
+            if rb:
+                coopmat.subgroup_barrier(self.kb)  # the scratch read before it is rewritten
+            self.write_out([a.get() for a in blk], self.outs["dq"], p["h"], c.head, p["scale"],
+                           rb)
         flops = 6 * p["b"] * p["h"] * t * t * p["hd"] // (2 if p["causal"] else 1)
         return self.binary(spec, caps, p["h"], flops, what)
 
@@ -425,11 +443,12 @@ class _Kernel:
     def _own0(self, slot: int) -> Value:
         return (self.sg * self.n16 + slot) * (_F * self.wide)
 
-    def own_fragments(self, name: str, base: Value) -> list[coopmat.Fragment]:
-        """The subgroup's 16 rows of `name` as hd / 16 A fragments (through its tile 0)."""
+    def own_fragments(self, name: str, base: Value, rb: int = 0) -> list[coopmat.Fragment]:
+        """The subgroup's 16 rows of `name` (its row block rb) as hd / 16 A fragments
+        (through its tile 0)."""
         kb = self.kb
-        self._stage(name, base, self.row0, _F, self.own, self._own0(0), self.wide, self.lane,
-                    self.cfg.lanes)
+        self._stage(name, base, self.block_row0(rb), _F, self.own, self._own0(0), self.wide,
+                    self.lane, self.cfg.lanes)
         coopmat.subgroup_barrier(kb)
         frags = [self.fa.load(self.own, self._own0(0) + kk * (_F // _VEC), self.wide)
                  for kk in range(self.hd // _F)]
@@ -451,12 +470,19 @@ class _Kernel:
                 acc: coopmat.Fragment | None = None) -> coopmat.Fragment:
         """acc + the subgroup's A fragments (along K) times streamed tile n's B fragments at
         column `col` of the product."""
-        x = self.fc.zero() if acc is None else acc
-        for kk, frag in enumerate(a):
+        return self.products([a], n, col, transposed, [acc])[0]
+
+    def products(self, a: list[list[coopmat.Fragment]], n: int, col: int, transposed: bool,
+                 accs: list[coopmat.Fragment | None] | None = None) -> list[coopmat.Fragment]:
+        """`product` for several row blocks' A fragments (a[rb] along K), each B fragment
+        loaded once for all of them: shared-memory loads per product are what bound these
+        kernels, one per product with a single row block."""
+        xs = [self.fc.zero() if x is None else x for x in (accs or [None] * len(a))]
+        for kk in range(len(a[0])):
             b = self.tile_b(n, col, kk * _F, True) if transposed else \
                 self.tile_b(n, kk * _F, col, False)
-            x = self.fc.mul_add(frag, b, x)
-        return x
+            xs = [self.fc.mul_add(blk[kk], b, x) for blk, x in zip(a, xs, strict=True)]
+        return xs
 
     # -- scratch --------------------------------------------------------------------------------
     def _scr(self, at: int, row: Value | int) -> Value:
@@ -483,8 +509,9 @@ class _Kernel:
                        _pack8(self.kb, self.elem, xs))
 
     def write_out(self, accs: list[coopmat.Fragment], out: object, heads: int, head: Value,
-                  mul: float) -> None:
-        """Accumulators (the subgroup's 16 rows x hd) * mul to an output, rows inside T."""
+                  mul: float, rb: int = 0) -> None:
+        """Accumulators (the subgroup's row block rb: 16 rows x hd) * mul to an output, rows
+        inside T (the caller barriers before the scratch is written again)."""
         kb, hd, lanes = self.kb, self.hd, self.cfg.lanes
         ld = hd + 4
         for n, x in enumerate(accs):
@@ -493,7 +520,7 @@ class _Kernel:
         per = hd // 4
         with kb.loop(self.lane, _F * per, lanes) as e:
             rr, d4 = e / per, e % per
-            row = self.row0 + rr
+            row = self.block_row0(rb) + rr
             vec = self.scr.load(self._scr(0, rr * (ld // 4)) + d4)
             with kb.if_(row < self.p["t"]):
                 ob = A._out_base(self.c, heads, head, row) + d4 * 4
@@ -504,8 +531,9 @@ class _Kernel:
     def binary(self, spec: KernelSpec, caps: object, heads: int, flops: int, what: str
                ) -> KernelBinary:
         cfg = self.cfg
-        notes: dict = {"flops": flops,
-                       "variant": f"coopmat flash {what} rows {cfg.rows} tile {cfg.block}"}
+        blocks = f" ({cfg.row_blocks} per subgroup)" if cfg.row_blocks > 1 else ""
+        notes: dict = {"flops": flops, "variant":
+                       f"coopmat flash {what} rows {cfg.rows}{blocks} tile {cfg.block}"}
         if cap(caps, "subgroup_size_control", False):  # else the device's size is fixed
             notes["required_subgroup_size"] = cfg.lanes
         return self.kb.binary(spec, A._grid(self.c, heads, caps), notes=notes)

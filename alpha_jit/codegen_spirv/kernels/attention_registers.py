@@ -41,122 +41,155 @@ def _pack(K: _Kernel, values: list[Value]) -> coopmat.Fragment:
 
 
 def _lane_places(K: _Kernel, rm: RowMap) -> tuple:
-    """(Lanes, the rows of each of the lane's element classes (K.row0 + row), each element's
-    column, each element's class)."""
+    """(Lanes, rows[rb][ci]: the row of the lane's element class ci in the subgroup's row
+    block rb, each element's column, each element's class)."""
     L = Lanes(K.kb, rm, K.lane)
-    rows = [K.row0 + L.row(ci) for ci in range(len(rm.classes))]
+    rows = [[K.block_row0(rb) + L.row(ci) for ci in range(len(rm.classes))]
+            for rb in range(K.cfg.row_blocks)]
     cols = [L.col(e) for e in range(rm.length)]
     return L, rows, cols, [rm.cls(e) for e in range(rm.length)]
 
 
+class _OnlineSoftmax:
+    """One 16-row block's state in the forward: per element class, the running row maximum,
+    the shift its exps were taken at and the lane's part of the row sum; O in accumulators."""
+
+    def __init__(self, K: _Kernel, rm: RowMap, rows: list[Value]):
+        kb = K.kb
+        self.K, self.rm, self.rows = K, rm, rows
+        self.m = [kb.var("f32", _NEG_INF) for _ in rm.classes]
+        self.shift = [kb.var("f32", 0.0) for _ in rm.classes]
+        self.lsum = [kb.var("f32", 0.0) for _ in rm.classes]
+        self.o = [K.fc.var() for _ in range(K.hd // _F)]
+
+    def step(self, L: Lanes, prods: list[coopmat.Fragment], j0: Value, cols: list, cls_of: list,
+             masked: bool) -> tuple[list[coopmat.Fragment], list[coopmat.Fragment]]:
+        """One key tile's S (prods[n]: key block n): the maxima, sums and shift updated; returns
+        P as A fragments and O rescaled by the change of shift (what P v adds to)."""
+        K, kb, c, p, n_e = self.K, self.K.kb, self.K.c, self.K.p, self.rm.length
+        s = []  # s[n][e]: the lane's scaled scores of key block n
+        for n, prod in enumerate(prods):
+            xs = [x * p["scale"] for x in elements(K.fc, prod, n_e)]
+            if masked:
+                xs = [kb.select(A._allowed(c, j0 + n * _F + cols[e], self.rows[cls_of[e]]), x,
+                                _NEG_INF) for e, x in enumerate(xs)]
+            s.append(xs)
+        shift, corr = [], []
+        for ci, es in enumerate(self.rm.classes):
+            mine = reduce(lambda a, b: nan_minmax(kb, "max", a, b),
+                          [s[n][e] for n in range(len(s)) for e in es])
+            tile_max = L.reduce(lambda a, b: nan_minmax(kb, "max", a, b), mine)
+            m_old = self.m[ci].get()
+            m_new = nan_minmax(kb, "max", m_old, tile_max)
+            # as the SIMT kernel: an infinite max shifts by 0; nothing seen yet rescales by 0
+            sh = kb.select(A._is_inf(kb, m_new), kb.f32(0.0), m_new)
+            corr.append(kb.select(kb.bitcast(m_old, "u32") == 0xFF800000, kb.f32(0.0),
+                                  kb.exp(self.shift[ci].get() - sh)))
+            shift.append(sh)
+            self.m[ci].set(m_new)
+        ps = [[kb.exp(x - shift[cls_of[e]]) for e, x in enumerate(xs)] for xs in s]
+        for ci, es in enumerate(self.rm.classes):
+            self.lsum[ci].set(reduce(_ADD, [ps[n][e] for n in range(len(ps)) for e in es],
+                                     self.lsum[ci].get() * corr[ci]))
+            self.shift[ci].set(shift[ci])
+        pa = []
+        for n, xs in enumerate(ps):
+            keeps = [c.keep(c.head, self.rows[cls_of[e]], j0 + n * _F + cols[e])
+                     for e in range(n_e)]
+            pa.append(_pack(K, [x if kp is None else x * kp
+                                for x, kp in zip(xs, keeps, strict=True)]))
+        corr_e = [corr[cls_of[e]] for e in range(n_e)]
+        scaled = [from_elements(K.fc, [x * f for x, f in zip(
+            elements(K.fc, od.get(), n_e), corr_e, strict=True)]) for od in self.o]
+        return pa, scaled
+
+
 def generate_fwd(spec: KernelSpec, caps: object, cfg: CmConfig, rm: RowMap) -> KernelBinary:
     """O = softmax(q k^T * scale) v and the row log-sum-exp, online over key tiles, with S
-    and O in accumulator fragments."""
+    and O in accumulator fragments; each of the subgroup's row blocks keeps its own softmax
+    state and shares the streamed tile's B fragments with the others."""
     p = dict(spec.params)
     outs_decl = [(n, p["out_dtype"] if n == "o" else "f32") for n in p["outputs"]]
     K = _Kernel(spec, caps, cfg, "attention_fwd", ("q", "k", "v"), outs_decl, registers=True)
-    kb, c, t, hd, h, bl, scale = K.kb, K.c, p["t"], p["hd"], p["h"], cfg.block, p["scale"]
-    n_e, classes = rm.length, rm.classes
-    L, rows, cols, cls_of = _lane_places(K, rm)  # rows: the lane's query rows
+    kb, c, t, hd, h, bl = K.kb, K.c, p["t"], p["hd"], p["h"], cfg.block
+    n_e, nrb = rm.length, cfg.row_blocks
+    L, rows, cols, cls_of = _lane_places(K, rm)  # rows[rb]: the lane's query rows
     q, k, v = K.ins["q"], K.ins["k"], K.ins["v"]
     hk = c.head / (h // p["hkv"]) if h != p["hkv"] else c.head
-    qf = K.own_fragments("q", q.base(c.bi, c.head))
-    m_var = [kb.var("f32", _NEG_INF) for _ in classes]
-    shift_var = [kb.var("f32", 0.0) for _ in classes]
-    l_var = [kb.var("f32", 0.0) for _ in classes]  # the lane's part of the row sum
-    o = [K.fc.var() for _ in range(hd // _F)]
+    qf = [K.own_fragments("q", q.base(c.bi, c.head), rb) for rb in range(nrb)]
+    st = [_OnlineSoftmax(K, rm, rows[rb]) for rb in range(nrb)]
 
     own_end, kv, walk_end = K.kv_walk(k.base(c.bi, hk), v.base(c.bi, hk))
 
     def body(j0: Value, masked: bool) -> None:
         K.kv_next(kv, j0, walk_end)
-        s = []  # s[n][e]: the lane's scaled scores of key block n
-        for n in range(bl // _F):
-            xs = [x * scale for x in elements(K.fc, K.product(qf, 0, n * _F, True), n_e)]
-            if masked:
-                xs = [kb.select(A._allowed(c, j0 + n * _F + cols[e], rows[cls_of[e]]), x,
-                                _NEG_INF) for e, x in enumerate(xs)]
-            s.append(xs)
-        shift, corr = [], []
-        for ci, es in enumerate(classes):
-            mine = reduce(lambda a, b: nan_minmax(kb, "max", a, b),
-                          [s[n][e] for n in range(len(s)) for e in es])
-            tile_max = L.reduce(lambda a, b: nan_minmax(kb, "max", a, b), mine)
-            m_old = m_var[ci].get()
-            m_new = nan_minmax(kb, "max", m_old, tile_max)
-            # as the SIMT kernel: an infinite max shifts by 0; nothing seen yet rescales by 0
-            sh = kb.select(A._is_inf(kb, m_new), kb.f32(0.0), m_new)
-            corr.append(kb.select(kb.bitcast(m_old, "u32") == 0xFF800000, kb.f32(0.0),
-                                  kb.exp(shift_var[ci].get() - sh)))
-            shift.append(sh)
-            m_var[ci].set(m_new)
-        ps = [[kb.exp(x - shift[cls_of[e]]) for e, x in enumerate(xs)] for xs in s]
-        for ci, es in enumerate(classes):
-            l_var[ci].set(reduce(_ADD, [ps[n][e] for n in range(len(ps)) for e in es],
-                                 l_var[ci].get() * corr[ci]))
-            shift_var[ci].set(shift[ci])
-        pa = []
-        for n, xs in enumerate(ps):
-            keeps = [c.keep(c.head, rows[cls_of[e]], j0 + n * _F + cols[e]) for e in range(n_e)]
-            pa.append(_pack(K, [x if kp is None else x * kp
-                                    for x, kp in zip(xs, keeps, strict=True)]))
-        corr_e = [corr[cls_of[e]] for e in range(n_e)]
+        prods = [K.products(qf, 0, n * _F, True) for n in range(bl // _F)]  # [n][rb]
+        steps = [st[rb].step(L, [pr[rb] for pr in prods], j0, cols, cls_of, masked)
+                 for rb in range(nrb)]
         for d in range(hd // _F):
-            scaled = from_elements(K.fc, [x * f for x, f in zip(
-                elements(K.fc, o[d].get(), n_e), corr_e, strict=True)])
-            o[d].set(K.product(pa, 1, d * _F, False, scaled))
+            outs = K.products([pa for pa, _ in steps], 1, d * _F, False,
+                              [scaled[d] for _, scaled in steps])
+            for sm, x in zip(st, outs, strict=True):
+                sm.o[d].set(x)
 
     m_lo, m_hi, f_lo, f_hi = A._masked_ranges(c, own_end)
     A._loop_tiles(c, f_lo, f_hi, lambda j0: body(j0, False), t)
     A._loop_tiles(c, m_lo, m_hi, lambda j0: body(j0, True), cfg.rows)  # diagonal or tail
-    lsum = [L.reduce(_ADD, lv.get()) for lv in l_var]
-    if "o" in K.outs:
-        final = [from_elements(K.fc, [ieee_div(kb, x, lsum[cls_of[e]]) for e, x in enumerate(
-            elements(K.fc, od.get(), n_e))]) for od in o]
-        K.write_out(final, K.outs["o"], h, c.head, 1.0)
-    if "lse" in K.outs:
-        log = ScalarEmitter(kb)
-        for ci in range(len(classes)):
-            with kb.if_(L.leader & (rows[ci] < t)):
-                K.outs["lse"].store((c.bi * h + c.head) * t + rows[ci],
-                                    log.unary("log", lsum[ci]) + shift_var[ci].get())
+    log = ScalarEmitter(kb)
+    for rb, sm in enumerate(st):
+        lsum = [L.reduce(_ADD, lv.get()) for lv in sm.lsum]
+        if "o" in K.outs:
+            if rb:
+                coopmat.subgroup_barrier(kb)  # the scratch read before it is rewritten
+            final = [from_elements(K.fc, [ieee_div(kb, x, lsum[cls_of[e]]) for e, x in
+                                          enumerate(elements(K.fc, od.get(), n_e))])
+                     for od in sm.o]
+            K.write_out(final, K.outs["o"], h, c.head, 1.0, rb)
+        if "lse" in K.outs:
+            for ci in range(len(rm.classes)):
+                with kb.if_(L.leader & (rows[rb][ci] < t)):
+                    K.outs["lse"].store((c.bi * h + c.head) * t + rows[rb][ci],
+                                        log.unary("log", lsum[ci]) + sm.shift[ci].get())
     flops = 4 * p["b"] * h * t * t * hd // (2 if p["causal"] else 1)
     return K.binary(spec, caps, h, flops, "fwd registers")
 
 
 def generate_dq(spec: KernelSpec, caps: object, cfg: CmConfig, rm: RowMap) -> KernelBinary:
     """dq = scale * dS k over key tiles, dS = P (dP - D), P = exp(S - lse), with S, dP and
-    dS in the lanes' fragment elements."""
+    dS in the lanes' fragment elements; the subgroup's row blocks share each B fragment."""
     p = dict(spec.params)
     K = _Kernel(spec, caps, cfg, "attention_dq", A._BWD_INPUTS, [("dq", "f32")], registers=True)
     kb, c, t, hd, h, bl = K.kb, K.c, p["t"], p["hd"], p["h"], cfg.block
-    n_e = rm.length
-    _, rows, cols, cls_of = _lane_places(K, rm)  # rows: the lane's query rows
+    n_e, nrb = rm.length, cfg.row_blocks
+    _, rows, cols, cls_of = _lane_places(K, rm)  # rows[rb]: the lane's query rows
     k, v = K.ins["k"], K.ins["v"]
     hk = c.head / (h // p["hkv"]) if h != p["hkv"] else c.head
-    qf = K.own_fragments("q", K.ins["q"].base(c.bi, c.head))
-    dof = K.own_fragments("do", K.ins["do"].base(c.bi, c.head))
+    qf = [K.own_fragments("q", K.ins["q"].base(c.bi, c.head), rb) for rb in range(nrb)]
+    dof = [K.own_fragments("do", K.ins["do"].base(c.bi, c.head), rb) for rb in range(nrb)]
     lse_base = K.ins["lse"].base(c.bi, c.head)
-    lse = [K.ins["lse"].at(lse_base, kb.fmin(r, t - 1)) for r in rows]
-    dd = [K.row_d(kb.fmin(r, t - 1)) for r in rows]
-    acc = [K.fc.var() for _ in range(hd // _F)]
+    lse = [[K.ins["lse"].at(lse_base, kb.fmin(r, t - 1)) for r in rr] for rr in rows]
+    dd = [[K.row_d(kb.fmin(r, t - 1)) for r in rr] for rr in rows]
+    acc = [[K.fc.var() for _ in range(hd // _F)] for _ in range(nrb)]
 
     own_end, kv, walk_end = K.kv_walk(k.base(c.bi, hk), v.base(c.bi, hk))
 
     def body(j0: Value, masked: bool) -> None:
         K.kv_next(kv, j0, walk_end)
-        da = []
+        da: list[list] = [[] for _ in range(nrb)]
         for n in range(bl // _F):
-            xs = elements(K.fc, K.product(qf, 0, n * _F, True), n_e)
-            dps = elements(K.fc, K.product(dof, 1, n * _F, True), n_e)
-            ds = []
-            for e, (x, dp) in enumerate(zip(xs, dps, strict=True)):
-                ci, key = cls_of[e], j0 + n * _F + cols[e]
-                ds.append(K.dq_element(rows[ci], key, x, dp, lse[ci], dd[ci], masked))
-            da.append(_pack(K, ds))
-        K.add_dq(da, acc)
+            ss = K.products(qf, 0, n * _F, True)
+            dps = K.products(dof, 1, n * _F, True)
+            for rb in range(nrb):
+                ds = []
+                for e, (x, dp) in enumerate(zip(elements(K.fc, ss[rb], n_e),
+                                                elements(K.fc, dps[rb], n_e), strict=True)):
+                    ci, key = cls_of[e], j0 + n * _F + cols[e]
+                    ds.append(K.dq_element(rows[rb][ci], key, x, dp, lse[rb][ci], dd[rb][ci],
+                                           masked))
+                da[rb].append(_pack(K, ds))
+        K.add_dq(da if nrb > 1 else da[0], acc if nrb > 1 else acc[0])
 
-    return K.finish_dq(spec, caps, body, own_end, acc, "dq registers")
+    return K.finish_dq(spec, caps, body, own_end, acc if nrb > 1 else acc[0], "dq registers")
 
 
 def generate_dkdv(spec: KernelSpec, caps: object, cfg: CmConfig, rm: RowMap) -> KernelBinary:
@@ -168,7 +201,7 @@ def generate_dkdv(spec: KernelSpec, caps: object, cfg: CmConfig, rm: RowMap) -> 
                 [(n, "f32") for n in p["outputs"]], registers=True)
     kb, c, hd, bl = K.kb, K.c, p["hd"], cfg.block
     n_e = rm.length
-    _, keys, cols, cls_of = _lane_places(K, rm)  # keys: the lane's key rows
+    _, (keys,), cols, cls_of = _lane_places(K, rm)  # keys: the lane's key rows (one block)
     kf = K.own_fragments("k", K.ins["k"].base(c.bi, c.head))
     vf = K.own_fragments("v", K.ins["v"].base(c.bi, c.head))
     lse_sh, dd_sh = kb.shared("f32", bl), kb.shared("f32", bl)
@@ -212,6 +245,7 @@ def generate(spec: KernelSpec, caps: object, cfg: CmConfig | None = None
     if rm is None:
         return None
     cfg = cfg if cfg is not None else choose(spec.family, p, caps, registers=True)
-    if cfg is None or cfg.lanes != rm.lanes:
-        return None
+    if cfg is None or cfg.lanes != rm.lanes \
+            or (cfg.row_blocks > 1 and spec.family == "attention_dkdv"):
+        return None  # dk/dv's dk and dv accumulators leave no registers for a second block
     return _GENERATORS[spec.family](spec, caps, cfg, rm)
