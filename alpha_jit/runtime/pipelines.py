@@ -208,9 +208,12 @@ class PipelineManager:
         """Start the driver compiles of the new binaries and return: a cold build compiles the
         step's other kernels while the autotuner generates and times GEMM tiles (which need no
         CPU but the generation's one thread). `get`/`get_many` collect them, and raise a
-        compile's error there."""
+        compile's error there; a binary over a device limit is left for them to refuse."""
         for b in binaries:
-            self._submit(b)
+            try:
+                self._submit(b)
+            except AlphaJitError:  # over a device limit: `get_many` raises it, in its place
+                continue
 
     def _collect(self, key: tuple[str, str, str], fut: concurrent.futures.Future) -> None:
         """A finished compile into the memo (or its error raised)."""
