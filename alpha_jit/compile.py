@@ -134,6 +134,14 @@ def _host_value(holder: StateTensor) -> np.ndarray:
     return dtypes.bf16_to_f32(v) if holder.dtype == dtypes.bfloat16 else v
 
 
+def _c_order(a: Any) -> Any:
+    """A C-contiguous ndarray of a numpy argument (copied only if it is not already one)."""
+    if not isinstance(a, np.ndarray):
+        return a  # signature_of names it
+    # np.array(order="C") keeps 0-d arrays 0-d (ascontiguousarray would make them (1,))
+    return np.array(a, order="C", copy=not a.flags.c_contiguous)
+
+
 def signature_of(args: tuple, precision: str) -> tuple:
     sig = []
     for i, a in enumerate(args):
@@ -270,15 +278,15 @@ class CompiledFunction:
         return traced
 
     def __call__(self, *args: Any) -> Any:
-        # np.array(order="C") keeps 0-d arrays 0-d (ascontiguousarray would make them (1,))
-        args = tuple(np.array(a, order="C", copy=not a.flags.c_contiguous)
-                     if isinstance(a, np.ndarray) else a for a in args)
+        args = tuple(a if type(a) is np.ndarray and a.flags.c_contiguous else _c_order(a)
+                     for a in args)
         sig = signature_of(args, self.precision)
-        exe = next((e for e in self.cache.get(sig, []) if e.traced.guard_holds()), None)
-        if exe is None:
-            exe = self._build(sig, args)
+        for exe in self.cache.get(sig, ()):
+            if exe.traced.guard_holds():
+                self.cache.move_to_end(sig)
+                break
         else:
-            self.cache.move_to_end(sig)
+            exe = self._build(sig, args)
         if _CALL_HOOK is not None:
             _CALL_HOOK(self, exe, args)
         return unflatten(exe(list(args)), exe.traced.out_structure)

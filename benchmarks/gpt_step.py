@@ -114,6 +114,7 @@ class SideRun:
     mem: dict[str, int | None] = field(default_factory=dict)
     error: str | None = None
     device: str | None = None  # where it ran ('cuda', 'cpu', alpha_jit's device)
+    submit_ms: tuple[float, ...] = ()  # alpha_jit: the driver's vkQueueSubmit within host_ms
 
     @property
     def ms(self) -> float | None:
@@ -134,6 +135,7 @@ def measure_alpha(model: Any, precision: str, xy: tuple[np.ndarray, np.ndarray],
     losses: list[float] = []
     times: list[float] = []
     host: list[float] = []
+    submit: list[float] = []
     first = None
     mem: dict[str, int | None] = {}
     try:
@@ -152,6 +154,7 @@ def measure_alpha(model: Any, precision: str, xy: tuple[np.ndarray, np.ndarray],
             t0 = time.perf_counter()
             handle = step(x, y)
             host.append((time.perf_counter() - t0) * 1e3)
+            submit.append(get_device().last_submit_s * 1e3)
             float(handle)
         exe = next(e for es in step.cache.values() for e in es)
         mem = {"mem_planned_bytes": int(exe.planned_bytes),
@@ -164,7 +167,8 @@ def measure_alpha(model: Any, precision: str, xy: tuple[np.ndarray, np.ndarray],
         del step
         gc.collect()
         reset_device()
-    return SideRun(ALPHA, tuple(losses), tuple(times), tuple(host), first, mem, error)
+    return SideRun(ALPHA, tuple(losses), tuple(times), tuple(host), first, mem, error,
+                   submit_ms=tuple(submit))
 
 
 # ---- PyTorch ------------------------------------------------------------------------------------
@@ -375,6 +379,9 @@ def side_row(bc: BenchConfig, precision: str, env: Environment, run: SideRun,
     host = median(run.host_ms) if run.host_ms and ms is not None else None
     if ms is not None and host is None:
         why["host_overhead_ms"] = "not measured"
+    if host is not None and run.submit_ms:  # Python's share and the driver's, apart
+        notes.append(f"host overhead {host:.3f} ms per call, of which the driver's "
+                     f"vkQueueSubmit {median(run.submit_ms):.3f} ms")
     mem: dict[str, int | None] = {}
     for col, alpha_only in (("mem_planned_bytes", True), ("mem_allocated_bytes", True),
                             ("mem_peak_bytes", False)):

@@ -59,9 +59,11 @@ class Device:
                                       "memory_blocks": 0, "uploads": 0, "downloads": 0}
         self.handle: Any = None
         self._lock = threading.RLock()  # submit/wait/frees from several threads stay ordered
-        self._submits: dict[int, tuple] = {}  # command buffer -> its reusable submit structs
+        self._submits: dict[Any, tuple] = {}  # command buffer -> its reusable submit structs
         self._recordings: weakref.WeakSet[Recording] = weakref.WeakSet()
         self.last_submitted = 0  # the highest timeline value a successful submit will signal
+        # seconds the driver's vkQueueSubmit took in the last submit: its share of host time
+        self.last_submit_s = 0.0
         self._completed = 0
         self._counter = vk.new("uint64_t*")  # the spinning wait's reads
         self._spin_s = wait_spin_s(caps)
@@ -346,7 +348,9 @@ class Device:
             value = self.last_submitted + 1
             values, info = self._submit_info(command_buffer)
             values[0] = value
+            t0 = time.perf_counter()
             self._queue_submit(info)
+            self.last_submit_s = time.perf_counter() - t0
             self.last_submitted = value  # only after the driver accepted it
             self.stats["submits"] += 1
             if self.memory.deferred:  # frees whose last use may have passed
@@ -356,8 +360,7 @@ class Device:
     def _submit_info(self, command_buffer: Any) -> tuple[Any, Any]:
         """The submit structs of a command buffer, built once and reused by every replay (the
         signal value is written in place): building them per call was host time per step."""
-        key = int(vk.ffi().cast("uintptr_t", command_buffer))
-        cached = self._submits.get(key)
+        cached = self._submits.get(command_buffer)  # a handle hashes by its address
         if cached is None:
             mod = vk.load()
             values = vk.new("uint64_t[1]", [0])
@@ -371,12 +374,12 @@ class Device:
                 "commandBufferCount": 1, "pCommandBuffers": cbs,
                 "signalSemaphoreCount": 1, "pSignalSemaphores": sems})
             # the structs point at each other: keep every one alive with the entry
-            cached = self._submits[key] = (values, info, timeline_info, cbs, sems)
+            cached = self._submits[command_buffer] = (values, info, timeline_info, cbs, sems)
         return cached[0], cached[1]
 
     def forget_command_buffer(self, command_buffer: Any) -> None:
         """Drop the cached submit structs of a freed command buffer."""
-        self._submits.pop(int(vk.ffi().cast("uintptr_t", command_buffer)), None)
+        self._submits.pop(command_buffer, None)
 
     def free_command_buffer(self, command_buffer: Any) -> None:
         """Free a command buffer no submit still uses, and its cached submit structs."""

@@ -111,6 +111,7 @@ class Profile:
     gpu_busy_ms: float  # some dispatch running
     idle_ms: float  # between dispatches: no dispatch running
     host_overhead_ms: float  # the call until its submit returned, GPU idle (median)
+    submit_ms: float  # the driver's vkQueueSubmit within that call (median)
     dispatches: int
     serialized: bool
     rows: list[ProfileRow]
@@ -128,6 +129,7 @@ class Profile:
                  f"  GPU busy                   {self.gpu_busy_ms:9.3f} ms",
                  f"  idle between dispatches    {self.idle_ms:9.3f} ms",
                  f"  host overhead per call     {self.host_overhead_ms:9.3f} ms",
+                 f"    of which vkQueueSubmit   {self.submit_ms:9.3f} ms",
                  f"  {self.note}", ""]
         head = (f"{'#':>5} {'family':<11} {'variant':<30} {'calls':>5} {'GPU ms':>9} {'%':>6} "
                 f"{'GB/s':>8} {'TFLOP/s':>8}  {'phase':<8} {'module':<24} sources")
@@ -173,12 +175,13 @@ def profile(exe: Any, args: list[Any], steps: int = 10, warmup: int = 3,
         call()
     dev.wait(exe.last_value)
     step_ms = (time.perf_counter() - t0) * 1e3 / steps
-    host = []
+    host, submit = [], []
     for _ in range(min(steps, 5)):  # host overhead: the GPU idle, so no wait is counted
         dev.wait(exe.last_value)
         t = time.perf_counter()
         call()
         host.append((time.perf_counter() - t) * 1e3)
+        submit.append(dev.last_submit_s * 1e3)
     dev.wait(exe.last_value)
     rec = exe.timed_recording(serialize)
     kernel_ns: dict[int, float] = defaultdict(float)
@@ -211,6 +214,7 @@ def profile(exe: Any, args: list[Any], steps: int = 10, warmup: int = 3,
                  "compare shares, not sums, with the wall time")
     prof = Profile(exe.device.caps.name, steps, step_ms, timed_step, span / 1e6, busy / 1e6,
                    max(span - busy, 0.0) / 1e6, statistics.median(host),
+                   statistics.median(submit),
                    sum(len(b.dispatches) for b in exe.binaries), serialize, rows, note)
     return prof, att
 

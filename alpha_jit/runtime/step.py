@@ -11,7 +11,9 @@ are handles; reading one is the only point where the host waits for the GPU.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import struct
 import time
 import weakref
 from dataclasses import dataclass, fields
@@ -28,15 +30,46 @@ from alpha_jit.runtime.plan import MemoryPlan
 from alpha_jit.runtime.step_plan import STAGING_RING, StepPlan, plan_step
 
 log = logging.getLogger("alpha_jit.runtime")
+# struct codes of the host scalars' storage types (little-endian, as the staging bytes)
+_PACK_CODE = {dtypes.float32: "f", dtypes.int32: "i"}
+# signed integer dtype -> the unsigned one of its width (one reduction checks an id range)
+_UNSIGNED = {np.dtype(f"i{n}"): np.dtype(f"u{n}") for n in (1, 2, 4, 8)}
 
 
 def _within(a: np.ndarray, lo: int, hi: int) -> bool:
     """Every value of `a` is in [lo, hi). From 0, one reduction over the unsigned view (a
     negative value wraps past any hi the type's positive range holds): ids are checked on
     every call."""
-    if lo == 0 and a.dtype.kind == "i" and hi <= 1 << (8 * a.dtype.itemsize - 1):
-        return int(a.view(a.dtype.str.replace("i", "u")).max()) < hi
+    unsigned = _UNSIGNED.get(a.dtype)
+    if lo == 0 and unsigned is not None and hi <= 1 << (8 * a.dtype.itemsize - 1):
+        return int(np.maximum.reduce(a.view(unsigned), axis=None)) < hi
     return bool(lo <= a.min() and a.max() < hi)
+
+
+def _check_bounds(i: int, a: np.ndarray, bounds: tuple) -> None:
+    """Raise unless every value of argument i outside [lo, hi) is the allowed `also` value
+    (masks are built only when the one-reduction check failed)."""
+    lo, hi, op, where, also = bounds
+    outside = (a < lo) | (a >= hi)
+    if also is not None:
+        outside &= a != also
+    if outside.any():
+        bad = a[outside].ravel()[0]
+        raise AlphaJitError(f"{op}: argument {i} (shape {a.shape}) holds index "
+                            f"{int(bad)}, outside [{lo}, {hi})\n  at {where}")
+
+
+def _check_fits(i: int, a: np.ndarray, dt: dtypes.DType) -> None:
+    """Raise if an integer argument holds a value the device's type cannot: the copy into
+    staging narrows it, and 2**32 + 1 must not quietly become 1."""
+    if a.dtype.kind not in "iu" or not a.size:
+        return
+    info = np.iinfo(dt.np_storage_dtype)
+    outside = (a < info.min) | (a > info.max)
+    if outside.any():
+        raise AlphaJitError(
+            f"argument {i} ({a.dtype}{list(a.shape)}) holds {int(a[outside].ravel()[0])}, "
+            f"which does not fit the device's {dt.name} (range [{info.min}, {info.max}])")
 
 
 class DeviceState:
@@ -356,56 +389,76 @@ class Executable:
         return self._timed[1]
 
     # ---- running -----------------------------------------------------------------------------
-    def check_inputs(self, args: list[np.ndarray]) -> list[np.ndarray]:
-        out = []
+    def check_inputs(self, args: list[np.ndarray]) -> None:
+        """Raise, before any GPU work, on arguments that are not the compiled signature's, an
+        index outside its bounds, or an integer the device's type cannot hold (checks read
+        the caller's values: narrowing happens only as staging is written)."""
+        if len(args) != len(self._args):
+            raise AlphaJitError(f"{len(args)} arguments given; this step was compiled for "
+                                f"{len(self._args)}")
         bounds_of = self.traced.index_bounds
-        for i, a in enumerate(args):
-            dt = dtypes.from_numpy(a)
-            # checks read the caller's values: narrowing first would turn 2**32 + 1 into 1
+        for i, (a, (shape, dt, storage)) in enumerate(zip(args, self._args, strict=True)):
+            # an array already in the storage type is of the traced dtype: no lookup
+            if a.shape != shape or (a.dtype is not storage and dtypes.from_numpy(a) is not dt):
+                raise AlphaJitError(f"argument {i} is {a.dtype}{list(a.shape)}; this step was "
+                                    f"compiled for {dt.name}{list(shape)}")
             bounds = bounds_of.get(i)
             # the common case costs one or two reductions; masks only when something is outside
             if bounds is not None and a.size and not _within(a, bounds[0], bounds[1]):
-                lo, hi, op, where, also = bounds
-                outside = (a < lo) | (a >= hi)
-                if also is not None:
-                    outside &= a != also
-                if outside.any():
-                    bad = a[outside].ravel()[0]
-                    raise AlphaJitError(f"{op}: argument {i} (shape {a.shape}) holds index "
-                                        f"{int(bad)}, outside [{lo}, {hi})\n  at {where}")
-            storage = dt.np_storage_dtype
-            if a.dtype is storage or a.dtype == storage:
-                out.append(a)  # staging copies it at once (callers pass C-contiguous arrays)
-                continue
-            if a.dtype.kind in "iu" and a.size:
-                info = np.iinfo(storage)
-                outside = (a < info.min) | (a > info.max)
-                if outside.any():
-                    raise AlphaJitError(
-                        f"argument {i} ({a.dtype}{list(a.shape)}) holds "
-                        f"{int(a[outside].ravel()[0])}, which does not fit the device's "
-                        f"{dt.name} (range [{info.min}, {info.max}])")
-            out.append(np.array(a, dtype=storage, order="C"))
-        return out
+                _check_bounds(i, a, bounds)
+            if a.dtype is not storage:
+                _check_fits(i, a, dt)
 
     def _feeds(self) -> None:
-        """Where each call's inputs and host scalars go, worked out once: per call the
-        staging writes are numpy slice assignments into the mapped slot (one fancy
-        assignment for every f32 scalar), not a write call per buffer."""
+        """What each call checks and writes, worked out once. An input is one copy into a
+        view of the mapped slot with its traced shape and storage type (the cast, if any,
+        included); every host scalar goes in with one `struct.pack_into` in offset order."""
+        traced = [(tuple(shape), dtypes.dtype(name)) for shape, name in self.traced.signature[0]]
+        self._args = [(shape, dt, dt.np_storage_dtype) for shape, dt in traced]
         self._views = [s.host_view() for s in self.stagings]
-        self._input_feeds = [(b.key, soff) for _, soff, b in self.staged
-                             if b.kind == "input"]
-        scalars = [(b.key, soff) for _, soff, b in self.staged
-                   if b.kind != "input" and b.dtype == dtypes.float32 and soff % 4 == 0]
-        self._f32_keys = [k for k, _ in scalars]
-        self._f32_index = np.array([soff // 4 for _, soff in scalars], dtype=np.intp)
-        f32 = set(self._f32_keys)
-        self._other_feeds = [(b.key, soff, np.dtype(b.dtype.np_storage))
-                             for _, soff, b in self.staged
-                             if b.kind != "input" and b.key not in f32]
-        self._providers = {id(hp.provider): hp.provider for hp in self.traced.hparams.values()}
-        self._hparam_src = [(key, id(hp.provider), hp.name)
-                            for key, hp in self.traced.hparams.items()]
+        inputs = [(b.key, soff, b) for _, soff, b in self.staged if b.kind == "input"]
+        self._arg_dst = [[(key, view[soff:soff + math.prod(b.shape) * b.dtype.itemsize]
+                           .view(b.dtype.np_storage_dtype).reshape(b.shape))
+                          for key, soff, b in inputs] for view in self._views]
+        providers = {id(hp.provider): hp.provider for hp in self.traced.hparams.values()}
+        which = {pid: j for j, pid in enumerate(providers)}
+        self._providers = list(providers.values())
+        hps = self.traced.hparams
+        self._hparam_src = [(key, which[id(hp.provider)], hp.name) for key, hp in hps.items()]
+        scalars = sorted((soff, b) for _, soff, b in self.staged if b.kind != "input")
+        self._scalar_src = [(which[id(hps[b.key].provider)], hps[b.key].name)
+                            for _, b in scalars]
+        self._scalar_slots = [(soff, b.dtype.np_storage_dtype) for soff, b in scalars]
+        self._given: list[dict[str, Any]] = []  # each provider's values at the last call
+        self._pack: struct.Struct | None = None
+        self._pack_at = scalars[0][0] if scalars else 0
+        if scalars and all(b.dtype in _PACK_CODE for _, b in scalars):
+            fmt, at = "<", self._pack_at
+            for soff, b in scalars:
+                fmt += f"{soff - at}x{_PACK_CODE[b.dtype]}"
+                at = soff + b.dtype.itemsize
+            self._pack = struct.Struct(fmt)
+
+    @property
+    def last_hparams(self) -> dict[tuple, Any]:
+        """Every hparam's value fed by the last call (tests replay it in the interpreter)."""
+        given = self._given
+        if not given:  # no call yet
+            return {}
+        return {key: given[j][name] for key, j, name in self._hparam_src}
+
+    def _write_scalars(self, view: np.ndarray, values: list[Any]) -> None:
+        """The host scalars into the slot: one pack, or numpy's conversion of each where the
+        pack refuses a value (an f32 overflow becomes inf, an int32 one raises as before)."""
+        if self._pack is not None:
+            try:
+                self._pack.pack_into(view, self._pack_at, *values)
+                return
+            except (OverflowError, struct.error):
+                pass
+        for (soff, np_dt), v in zip(self._scalar_slots, values, strict=True):
+            raw = np.asarray(v, dtype=np_dt).reshape(-1).view(np.uint8)
+            view[soff:soff + raw.nbytes] = raw
 
     def __call__(self, args: list[np.ndarray], recording: Any = None) -> list[DeviceValue]:
         """Write the inputs and submit the step (`recording`: another recording of it, e.g.
@@ -413,10 +466,9 @@ class Executable:
         t0 = time.perf_counter()
         if self.released:
             raise AlphaJitError("this compiled step was released (evicted from its cache)")
-        arrays = self.check_inputs(args)
-        given = {pid: p.next_hparams() for pid, p in self._providers.items()}
-        hvals = {key: given[pid][name] for key, pid, name in self._hparam_src}
-        self.last_hparams = hvals  # what this call fed (tests replay it in the interpreter)
+        self.check_inputs(args)
+        given = self._given = [p.next_hparams() for p in self._providers]
+        values = [given[j][name] for j, name in self._scalar_src]
         # the slot used two calls ago: the previous step may still run while this one's
         # inputs are written (the recording's entry barrier orders the two on the GPU)
         slot = 0 if recording is not None else self._next_slot
@@ -426,15 +478,10 @@ class Executable:
             self._fetch_outputs(self._slot_pending[slot][0]._value)
         self.device.wait(self._slot_value[slot])  # its staging is about to be rewritten
         waited = time.perf_counter() - waited
-        view = self._views[slot]
-        for key, soff in self._input_feeds:
-            raw = arrays[key].reshape(-1).view(np.uint8)  # an empty input: no bytes
-            view[soff:soff + raw.nbytes] = raw
-        if self._f32_keys:
-            view.view(np.float32)[self._f32_index] = [hvals[k] for k in self._f32_keys]
-        for key, soff, np_dt in self._other_feeds:
-            raw = np.asarray(hvals[key], dtype=np_dt).reshape(-1).view(np.uint8)
-            view[soff:soff + raw.nbytes] = raw
+        for i, dst in self._arg_dst[slot]:
+            np.copyto(dst, args[i], casting="unsafe")  # integers checked above: none wraps
+        if values:
+            self._write_scalars(self._views[slot], values)
         value = (recording or self.recordings[slot]).submit()
         self.last_host_s = time.perf_counter() - t0 - waited
         self.last_value = self._slot_value[slot] = value

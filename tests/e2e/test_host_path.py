@@ -16,9 +16,13 @@ import sys
 import numpy as np
 import pytest
 
-from alpha_jit import guards, nn
+import alpha_jit as aj
+from alpha_jit import dtypes, guards, nn
+from alpha_jit.errors import AlphaJitError
+from alpha_jit.ir import trace
 from alpha_jit.nn.transformer import GPT, GPTConfig
 from alpha_jit.runtime import vk
+from alpha_jit.tensor import Tensor
 from benchmarks import training
 from tests.e2e.util import classifier_step
 
@@ -216,8 +220,6 @@ def test_small_signed_ids_are_range_checked_whatever_the_vocab():
 
 
 def test_an_empty_input_is_staged():
-    import alpha_jit as aj
-
     @aj.compile
     def f(e, x):
         return aj.cat([e, x]) * 2.0
@@ -245,3 +247,61 @@ def test_a_spinning_wait_reads_the_same_values_and_the_setting_is_checked(monkey
         wait_spin_s(dev.caps)
     monkeypatch.delenv("ALPHA_JIT_WAIT_SPIN_MS")
     assert wait_spin_s(dev.caps) == (0.0 if dev.caps.device_type == "cpu" else 0.1)
+
+
+class _Scalars:
+    """A host-scalar provider (as an optimizer or the RNG is): what each call feeds."""
+
+    def __init__(self):
+        self.values: dict = {}
+
+    def next_hparams(self):
+        return dict(self.values)
+
+
+def test_host_scalars_reach_the_step_as_numpy_converts_them():
+    # one struct pack per call; a value the pack refuses takes numpy's conversion, as before
+    feed = _Scalars()
+
+    @aj.compile
+    def f(x):
+        ctx = trace.current()
+        s = Tensor(ctx.hparam(feed, "s", dtypes.float32), (), dtypes.float32)
+        n = Tensor(ctx.hparam(feed, "n", dtypes.int32), (), dtypes.int32)
+        return x * s, n + 1
+
+    x = np.arange(1, 5, dtype=np.float32)
+    for s, n in [(0.1, 7), (np.float32(2.5), -3), (1e39, 2**31 - 2), (float("nan"), 0)]:
+        feed.values = {"s": s, "n": n}
+        with np.errstate(over="ignore"):  # 1e39 overflows f32 to inf
+            want = x * np.float32(s)
+            out, m = f(x)
+        np.testing.assert_array_equal(out.numpy(), want)
+        assert int(m.item()) == n + 1
+    feed.values = {"s": 1.0, "n": 2**31}  # no int32: refused, as numpy refuses it
+    with pytest.raises(OverflowError):
+        f(x)
+    feed.values = {"s": 1.0, "n": 5}
+    assert int(f(x)[1].item()) == 6 and f.traces == 1
+
+
+def test_inputs_are_cast_and_copied_as_given_and_a_direct_call_is_checked():
+    @aj.compile
+    def f(a, i):
+        return a * 2.0, i + 1
+
+    a = np.arange(12, dtype=np.float64).reshape(3, 4) / 7
+    i = np.arange(6, dtype=np.int64).reshape(2, 3)
+    out, j = f(a, i)  # float64 and int64: cast to f32 and i32 as staging is written
+    np.testing.assert_array_equal(out.numpy(), a.astype(np.float32) * np.float32(2))
+    np.testing.assert_array_equal(j.numpy(), i + 1)
+    t = np.asfortranarray(a)  # not C-contiguous: the same values
+    np.testing.assert_array_equal(f(t, i)[0].numpy(), out.numpy())
+    assert f.traces == 1
+    exe = next(e for es in f.cache.values() for e in es)
+    with pytest.raises(AlphaJitError, match=r"compiled for f32\[3, 4\]"):
+        exe([a[:, :3].copy(), i])
+    with pytest.raises(AlphaJitError, match="compiled for i32"):
+        exe([a, i.astype(np.float32)])
+    with pytest.raises(AlphaJitError, match="1 arguments given"):
+        exe([a])
