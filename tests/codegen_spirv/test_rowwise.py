@@ -243,3 +243,52 @@ def test_norm_weight_grads_in_row_chunks_inside_a_step(op, monkeypatch):
     assert any("row chunks" in b.variant for b in exe.binaries)
     for g, w in zip(got, want, strict=True):
         assert _rel(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("dim", [50, 4100])
+def test_norm_rows_by_subgroup_or_workgroup_on_a_strided_grid(dim):
+    """LayerNorm forward and dx with rows owned by a subgroup (dim <= SUBGROUP_ROW_MAX, several
+    rows per workgroup) or by a workgroup (longer rows), on a grid of two workgroups that
+    strides over 37 rows (a ragged last trip), against float64 numpy; the H200 gets one
+    32-lane subgroup per 768-wide row, and its modules validate."""
+    import dataclasses
+
+    from alpha_jit.codegen_spirv.kernel import KernelSpec
+    from alpha_jit.codegen_spirv.kernels import rowwise
+    from alpha_jit.runtime.device import get_device
+    from alpha_jit.runtime.testing import run_kernel
+
+    rows = 37
+    caps = dataclasses.replace(get_device().caps, max_workgroup_count=(2, 65535, 65535))
+    rng = np.random.default_rng(dim)
+    x = (rng.standard_normal((rows, dim)) * 2 + 0.5).astype(np.float32)
+    w, bias, g = _f32(dim), _f32(dim), _f32(rows, dim)
+    base = (("rows", rows), ("dim", dim), ("rms", False), ("eps", 1e-5), ("x", ("f32", 0)),
+            ("w", ("f32", 0)))
+    fwd = KernelSpec("norm_fwd", f"ln_{dim}", (*base, ("b", ("f32", 0)),
+                                               ("out_dtype", "f32"), ("stats_out", True)))
+    b = rowwise.generate_norm_fwd(fwd, caps)
+    owner = "subgroup per row" if dim <= rowwise.SUBGROUP_ROW_MAX else "workgroup per row"
+    assert b.variant.startswith(owner) and b.dispatches[0].groups[0] == 2, b.variant
+    out, stats = run_kernel(b, [x, w, bias], [((rows, dim), np.float32), ((rows, 2), np.float32)],
+                            fill=0x7FC00000)
+    x64 = x.astype(np.float64)
+    mean, rstd = x64.mean(1, keepdims=True), 1 / np.sqrt(x64.var(1, keepdims=True) + 1e-5)
+    xh = (x64 - mean) * rstd
+    np.testing.assert_allclose(out, xh * w + bias, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stats, np.concatenate([mean, rstd], 1), rtol=1e-5, atol=1e-5)
+    dx_spec = KernelSpec("norm_dx", f"ln_dx_{dim}", (*base, ("g", ("f32", 0)), ("stats", 0),
+                                                     ("out_dtype", "f32")))
+    (dx,) = run_kernel(rowwise.generate_norm_dx(dx_spec, caps), [x, w, g, stats],
+                       [((rows, dim), np.float32)], fill=0x7FC00000)
+    gw = g * w.astype(np.float64)
+    want = rstd * (gw - gw.mean(1, keepdims=True) - xh * (gw * xh).mean(1, keepdims=True))
+    np.testing.assert_allclose(dx, want, rtol=1e-3, atol=1e-4)
+    h200 = _h200()
+    for spec in (fwd, dx_spec):
+        wide = KernelSpec(spec.family, spec.name, tuple((k, 768 if k == "dim" else v)
+                                                        for k, v in spec.params))
+        gen = getattr(rowwise, rowwise.FAMILIES[spec.family])
+        hb = gen(wide, h200)
+        assert hb.variant == "subgroup per row x32" and hb.dispatches[0].groups[0] == 10
+        tools.validate(hb.words, hb.name, target_env=h200.spirv_target_env())

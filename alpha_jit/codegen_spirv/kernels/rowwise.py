@@ -2,15 +2,17 @@
 backward (the ops of `ir/ops/rowwise.py`), and their lowerings.
 
 Why: each is one kernel per direction instead of a chain of reductions and elementwise kernels,
-and the cross-entropy never materialises a one-hot. Rows are owned by one workgroup each
-(grid-striding when rows outnumber the workgroups allowed); the row is re-read per pass (mean,
-variance, output) rather than held in registers, and reduced in f32 through subgroup operations
-and shared memory (`reduction._WorkgroupReducer`: no subgroup size assumed, NaN-propagating
-max). Parameter gradients of a norm (dw, db) are one column reduction: each workgroup owns a
-strip of columns, its threads stride over rows, and a fixed-order shared-memory fold finishes,
-so the sums are deterministic (no atomics, no second pass). The cross-entropy backward needs no
-reduction at all: the forward saved each row's logsumexp, so softmax(z) - onehot(y) is formed
-per element.
+and the cross-entropy never materialises a one-hot. A row of at most SUBGROUP_ROW_MAX elements
+is owned by one subgroup (several per workgroup) and reduced by subgroup operations alone, where
+the device's subgroup size is fixed or can be pinned; longer rows (or other devices) by a
+workgroup, reduced through subgroup operations and shared memory (`reduction._WorkgroupReducer`:
+no subgroup size assumed). Either way the grid strides over the rows when they outnumber the
+workgroups allowed, a row is re-read per pass (mean, variance, output) rather than held in
+registers, sums are f32 and the max propagates NaN. Parameter gradients of a norm (dw, db) are
+one column reduction: each workgroup owns a strip of columns, its threads stride over rows, and
+a fixed-order shared-memory fold finishes, so the sums are deterministic (no atomics, no second
+pass). The cross-entropy backward needs no reduction at all: the forward saved each row's
+logsumexp, so softmax(z) - onehot(y) is formed per element.
 
 Families (params as (key, value) pairs; every operand is contiguous, `(dtype, offset)`):
     norm_fwd:   rows, dim, rms, eps, x, w[, b], out_dtype[, stats_out]
@@ -30,10 +32,10 @@ import math
 
 from ... import dtypes
 from ...schedule import epilogue
-from ..dsl import KernelBuilder, Value, max_groups_x
+from ..dsl import KernelBuilder, Value, cap, max_groups_x
 from ..kernel import Dispatch, KernelBinary, KernelSpec
 from ..lower import Buffer, _Lowerer, register_kernel_lowering
-from ..scalar import ScalarEmitter, compute_dtype, nan_minmax
+from ..scalar import ScalarEmitter, compute_dtype, nan_minmax, subgroup_max
 from .column_strips import emit_column_sums, strip_layout
 from .elementwise import (
     EpilogueStore,
@@ -64,16 +66,50 @@ def _row_local(dim: int, caps: object) -> int:
     return local_size_for(caps, want)
 
 
+# rows of at most this many elements are each owned by one subgroup (reduced by subgroup
+# operations alone: no barrier, no shared memory); longer ones by a workgroup
+SUBGROUP_ROW_MAX = 4096
+_SUBGROUP_ROWS_LOCAL = 128  # threads per workgroup of subgroup-owned rows
+
+
+def row_subgroup(dim: int, caps: object) -> int | None:
+    """The lanes of the subgroup that owns a row of `dim`: the device's fixed subgroup size,
+    or 32 where size control pins it; None where rows are owned by workgroups."""
+    if dim > SUBGROUP_ROW_MAX:
+        return None
+    lo, hi = int(cap(caps, "min_subgroup_size", 0)), int(cap(caps, "max_subgroup_size", 0))
+    if lo == hi and 0 < lo <= _SUBGROUP_ROWS_LOCAL:
+        return lo
+    if cap(caps, "subgroup_size_control", False) and lo <= 32 <= hi:
+        return 32
+    return None
+
+
 class _Rows:
-    """A workgroup-per-row kernel: bindings, the row loop and block reductions."""
+    """A row kernel: bindings, the row loop, and row reductions. A row of at most
+    SUBGROUP_ROW_MAX elements belongs to one subgroup (several rows per workgroup): on the
+    H200 the workgroup's two barriers per reduction, not the bytes, bounded LayerNorm's
+    kernels over 768-wide rows. Longer rows (cross-entropy's classes) belong to a workgroup."""
 
     def __init__(self, spec: KernelSpec, caps: object, dim: int):
         self.p = dict(spec.params)
         _check_i32(spec, int(self.p["rows"]) * dim)
-        self.local = _row_local(dim, caps)
+        self.lanes = row_subgroup(dim, caps)
+        self.local = _row_local(dim, caps) if self.lanes is None else \
+            local_size_for(caps, _SUBGROUP_ROWS_LOCAL)
         self.kb = KernelBuilder(spec.name, self.local, caps)
         self.caps, self.dim, self.spec = caps, dim, spec
         self.em = ScalarEmitter(self.kb)
+
+    @property
+    def per_group(self) -> int:
+        """Rows a workgroup owns at a time."""
+        return 1 if self.lanes is None else max(1, self.local // self.lanes)
+
+    @property
+    def stride(self) -> int:
+        """Threads over one row (its elements' loop step)."""
+        return self.local if self.lanes is None else self.lanes
 
     def operand(self, key: str, dtype: str | None = None):
         dt, off = self.p[key] if dtype is None else (dtype, self.p[key])
@@ -81,37 +117,57 @@ class _Rows:
 
     def start(self) -> None:
         kb = self.kb
-        self.red = _WorkgroupReducer(kb, self.local, self.caps)  # after the bindings
-        self.lid = kb.cast(kb.local_id(0), "i32")
+        if self.lanes is None:
+            self.red = _WorkgroupReducer(kb, self.local, self.caps)  # after the bindings
+            self.lid = kb.cast(kb.local_id(0), "i32")
+        else:  # the row's lane; the subgroup's row among the workgroup's
+            self.lid = kb.cast(kb.subgroup_invocation_id(), "i32")
+            self.slot = kb.cast(kb.subgroup_id(), "i32")
+
+    def _reduce(self, op: str, x: Value) -> Value:
+        if self.lanes is None:
+            return self.red(op, x)
+        return subgroup_max(self.kb, x) if op == "max" else self.kb.subgroup_reduce(op, x)
+
+    def elements(self):
+        """The loop over this thread's elements of the row."""
+        return self.kb.loop(self.lid, self.dim, self.stride)
 
     def row_sum(self, f) -> Value:
-        """Sum over the row of f(j) (f32), visible to every thread."""
+        """Sum over the row of f(j) (f32), visible to every thread of the row."""
         kb = self.kb
         acc = kb.var("f32", 0.0)
-        with kb.loop(self.lid, self.dim, self.local) as j:
+        with self.elements() as j:
             acc.set(acc.get() + f(j))
-        return self.red("add", acc.get())
+        return self._reduce("add", acc.get())
 
     def row_max(self, f) -> Value:
         kb = self.kb
         acc = kb.var("f32", float("-inf"))
-        with kb.loop(self.lid, self.dim, self.local) as j:
+        with self.elements() as j:
             acc.set(nan_minmax(kb, "max", acc.get(), f(j)))
-        return self.red("max", acc.get())
+        return self._reduce("max", acc.get())
 
     @property
     def groups(self) -> int:
-        return max(1, min(int(self.p["rows"]), max_groups_x(self.caps)))
+        rows = math.ceil(int(self.p["rows"]) / self.per_group)
+        return max(1, min(rows, max_groups_x(self.caps)))
 
     def rows_loop(self):
-        kb, rows = self.kb, int(self.p["rows"])
-        return kb.loop(kb.cast(kb.workgroup_id(0), "i32"), rows,
-                       kb.cast(kb.num_workgroups(0), "i32"),
-                       max_trips=math.ceil(rows / self.groups))
+        kb, rows, per = self.kb, int(self.p["rows"]), self.per_group
+        first = kb.cast(kb.workgroup_id(0), "i32")
+        step = kb.cast(kb.num_workgroups(0), "i32")
+        if per > 1:
+            first, step = first * per + self.slot, step * per
+        return kb.loop(first, rows, step, max_trips=math.ceil(rows / (self.groups * per)))
 
     def finish(self, notes: dict) -> KernelBinary:
         groups = self.groups
-        notes = {"rows": self.p["rows"], "variant": f"workgroup per row x{self.local}", **notes}
+        owner = f"subgroup per row x{self.lanes}" if self.lanes is not None \
+            else f"workgroup per row x{self.local}"
+        notes = {"rows": self.p["rows"], "variant": owner, **notes}
+        if self.lanes is not None and cap(self.caps, "subgroup_size_control", False):
+            notes["required_subgroup_size"] = self.lanes
         return self.kb.binary(self.spec, [Dispatch((groups, 1, 1))], notes=notes)
 
 
@@ -150,7 +206,7 @@ def generate_norm_fwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
             with kb.if_(r.lid == 0):
                 stats.store(row * 2, mean)
                 stats.store(row * 2 + 1, rstd)
-        with kb.loop(r.lid, dim, r.local) as j:
+        with r.elements() as j:
             y = (kb.cast(x.load(base + j + xo), "f32") - mean) * rstd * w.load(j + wo)
             if b is not None:
                 y = y + b[0].load(j + b[1])
@@ -199,7 +255,7 @@ def generate_norm_dx(spec: KernelSpec, caps: object = None,
 
         c2 = r.row_sum(lambda j: dxhat(j) * xhat(j)) / float(dim)
         c1 = kb.f32(0.0) if r.p["rms"] else r.row_sum(dxhat) / float(dim)
-        with kb.loop(r.lid, dim, r.local) as j:
+        with r.elements() as j:
             inner = dxhat(j) - xhat(j) * c2
             if not r.p["rms"]:
                 inner = inner - c1
