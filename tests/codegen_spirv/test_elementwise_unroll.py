@@ -258,24 +258,23 @@ def test_multi_tensor_in_place(run_inplace):
 CE_ROWS, CE_CLASSES, CE_IGNORE = 300, 257, 3  # 77100 elements: unrolled and ragged
 
 
-def _ce_spec(dtype, aliased=False, offsets=(5, 2, 4, 6), shape=(CE_ROWS, CE_CLASSES)):
+def _ce_spec(dtype, aliased=False, offsets=(5, 2, 4, 6)):
     zo, yo, ro, go = offsets
-    params = (("rows", shape[0]), ("classes", shape[1]), ("ignore", (True, CE_IGNORE)),
+    params = (("rows", CE_ROWS), ("classes", CE_CLASSES), ("ignore", (True, CE_IGNORE)),
               ("z", (dtype, zo)), ("y", yo), ("r", ro), ("g", go), ("out_dtype", dtype))
-    return KernelSpec("ce_bwd", f"ce_bwd_{dtype}_{aliased}_{shape[1]}",
+    return KernelSpec("ce_bwd", f"ce_bwd_{dtype}_{aliased}",
                       params + ((("aliased", True),) if aliased else ()))
 
 
-def _ce_inputs(offsets=(5, 2, 4, 6), shape=(CE_ROWS, CE_CLASSES)):
+def _ce_inputs(offsets=(5, 2, 4, 6)):
     zo, yo, ro, go = offsets
-    rows, classes = shape
-    z = (rng.standard_normal((rows, classes)) * 3).astype(np.float32)
-    y = rng.integers(0, classes, rows).astype(np.int32)
+    z = (rng.standard_normal((CE_ROWS, CE_CLASSES)) * 3).astype(np.float32)
+    y = rng.integers(0, CE_CLASSES, CE_ROWS).astype(np.int32)
     y[::7] = CE_IGNORE  # ignored rows
-    y[5] = classes + 4  # a bad label: NaN gradient row
+    y[5] = CE_CLASSES + 4  # a bad label: NaN gradient row
     lse = np.log(np.exp(z.astype(np.float64)).sum(1)).astype(np.float32)
-    r = np.stack([rng.standard_normal(rows).astype(np.float32), lse], 1)
-    g = rng.standard_normal((rows, 2)).astype(np.float32)
+    r = np.stack([rng.standard_normal(CE_ROWS).astype(np.float32), lse], 1)
+    g = rng.standard_normal((CE_ROWS, 2)).astype(np.float32)
     g[::4, 1] = 0.0  # a zero lse cotangent
     pad = lambda a, k: np.concatenate(  # noqa: E731
         [rng.standard_normal(k).astype(a.dtype), a.reshape(-1)])
@@ -284,13 +283,12 @@ def _ce_inputs(offsets=(5, 2, 4, 6), shape=(CE_ROWS, CE_CLASSES)):
 
 
 def _ce_reference(z, y, r, g):
-    classes = z.shape[1]
     prob = np.exp(z.astype(np.float64) - r[:, 1:])
     keep = (y != CE_IGNORE)[:, None]
-    valid = ((y >= 0) & (y < classes))[:, None]
+    valid = ((y >= 0) & (y < CE_CLASSES))[:, None]
     coef = np.where(keep, np.where(valid, g[:, :1], np.nan), 0.0)
     dz = np.where(keep, prob * coef, 0.0) + np.where(g[:, 1:] == 0, 0.0, prob * g[:, 1:])
-    return dz - np.where(np.arange(classes)[None] == y[:, None], coef, 0.0)
+    return dz - np.where(np.arange(CE_CLASSES)[None] == y[:, None], coef, 0.0)
 
 
 def _check_ce(got, want, rtol):
@@ -328,23 +326,3 @@ def test_ce_bwd_in_place(run_inplace):
     z, y, r, g, arrays = _ce_inputs(offsets)
     (got,) = run_inplace(b, arrays, [((CE_ROWS, CE_CLASSES), np.float32)], {0: 0})
     _check_ce(got, _ce_reference(z, y, r, g), 1e-5)
-
-
-@pytest.mark.parametrize("dtype", ["f32", "bf16"])
-def test_ce_bwd_rows_longer_than_a_block(run_kernel, dtype):
-    """Rows of at least a block's elements (an LM head's): each block's two rows' label, lse
-    and cotangents are loaded once and picked per element; blocks that start and end inside
-    a row, straddle two, and the ragged last one all match the reference."""
-    shape = (31, 2101)  # 2101 >= the bf16 block (2048) and the f32 one (1024); n ragged
-    b = generate_ce_bwd(_ce_spec(dtype, shape=shape))
-    validate(b.words, b.name)
-    assert b.notes["variant"].endswith("rows hoisted"), b.notes["variant"]
-    z, y, r, g, arrays = _ce_inputs(shape=shape)
-    if dtype == "bf16":
-        zb = to_bf16(arrays[0])
-        z = from_bf16(zb[5:]).reshape(z.shape)
-        (got,) = run_kernel(b, [zb, *arrays[1:]], [(shape, np.uint16)], fill=0x7FC07FC0)
-        _check_ce(from_bf16(got), _ce_reference(z, y, r, g), 8e-3)
-    else:
-        (got,) = run_kernel(b, arrays, [(shape, np.float32)], fill=0x7FC00000)
-        _check_ce(got, _ce_reference(z, y, r, g), 1e-5)

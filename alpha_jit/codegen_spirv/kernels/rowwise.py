@@ -350,33 +350,14 @@ def generate_ce_bwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
     ct = compute_dtype(storage_dtype(p["out_dtype"]))
     zo, yo, ro, go = int(p["z"][1]), int(p["y"]), int(p["r"]), int(p["g"])
     pc = kb.push_constants([("count", "u32"), ("base", "u32")])
-    start = grid.block_start(kb, pc["base"])
-    lanes = grid.lanes(kb, start, n, pc["count"])
-
-    def row_values(row: Value) -> tuple:  # (label, lse, g_loss, g_lse) of an i32 row
-        return (y.load(row + yo), rr.load(row * 2 + 1 + ro), g.load(row * 2 + go),
-                g.load(row * 2 + 1 + go))
-
-    # a block no longer than a row spans at most two: their values are loaded once, not per
-    # element (the loads, not the bytes, bound this kernel on a 50k-class LM head)
-    hoist = classes >= grid.block
-    if hoist:
-        r0 = start / classes
-        split = (r0 + 1) * classes  # the second row's first element
-        first = kb.cast(r0, "i32")
-        pair = (row_values(first), row_values(kb.fmin(first + 1, rows - 1)))
+    lanes = grid.lanes(kb, grid.block_start(kb, pc["base"]), n, pc["count"])
     loads = []
     for lane in lanes:  # every element's loads first: dz may take z's memory
+        row = kb.cast(lane.at / classes, "i32")
+        col = kb.cast(lane.at % classes, "i32")
         zv = kb.cast(z.load(lane.at + zo), "f32")
-        if hoist:
-            second = lane.at >= split
-            col = kb.cast(lane.at - kb.select(second, split, split - classes), "i32")
-            vals = tuple(kb.select(second, b, a) for a, b in zip(*pair, strict=True))
-        else:
-            row = kb.cast(lane.at / classes, "i32")
-            col = kb.cast(lane.at % classes, "i32")
-            vals = row_values(row)
-        loads.append((col, vals[0], zv, *vals[1:]))
+        loads.append((col, y.load(row + yo), zv, rr.load(row * 2 + 1 + ro),
+                      g.load(row * 2 + go), g.load(row * 2 + 1 + go)))
     nan = kb.bitcast(kb.u32(_NAN), "f32")
     zero = kb.f32(0.0)
     for lane, (j, lab, zv, lse, g0, g1) in zip(lanes, loads, strict=True):
@@ -389,8 +370,7 @@ def generate_ce_bwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
         with kb.when(lane.ok):
             out.store(lane.at, kb.cast(dz, ct))
     return kb.binary(spec, grid.dispatches(n, caps), notes={
-        "rows": rows, "classes": classes,
-        "variant": grid.variant + (" rows hoisted" if hoist else "")})
+        "rows": rows, "classes": classes, "variant": grid.variant})
 
 
 # ---- lowering ------------------------------------------------------------------------------
