@@ -316,6 +316,7 @@ def query(index: int, pd: Any) -> Capabilities:
         min_subgroup_size=sgsc.minSubgroupSize if sgsc is not None else sg,
         max_subgroup_size=sgsc.maxSubgroupSize if sgsc is not None else sg,
         subgroup_size_control=feats.get("subgroupSizeControl", False),
+        compute_full_subgroups=feats.get("computeFullSubgroups", False),
         subgroup_arithmetic=bool(subgroup.supportedOperations & _SUBGROUP_ARITHMETIC_BIT
                                  and subgroup.supportedStages & _COMPUTE_STAGE_BIT),
         subgroup_shuffle=bool(subgroup.supportedOperations & _SUBGROUP_SHUFFLE_BIT

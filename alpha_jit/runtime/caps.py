@@ -105,6 +105,9 @@ class Capabilities:
     denorm_preserve_f32: bool = False
     # VK_SUBGROUP_FEATURE_SHUFFLE_BIT in compute: the register-softmax row reductions need it
     subgroup_shuffle: bool = False
+    # computeFullSubgroups: a pipeline can require every subgroup full (rows owned by a
+    # subgroup, `kernels/rowwise.py`, need it; core in Vulkan 1.3)
+    compute_full_subgroups: bool = False
     # probed by running a kernel (`codegen_spirv/fragments.py`), empty until a device is open
     fragment_layouts: tuple[FragmentLayout, ...] = ()
 
@@ -119,6 +122,8 @@ class Capabilities:
         fields.pop("index")  # enumeration order may change when another device appears
         fields["cooperative_matrix"] = tuple(dataclasses.astuple(c)
                                              for c in self.cooperative_matrix)
+        if not self.compute_full_subgroups:  # records from before the field keep theirs
+            fields.pop("compute_full_subgroups")
         if not self.fragment_layouts:  # records from before the probe keep their fingerprint
             fields.pop("fragment_layouts")
         else:

@@ -43,6 +43,7 @@ __all__ = ["BuildProgress", "Pipeline", "PipelineManager", "atomic_write", "cach
 
 _COMPUTE_STAGE = 0x20
 _STORAGE_BUFFER = 7  # VK_DESCRIPTOR_TYPE_STORAGE_BUFFER
+_REQUIRE_FULL_SUBGROUPS = 2  # VK_PIPELINE_SHADER_STAGE_CREATE_REQUIRE_FULL_SUBGROUPS_BIT
 MAX_PIPELINE_CACHE_BYTES = 64 << 20  # a driver cache only grows; past this, start it afresh
 _BAR_MIN_NEW = 8  # a handful of new pipelines compiles too fast to need a bar
 _BAR_DELAY_S = 1.0  # and a bar appears only once the work has taken this long
@@ -122,6 +123,11 @@ def validate(binary: KernelBinary, caps: Capabilities) -> None:
         raise AlphaJitError(
             f"{where}: required subgroup size {sub} not in "
             f"[{caps.min_subgroup_size}, {caps.max_subgroup_size}] or size control missing")
+    if binary.notes.get("full_subgroups") and not (
+            caps.compute_full_subgroups and sub is not None and binary.local_size[0] % sub == 0):
+        raise AlphaJitError(f"{where}: full subgroups of {sub} lanes required, but the device "
+                            f"lacks computeFullSubgroups or the workgroup's x size "
+                            f"{binary.local_size[0]} is not a multiple")
 
 
 @dataclass(eq=False)
@@ -205,10 +211,11 @@ class PipelineManager:
         return fut
 
     def prefetch(self, binaries: Sequence[KernelBinary]) -> None:
-        """Start the driver compiles of the new binaries and return: a cold build compiles the
-        step's other kernels while the autotuner generates and times GEMM tiles (which need no
-        CPU but the generation's one thread). `get`/`get_many` collect them, and raise a
-        compile's error there; a binary over a device limit is left for them to refuse."""
+        """Queue the driver compiles of the new binaries (first queued, first compiled) and
+        return: a cold build queues the tuner's candidates, then generates the step's other
+        kernels and queues them, so they compile while the tuner times (which needs no CPU).
+        `get`/`get_many` collect them, and raise a compile's error there; a binary over a
+        device limit is left for them to refuse."""
         for b in binaries:
             try:
                 self._submit(b)
@@ -218,10 +225,9 @@ class PipelineManager:
     def _collect(self, key: tuple[str, str, str], fut: concurrent.futures.Future) -> None:
         """A finished compile into the memo (or its error raised)."""
         try:
-            pipeline = fut.result()
+            self.pipelines[key] = fut.result()  # in the memo before it leaves `_pending`
         finally:
             self._pending.pop(key, None)
-        self.pipelines[key] = pipeline
         self.dirty = True
         self.device.stats["pipelines"] += 1
 
@@ -320,6 +326,8 @@ class PipelineManager:
             stage.pName = entry
             sub = binary.notes.get("required_subgroup_size")
             req = None
+            if binary.notes.get("full_subgroups"):  # no partial subgroup starts (validated)
+                stage.flags = _REQUIRE_FULL_SUBGROUPS
             if sub is not None:  # kernels tuned for one subgroup width pin it
                 req = vk.new("VkPipelineShaderStageRequiredSubgroupSizeCreateInfo*", {
                     "sType": mod.VK_STRUCTURE_TYPE_PIPELINE_SHADER_STAGE_REQUIRED_SUBGROUP_SIZE_CREATE_INFO,  # noqa: E501

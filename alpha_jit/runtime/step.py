@@ -394,7 +394,7 @@ class Executable:
         index outside its bounds, or an integer the device's type cannot hold (checks read
         the caller's values: narrowing happens only as staging is written)."""
         if len(args) != len(self._args):
-            raise AlphaJitError(f"{len(args)} arguments given; this step was compiled for "
+            raise AlphaJitError(f"{len(args)} argument(s) given; this step was compiled for "
                                 f"{len(self._args)}")
         bounds_of = self.traced.index_bounds
         for i, (a, (shape, dt, storage)) in enumerate(zip(args, self._args, strict=True)):
@@ -454,7 +454,7 @@ class Executable:
             try:
                 self._pack.pack_into(view, self._pack_at, *values)
                 return
-            except (OverflowError, struct.error):
+            except (OverflowError, struct.error, TypeError, ValueError):
                 pass
         for (soff, np_dt), v in zip(self._scalar_slots, values, strict=True):
             raw = np.asarray(v, dtype=np_dt).reshape(-1).view(np.uint8)

@@ -346,7 +346,7 @@ def test_grid_orders_and_split_grids_compute_what_one_dispatch_does(run_kernel, 
         assert len(one.dispatches) == 1, spec.family
         want = run_kernel(one, [arr[n] for n in names], outs, fill=0x7FC00000)
         assert all(np.isfinite(w).all() for w in want), spec.family  # every element written
-        for order in ("fastest", "slowest"):
+        for order in ("fastest", "slowest", "slowest reversed"):
             monkeypatch.setattr(K, "_grid_order", lambda family, p, order=order: order)
             many = gen(spec, split)
             monkeypatch.setattr(K, "_grid_order", default)
@@ -360,6 +360,6 @@ def test_causal_query_blocks_start_from_the_longest_walk():
     """The chosen orders: a causal forward and dq put their blocks on the slowest axis, the
     last query block (the longest walk) first; dk/dv and non-causal grids keep blocks on x."""
     for fam in ("attention_fwd", "attention_dq"):
-        assert K._grid_order(fam, {"causal": True}) == "slowest"
+        assert K._grid_order(fam, {"causal": True}) == "slowest reversed"
         assert K._grid_order(fam, {"causal": False}) == "fastest"
     assert K._grid_order("attention_dkdv", {"causal": True}) == "fastest"

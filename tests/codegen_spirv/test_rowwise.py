@@ -297,3 +297,30 @@ def test_norm_rows_by_subgroup_or_workgroup_on_a_strided_grid(dim):
         else:
             assert hb.variant == "workgroup per row x128", hb.variant
         tools.validate(hb.words, hb.name, target_env=h200.spirv_target_env())
+
+
+def test_subgroup_rows_need_a_pinned_width_and_full_subgroups():
+    """A row is owned by a subgroup only where the width can be pinned and every subgroup
+    required full (a driver may report a size it does not run, or start partial subgroups):
+    without either, the same spec gets workgroup rows; a binary asking for full subgroups is
+    refused by a device without them, naming the kernel."""
+    import dataclasses
+
+    from alpha_jit.codegen_spirv.kernel import KernelSpec
+    from alpha_jit.codegen_spirv.kernels import rowwise
+    from alpha_jit.errors import AlphaJitError
+    from alpha_jit.runtime.pipelines import validate
+
+    h200 = _h200()
+    spec = KernelSpec("norm_fwd", "ln_768", (("rows", 64), ("dim", 768), ("rms", False),
+                                             ("eps", 1e-5), ("x", ("f32", 0)), ("w", ("f32", 0)),
+                                             ("out_dtype", "f32")))
+    b = rowwise.generate_norm_fwd(spec, h200)
+    assert b.variant == "subgroup per row x32"
+    assert b.notes["required_subgroup_size"] == 32 and b.notes["full_subgroups"]
+    validate(b, h200)
+    for field in ("compute_full_subgroups", "subgroup_size_control"):
+        lacking = dataclasses.replace(h200, **{field: False})
+        assert rowwise.generate_norm_fwd(spec, lacking).variant.startswith("workgroup per row")
+        with pytest.raises(AlphaJitError, match="ln_768"):
+            validate(b, lacking)

@@ -145,3 +145,18 @@ def test_a_gemm_with_an_epilogue_is_tuned_through_the_epilogue_store(h200):
         real = generate_matmul(KernelSpec("matmul", "g", (*base, *extra, ("config", cfg))),
                                h200, registry.scalar_rule)
         assert b.variant.endswith(path) and real.variant == b.variant, (b.variant, path)
+
+
+def test_the_callers_overlapping_work_runs_once_whatever_the_tuner_does():
+    """`resolve(on_compiling=...)` runs the caller's work exactly once: with nothing to tune,
+    without a device, and with GEMMs whose tilings come from the heuristic."""
+    from types import SimpleNamespace
+
+    from alpha_jit.codegen_spirv.kernel import KernelSpec
+    from alpha_jit.runtime import autotune
+
+    calls = []
+    autotune.resolve([], None, on_compiling=lambda: calls.append("none"))
+    other = SimpleNamespace(spec=KernelSpec("elementwise", "x", (("shape", (4,)),)))
+    autotune.resolve([other], None, on_compiling=lambda: calls.append("other"))
+    assert calls == ["none", "other"]

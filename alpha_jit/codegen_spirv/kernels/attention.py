@@ -131,12 +131,13 @@ class _Ctx:
 
 
 def _grid_order(family: str, p: dict) -> str:
-    """How workgroup ids map to row blocks: "fastest" (x = block, ascending) or "slowest"
-    (z = block, the longest walks first, over every head and batch). A causal forward and dq
-    take "slowest": on the H200 (`gpt2`, T 1024, 32-key tiles) 204 -> 177 us and 202 -> 177 us
-    per kernel, `small` (T 256, 64-key tiles) within 2%; reversing the blocks along x did
-    nothing (session 10). dk/dv's first key blocks already walk longest along x."""
-    return "slowest" if p["causal"] and family != "attention_dkdv" else "fastest"
+    """How workgroup ids map to row blocks: "fastest" (x = block, ascending), "slowest"
+    (z = block, ascending) or "slowest reversed" (z = block, the last first). A causal forward
+    and dq, whose last query blocks walk longest, take "slowest reversed": on the H200
+    (`gpt2`, T 1024, 32-key tiles) 204 -> 177 us and 202 -> 177 us per kernel, `small` (T 256,
+    64-key tiles) within 2%; reversing the blocks along x did nothing, and dk/dv (whose first
+    key blocks walk longest) was slower on the slowest axis, 260 -> 281 us (session 10)."""
+    return "slowest reversed" if p["causal"] and family != "attention_dkdv" else "fastest"
 
 
 def _prologue(spec: KernelSpec, caps: object, cfg: AttnConfig, inputs: tuple[str, ...],
@@ -158,9 +159,9 @@ def _prologue(spec: KernelSpec, caps: object, cfg: AttnConfig, inputs: tuple[str
     pc = kb.push_constants([("base_x", "u32"), ("base_y", "u32"), ("base_z", "u32")])
     wid = [kb.workgroup_id(a) + pc[f"base_{x}"] for a, x in enumerate("xyz")]
     order = _grid_order(spec.family, p)
-    blk, head, bi = (wid[2], wid[0], wid[1]) if order == "slowest" else wid
-    if order == "slowest" and p["causal"] and spec.family != "attention_dkdv":
-        blk = (math.ceil(p["t"] / cfg.rows) - 1) - blk  # a query block's walk grows with it
+    blk, head, bi = (wid[2], wid[0], wid[1]) if order.startswith("slowest") else wid
+    if order.endswith("reversed"):
+        blk = (math.ceil(p["t"] / cfg.rows) - 1) - blk
     ctx = _Ctx(kb, p, cfg, kb.local_index(), blk * cfg.rows, head, bi, drop, order)
     return ctx, ins, outs
 
@@ -223,7 +224,8 @@ def _loop_tiles(c: _Ctx, lo: Value | int, hi: Value | int, body: Callable[[Value
 
 def _grid(c: _Ctx, heads: int, caps: object) -> list[Dispatch]:
     blocks = math.ceil(c.p["t"] / c.cfg.rows)
-    groups = (heads, c.p["b"], blocks) if c.order == "slowest" else (blocks, heads, c.p["b"])
+    slowest = c.order.startswith("slowest")
+    groups = (heads, c.p["b"], blocks) if slowest else (blocks, heads, c.p["b"])
     return [Dispatch(cnt, pack_push_constants([("u32", v) for v in base]))
             for cnt, base in grid_plan(groups, caps)]
 

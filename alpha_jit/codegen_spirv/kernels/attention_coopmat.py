@@ -8,7 +8,9 @@ faster, while what needs a row and a column (mask, softmax, dropout, dS = P (dP 
 small elementwise step between them.
 
 Shape of the work. A workgroup has `subgroups` subgroups of `lanes` lanes; each subgroup owns
-16 rows: query rows (forward, dq) or key rows (dk/dv).
+16 rows: query rows (forward, dq) or key rows (dk/dv); the register forward and dq
+(attention_registers.py) may own two 16-row blocks (`CmConfig.row_blocks`), each streamed B
+fragment then feeding both blocks' products.
 - The subgroup's own operands (q, and dO for dq; k and v for dk/dv) are staged once through
   its 16-bit tile into A fragments that stay in registers.
 - The workgroup streams tiles of `block` keys (forward, dq) or queries (dk/dv) through shared
@@ -139,12 +141,14 @@ def choose(family: str, p: dict, caps: object, registers: bool = False) -> CmCon
     max_threads = int(cap(caps, "max_workgroup_invocations", 1024))  # type: ignore[arg-type]
     max_shared = int(cap(caps, "max_shared_memory", 32768))  # type: ignore[call-overload]
     long_walk = registers and family != "attention_dkdv" and p["t"] > 512
-    # the register forward and dq over long walks: 32-key tiles (H200, T 1024, blocks on the
-    # grid's slowest axis: forward 177 against 286 us, dq 177 against 234; T 256: 64 keys, 78
-    # against 86 and 90 against 101); the forward's best there is two row blocks per subgroup
-    # with 64-key tiles (156 us; with 32-key tiles 302, and dq's best two-block tiling 276)
-    tilings = [(4, 64, 2)] if long_walk and family == "attention_fwd" and hd <= 64 else []
-    blocks = (32, 16) if long_walk else (64, 32, 16)
+    # the register forward and dq over long causal walks: 32-key tiles (H200, T 1024, blocks
+    # on the grid's slowest axis: forward 177 against 286 us, dq 177 against 234; T 256: 64
+    # keys, 78 against 86 and 90 against 101); the forward's best there is two row blocks per
+    # subgroup with 64-key tiles (156 us; with 32-key tiles 302, and dq's best two-block tiling
+    # 276). Non-causal walks were not measured: the forward keeps its earlier 32-key tiles
+    causal = long_walk and p["causal"]
+    tilings = [(4, 64, 2)] if causal and family == "attention_fwd" and hd <= 64 else []
+    blocks = (32, 16) if causal or (long_walk and family == "attention_fwd") else (64, 32, 16)
     tilings += [(subgroups, block, 1) for subgroups in (4, 2) for block in blocks]
     for subgroups, block, row_blocks in tilings:
         cfg = CmConfig(subgroups, lanes, block, row_blocks)

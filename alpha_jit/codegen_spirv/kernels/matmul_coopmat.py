@@ -165,9 +165,10 @@ def search(p: dict, caps: object) -> list[MatmulConfig]:
             out += fill[:2] if fill else splits[-1:]
         out += [c for c in whole[-1:] if c not in out and (narrow or c.tm == 128)]
     if p["k"] >= _LONG_K:  # long K (weight gradients): 128 x 128 tiles split into waves
-        for bk, least in ((32, 2), (_DEEP_BK, 8)):
-            big = [c for c in every if (c.tm, c.tn, c.rm, c.rn, c.bk) == (128, 128, 64, 64, bk)
-                   and c.split >= least and _groups(p, c) * c.split >= _FILL]
+        for deep, least in ((False, 2), (True, 8)):  # shallow: whichever K step fits
+            big = [c for c in every if (c.tm, c.tn, c.rm, c.rn) == (128, 128, 64, 64)
+                   and (c.bk == _DEEP_BK) == deep and c.split >= least
+                   and _groups(p, c) * c.split >= _FILL]
             out += [c for c in big[:2] if c not in out]
     return out if out else whole[-1:]
 

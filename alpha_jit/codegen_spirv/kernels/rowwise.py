@@ -73,16 +73,17 @@ _SUBGROUP_ROWS_LOCAL = 128  # threads per workgroup of subgroup-owned rows
 
 
 def row_subgroup(dim: int, caps: object) -> int | None:
-    """The lanes of the subgroup that owns a row of `dim`: the device's fixed subgroup size,
-    or 32 where size control pins it; None where rows are owned by workgroups."""
-    if dim > SUBGROUP_ROW_MAX:
+    """The lanes of the subgroup that owns a row of `dim` (32, or the device's only size), or
+    None where rows are owned by workgroups. The width is pinned and every subgroup required
+    full (size control and computeFullSubgroups): a driver may report a size it does not run,
+    or start partial subgroups, and a row's lanes and its slot in the workgroup must be
+    exactly what the kernel assumes."""
+    if dim > SUBGROUP_ROW_MAX or not (cap(caps, "subgroup_size_control", False)
+                                      and cap(caps, "compute_full_subgroups", False)):
         return None
     lo, hi = int(cap(caps, "min_subgroup_size", 0)), int(cap(caps, "max_subgroup_size", 0))
-    if lo == hi and 0 < lo <= _SUBGROUP_ROWS_LOCAL:
-        return lo
-    if cap(caps, "subgroup_size_control", False) and lo <= 32 <= hi:
-        return 32
-    return None
+    lanes = 32 if lo <= 32 <= hi else (lo if lo == hi else 0)
+    return lanes if 0 < lanes <= _SUBGROUP_ROWS_LOCAL else None
 
 
 class _Rows:
@@ -166,8 +167,9 @@ class _Rows:
         owner = f"subgroup per row x{self.lanes}" if self.lanes is not None \
             else f"workgroup per row x{self.local}"
         notes = {"rows": self.p["rows"], "variant": owner, **notes}
-        if self.lanes is not None and cap(self.caps, "subgroup_size_control", False):
+        if self.lanes is not None:  # pinned and full: `row_subgroup`
             notes["required_subgroup_size"] = self.lanes
+            notes["full_subgroups"] = True
         return self.kb.binary(self.spec, [Dispatch((groups, 1, 1))], notes=notes)
 
 
