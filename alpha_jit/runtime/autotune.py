@@ -135,11 +135,13 @@ def resolve(kernels: list[Any], caps: Any, device: Any = None,
     after the kernel's other writes and live only in that kernel. `on_compiling()` runs once:
     as soon as the candidates' driver compiles are queued (the caller's other work overlaps
     them and the timing), else before returning."""
-    pending = [on_compiling] if on_compiling is not None else []
+    called = on_compiling is None
 
     def overlap() -> None:
-        while pending:
-            pending.pop()()
+        nonlocal called
+        if not called:
+            called = True
+            on_compiling()  # type: ignore[misc]
 
     _resolve(kernels, caps, device, buffers, overlap)
     overlap()

@@ -259,21 +259,10 @@ class PipelineManager:
         return BuildProgress(self)
 
     def get(self, binary: KernelBinary) -> Pipeline:
-        """The pipeline for `binary`, compiled at most once per process and device."""
-        key = self.key(binary)
-        found = self.pipelines.get(key)
-        if found is not None:
-            return found
-        fut = self._pending.get(key)  # prefetched: wait for it
-        if fut is not None:
-            self._collect(key, fut)
-            return self.pipelines[key]
-        validate(binary, self.device.caps)
-        pipeline = self._create(binary)
-        self.pipelines[key] = pipeline
-        self.dirty = True
-        self.device.stats["pipelines"] += 1
-        return pipeline
+        """The pipeline for `binary`, compiled at most once per process and device (waited
+        for if prefetched)."""
+        found = self.pipelines.get(self.key(binary))
+        return found if found is not None else self.get_many([binary])[0]
 
     def _create(self, binary: KernelBinary) -> Pipeline:
         mod = vk.load()
