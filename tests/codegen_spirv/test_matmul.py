@@ -257,6 +257,7 @@ def test_coopmat_variants_validate_for_the_h200(monkeypatch):
     plan = plan_step(step.trace(x, x).graph, h200, progress=False)
     specs = [k.spec for k in plan.lowered.kernels if k.spec.family == "matmul"]
     specs.append(mm_spec(2, 130, 70, 1000, dt="f16"))
+    specs.append(mm_spec(1, 4200, 136, 64, dt="bf16"))  # tall: tiles walked in row groups
     # b's column sums (a weight gradient written x^T @ dY: gemm_transpose off) of an f32
     # operand rounded on load (a dY the graph keeps in f32), split too
     cs = dict(mm_spec(1, 136, 264, 4200, dt="bf16").params)
@@ -283,6 +284,21 @@ def test_coopmat_variants_validate_for_the_h200(monkeypatch):
     assert any(v.endswith("direct store") for v in variants)  # plain f32 outputs
     # affine epilogues (bias, residual, casts) on the lanes' elements, stored as fragments
     assert any(v.endswith("fragment store") for v in variants)
+
+
+def test_tile_order_takes_every_tile_once():
+    """`tile_order` (the coopmat GEMM's walk over its tiles in groups of rows) maps the
+    launch order onto every tile exactly once, the last group shorter, and keeps
+    consecutive workgroups within one group of rows."""
+    from alpha_jit.codegen_spirv.kernels.matmul_coopmat import tile_order
+
+    for nx, ny, group in ((393, 64, 16), (6, 18, 16), (1, 35, 16), (7, 33, 8), (3, 17, 16)):
+        tiles = [tile_order(lin, nx, ny, group) for lin in range(nx * ny)]
+        assert sorted(tiles) == [(r, c) for r in range(ny) for c in range(nx)]
+        for lin, (r, _) in enumerate(tiles):
+            assert r // group == lin // (group * nx)
+    # a group walks down its rows first: the first `group` launches share one column
+    assert [tile_order(lin, 393, 64, 16) for lin in range(3)] == [(0, 0), (1, 0), (2, 0)]
 
 
 def test_deep_tiles_are_tuned_never_guessed():
