@@ -73,6 +73,7 @@ class Device:
         self.pipelines = PipelineManager(self)
         if caps.cooperative_matrix and not caps.fragment_layouts:
             self.caps = dataclasses.replace(caps, fragment_layouts=self._probe_fragments())
+            self.pipelines.follow_caps()
 
     # --- creation ------------------------------------------------------------------------
 

@@ -190,6 +190,22 @@ class PipelineManager:
             vk.call("vkCreatePipelineCache", self.device.handle, info, ffi.NULL, out)
         return out[0]
 
+    def follow_caps(self) -> None:
+        """After the device's caps changed (the fragment probe, which needs pipelines, so
+        this manager existed before it): the cache file of the final fingerprint, with
+        what the driver compiled so far merged in. Else every run read one folder and
+        saved to the other. The probe's pipelines stay in the memo under the old key."""
+        fp = self.device.caps.fingerprint()
+        if fp == self.fingerprint:
+            return
+        first = self.cache
+        self.fingerprint, self.path = fp, cache_dir(fp) / "pipeline_cache.bin"
+        self.cache = self._load_cache()
+        ffi = vk.ffi()
+        srcs = ffi.new("VkPipelineCache[1]", [first])
+        vk.call("vkMergePipelineCaches", self.device.handle, self.cache, 1, srcs)
+        vk.lib().vkDestroyPipelineCache(self.device.handle, first, ffi.NULL)
+
     def key(self, binary: KernelBinary) -> tuple[str, str, str]:
         """Memo key; by the module itself: one spec generated for other caps is another one."""
         return (binary.spec.key(), hashlib.sha256(bytes(binary.words)).hexdigest(),

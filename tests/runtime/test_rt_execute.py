@@ -164,6 +164,28 @@ def test_pipeline_memo_and_disk_caches(device):
     assert pl.load_cached_spirv(b.spec.key(), fingerprint="other") is None
 
 
+def test_pipeline_cache_follows_the_probed_fingerprint(device, tmp_path, monkeypatch):
+    """The fragment probe changes the caps (and their fingerprint) after the manager exists,
+    since it needs pipelines: the cache file then lives in the final fingerprint's folder,
+    holding what was compiled before the change and after, and nothing is left under the
+    first one (on the H200 every run read one folder and wrote the other)."""
+    import types
+
+    monkeypatch.setenv("ALPHA_JIT_CACHE_DIR", str(tmp_path))
+    proxy = types.SimpleNamespace(handle=device.handle, caps=device.caps, stats=device.stats)
+    mgr = pl.PipelineManager(proxy)
+    mgr.get(sh.add_scaled(8, 1.0))
+    first = mgr.path
+    proxy.caps = dataclasses.replace(
+        device.caps, compute_full_subgroups=not device.caps.compute_full_subgroups)
+    assert proxy.caps.fingerprint() != device.caps.fingerprint()
+    mgr.follow_caps()
+    assert mgr.path == pl.cache_dir(proxy.caps.fingerprint()) / "pipeline_cache.bin"
+    assert mgr.get(sh.add_scaled(8, 2.0)).handle
+    mgr.destroy()
+    assert mgr.path.stat().st_size > 0 and not first.exists()
+
+
 def test_corrupt_pipeline_cache_is_ignored(device, tmp_path, monkeypatch):
     monkeypatch.setenv("ALPHA_JIT_CACHE_DIR", str(tmp_path))
     p = pl.cache_dir(device.caps.fingerprint()) / "pipeline_cache.bin"
