@@ -258,6 +258,7 @@ def test_coopmat_variants_validate_for_the_h200(monkeypatch):
     specs = [k.spec for k in plan.lowered.kernels if k.spec.family == "matmul"]
     specs.append(mm_spec(2, 130, 70, 1000, dt="f16"))
     specs.append(mm_spec(1, 4200, 136, 64, dt="bf16"))  # tall: tiles walked in row groups
+    monkeypatch.setattr(matmul_coopmat, "_TILE_GROUP_MIN_B", 0)  # for this small b too
     # b's column sums (a weight gradient written x^T @ dY: gemm_transpose off) of an f32
     # operand rounded on load (a dY the graph keeps in f32), split too
     cs = dict(mm_spec(1, 136, 264, 4200, dt="bf16").params)
@@ -299,6 +300,22 @@ def test_tile_order_takes_every_tile_once():
             assert r // group == lin // (group * nx)
     # a group walks down its rows first: the first `group` launches share one column
     assert [tile_order(lin, 393, 64, 16) for lin in range(3)] == [(0, 0), (1, 0), (2, 0)]
+
+
+def test_only_a_large_b_walks_tiles_in_groups():
+    """The LM head's forward (b: 77 MB of weights) is walked in groups on the H200; a layer's
+    GEMM (b of a few MB, which ran 2-4% slower so) and a short grid are not."""
+    from pathlib import Path
+
+    from alpha_jit.codegen_spirv.kernels import matmul_coopmat as mc
+    from alpha_jit.codegen_spirv.kernels.matmul import MatmulConfig
+    from alpha_jit.runtime import caps as caps_mod
+
+    h200 = caps_mod.load(Path(__file__).resolve().parents[1] / "data" / "h200-caps.json")
+    cfg = MatmulConfig("coopmat", 128, 128, 64, 64, 32, 32, 1)
+    assert mc.grouped(dict(mm_spec(1, 8192, 50304, 768, dt="bf16").params), cfg, h200)
+    assert not mc.grouped(dict(mm_spec(1, 8192, 2304, 768, dt="bf16").params), cfg, h200)
+    assert not mc.grouped(dict(mm_spec(1, 1024, 50304, 768, dt="bf16").params), cfg, h200)
 
 
 def test_deep_tiles_are_tuned_never_guessed():

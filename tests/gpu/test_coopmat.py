@@ -177,17 +177,17 @@ def test_every_candidate_tiling(caps):
 
 @pytest.mark.parametrize("config", [None, ("coopmat", 128, 128, 32, 64, 64, 32, 2),
                                     ("coopmat", 64, 64, 32, 32, 32, 32, 1)])
-def test_tile_groups_on_tall_grids(caps, config):
-    """More tile rows than a group: workgroups walk `_TILE_GROUP` rows of tiles at a time
-    and the last group has fewer (2200 rows: 18 of 128 or 35 of 64); ragged, batched, split-K.
+def test_tile_groups_on_tall_grids(caps, config, monkeypatch):
+    """Tiles walked `_TILE_GROUP` rows at a time (here for any b, not only a large one), the
+    last group shorter (2200 rows: 18 tiles of 128 or 35 of 64); ragged, batched, split-K.
     The output starts as NaN, so a tile no workgroup took shows."""
     from alpha_jit.codegen_spirv.kernels import matmul_coopmat as mc
 
+    monkeypatch.setattr(mc, "_TILE_GROUP_MIN_B", 0)
     extra = (("config", config),) if config else ()
     spec = _spec(2, 2200, 300, 1100 if config else 64, "bf16", extra=extra)
-    tm = config[1] if config else generate_matmul(spec, caps, registry.scalar_rule).notes[
-        "config"].tm
-    assert -(-2200 // tm) > mc._TILE_GROUP
+    cfg = generate_matmul(spec, caps, registry.scalar_rule).notes["config"]
+    assert mc.grouped(dict(spec.params), cfg, caps)
     (got,), want, _ = _run(caps, spec)
     assert _rel(got, want) < 1e-5
 

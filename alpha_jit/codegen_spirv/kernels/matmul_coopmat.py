@@ -78,9 +78,12 @@ _LONG_K_SPLIT = 32  # a 384 x 384 weight gradient has 9 tiles of 128 x 128 ...
 _LONG_K_SLICE = 512  # ... and K = 16384: 32 slices of 512 fill the GPU twice
 _DEEP_BK = 64  # the K step of the deep 128 x 128 candidates
 _REDUCE_UNROLL = 4  # split-K pass 1: elements each thread sums per loop trip
-# consecutive workgroups walk 16 rows of tiles at a time (see `tile_order`): on the H200 the
-# LM head's forward took 2.84 ms against 3.09 a row at a time (session 11)
+# consecutive workgroups walk 16 rows of tiles at a time where b is larger than this (about
+# two thirds of the H200's L2; see `tile_order`): the LM head's forward took 2.84 ms against
+# 3.09 a row at a time (isolated), 2.97 against 3.16 in the step, where the layers' GEMMs
+# (b of at most 5 MB) ran 2-4% slower so walked (H200, session 11)
 _TILE_GROUP = 16
+_TILE_GROUP_MIN_B = 32 << 20
 
 
 def _groups(p: dict, cfg: MatmulConfig) -> int:
@@ -265,14 +268,23 @@ def tile_order(lin: Any, nx: int, ny: int, group: int, fmin: Any = min) -> tuple
     return first + local % rows, local // rows
 
 
+def grouped(p: dict, cfg: MatmulConfig, caps: object) -> bool:
+    """Whether the tiles are walked by `tile_order`: b larger than _TILE_GROUP_MIN_B, more
+    tile rows than a group, and the grid in one dispatch (its bases are 0)."""
+    lim = cap(caps, "max_workgroup_count", (65535, 65535, 65535))
+    nx, ny = math.ceil(p["n"] / cfg.tn), math.ceil(p["m"] / cfg.tm)
+    b_bytes = p["k"] * p["n"] * (4 if p["b"][0] == "f32" else 2)
+    return ny > _TILE_GROUP and nx <= lim[0] and ny <= lim[1] \
+        and b_bytes > _TILE_GROUP_MIN_B  # type: ignore[index]
+
+
 def _tile_order(kb: KernelBuilder, cfg: MatmulConfig, p: dict, row0: Value,
                 col0: Value) -> tuple[Value, Value]:
-    """(row0, col0) of this workgroup's tile by `tile_order`, where the grid has more tile
-    rows than a group and goes in one dispatch (its bases are 0); else the grid's own."""
-    lim = cap(kb.caps, "max_workgroup_count", (65535, 65535, 65535))
-    nx, ny = math.ceil(p["n"] / cfg.tn), math.ceil(p["m"] / cfg.tm)
-    if ny <= _TILE_GROUP or nx > lim[0] or ny > lim[1]:  # type: ignore[index]
+    """(row0, col0) of this workgroup's tile: by `tile_order` where `grouped`, else the
+    grid's own."""
+    if not grouped(p, cfg, kb.caps):
         return row0, col0
+    nx, ny = math.ceil(p["n"] / cfg.tn), math.ceil(p["m"] / cfg.tm)
     lin = kb.workgroup_id(1) * nx + kb.workgroup_id(0)  # x fastest: the launch order
     r, c = tile_order(lin, nx, ny, _TILE_GROUP, kb.fmin)
     return r * cfg.tm, c * cfg.tn
