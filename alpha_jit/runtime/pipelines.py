@@ -192,19 +192,29 @@ class PipelineManager:
 
     def follow_caps(self) -> None:
         """After the device's caps changed (the fragment probe, which needs pipelines, so
-        this manager existed before it): the cache file of the final fingerprint, with
-        what the driver compiled so far merged in. Else every run read one folder and
-        saved to the other. The probe's pipelines stay in the memo under the old key."""
+        this manager existed before it): the cache file of the final fingerprint, with what
+        the driver compiled so far merged in, and the first fingerprint's file removed. Else
+        the driver's cache stayed under the pre-probe fingerprint while the kernels and the
+        tuned configs went under the final one. The probe's pipelines stay in the memo under
+        the old key (nothing asks for them again)."""
         fp = self.device.caps.fingerprint()
         if fp == self.fingerprint:
             return
-        first = self.cache
+        assert not self._pending, "follow_caps while compiles use the first cache"
+        first, first_path = self.cache, self.path
         self.fingerprint, self.path = fp, cache_dir(fp) / "pipeline_cache.bin"
         self.cache = self._load_cache()
         ffi = vk.ffi()
-        srcs = ffi.new("VkPipelineCache[1]", [first])
-        vk.call("vkMergePipelineCaches", self.device.handle, self.cache, 1, srcs)
-        vk.lib().vkDestroyPipelineCache(self.device.handle, first, ffi.NULL)
+        try:
+            srcs = ffi.new("VkPipelineCache[1]", [first])
+            vk.call("vkMergePipelineCaches", self.device.handle, self.cache, 1, srcs)
+        finally:
+            vk.lib().vkDestroyPipelineCache(self.device.handle, first, ffi.NULL)
+        self.dirty = True  # the final file gets what the first one held
+        try:  # else read (up to 64 MiB) and merged again at every start
+            first_path.unlink(missing_ok=True)
+        except OSError:  # a read-only cache folder: only a lost speed-up
+            pass
 
     def key(self, binary: KernelBinary) -> tuple[str, str, str]:
         """Memo key; by the module itself: one spec generated for other caps is another one."""

@@ -258,6 +258,9 @@ def test_coopmat_variants_validate_for_the_h200(monkeypatch):
     specs = [k.spec for k in plan.lowered.kernels if k.spec.family == "matmul"]
     specs.append(mm_spec(2, 130, 70, 1000, dt="f16"))
     specs.append(mm_spec(1, 4200, 136, 64, dt="bf16"))  # tall: tiles walked in row groups
+    for key in ("colsum_b", "rowsum_a"):  # ... split over K, with K sums
+        tall = dict(mm_spec(1, 4200, 264, 4200, dt="bf16").params)
+        specs.append(KernelSpec("matmul", f"tall_{key}", (*tall.items(), (key, True))))
     monkeypatch.setattr(matmul_coopmat, "_TILE_GROUP_MIN_B", 0)  # for this small b too
     # b's column sums (a weight gradient written x^T @ dY: gemm_transpose off) of an f32
     # operand rounded on load (a dY the graph keeps in f32), split too

@@ -18,6 +18,7 @@ import pytest
 import alpha_jit as aj
 from alpha_jit import nn
 from alpha_jit.codegen_spirv import tools
+from alpha_jit.codegen_spirv.kernel import KernelSpec
 from alpha_jit.ir import autodiff, interpreter, trace
 from alpha_jit.nn import functional as F
 from alpha_jit.runtime import caps as caps_mod
@@ -176,6 +177,23 @@ def test_bf16_cross_entropy_rows_as_vectors_keep_nan_and_inf(classes):
         assert np.allclose(g[ok], wv[ok], rtol=1e-2, atol=1e-3)
     rows = np.asarray(got[0], np.float64)
     assert np.isnan(rows[1]).all() and np.isinf(rows[2, 1]) and np.isfinite(rows[5:]).all()
+
+
+def test_cross_entropy_reads_vectors_only_where_aligned():
+    """ce_fwd's 16-byte loads: 8 bf16 or 4 f32 per load where the row length and the
+    element offset are multiples of that, else one element per load (f16, odd offsets)."""
+    from alpha_jit.codegen_spirv.kernels.rowwise import generate_ce_fwd
+
+    def variant(classes, dt, off):
+        spec = KernelSpec("ce_fwd", "ce", (("rows", 4), ("classes", classes),
+                                           ("ignore", (False, 0)), ("z", (dt, off)), ("y", 0)))
+        return generate_ce_fwd(spec, _h200()).notes["variant"]
+
+    assert variant(50304, "bf16", 0).endswith("8 per load")
+    assert variant(5000, "f32", 8).endswith("4 per load")
+    assert variant(1000, "bf16", 16).endswith("8 per load")  # a subgroup per row too
+    for classes, dt, off in ((50304, "f16", 0), (50304, "bf16", 3), (5002, "f32", 0)):
+        assert "per load" not in variant(classes, dt, off)
 
 
 def test_bf16_storage_and_precision_policy():

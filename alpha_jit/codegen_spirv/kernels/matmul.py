@@ -197,11 +197,18 @@ def _axis0(v: object) -> int:
     return int(v[0] if isinstance(v, Sequence) else v)  # type: ignore[index, arg-type]
 
 
+def workgroup_limits(caps: object) -> tuple[int, int, int]:
+    """maxComputeWorkGroupCount per axis (a single number applies to all three)."""
+    lim = cap(caps, "max_workgroup_count", (65535, 65535, 65535))
+    if isinstance(lim, Sequence):
+        return tuple(int(x) for x in lim)  # type: ignore[return-value]
+    return (int(lim),) * 3  # type: ignore[call-overload]
+
+
 def grid_plan(groups: Sequence[int], caps: object) -> list[tuple[tuple[int, int, int],
                                                                    tuple[int, int, int]]]:
     """[(counts, bases)] covering a 3-D workgroup grid, each count within the device limits."""
-    lim = cap(caps, "max_workgroup_count", (65535, 65535, 65535))
-    lims = tuple(lim) if isinstance(lim, Sequence) else (int(lim),) * 3  # type: ignore
+    lims = workgroup_limits(caps)
     if any(g == 0 for g in groups):
         return []
     axes = [[(min(lims[a], groups[a] - b), b) for b in range(0, groups[a], lims[a])]

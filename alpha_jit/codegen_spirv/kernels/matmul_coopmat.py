@@ -43,6 +43,7 @@ from .matmul import (
     _prologue,
     in_tile_bounds,
     ksum_side,
+    workgroup_limits,
 )
 
 _FRAG = 16  # the fragment edge (16 x 16 x 16 shapes)
@@ -271,11 +272,10 @@ def tile_order(lin: Any, nx: int, ny: int, group: int, fmin: Any = min) -> tuple
 def grouped(p: dict, cfg: MatmulConfig, caps: object) -> bool:
     """Whether the tiles are walked by `tile_order`: b larger than _TILE_GROUP_MIN_B, more
     tile rows than a group, and the grid in one dispatch (its bases are 0)."""
-    lim = cap(caps, "max_workgroup_count", (65535, 65535, 65535))
+    lim = workgroup_limits(caps)
     nx, ny = math.ceil(p["n"] / cfg.tn), math.ceil(p["m"] / cfg.tm)
     b_bytes = p["k"] * p["n"] * (4 if p["b"][0] == "f32" else 2)
-    return ny > _TILE_GROUP and nx <= lim[0] and ny <= lim[1] \
-        and b_bytes > _TILE_GROUP_MIN_B  # type: ignore[index]
+    return ny > _TILE_GROUP and nx <= lim[0] and ny <= lim[1] and b_bytes > _TILE_GROUP_MIN_B
 
 
 def _tile_order(kb: KernelBuilder, cfg: MatmulConfig, p: dict, row0: Value,

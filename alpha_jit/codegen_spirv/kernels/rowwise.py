@@ -190,10 +190,12 @@ class _Rows:
             first, step = first * per + self.slot, step * per
         return kb.loop(first, rows, step, max_trips=math.ceil(rows / (self.groups * per)))
 
-    def finish(self, notes: dict) -> KernelBinary:
+    def finish(self, notes: dict, how: str | None = None) -> KernelBinary:
+        """The binary; `how` (e.g. "8 per load") joins the variant's name."""
         groups = self.groups
         owner = f"subgroup per row x{self.lanes}" if self.lanes is not None \
             else f"workgroup per row x{self.local}"
+        owner += f", {how}" if how else ""
         notes = {"rows": self.p["rows"], "variant": owner, **notes}
         if self.lanes is not None:  # pinned and full: `row_subgroup`
             notes["required_subgroup_size"] = self.lanes
@@ -352,7 +354,7 @@ def generate_ce_fwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
         if vec is None:
             m = r.row_max(load)
         else:
-            count, zv = vec
+            (count, zv), width = vec, classes // vec[0]
             m = r._fold("max", count, zv)
         m = kb.select(kb.isinf(m), kb.f32(0.0), m)  # an infinite max shifts by 0 (as numpy ref)
         if vec is None:
@@ -368,7 +370,7 @@ def generate_ce_fwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
             loss = kb.select(keep, kb.select(valid, lse - picked, nan), kb.f32(0.0))
             out.store(row * 2, loss)
             out.store(row * 2 + 1, lse)
-    return r.finish({"classes": classes})
+    return r.finish({"classes": classes}, f"{width} per load" if vec is not None else None)
 
 
 def generate_ce_bwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
