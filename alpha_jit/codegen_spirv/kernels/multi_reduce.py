@@ -31,9 +31,6 @@ from .reduction import _WorkgroupReducer
 
 FAMILIES = {"sumsq_partial": "generate_sumsq_partial", "sumsq_final": "generate_sumsq_final"}
 _PER_THREAD = 16  # elements each thread adds before the workgroup reduction
-# loads each thread keeps in flight: one at a time (a loop trip per element) read
-# gpt2's gradients at 1.5 TB/s on the H200
-_UNROLL = 8
 
 
 def generate_sumsq_partial(spec: KernelSpec, caps: object = None) -> KernelBinary:
@@ -50,19 +47,10 @@ def generate_sumsq_partial(spec: KernelSpec, caps: object = None) -> KernelBinar
     lid = kb.cast(kb.local_id(0), "i32")
     acc = kb.var("f32", 0.0)
     first = 0
-    unroll = _UNROLL
     for b, _dt, offset, numel, groups in segments:
         with kb.if_((wg >= first) & (wg < first + groups)):
             start = (wg - first) * local + lid if first else wg * local + lid
-            stride = groups * local
-            whole = numel // (stride * unroll) * (stride * unroll)  # trips with every load
-            with kb.loop(start, whole, stride * unroll) as i:
-                # the trip's loads first, then the adds in element order (the same bits)
-                xs = [kb.cast(bufs[b].load(i + (u * stride + offset)), "f32")
-                      for u in range(unroll)]
-                for x in xs:
-                    acc.set(acc.get() + x * x)
-            with kb.loop(start + whole, numel, stride, max_trips=unroll) as i:
+            with kb.loop(start, numel, groups * local) as i:
                 x = kb.cast(bufs[b].load(i + offset if offset else i), "f32")
                 acc.set(acc.get() + x * x)
         first += groups
