@@ -32,6 +32,7 @@ import math
 
 from ... import dtypes
 from ...schedule import epilogue
+from ..dsl import Buffer as Binding
 from ..dsl import KernelBuilder, Value, cap, max_groups_x
 from ..kernel import Dispatch, KernelBinary, KernelSpec
 from ..lower import Buffer, _Lowerer, register_kernel_lowering
@@ -101,7 +102,6 @@ class _Rows:
         self.kb = KernelBuilder(spec.name, self.local, caps)
         self.caps, self.dim, self.spec = caps, dim, spec
         self.em = ScalarEmitter(self.kb)
-        self.kb_buffers: dict[str, object] = {}  # the operands' bindings, by key
 
     @property
     def per_group(self) -> int:
@@ -115,9 +115,7 @@ class _Rows:
 
     def operand(self, key: str, dtype: str | None = None):
         dt, off = self.p[key] if dtype is None else (dtype, self.p[key])
-        buf = self.kb.buffer(key, storage_dtype(dt), writable=False)
-        self.kb_buffers[key] = buf
-        return buf, int(off)
+        return self.kb.buffer(key, storage_dtype(dt), writable=False), int(off)
 
     def start(self) -> None:
         kb = self.kb
@@ -137,7 +135,7 @@ class _Rows:
         """The loop over this thread's elements of the row."""
         return self.kb.loop(self.lid, self.dim, self.stride)
 
-    def _fold(self, op: str, count: int, f) -> Value:
+    def fold(self, op: str, count: int, f) -> Value:
         """op ("add" or "max") over the row of the f32 values f(i) lists, i in [0, count)
         spread over the row's threads; visible to every thread of the row."""
         kb = self.kb
@@ -149,13 +147,14 @@ class _Rows:
 
     def row_sum(self, f) -> Value:
         """Sum over the row of f(j) (f32), visible to every thread of the row."""
-        return self._fold("add", self.dim, lambda j: [f(j)])
+        return self.fold("add", self.dim, lambda j: [f(j)])
 
     def row_max(self, f) -> Value:
-        return self._fold("max", self.dim, lambda j: [f(j)])
+        return self.fold("max", self.dim, lambda j: [f(j)])
 
-    def row_vectors(self, key: str, base: Value):
-        """(count, f): the row of operand `key` from element `base` as 16-byte loads, f(i)
+    def row_vectors(self, key: str, buf: Binding, base: Value):
+        """(count, f): the row of operand `key` (binding `buf`) from element `base` as 16-byte
+        loads, f(i)
         listing vector i's elements as f32 (8 bf16 or 4 f32); None where its dtype, offset
         or row length does not allow them. A bf16 row read one element per load ran at
         1.6 TB/s (gpt2's cross-entropy rows on the H200)."""
@@ -164,7 +163,7 @@ class _Rows:
         if not width or self.dim % width or int(off) % width:
             return None
         kb = self.kb
-        view = kb.buffer_view(self.kb_buffers[key], "u32x4" if dt == "bf16" else "f32x4")
+        view = kb.buffer_view(buf, "u32x4" if dt == "bf16" else "f32x4")
         first = base / width  # base: a row start plus the offset, both multiples of width
 
         def f(i: Value) -> list[Value]:
@@ -350,17 +349,11 @@ def generate_ce_fwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
     with r.rows_loop() as row:
         base = row * classes + zo
         load = lambda j: kb.cast(z.load(base + j), "f32")  # noqa: E731
-        vec = r.row_vectors("z", kb.cast(base, "u32"))
-        if vec is None:
-            m = r.row_max(load)
-        else:
-            (count, zv), width = vec, classes // vec[0]
-            m = r._fold("max", count, zv)
+        vec = r.row_vectors("z", z, kb.cast(base, "u32"))
+        count, zv = vec or (classes, lambda j: [load(j)])
+        m = r.fold("max", count, zv)
         m = kb.select(kb.isinf(m), kb.f32(0.0), m)  # an infinite max shifts by 0 (as numpy ref)
-        if vec is None:
-            total = r.row_sum(lambda j: kb.exp(load(j) - m))
-        else:
-            total = r._fold("add", count, lambda i: [kb.exp(x - m) for x in zv(i)])
+        total = r.fold("add", count, lambda i: [kb.exp(x - m) for x in zv(i)])
         lse = r.em.unary("log", total) + m
         with kb.if_(r.lid == 0):
             lab = y.load(row + yo)
@@ -370,7 +363,7 @@ def generate_ce_fwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
             loss = kb.select(keep, kb.select(valid, lse - picked, nan), kb.f32(0.0))
             out.store(row * 2, loss)
             out.store(row * 2 + 1, lse)
-    return r.finish({"classes": classes}, f"{width} per load" if vec is not None else None)
+    return r.finish({"classes": classes}, f"{classes // count} per load" if vec else None)
 
 
 def generate_ce_bwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
