@@ -527,20 +527,26 @@ class KernelBuilder:
         self.bindings.append(Binding(name, dtype, writable))
         return Buffer(self, var, dtype, storage, packed, len(self.bindings) - 1)
 
-    def buffer_view(self, buf: Buffer, dtype: str) -> Buffer:
-        """The same read-only binding as `buf`, seen as an array of `dtype` ("u32x4",
-        "f32x4"): 16-byte loads, indexed in those units. The binding's offset and the
-        indices must be 16-byte aligned (the caller's to check)."""
+    def buffer_view(self, buf: Buffer, dtype: str, writable: bool = False) -> Buffer:
+        """The same binding as `buf`, seen as an array of `dtype` ("u32x4", "f32x4"):
+        16-byte loads (and stores, where `writable` and `buf` is), indexed in those units.
+        The binding's offset and the indices must be 16-byte aligned (the caller's to
+        check)."""
         if dtype not in _VECTORS:
             raise TypeError(f"buffer views are {tuple(_VECTORS)}, not {dtype!r}")
+        if writable and not self.bindings[buf.binding].writable:
+            raise TypeError(f"a writable view of read-only binding {buf.binding}")
         m = self.m
         arr = m.emit("OpTypeRuntimeArray", self.type(dtype))
         m.emit("OpDecorate", arr, "ArrayStride", _SIZE[dtype])
         block = m.emit("OpTypeStruct", arr, dedupe=False)
         m.emit("OpMemberDecorate", block, 0, "Offset", 0)
-        m.emit("OpMemberDecorate", block, 0, "NonWritable")
+        if not writable and not self.aliased:  # as `buffer`: in-place kernels' memory is shared
+            m.emit("OpMemberDecorate", block, 0, "NonWritable")
         m.emit("OpDecorate", block, "Block")
         var = m.emit("OpVariable", self.ptr_type("StorageBuffer", block), "StorageBuffer")
+        if self.aliased:
+            m.emit("OpDecorate", var, "Aliased")
         m.emit("OpDecorate", var, "DescriptorSet", 0)
         m.emit("OpDecorate", var, "Binding", buf.binding)
         return Buffer(self, var, dtype, dtype, False, buf.binding)

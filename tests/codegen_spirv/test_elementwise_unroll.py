@@ -258,21 +258,23 @@ def test_multi_tensor_in_place(run_inplace):
 CE_ROWS, CE_CLASSES, CE_IGNORE = 300, 257, 3  # 77100 elements: unrolled and ragged
 
 
-def _ce_spec(dtype, aliased=False, offsets=(5, 2, 4, 6)):
+def _ce_spec(dtype, aliased=False, offsets=(5, 2, 4, 6), classes=CE_CLASSES):
     zo, yo, ro, go = offsets
-    params = (("rows", CE_ROWS), ("classes", CE_CLASSES), ("ignore", (True, CE_IGNORE)),
+    params = (("rows", CE_ROWS), ("classes", classes), ("ignore", (True, CE_IGNORE)),
               ("z", (dtype, zo)), ("y", yo), ("r", ro), ("g", go), ("out_dtype", dtype))
     return KernelSpec("ce_bwd", f"ce_bwd_{dtype}_{aliased}",
                       params + ((("aliased", True),) if aliased else ()))
 
 
-def _ce_inputs(offsets=(5, 2, 4, 6)):
+def _ce_inputs(offsets=(5, 2, 4, 6), classes=CE_CLASSES):
     zo, yo, ro, go = offsets
-    z = (rng.standard_normal((CE_ROWS, CE_CLASSES)) * 3).astype(np.float32)
-    y = rng.integers(0, CE_CLASSES, CE_ROWS).astype(np.int32)
+    z = (rng.standard_normal((CE_ROWS, classes)) * 3).astype(np.float32)
+    z[7, 2], z[8, classes - 1], z[9, 3] = np.nan, np.inf, -np.inf
+    y = rng.integers(0, classes, CE_ROWS).astype(np.int32)
     y[::7] = CE_IGNORE  # ignored rows
-    y[5] = CE_CLASSES + 4  # a bad label: NaN gradient row
+    y[5] = classes + 4  # a bad label: NaN gradient row
     lse = np.log(np.exp(z.astype(np.float64)).sum(1)).astype(np.float32)
+    lse[7:10] = 1.5  # rows with a NaN / inf / -inf logit: a finite lse, as a test input
     r = np.stack([rng.standard_normal(CE_ROWS).astype(np.float32), lse], 1)
     g = rng.standard_normal((CE_ROWS, 2)).astype(np.float32)
     g[::4, 1] = 0.0  # a zero lse cotangent
@@ -283,19 +285,22 @@ def _ce_inputs(offsets=(5, 2, 4, 6)):
 
 
 def _ce_reference(z, y, r, g):
-    prob = np.exp(z.astype(np.float64) - r[:, 1:])
-    keep = (y != CE_IGNORE)[:, None]
-    valid = ((y >= 0) & (y < CE_CLASSES))[:, None]
-    coef = np.where(keep, np.where(valid, g[:, :1], np.nan), 0.0)
-    dz = np.where(keep, prob * coef, 0.0) + np.where(g[:, 1:] == 0, 0.0, prob * g[:, 1:])
-    return dz - np.where(np.arange(CE_CLASSES)[None] == y[:, None], coef, 0.0)
+    classes = z.shape[1]
+    with np.errstate(invalid="ignore"):
+        prob = np.exp(z.astype(np.float64) - r[:, 1:])
+        keep = (y != CE_IGNORE)[:, None]
+        valid = ((y >= 0) & (y < classes))[:, None]
+        coef = np.where(keep, np.where(valid, g[:, :1], np.nan), 0.0)
+        dz = np.where(keep, prob * coef, 0.0) + np.where(g[:, 1:] == 0, 0.0, prob * g[:, 1:])
+        return dz - np.where(np.arange(classes)[None] == y[:, None], coef, 0.0)
 
 
 def _check_ce(got, want, rtol):
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-    assert np.isnan(got[5]).all() and not np.isnan(np.delete(got, 5, 0)).any()
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    assert np.isnan(got[5]).all() and np.isnan(got[7]).any()
     assert not got[::28].any()  # ignored rows with a zero lse cotangent: exactly 0
-    ok = ~np.isnan(want)
+    ok = np.isfinite(want)
     np.testing.assert_allclose(got[ok], want[ok], rtol=rtol, atol=1e-6)
 
 
@@ -326,3 +331,45 @@ def test_ce_bwd_in_place(run_inplace):
     z, y, r, g, arrays = _ce_inputs(offsets)
     (got,) = run_inplace(b, arrays, [((CE_ROWS, CE_CLASSES), np.float32)], {0: 0})
     _check_ce(got, _ce_reference(z, y, r, g), 1e-5)
+
+
+@pytest.mark.parametrize("dtype,classes,aliased", [
+    ("f32", 260, False), ("bf16", 264, False), ("f32", 4100, True), ("bf16", 5000, True)])
+def test_ce_bwd_rows_as_vectors(run_kernel, run_inplace, dtype, classes, aliased):
+    """Where z and dz share bf16 or f32 and rows allow 16-byte vectors, a row at a time, 8 bf16
+    or 4 f32 per load and store (by a subgroup, or a workgroup past 4096 classes; in place
+    too), with NaN, inf, ignored rows and a bad label as the reference; the same bits as the
+    flat grid, which an odd offset of z selects."""
+    width = 8 if dtype == "bf16" else 4
+    offsets = (0 if aliased else 2 * width, 2, 4, 6)
+    b = generate_ce_bwd(_ce_spec(dtype, aliased, offsets, classes))
+    validate(b.words, b.name)
+    assert b.notes["variant"].endswith(f"{width} per load"), b.notes["variant"]
+    z, y, r, g, arrays = _ce_inputs(offsets, classes)
+    out = [((CE_ROWS, classes), np.uint16 if dtype == "bf16" else np.float32)]
+    if dtype == "bf16":
+        arrays[0] = to_bf16(arrays[0])
+        z = from_bf16(arrays[0][offsets[0]:]).reshape(z.shape)
+    if aliased:
+        (got,) = run_inplace(b, arrays, out, {0: 0})
+    else:
+        (got,) = run_kernel(b, arrays, out)
+    flat_offsets = (offsets[0] + 1, *offsets[1:])
+    flat = generate_ce_bwd(_ce_spec(dtype, False, flat_offsets, classes))
+    assert "per load" not in flat.notes["variant"]
+    zf = np.concatenate([arrays[0][:1], arrays[0]])  # the same z one element later
+    (want_bits,) = run_kernel(flat, [zf, *arrays[1:]], out)
+    np.testing.assert_array_equal(got.view(np.uint32 if dtype == "f32" else np.uint16),
+                                  want_bits.view(np.uint32 if dtype == "f32" else np.uint16))
+    got = from_bf16(got) if dtype == "bf16" else got
+    _check_ce(got, _ce_reference(z, y, r, g), 8e-3 if dtype == "bf16" else 1e-5)
+
+
+def test_ce_bwd_keeps_the_flat_grid_where_vectors_do_not_fit():
+    """Mixed dtypes, f16, a row length or an offset off the vector width: the flat grid."""
+    for dtype, out_dtype, classes, zo in (("bf16", "f32", 264, 0), ("f16", "f16", 264, 0),
+                                          ("bf16", "bf16", 260, 0), ("f32", "f32", 260, 2)):
+        spec = _ce_spec(dtype, False, (zo, 2, 4, 6), classes)
+        spec = KernelSpec("ce_bwd", spec.name, tuple(
+            (k, out_dtype if k == "out_dtype" else v) for k, v in spec.params))
+        assert generate_ce_bwd(spec).notes["variant"].startswith("flat"), (dtype, classes, zo)

@@ -49,6 +49,28 @@ def storage_dtype(dtype: str) -> str:
     return "i32" if dtype == "bool" else dtype
 
 
+# elements of one 16-byte load or store (a u32x4 of bf16 pairs, an f32x4), by dtype
+VECTOR_WIDTH = {"bf16": 8, "f32": 4}
+VECTOR_VIEW = {"bf16": "u32x4", "f32": "f32x4"}
+
+
+def unpack_vector(kb: KernelBuilder, v: Value) -> list[Value]:
+    """A 16-byte vector's elements as f32: 4 f32, or 8 bf16 (low half of each word first)."""
+    words = [kb.extract(v, c) for c in range(4)]
+    if v.dtype == "f32x4":
+        return words
+    return [kb.bitcast(w << 16 if h == 0 else w & 0xFFFF0000, "f32") for w in words for h in (0, 1)]
+
+
+def pack_vector(kb: KernelBuilder, values: Sequence[Value]) -> Value:
+    """`unpack_vector`'s inverse: 4 f32, or 8 values rounded to bf16 (nearest even, NaN kept,
+    as a bf16 element store rounds)."""
+    if len(values) == 4:
+        return kb.vector("f32x4", list(values))
+    bits = [kb.bf16_bits(v) for v in values]
+    return kb.vector("u32x4", [bits[2 * c] | (bits[2 * c + 1] << 16) for c in range(4)])
+
+
 def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
     strides, acc = [], 1
     for s in reversed(shape):
