@@ -7,10 +7,7 @@ H200 for `gpt2`'s bias sums); a thread per column leaves most of a GPU idle. Her
 owns a strip of `lx` adjacent columns (neighbouring lanes read neighbouring columns: whole
 memory sectors) and `ly` row lanes; each thread keeps `unroll` rows' loads in flight; and the
 rows are split in `chunks` over the workgroups' y axis, so a few hundred columns still fill
-the device. Where the caller's rows allow it, a thread owns `vec` adjacent columns read as one
-16-byte load per row (8 bf16 or 4 f32): one element per load, `gpt2`'s bias and norm
-gradients moved 1.7-1.8 TB/s on the H200, their loads a sector or two per warp. The row
-lanes fold through shared memory and the chunks in a second dispatch,
+the device. The row lanes fold through shared memory and the chunks in a second dispatch,
 both in a fixed order: the same bits every run (no atomics).
 
 Used by norm_dwb (`rowwise.py`) and the reduction family's sums over a strided axis
@@ -40,20 +37,13 @@ _IDENTITY = {"add": 0.0, "max": float("-inf")}
 
 @dataclass(frozen=True)
 class StripLayout:
-    """How a column reduction is spread: `lx` column lanes x `ly` row lanes per workgroup,
-    `vec` adjacent columns per lane, the rows cut in `chunks` (workgroups along y), `unroll`
-    rows per thread per trip."""
+    """How a column reduction is spread: `lx` columns x `ly` row lanes per workgroup, the rows
+    cut in `chunks` (workgroups along y), `unroll` rows per thread per trip."""
 
     lx: int
     ly: int
     chunks: int
     unroll: int
-    vec: int = 1
-
-    @property
-    def width(self) -> int:
-        """Columns per workgroup (one strip)."""
-        return self.lx * self.vec
 
     def span(self, rows: int) -> int:
         """Rows per chunk (the last one may be shorter, never empty)."""
@@ -66,8 +56,7 @@ class StripLayout:
     def variant(self) -> str:
         rows = f" x{self.chunks} row chunks" if self.chunks > 1 else ""
         unroll = f", {self.unroll} rows in flight" if self.unroll > 1 else ""
-        vec = f", {self.vec} columns per load" if self.vec > 1 else ""
-        return f"column strips {self.lx}x{self.ly}{rows}{unroll}{vec}"
+        return f"column strips {self.lx}x{self.ly}{rows}{unroll}"
 
 
 def _whole_chunks(rows: int, chunks: int) -> int:
@@ -77,23 +66,19 @@ def _whole_chunks(rows: int, chunks: int) -> int:
 
 
 def strip_layout(rows: int, cols: int, caps: object, chunks: int | None = None,
-                 unroll: int | None = None, vec: int = 1) -> StripLayout:
+                 unroll: int | None = None) -> StripLayout:
     """The layout for `rows` x `cols` on the device of `caps`: one pass on a CPU device,
-    else enough row chunks to fill the GPU (`chunks`/`unroll` given: a spec's own choice);
-    `vec` columns per lane (a divisor of cols: the caller's rows allow such loads)."""
-    if cols % vec:
-        raise ValueError(f"{cols} columns in vectors of {vec}")
+    else enough row chunks to fill the GPU (`chunks`/`unroll` given: a spec's own choice)."""
     total = local_size_for(caps)
-    lanes = cols // vec
-    lx = min(32, 1 << max(0, lanes - 1).bit_length(), total)
+    lx = min(32, 1 << max(0, cols - 1).bit_length(), total)
     ly = max(1, total // lx)
     cpu = cap(caps, "device_type", None) == "cpu"
     if chunks is None:
-        strips = math.ceil(lanes / lx)
+        strips = math.ceil(cols / lx)
         chunks = 1 if cpu else min(math.ceil(_FILL / strips), rows // _MIN_ROWS, _MAX_CHUNKS)
     if unroll is None:
         unroll = 1 if cpu else _GPU_UNROLL
-    return StripLayout(lx, ly, _whole_chunks(rows, chunks), max(1, unroll), vec)
+    return StripLayout(lx, ly, _whole_chunks(rows, chunks), max(1, unroll))
 
 
 def combine(kb: KernelBuilder, op: str, a: Value, b: Value) -> Value:
@@ -102,40 +87,35 @@ def combine(kb: KernelBuilder, op: str, a: Value, b: Value) -> Value:
 
 
 def emit_column_sums(kb: KernelBuilder, lay: StripLayout, rows: int, cols: int,
-                     ops: Sequence[str], load: Callable[[Value, Value], list[list[Value]]],
+                     ops: Sequence[str], load: Callable[[Value, Value], list[Value]],
                      store: Callable[[int, Value, Value], None],
                      workspace: Buffer | None = None,
                      column_base: Callable[[Value], Value] | None = None) -> list[Dispatch]:
     """Emit the reduction into `kb` (built with local size (lx, ly, 1); every buffer already
     declared, then `workspace` (a storage buffer) when lay.chunks > 1) and return its
-    dispatches. load(row, base) gives, per op, the f32 values of the lane's lay.vec columns
-    (from its first, col) for an in-range row, where base = column_base(col) (default: col),
-    computed once before any loop; store(k, col, total) writes output k's column total.
-    Each column is summed in the same order whatever lay.vec: rows of a lane in order, then
-    the row lanes, then the chunks."""
+    dispatches. load(row, base) gives one f32 per op for an in-range row of the thread's
+    column, where base = column_base(col) (default: col), computed once before any loop;
+    store(k, col, total) writes output k's column total."""
     if lay.chunks > 1 and workspace is None:
         raise ValueError(f"{kb.name}: {lay.chunks} row chunks need a workspace binding")
-    groups = math.ceil(cols / lay.width)
+    groups = math.ceil(cols / lay.lx)
     if groups > max_groups_x(kb.caps):
         raise ValueError(f"{kb.name}: {cols} columns need {groups} workgroups, over the "
                          f"device's {max_groups_x(kb.caps)}")
-    n_out, lx, ly, vec = len(ops), lay.lx, lay.ly, lay.vec
+    n_out, lx, ly = len(ops), lay.lx, lay.ly
     tx, ty = kb.cast(kb.local_id(0), "i32"), kb.cast(kb.local_id(1), "i32")
-    strip0 = kb.cast(kb.workgroup_id(0), "i32") * lay.width
-    col = strip0 + tx * vec  # the lane's first column (cols is a multiple of vec)
+    col = kb.cast(kb.workgroup_id(0), "i32") * lx + tx
     base = column_base(col) if column_base is not None else col
-    part = kb.shared("f32", lx * ly * n_out * vec)
+    part = kb.shared("f32", lx * ly * n_out)
 
-    def strip(out: Callable[[int, int, Value], None]) -> None:
-        """This workgroup's rows of its columns, folded over the row lanes in fixed order;
-        out(k, v, total) for the lane's column col + v."""
+    def strip(out: Callable[[int, Value], None]) -> None:
+        """This workgroup's rows of its columns, folded over the row lanes in fixed order."""
         span, block = lay.span(rows), ly * lay.unroll
-        acc = [[kb.var("f32", _IDENTITY[op]) for _ in range(vec)] for op in ops]
+        acc = [kb.var("f32", _IDENTITY[op]) for op in ops]
 
-        def add(vals: list[list[Value]]) -> None:
+        def add(vals: list[Value]) -> None:
             for k, op in enumerate(ops):
-                for v in range(vec):
-                    acc[k][v].set(combine(kb, op, acc[k][v].get(), vals[k][v]))
+                acc[k].set(combine(kb, op, acc[k].get(), vals[k]))
 
         if lay.chunks > 1:
             lo = kb.cast(kb.workgroup_id(1), "i32") * span
@@ -153,36 +133,28 @@ def emit_column_sums(kb: KernelBuilder, lay: StripLayout, rows: int, cols: int,
             with kb.loop(lo + full * block + ty, hi, ly, max_trips=lay.unroll) as i:
                 add(load(i, base))
         for k in range(n_out):
-            for v in range(vec):
-                part.store(((k * ly + ty) * lx + tx) * vec + v, acc[k][v].get())
+            part.store((k * ly + ty) * lx + tx, acc[k].get())
         kb.barrier()
         with kb.if_((ty == 0) & (col < cols)):
             for k, op in enumerate(ops):
-                for v in range(vec):
-                    tot = part.load((k * ly * lx + tx) * vec + v)
-                    for lane in range(1, ly):  # fixed order: the same bits every run
-                        tot = combine(kb, op, tot, part.load(((k * ly + lane) * lx + tx) * vec + v))
-                    out(k, v, tot)
+                tot = part.load(k * ly * lx + tx)
+                for lane in range(1, ly):  # fixed order: the same bits every run
+                    tot = combine(kb, op, tot, part.load((k * ly + lane) * lx + tx))
+                out(k, tot)
 
     if lay.chunks == 1:
-        strip(lambda k, v, tot: store(k, col + v, tot))
+        strip(lambda k, tot: store(k, col, tot))
         return [Dispatch((groups, 1, 1))]
     phase = kb.push_constants([("phase", "u32")])["phase"]
     with kb.if_else(phase == 0) as (first_pass, second_pass):
         with first_pass:
             chunk = kb.cast(kb.workgroup_id(1), "i32")
-            strip(lambda k, v, tot: workspace.store((chunk * n_out + k) * cols + col + v, tot))
-        with second_pass:
-            # the strip's columns spread over all the workgroup's threads
-            flat = ty * lx + tx
-            with kb.loop(flat, lay.width, lx * ly) as c:
-                with kb.if_(strip0 + c < cols):
-                    column = strip0 + c
-                    for k, op in enumerate(ops):
-                        tot = workspace.load(k * cols + column)
-                        for ch in range(1, lay.chunks):  # chunk order: deterministic
-                            tot = combine(kb, op, tot,
-                                          workspace.load((ch * n_out + k) * cols + column))
-                        store(k, column, tot)
+            strip(lambda k, tot: workspace.store((chunk * n_out + k) * cols + col, tot))
+        with second_pass, kb.if_((ty == 0) & (col < cols)):
+            for k, op in enumerate(ops):
+                tot = workspace.load(k * cols + col)
+                for c in range(1, lay.chunks):  # chunk order: deterministic
+                    tot = combine(kb, op, tot, workspace.load((c * n_out + k) * cols + col))
+                store(k, col, tot)
     return [Dispatch((groups, lay.chunks, 1), pack_push_constants([("u32", 0)])),
             Dispatch((groups, 1, 1), pack_push_constants([("u32", 1)]))]

@@ -29,7 +29,7 @@ from ..dsl import KernelBuilder, SharedArray, Value, cap, max_groups_x
 from ..kernel import Dispatch, KernelBinary, KernelSpec
 from ..scalar import compute_dtype, nan_minmax, subgroup_max
 from .column_strips import emit_column_sums, strip_layout
-from .elementwise import VECTOR_VIEW, VECTOR_WIDTH, local_size_for, storage_dtype, unpack_vector
+from .elementwise import local_size_for, storage_dtype
 
 MODES = ("sum", "max", "mean", "lse")
 _IDENTITY = {"add": 0.0, "max": float("-inf")}
@@ -196,29 +196,14 @@ def strip_chunks(params: tuple, caps: object) -> int | None:
     if inner != 1 or int(p["red_stride"]) <= 1 or int(p["red_len"]) <= _UNROLL:
         return None
     cols = math.prod(p["outer_shape"])
-    lay = strip_layout(int(p["red_len"]), cols, caps, vec=strip_vec(p))
-    if math.ceil(cols / lay.width) > max_groups_x(caps):
+    lay = strip_layout(int(p["red_len"]), cols, caps)
+    if math.ceil(cols / lay.lx) > max_groups_x(caps):
         return None  # more strips than workgroups along x: the grid-striding layouts
     return lay.chunks
 
 
-def strip_vec(p: dict) -> int:
-    """Columns per 16-byte load of a column-strip reduction (8 bf16, 4 f32), or 1: the
-    innermost output axis contiguous, and its length, the offset, the row stride and every
-    other output stride multiples of the vector."""
-    width = VECTOR_WIDTH.get(p["in_dtype"], 0)
-    dims = [(sh, st) for sh, st in zip(p["outer_shape"], p["outer_strides"], strict=True)
-            if sh != 1]
-    if not width or not dims or dims[-1][1] != 1:
-        return 1
-    multiples = [dims[-1][0], int(p["offset"]), int(p["red_stride"]),
-                 *(st for _, st in dims[:-1])]
-    return width if all(v % width == 0 for v in multiples) else 1
-
-
 def _build_strips(spec: KernelSpec, caps: object) -> KernelBinary:
-    """The column-strip layout: output columns across lanes (`strip_vec` per load), the
-    reduced axis down the rows."""
+    """The column-strip layout: output columns across lanes, the reduced axis down the rows."""
     p = dict(spec.params)
     mode, outer_shape = p["mode"], tuple(p["outer_shape"])
     red_len, red_stride = int(p["red_len"]), int(p["red_stride"])
@@ -226,24 +211,17 @@ def _build_strips(spec: KernelSpec, caps: object) -> KernelBinary:
     if mode not in ("sum", "mean", "max") or p["in_dtype"] == "i32":
         raise ValueError(f"{spec.name}: column strips reduce floats by sum, mean or max, "
                          f"not {mode} of {p['in_dtype']}")
-    vec = strip_vec(p)
-    lay = strip_layout(red_len, cols, caps, chunks=int(p["strips"]), unroll=p.get("unroll"),
-                       vec=vec)
+    lay = strip_layout(red_len, cols, caps, chunks=int(p["strips"]), unroll=p.get("unroll"))
     kb = KernelBuilder(spec.name, (lay.lx, lay.ly, 1), caps)
     x_buf = kb.buffer("x", storage_dtype(p["in_dtype"]), writable=False)
     out_buf = kb.buffer("out", storage_dtype(p["out_dtype"]), writable=True)
     ws = kb.buffer("chunk_sums", "f32", writable=True) if lay.chunks > 1 else None
     out_ct = compute_dtype(storage_dtype(p["out_dtype"]))
-    view = kb.buffer_view(x_buf, VECTOR_VIEW[p["in_dtype"]]) if vec > 1 else None
-
     def column_base(col: Value) -> Value:  # the column's first element
         return _row_base(kb, col, outer_shape, tuple(p["outer_strides"]), int(p["offset"]))
 
-    def load(r: Value, base: Value) -> list[list[Value]]:
-        at = base + r * red_stride
-        if view is not None:  # the lane's vec columns: adjacent, aligned (`strip_vec`)
-            return [unpack_vector(kb, view.load(at / vec))]
-        return [[kb.cast(x_buf.load(at), "f32")]]
+    def load(r: Value, base: Value) -> list[Value]:
+        return [kb.cast(x_buf.load(base + r * red_stride), "f32")]
 
     def store(_k: int, col: Value, total: Value) -> None:
         out_buf.store(col, kb.cast(total / float(red_len) if mode == "mean" else total, out_ct))

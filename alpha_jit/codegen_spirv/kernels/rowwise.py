@@ -296,32 +296,20 @@ def generate_norm_dx(spec: KernelSpec, caps: object = None,
     return r.finish({"dim": dim})
 
 
-def dwb_vec(p: dict) -> int:
-    """Columns per 16-byte load of a norm_dwb spec's x and g (8 bf16, 4 f32; 1 where their
-    dtypes differ or the rows or offsets are off the vector width)."""
-    (xd, xo), (gd, go) = p["x"], p["g"]
-    width = VECTOR_WIDTH.get(xd, 0)
-    aligned = width and all(v % width == 0 for v in (int(p["dim"]), int(xo), int(go)))
-    return width if xd == gd and aligned else 1
-
-
-def dwb_chunks(rows: int, dim: int, caps: object, vec: int = 1) -> int:
+def dwb_chunks(rows: int, dim: int, caps: object) -> int:
     """Row chunks of a dw/db reduction (`column_strips.strip_layout`): 1 on a CPU device,
     else enough to fill the GPU."""
-    return strip_layout(rows, dim, caps, vec=vec).chunks
+    return strip_layout(rows, dim, caps).chunks
 
 
 def generate_norm_dwb(spec: KernelSpec, caps: object = None) -> KernelBinary:
     """dw[j] = sum_rows g * xhat, db[j] = sum_rows g: a column-strip reduction
-    (`column_strips.py`: deterministic), `dwb_vec` columns per load. With ("chunks", R > 1)
-    the rows are split in R chunks whose sums go to an f32 [R, 1 or 2, dim] binding after
-    `out`."""
+    (`column_strips.py`: deterministic). With ("chunks", R > 1) the rows are split in R
+    chunks whose sums go to an f32 [R, 1 or 2, dim] binding after `out`."""
     p = dict(spec.params)
     rows, dim, bias = int(p["rows"]), int(p["dim"]), bool(p["bias"])
     _check_i32(spec, rows * dim)
-    vec = dwb_vec(p)
-    lay = strip_layout(rows, dim, caps, chunks=int(p.get("chunks", 1)), unroll=p.get("unroll"),
-                       vec=vec)
+    lay = strip_layout(rows, dim, caps, chunks=int(p.get("chunks", 1)), unroll=p.get("unroll"))
     kb = KernelBuilder(spec.name, (lay.lx, lay.ly, 1), caps)
     x = kb.buffer("x", storage_dtype(p["x"][0]), writable=False)
     g = kb.buffer("g", storage_dtype(p["g"][0]), writable=False)
@@ -329,18 +317,12 @@ def generate_norm_dwb(spec: KernelSpec, caps: object = None) -> KernelBinary:
     out = kb.buffer("out", "f32", writable=True)
     ws = kb.buffer("chunk_sums", "f32", writable=True) if lay.chunks > 1 else None
     xo, go, so = int(p["x"][1]), int(p["g"][1]), int(p["stats"])
-    if vec > 1:
-        xv, gv = (kb.buffer_view(b, VECTOR_VIEW[p["x"][0]]) for b in (x, g))
 
-    def load(i: Value, col: Value) -> list[list[Value]]:
-        at = i * dim + col
-        if vec > 1:
-            gs, xs = (unpack_vector(kb, v.load((at + o) / vec)) for v, o in ((gv, go), (xv, xo)))
-        else:
-            gs, xs = [kb.cast(g.load(at + go), "f32")], [kb.cast(x.load(at + xo), "f32")]
-        mean, rstd = st.load(i * 2 + so), st.load(i * 2 + 1 + so)
-        prods = [gj * ((xj - mean) * rstd) for gj, xj in zip(gs, xs, strict=True)]
-        return [prods, gs] if bias else [prods]
+    def load(i: Value, col: Value) -> list[Value]:
+        gv = kb.cast(g.load(i * dim + col + go), "f32")
+        xh = (kb.cast(x.load(i * dim + col + xo), "f32") - st.load(i * 2 + so)) \
+            * st.load(i * 2 + 1 + so)
+        return [gv * xh, gv] if bias else [gv * xh]
 
     dispatches = emit_column_sums(kb, lay, rows, dim, ["add"] * (2 if bias else 1), load,
                                   lambda k, col, tot: out.store(k * dim + col, tot), ws)
@@ -564,7 +546,7 @@ def _lower_dwb(lw: _Lowerer, n: int) -> None:
     params = (("rows", rows), ("dim", dim), ("rms", bool(g.attrs(n)["rms"])),
               ("bias", bias), ("x", xd), ("g", gd), ("stats", sd[1]))
     writes = [n]
-    chunks = dwb_chunks(rows, dim, lw.caps, dwb_vec(dict(params)))
+    chunks = dwb_chunks(rows, dim, lw.caps)
     if chunks > 1:  # the chunks' partial sums: a temporary only this kernel touches
         ws = next(lw.copy_ids)
         lw.out.buffers[ws] = Buffer(ws, "temp", (chunks, 2 if bias else 1, dim), dtypes.float32)
