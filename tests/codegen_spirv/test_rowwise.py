@@ -179,6 +179,27 @@ def test_bf16_cross_entropy_rows_as_vectors_keep_nan_and_inf(classes):
     assert np.isnan(rows[1]).all() and np.isinf(rows[2, 1]) and np.isfinite(rows[5:]).all()
 
 
+@pytest.mark.parametrize("classes", [37, 3000, 5000])
+def test_cross_entropy_lse_in_one_pass_keeps_far_shifted_rows(classes):
+    """The forward's one-pass logsumexp (running max and rescaled sums per thread): rows
+    shifted by +-1000 (exp of the raw values over- or underflows), a row whose maximum is its
+    last element (every thread rescales), a row whose maximum is its first, and a row with one
+    huge value among -inf; the loss and lse match float64."""
+    z = _f32(8, classes, scale=3.0)
+    z[1] += 1000.0
+    z[2] -= 1000.0
+    z[3] = np.linspace(-50.0, 50.0, classes, dtype=np.float32)
+    z[4] = np.linspace(50.0, -50.0, classes, dtype=np.float32)
+    z[5] = -np.inf
+    z[5, classes // 2] = 3.0e4
+    y = rng.integers(0, classes, 8).astype(np.int32)
+    y[5] = classes // 2
+    got, want, _ = _run(lambda z, y: trace.apply("cross_entropy_rows", [z, y],
+                                                 {"ignore_index": None}), [z, y])
+    assert np.isfinite(got[0]).all()
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-4)
+
+
 def test_cross_entropy_reads_vectors_only_where_aligned():
     """ce_fwd's 16-byte loads: 8 bf16 or 4 f32 per load where the row length and the
     element offset are multiples of that, else one element per load (f16, odd offsets)."""

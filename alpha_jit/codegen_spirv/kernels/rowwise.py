@@ -29,6 +29,7 @@ f32 [rows, 2] buffers; y is i32.
 from __future__ import annotations
 
 import math
+from functools import reduce
 
 from ... import dtypes
 from ...schedule import epilogue
@@ -148,6 +149,34 @@ class _Rows:
             for v in f(i):
                 acc.set(acc.get() + v if op == "add" else nan_minmax(kb, "max", acc.get(), v))
         return self._reduce(op, acc.get())
+
+    def logsumexp(self, count: int, f) -> Value:
+        """log(sum(exp(x))) over the row's f32 values (f(i) lists vector i's, i in [0, count)),
+        in one pass over memory: each thread keeps the running max m of its values and the
+        sum s of exp(x - shift(m)), rescaled when m grows; then the row's max M and the sum of
+        s * exp(shift(m) - shift(M)). shift(v) is v, or 0 where v is infinite (the numpy
+        reference's rule); an empty sum adds 0 whatever its scale (no 0 * inf), and a NaN
+        anywhere makes the row NaN. Two passes (the max, then the sums) read gpt2's 50304
+        bf16 logits per row twice: 0.37 ms a step on the H200."""
+        kb = self.kb
+        zero = kb.f32(0.0)
+
+        def shift(v: Value) -> Value:
+            return kb.select(kb.isinf(v), zero, v)
+
+        def rescale(total: Value, old: Value, new: Value) -> Value:
+            return kb.select(total == 0.0, zero, total * kb.exp(shift(old) - shift(new)))
+
+        m, s = kb.var("f32", float("-inf")), kb.var("f32", 0.0)
+        with kb.loop(self.lid, count, self.stride) as i:
+            xs = f(i)
+            new = reduce(lambda a, b: nan_minmax(kb, "max", a, b), xs, m.get())
+            sh = shift(new)
+            s.set(reduce(lambda a, x: a + kb.exp(x - sh), xs, rescale(s.get(), m.get(), new)))
+            m.set(new)
+        top = self._reduce("max", m.get())
+        total = self._reduce("add", rescale(s.get(), m.get(), top))
+        return self.em.unary("log", total) + shift(top)
 
     def row_sum(self, f) -> Value:
         """Sum over the row of f(j) (f32), visible to every thread of the row."""
@@ -351,10 +380,7 @@ def generate_ce_fwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
         load = lambda j: kb.cast(z.load(base + j), "f32")  # noqa: E731
         vec = r.row_vectors("z", z, kb.cast(base, "u32"))
         count, zv = vec or (classes, lambda j: [load(j)])
-        m = r.fold("max", count, zv)
-        m = kb.select(kb.isinf(m), kb.f32(0.0), m)  # an infinite max shifts by 0 (as numpy ref)
-        total = r.fold("add", count, lambda i: [kb.exp(x - m) for x in zv(i)])
-        lse = r.em.unary("log", total) + m
+        lse = r.logsumexp(count, zv)
         with kb.if_(r.lid == 0):
             lab = y.load(row + yo)
             keep, valid = _label(kb, r.p, lab, classes)
