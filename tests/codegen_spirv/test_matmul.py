@@ -347,9 +347,12 @@ def test_deep_tiles_are_tuned_never_guessed():
 
 
 def test_store_paths_on_the_h200():
-    """Which GEMMs leave through fragments on the H200 (probed accumulator layout): exactly
-    tiled outputs with no epilogue or an affine one (bias, residual, casts); a GELU epilogue,
-    an overhanging tile or K sums keep the shared scratch."""
+    """How GEMM outputs leave on the H200 (probed accumulator layout, 32 lanes): a plain f32
+    output the tiles cover exactly straight from the fragments; an epilogue reading
+    residuals (by row and column) on exact tiles as fragments; everything else (no inputs
+    but by column, GELU, overhanging tiles, K sums) through the shared scratch as 16-byte
+    vectors where the rows are a multiple of 8 elements and the outputs bf16 or f32 (one K
+    slice), else element by element."""
     from pathlib import Path
 
     from alpha_jit.codegen_spirv.kernels import matmul_coopmat as mc
@@ -361,22 +364,28 @@ def test_store_paths_on_the_h200():
     cfg = MatmulConfig("coopmat", 128, 128, 32, 64, 64, 32, 1)
     base = {**dict(mm_spec(1, 256, 512, 64, dt="bf16").params), "out_dtype": "f32"}
     bias = (("f32", (0, 0, 1), 0),)
+    residual = (("f32", (0, 512, 1), 0),)
 
-    def ep(then: str) -> dict:  # acc + bias, then one op on it, stored as bf16
+    def ep(then: str, ins: tuple = bias) -> dict:  # acc + input, then one op, stored as bf16
         exprs = (("add", "f32", (), (("acc",), ("in", 0))), (then, "f32", (), (("e", 0),)))
-        return {**base, "epilogue": (bias, exprs, (("bf16", 1),))}
+        return {**base, "epilogue": (ins, exprs, (("bf16", 1),))}
 
     assert mc.store_path(cfg, base, h200) == "direct"
-    assert mc.store_path(cfg, {**base, "out_dtype": "bf16"}, h200) == "fragments"
-    assert mc.store_path(cfg, ep("cast"), h200) == "fragments"
-    assert mc.store_path(cfg, ep("gelu"), h200) == "scratch"
+    assert mc.store_path(cfg, {**base, "out_dtype": "bf16"}, h200) == "vectors"
+    assert (mc.epilogue_kind(ep("cast")), mc.store_path(cfg, ep("cast"), h200)) \
+        == ("bias", "vectors")
+    assert (mc.epilogue_kind(ep("cast", residual)), mc.store_path(cfg, ep("cast", residual),
+                                                                   h200)) \
+        == ("affine", "fragments")
+    assert mc.store_path(cfg, ep("gelu"), h200) == "vectors"
     assert mc.epilogue_kind(ep("gelu")) == "other"
-    assert mc.store_path(cfg, {**ep("cast"), "n": 520}, h200) == "scratch"
-    assert mc.store_path(cfg, {**base, "colsum_b": True}, h200) == "scratch"
+    assert mc.store_path(cfg, {**ep("cast", residual), "n": 520}, h200) == "vectors"
+    assert mc.store_path(cfg, {**ep("cast"), "n": 516}, h200) == "scratch"  # rows off 8
+    assert mc.store_path(cfg, {**base, "colsum_b": True}, h200) == "vectors"
     assert mc.store_path(dataclasses.replace(cfg, split=2), base, h200) == "scratch"
-    assert mc.store_path(cfg, {**base, "out_dtype": "bf16"}, None) == "scratch"
+    assert mc.store_path(cfg, {**base, "out_dtype": "f16"}, None) == "scratch"
     unprobed = dataclasses.replace(h200, fragment_layouts=())
-    assert mc.store_path(cfg, ep("cast"), unprobed) == "scratch"
+    assert mc.store_path(cfg, ep("cast", residual), unprobed) == "vectors"
     assert mc.store_path(dataclasses.replace(cfg, lanes=64), ep("cast"), h200) == "scratch"
     as_bool = {**ep("cast"), "epilogue": (bias, ep("cast")["epilogue"][1], (("bool", 1),))}
     assert mc.epilogue_kind(as_bool) == "other"

@@ -306,3 +306,49 @@ def test_fragment_store_places_every_element_and_rounds_to_nearest_even(caps):
     assert _rel(f32, want) < 1e-5
     assert np.array_equal(bits, dtypes.f32_to_bf16(f32))  # nearest even, bit for bit
     assert np.array_equal(index, np.arange(B * M * N, dtype=np.float32).reshape(shape) * 0.5)
+
+
+@pytest.mark.parametrize("M,N", [(256, 256), (200, 264)])
+def test_vector_store_matches_element_stores_bit_for_bit(caps, M, N, monkeypatch):
+    """The scratch path storing 8 adjacent elements per lane as 16-byte vectors (a GELU
+    epilogue: bias by column and a bf16 residual read as vectors, a bias by row read one
+    element at a time, then an f32 output, its bf16 cast and the element's index): batched,
+    exactly tiled or overhanging in M and N (N a multiple of 8). Outputs start as NaN; every
+    element is placed, the bf16 output is the nearest even rounding of the f32 one, and all
+    three equal the element-by-element stores bit for bit."""
+    from alpha_jit.runtime.testing import run_kernel
+
+    B, K = 2, 64
+    ins = (("f32", (0, 0, 1), 0), ("bf16", (M * N, N, 1), 0), ("f32", (0, 1, 0), 0))
+    exprs = (("add", "f32", (), (("acc",), ("in", 0))), ("gelu", "f32", (), (("e", 0),)),
+             ("add", "f32", (), (("e", 1), ("in", 1))),
+             ("cast", "bf16", (("dtype", "bf16"),), (("e", 2),)),
+             ("cast", "f32", (("dtype", "f32"),), (("iota", -1),)),
+             ("mul", "f32", (), (("e", 4), ("const", 0.5, "f32"))),
+             ("mul", "f32", (), (("e", 2), ("in", 2))))
+    spec = _spec(B, M, N, K, "bf16", extra=(
+        ("epilogue", (ins, exprs, (("f32", 2), ("bf16", 3), ("f32", 5), ("f32", 6)))),
+        ("acc_dtype", "f32"), ("config", ("coopmat", 128, 128, 32, 64, 64, 32, 1))))
+    p = dict(spec.params)
+    a_st, _ = _operand(p, "a", (B, M, K))
+    b_st, _ = _operand(p, "b", (B, K, N))
+    bias = rng.standard_normal(N).astype(np.float32)
+    by_row = rng.standard_normal(M).astype(np.float32)
+    res, _ = _data(B * M * N, "bf16")
+    shape = (B, M, N)
+    outs = [(shape, np.float32), (shape, np.uint16), (shape, np.float32), (shape, np.float32)]
+    got = {}
+    for vectors in (True, False):
+        monkeypatch.setattr(matmul_coopmat, "_VECTORS", vectors)
+        binary = generate_matmul(spec, caps, registry.scalar_rule)
+        assert binary.variant.endswith("vector store") == vectors, binary.variant
+        tools.validate(binary.words, binary.name, caps.spirv_target_env())
+        got[vectors] = run_kernel(binary, [a_st, b_st, bias, res, by_row], outs,
+                                  fill=0x7FC00000)
+    f32, bits, index, scaled = got[True]
+    assert not np.isnan(f32).any() and np.isfinite(f32).all()
+    assert np.array_equal(bits, dtypes.f32_to_bf16(f32))  # nearest even, bit for bit
+    assert np.array_equal(scaled, f32 * by_row[:, None])  # the by-row input, element-wise
+    assert np.array_equal(index, np.arange(B * M * N, dtype=np.float32).reshape(shape) * 0.5)
+    for v, e in zip(got[True], got[False], strict=True):
+        assert np.array_equal(v.view(np.uint8), e.view(np.uint8))

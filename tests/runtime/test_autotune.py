@@ -118,9 +118,10 @@ def test_cpu_devices_keep_the_rows_variant():
 
 def test_a_gemm_with_an_epilogue_is_tuned_through_the_epilogue_store(h200):
     """The bare spec the tuner times keeps the store path and output dtype of the real kernel:
-    a plain f32 output goes straight from the fragments, a bf16 cast epilogue through the
-    fragment epilogue where the tiles cover the output, else through the shared scratch
-    (timed with the f32 direct store, the LM head's tiles ranked up to 2x differently)."""
+    a plain f32 output goes straight from the fragments, a residual epilogue through the
+    fragment epilogue where the tiles cover the output, a bf16 cast or GELU epilogue through
+    the shared scratch as vectors (timed with the f32 direct store, the LM head's tiles
+    ranked up to 2x differently)."""
     from alpha_jit.codegen_spirv.kernels.matmul import generate_matmul
     from alpha_jit.ir.ops import registry
 
@@ -131,11 +132,17 @@ def test_a_gemm_with_an_epilogue_is_tuned_through_the_epilogue_store(h200):
     gelu = (("epilogue", ((), (("gelu", "f32", (), (("acc",),)),
                                 ("cast", "bf16", (("dtype", "bf16"),), (("e", 0),))),
                           (("bf16", 1),))), ("acc_dtype", "f32"))
-    # 256-row tiles overhang m = 384: the scratch path, no suffix after the lane count; a GELU
-    # epilogue keeps the scratch (and its stand-in too) wherever the tiles fall
+    residual = (("epilogue", ((("f32", (0, 512, 1), 0),),
+                              (("add", "f32", (), (("acc",), ("in", 0))),
+                               ("cast", "bf16", (("dtype", "bf16"),), (("e", 0),))),
+                              (("bf16", 1),))), ("acc_dtype", "f32"))
+    # 256-row tiles overhang m = 384: the scratch path (vectors); a GELU epilogue takes it
+    # (and its stand-in too) wherever the tiles fall
     for extra, tile, path, kind in (((), 128, "direct store", None),
-                                    (cast, 128, "fragment store", "affine"),
-                                    (cast, 256, "x32", "affine"), (gelu, 128, "x32", "other")):
+                                    (residual, 128, "fragment store", "affine"),
+                                    (residual, 256, "vector store", "affine"),
+                                    (cast, 128, "vector store", "bias"),
+                                    (gelu, 128, "vector store", "other")):
         bare = autotune.bare_spec(KernelSpec("matmul", "g", base + extra))
         assert dict(bare.params).get("epilogue_store") == kind
         assert dict(bare.params)["out_dtype"] == ("bf16" if extra else "f32")

@@ -555,7 +555,8 @@ def generate_matmul(spec: KernelSpec, caps: object = None,
     label = cfg.label()
     if cfg.variant == "coopmat":
         label += {"direct": " direct store", "fragments": " fragment store",
-                  "scratch": ""}[matmul_coopmat.store_path(cfg, p, caps)]
+                  "vectors": " vector store", "scratch": ""}[
+                      matmul_coopmat.store_path(cfg, p, caps)]
     notes = {"config": cfg, "variant": label,
              "flops": 2 * p["batch"] * p["m"] * p["n"] * p["k"]}
     if cfg.split > 1:

@@ -16,13 +16,14 @@ Shape of the kernel (config: tile tm x tn x bk, a subgroup tile rm x rn, `lanes`
 - f32 operands that the graph cast to bf16 are rounded on load to nearest even, exactly as the
   cast kernel they replace; the column sums of b add the values as loaded, before rounding.
 - Each accumulator fragment is stored to the subgroup's own f32 scratch in shared memory; after
-  a subgroup barrier every lane finishes 16*16/lanes elements through the family's epilogue
-  store (bias, GELU, residual, output cast and rounding) with bounds checks. Where the tiles
-  cover M x N exactly (`store_path`) no scratch is needed: a plain f32 output is stored
-  straight from the fragments, and an epilogue runs on each lane's own elements at their
-  probed rows and columns (fragments.py), every output then stored as a fragment of its
-  dtype: the LM head's bf16 logits, the layers' bias and residual epilogues (GELU
-  epilogues keep the scratch: measured slower through fragments).
+  a subgroup barrier each lane finishes 8 adjacent elements of a row through the family's
+  epilogue store (bias, GELU, residual, output cast and rounding), its inputs and outputs
+  moved as 16-byte vectors where rows allow, else 16*16/lanes elements one at a time; with
+  bounds checks. Where the tiles cover M x N exactly (`store_path`) a plain f32 output is
+  stored straight from the fragments, and an epilogue that reads residuals runs on each
+  lane's own elements at their probed rows and columns (fragments.py), every output then
+  stored as a fragment of its dtype (GELU epilogues, the LM head's bf16 logits and bias
+  epilogues measured faster through the scratch as vectors).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 from .. import coopmat, fragments
 from ..dsl import Buffer, KernelBuilder, Value, cap
 from .coopmat_staging import _PAD, Layout, Staged
-from .elementwise import ScalarRule, round_to
+from .elementwise import VECTOR_VIEW, VECTOR_WIDTH, ScalarRule, pack_vector, round_to
 from .matmul import (
     _VARIANTS,
     CONFIG_CHOOSERS,
@@ -51,6 +52,8 @@ _SCRATCH_LD = _FRAG + 4  # f32 scratch row stride: 80 bytes, a multiple of 16
 _ELEM = {"bf16": "bf16n", "f16": "f16"}  # operand dtype -> fragment element type
 _ELEM_BYTES = {"f32": 4, "bf16": 2, "f16": 2}  # outputs a fragment store can write
 _AFFINE_OPS = frozenset({"add", "sub", "mul", "neg", "cast"})  # epilogues stored as fragments
+_VEC = 8  # output elements a lane stores as vectors on the scratch path (`_row_vectors`)
+_VECTORS = True  # False: element stores on every scratch path (the GPU tests compare them)
 
 
 def operand_elem(p: dict, name: str) -> str | None:
@@ -346,39 +349,64 @@ def _guarded_finish(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object
 
 
 def epilogue_kind(p: dict) -> str | None:
-    """"affine" for an epilogue of adds, multiplies and casts only (bias, residual, scale,
-    output casts) into float outputs, "other" for any other (GELU, a bool output), None
-    without one; the tuner's stand-in of a GEMM carries its kind as ("epilogue_store", kind)."""
+    """"bias" for an epilogue of adds, multiplies and casts only into float outputs whose
+    inputs are the same for every row (a bias by column, output casts), "affine" for such an
+    epilogue with inputs that vary by row (a residual), "other" for any other (GELU, a bool
+    output), None without one; the tuner's stand-in of a GEMM carries its kind as
+    ("epilogue_store", kind)."""
     ep = p.get("epilogue")
     if ep is None:
         return p.get("epilogue_store")
     affine = all(op in _AFFINE_OPS for op, *_ in ep[1]) \
         and all(dt in _ELEM_BYTES for dt, _ in ep[2])
-    return "affine" if affine else "other"
+    if not affine:
+        return "other"
+    return "affine" if any(any(st[:-1]) for _, st, *_ in ep[0]) else "bias"
 
 
 def store_path(cfg: MatmulConfig, p: dict, caps: object) -> str:
-    """How the accumulators reach the output(s), when the tiles cover M x N exactly (one K
-    slice, no K sums): "direct" (a plain f32 output: each fragment stored as it is) or
-    "fragments" (no epilogue or an affine one, run on each lane's elements of a fragment at
-    their probed rows and columns, each output rounded to its dtype and stored as a fragment:
-    needs the accumulator's probed layout and 16-byte output rows); else "scratch" (every
-    element through the subgroup's shared scratch). GELU epilogues keep the scratch: through
-    fragments gpt2's MLP GEMM took 0.279 ms against 0.242 (H200, session 9), where the LM
-    head's cast went from 3.54 to 3.20 ms and the residual adds gained 5-10%."""
-    if not (cfg.split == 1 and ksum_side(p) is None and not p.get("acc_buffer")
-            and p["m"] % cfg.tm == 0 and p["n"] % cfg.tn == 0):
-        return "scratch"
-    ep, kind = p.get("epilogue"), epilogue_kind(p)
-    if kind is None and p["out_dtype"] == "f32" and p["n"] % 4 == 0:
-        return "direct"
-    dts = [dt for dt, _ in ep[2]] if ep is not None else [p["out_dtype"]]
-    rm = accumulator_map(caps)
-    if kind != "other" and rm is not None and rm.lanes == cfg.lanes and all(
-            dt in _ELEM_BYTES and p["n"] * _ELEM_BYTES[dt] % 16 == 0
-            and (dt == "f32" or coopmat.supported(caps, _ELEM[dt])) for dt in dts):
-        return "fragments"
-    return "scratch"
+    """How the accumulators reach the output(s):
+    - "direct": a plain f32 output the tiles cover exactly, each fragment stored as it is;
+    - "vectors": through the subgroup's shared scratch, 8 adjacent elements per lane, each
+      output stored as 16-byte vectors (`_vectors_fit`), for GELU epilogues, overhanging
+      tiles and K sums, and for exact tiles with no epilogue inputs but by column;
+    - "fragments": exact tiles with an epilogue reading residuals (by row and column): run
+      on each lane's elements of a fragment at their probed rows and columns, each output
+      rounded to its dtype and stored as a fragment (the accumulator's probed layout,
+      16-byte output rows);
+    - "scratch": through the scratch element by element (where nothing above fits).
+    On the H200 (gpt2, session 12) vectors against fragments: the LM head's cast 2.98 ->
+    2.89 ms, the qkv bias 0.153 -> 0.148 ms, but residual epilogues 0.183 -> 0.192 ms;
+    against element stores the GELU epilogue 0.244 -> 0.241 ms. GELU through fragments took
+    0.279 ms against 0.242 through the scratch (session 9)."""
+    kind = epilogue_kind(p)
+    if cfg.split == 1 and ksum_side(p) is None and not p.get("acc_buffer") \
+            and p["m"] % cfg.tm == 0 and p["n"] % cfg.tn == 0:
+        if kind is None and p["out_dtype"] == "f32" and p["n"] % 4 == 0:
+            return "direct"
+        if kind in (None, "bias") and _vectors_fit(cfg, p):
+            return "vectors"
+        rm = accumulator_map(caps)
+        if kind != "other" and rm is not None and rm.lanes == cfg.lanes and all(
+                dt in _ELEM_BYTES and p["n"] * _ELEM_BYTES[dt] % 16 == 0
+                and (dt == "f32" or coopmat.supported(caps, _ELEM[dt]))
+                for dt in _out_dtypes(p)):
+            return "fragments"
+    return "vectors" if _vectors_fit(cfg, p) else "scratch"
+
+
+def _out_dtypes(p: dict) -> list[str]:
+    ep = p.get("epilogue")
+    return [dt for dt, _ in ep[2]] if ep is not None else [p["out_dtype"]]
+
+
+def _vectors_fit(cfg: MatmulConfig, p: dict) -> bool:
+    """Whether the scratch path stores 8 adjacent elements per lane as 16-byte vectors
+    (`_row_vectors`): one K slice, 32 lanes (a lane per half row of a fragment), bf16 or f32
+    outputs only, and rows (N) a multiple of 8 elements. Scalar 2-byte stores, 16 lanes per
+    row, were most of a bf16 epilogue's stores."""
+    return _VECTORS and cfg.split == 1 and cfg.lanes == 32 and not p.get("acc_buffer") \
+        and p["n"] % _VEC == 0 and all(dt in VECTOR_WIDTH for dt in _out_dtypes(p))
 
 
 def accumulator_map(caps: object) -> fragments.RowMap | None:
@@ -425,6 +453,7 @@ def _finish_fragments(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: obje
         return
     scratch = kb.shared("f32", (cfg.threads // lanes) * _FRAG * _SCRATCH_LD)
     base = sg * (_FRAG * _SCRATCH_LD)
+    vectors = _row_vectors(kb, p, store) if path == "vectors" else None
     with kb.loop(kb.u32(0), len(frags)) as f:
         for idx, frag in enumerate(frags):  # f is uniform: one branch taken, by the subgroup
             with kb.if_(f == idx):
@@ -432,12 +461,38 @@ def _finish_fragments(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: obje
         coopmat.subgroup_barrier(kb)
         frow = row0 + sr * cfg.rm + (f / fn) * _FRAG
         fcol = col0 + sc * cfg.rn + (f % fn) * _FRAG
-        for it in range(_FRAG * _FRAG // lanes):  # rows lanes/16 apart, 16 lanes per row
+        if vectors is not None:  # a lane per half row: 8 adjacent elements
+            r, c = lane / 2, (lane % 2) * _VEC
+            v = [scratch.load(base + r * _SCRATCH_LD + c + j) for j in range(_VEC)]
+            vectors(bi, frow + r, fcol + c, v, in_tile_bounds(frow + r, fcol + c, m, n,
+                                                                cfg.tm, cfg.tn))
+        for it in range(0 if vectors else _FRAG * _FRAG // lanes):  # 16 lanes per row
             e = lane + it * lanes
             r, c = e / _FRAG, e % _FRAG
             v = scratch.load(base + r * _SCRATCH_LD + c)
             _guarded_finish(kb, cfg, p, store, bi, frow + r, fcol + c, v)
         coopmat.subgroup_barrier(kb)  # lanes have read before the next fragment lands
+
+
+def _row_vectors(kb: KernelBuilder, p: dict, store: object) -> object:
+    """finish(bi, row, col, values, guard): 8 adjacent output elements from (row, col) of
+    batch bi through the epilogue, each output rounded as an element store rounds and stored
+    as one 16-byte vector (8 bf16, or two of 4 f32), skipped where `guard` is false
+    (`_vectors_fit`: whole vectors are in range or out)."""
+    m, n = p["m"], p["n"]
+    views = [(b.dtype, kb.buffer_view(b, VECTOR_VIEW[b.dtype], writable=True))
+             for b in store.buffers]  # type: ignore[attr-defined]
+
+    def finish(bi: Value, row: Value, col: Value, values: list, guard: Value | None) -> None:
+        at = bi * (m * n) + row * n + col
+        with kb.when(guard):
+            outs = store.values_run((bi, row, col), at, values)  # type: ignore[attr-defined]
+            for k, (dt, view) in enumerate(views):
+                width = VECTOR_WIDTH[dt]
+                for h in range(0, _VEC, width):
+                    view.store((at + h) / width, pack_vector(kb, [o[k] for o in outs[h:h + width]]))
+
+    return finish
 
 
 def _fragment_epilogue(kb: KernelBuilder, p: dict, store: object, fc: coopmat.Frag,
