@@ -313,6 +313,7 @@ class EpilogueStore:
         # the host node's own dtype: a 16-bit result is rounded before the epilogue reads it
         self.acc_dtype = p.get("acc_dtype", "f32")
         self._views: dict[int, Any] = {}  # 16-byte views of the inputs (`values_run`)
+        self._out_views: dict[int, Any] = {}  # ... and of the outputs (`finish_run`)
 
     @property
     def buffers(self) -> list[Any]:
@@ -366,6 +367,25 @@ class EpilogueStore:
             out.append(eval_region(kb, self.em, ix, loaded, exprs, outputs, rule, "epilogue",
                                    acc=round_to(kb, v, self.acc_dtype)))
         return out
+
+    def runs_fit(self) -> bool:
+        """Whether every buffer `finish_run` stores to takes 16-byte vectors (bf16, f32)."""
+        return all(b.dtype in VECTOR_WIDTH for b in self.buffers)
+
+    def finish_run(self, axes: Sequence[Value], idx: Value, vs: Sequence[Value]) -> None:
+        """`finish` of len(vs) (a multiple of 8) elements adjacent along the grid's last axis
+        from the one at `axes` (linear index idx, a multiple of 8): inputs as `values_run`
+        reads them, each output rounded as an element store rounds and stored as 16-byte
+        vectors (`runs_fit`)."""
+        kb = self.kb
+        outs = self.values_run(axes, idx, vs)
+        for k, buf in enumerate(self.buffers):
+            if k not in self._out_views:
+                self._out_views[k] = kb.buffer_view(buf, VECTOR_VIEW[buf.dtype], writable=True)
+            width = VECTOR_WIDTH[buf.dtype]
+            for h in range(0, len(vs), width):
+                self._out_views[k].store((idx + h) / width,
+                                         pack_vector(kb, [o[k] for o in outs[h:h + width]]))
 
     def finish(self, axes: Sequence[Value], idx: Value, v: Value) -> None:
         """The element at `axes` of the grid (linear index idx) is complete with value v."""

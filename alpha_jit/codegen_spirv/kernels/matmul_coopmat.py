@@ -35,7 +35,7 @@ from typing import Any
 from .. import coopmat, fragments
 from ..dsl import Buffer, KernelBuilder, Value, cap
 from .coopmat_staging import _PAD, Layout, Staged
-from .elementwise import VECTOR_VIEW, VECTOR_WIDTH, ScalarRule, pack_vector, round_to
+from .elementwise import VECTOR_WIDTH, ScalarRule, round_to
 from .matmul import (
     _VARIANTS,
     CONFIG_CHOOSERS,
@@ -476,21 +476,14 @@ def _finish_fragments(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: obje
 
 def _row_vectors(kb: KernelBuilder, p: dict, store: object) -> object:
     """finish(bi, row, col, values, guard): 8 adjacent output elements from (row, col) of
-    batch bi through the epilogue, each output rounded as an element store rounds and stored
-    as one 16-byte vector (8 bf16, or two of 4 f32), skipped where `guard` is false
-    (`_vectors_fit`: whole vectors are in range or out)."""
+    batch bi through the epilogue store as 16-byte vectors (`EpilogueStore.finish_run`),
+    skipped where `guard` is false (`_vectors_fit`: whole vectors are in range or out)."""
     m, n = p["m"], p["n"]
-    views = [(b.dtype, kb.buffer_view(b, VECTOR_VIEW[b.dtype], writable=True))
-             for b in store.buffers]  # type: ignore[attr-defined]
 
     def finish(bi: Value, row: Value, col: Value, values: list, guard: Value | None) -> None:
-        at = bi * (m * n) + row * n + col
         with kb.when(guard):
-            outs = store.values_run((bi, row, col), at, values)  # type: ignore[attr-defined]
-            for k, (dt, view) in enumerate(views):
-                width = VECTOR_WIDTH[dt]
-                for h in range(0, _VEC, width):
-                    view.store((at + h) / width, pack_vector(kb, [o[k] for o in outs[h:h + width]]))
+            store.finish_run((bi, row, col), bi * (m * n) + row * n + col,  # type: ignore
+                             values)
 
     return finish
 

@@ -38,6 +38,7 @@ from ..dsl import KernelBuilder, Value, cap, max_groups_x
 from ..kernel import Dispatch, KernelBinary, KernelSpec
 from ..lower import Buffer, _Lowerer, register_kernel_lowering
 from ..scalar import ScalarEmitter, compute_dtype, nan_minmax, subgroup_max
+from . import rowwise_regs
 from .column_strips import emit_column_sums, strip_layout
 from .elementwise import (
     VECTOR_VIEW,
@@ -247,8 +248,12 @@ def _stats(r: _Rows, x, xoff: int, base: Value) -> tuple[Value, Value]:
 
 
 def generate_norm_fwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
-    """out = (x - mean) * rstd * w (+ b), per row of `dim` (see the module docstring)."""
-    dim = int(dict(spec.params)["dim"])
+    """out = (x - mean) * rstd * w (+ b), per row of `dim` (see the module docstring); the
+    row in registers where it fits (rowwise_regs.py)."""
+    p = dict(spec.params)
+    if rowwise_regs.fits(p, caps, ("x", "w", "b"), [p["out_dtype"]]):
+        return rowwise_regs.norm_fwd(spec, caps)
+    dim = int(p["dim"])
     r = _Rows(spec, caps, dim)
     kb = r.kb
     x, xo = r.operand("x")
@@ -293,8 +298,14 @@ def generate_norm_stats(spec: KernelSpec, caps: object = None) -> KernelBinary:
 def generate_norm_dx(spec: KernelSpec, caps: object = None,
                      scalar_rule: ScalarRule | None = None) -> KernelBinary:
     """dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)) (no mean(g*w) term for RMS);
-    an epilogue (the residual gradient's add) may take dx over the (rows, dim) grid."""
-    dim = int(dict(spec.params)["dim"])
+    an epilogue (the residual gradient's add) may take dx over the (rows, dim) grid. The row
+    in registers where it fits (rowwise_regs.py)."""
+    p = dict(spec.params)
+    ep = p.get("epilogue")
+    outs = [dt for dt, _ in ep[2]] if ep is not None else [p["out_dtype"]]
+    if rowwise_regs.fits(p, caps, ("x", "w", "g"), outs):
+        return rowwise_regs.norm_dx(spec, caps, scalar_rule)
+    dim = int(p["dim"])
     # a workgroup per row: by subgroups gpt2's 25 norm_dx kernels took 1.23 ms against 1.03
     # (H200, session 10), where the forward went 0.58 -> 0.47
     r = _Rows(spec, caps, dim, by_subgroup=False)
