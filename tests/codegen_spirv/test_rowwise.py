@@ -87,14 +87,26 @@ def test_norm_forward_and_grads_match_reference(op, dim):
         assert _rel(g, w) < 1e-5 or np.abs(g - w).max() < 1e-5
 
 
+def _row_lanes() -> int:
+    """The lanes of the subgroup that owns a short row on this device (lavapipe: 8)."""
+    from alpha_jit.codegen_spirv.kernels.rowwise import row_subgroup
+    from alpha_jit.runtime.device import get_device
+
+    lanes = row_subgroup(64, get_device().caps)
+    if lanes is None:
+        pytest.skip("rows are not owned by subgroups on this device")
+    return lanes
+
+
 @pytest.mark.parametrize("precision", ["f32", "bf16"])
-@pytest.mark.parametrize("dim", [64, 192, 256])
+@pytest.mark.parametrize("groups", [1, 3, 4])
 @pytest.mark.parametrize("op", [ln, ln_nobias, rms], ids=lambda f: f.__name__)
-def test_norm_rows_in_registers_match_reference(op, dim, precision):
-    """Rows that fit a subgroup's lanes as groups of 8 (lavapipe's 8 lanes: 1 to 4 groups a
-    lane) run with the row in registers, forward and dx, through the residual gradient's
-    add and a bf16 output under the bf16 policy; against float64 on random data with NaN
-    and inf in one row each (kept to their row)."""
+def test_norm_rows_in_registers_match_reference(op, groups, precision):
+    """Rows that are whole groups of 8 per lane of the row's subgroup (1, 3 or 4 a lane; on
+    lavapipe's 8 lanes rows of 64, 192, 256) run with the row in registers, forward and dx,
+    through the residual gradient's add and a bf16 output under the bf16 policy; against
+    float64 on random data with NaN and inf in one row each (kept to their row)."""
+    dim = groups * 8 * _row_lanes()
     x = _f32(3, 7, dim)
     x[0, 1, 5], x[1, 2, dim - 1] = np.nan, np.inf
     params = [_f32(dim) for _ in range(2 if op is ln else 1)]
@@ -345,7 +357,7 @@ def test_norm_weight_grads_in_row_chunks_inside_a_step(op, monkeypatch):
         assert _rel(g, w) < 1e-5
 
 
-@pytest.mark.parametrize("dim", [50, 128, 4100])
+@pytest.mark.parametrize("dim", [50, "regs", 4100])
 def test_norm_rows_by_subgroup_or_workgroup_on_a_strided_grid(dim):
     """LayerNorm forward with rows owned by a subgroup (dim <= SUBGROUP_ROW_MAX, several rows
     per workgroup) or by a workgroup (longer rows), and dx (a workgroup per row), on a grid of
@@ -360,6 +372,8 @@ def test_norm_rows_by_subgroup_or_workgroup_on_a_strided_grid(dim):
     from alpha_jit.runtime.testing import run_kernel
 
     rows = 37
+    regs = dim == "regs"  # two groups of 8 a lane: the row in registers
+    dim = 2 * 8 * _row_lanes() if regs else dim
     caps = dataclasses.replace(get_device().caps, max_workgroup_count=(2, 65535, 65535))
     rng = np.random.default_rng(dim)
     x = (rng.standard_normal((rows, dim)) * 2 + 0.5).astype(np.float32)
@@ -382,10 +396,9 @@ def test_norm_rows_by_subgroup_or_workgroup_on_a_strided_grid(dim):
                                                      ("out_dtype", "f32")))
     bdx = rowwise.generate_norm_dx(dx_spec, caps)
     # a workgroup per row (measured faster than a subgroup reading one element per load),
-    # or the row in registers where it fits (128: 2 groups of 8 per lane of 8)
-    regs = "row in registers" in b.variant
-    assert regs == (dim == 128) and bdx.variant.startswith(
-        "subgroup per row" if regs else "workgroup per row"), bdx.variant
+    # or the row in registers where it fits
+    assert ("row in registers" in b.variant) == regs and bdx.variant.startswith(
+        "subgroup per row x" if regs else "workgroup per row"), bdx.variant
     (dx,) = run_kernel(bdx, [x, w, g, stats], [((rows, dim), np.float32)], fill=0x7FC00000)
     gw = g * w.astype(np.float64)
     want = rstd * (gw - gw.mean(1, keepdims=True) - xh * (gw * xh).mean(1, keepdims=True))
