@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from alpha_jit.codegen_spirv.kernel import KernelSpec
+from alpha_jit.codegen_spirv.kernels.cross_entropy import generate_ce_bwd
 from alpha_jit.codegen_spirv.kernels.elementwise import (
     UNROLL_MIN_ELEMENTS,
     generate_elementwise,
     generate_elementwise_multi,
     reference_elementwise,
 )
-from alpha_jit.codegen_spirv.kernels.rowwise import generate_ce_bwd
 
 from .conftest import validate
 from .rules import scalar_rule

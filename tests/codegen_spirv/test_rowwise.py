@@ -249,7 +249,7 @@ def test_cross_entropy_lse_in_one_pass_keeps_far_shifted_rows(classes):
 def test_cross_entropy_reads_vectors_only_where_aligned():
     """ce_fwd's 16-byte loads: 8 bf16 or 4 f32 per load where the row length and the
     element offset are multiples of that, else one element per load (f16, odd offsets)."""
-    from alpha_jit.codegen_spirv.kernels.rowwise import generate_ce_fwd
+    from alpha_jit.codegen_spirv.kernels.cross_entropy import generate_ce_fwd
 
     def variant(classes, dt, off):
         spec = KernelSpec("ce_fwd", "ce", (("rows", 4), ("classes", classes),
