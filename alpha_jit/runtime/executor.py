@@ -100,7 +100,8 @@ def _binding(b: tuple[BufferRegion, int, int] | BufferRegion) -> tuple[BufferReg
 def validate(device: Device, commands: list[Command], name: str) -> None:
     """Check every command before anything is recorded; errors name the step and command."""
     caps = device.caps
-    align = caps.min_storage_buffer_offset_alignment
+    # 16 bytes at least: kernels read and write bindings through 16-byte vector views
+    align = max(caps.min_storage_buffer_offset_alignment, 16)
     for i, cmd in enumerate(commands):
         where = f"{name}: command {i} ({type(cmd).__name__})"
         if isinstance(cmd, DispatchCmd):

@@ -334,7 +334,7 @@ def test_ce_bwd_in_place(run_inplace):
 
 
 @pytest.mark.parametrize("dtype,classes,aliased", [
-    ("f32", 260, False), ("bf16", 264, False), ("f32", 4100, True), ("bf16", 5000, True)])
+    ("f32", 520, False), ("bf16", 2056, False), ("f32", 4100, True), ("bf16", 5000, True)])
 def test_ce_bwd_rows_as_vectors(run_kernel, run_inplace, dtype, classes, aliased):
     """Where z and dz share bf16 or f32 and rows allow 16-byte vectors, a row at a time, 8 bf16
     or 4 f32 per load and store (by a subgroup, or a workgroup past 4096 classes; in place
@@ -366,10 +366,37 @@ def test_ce_bwd_rows_as_vectors(run_kernel, run_inplace, dtype, classes, aliased
 
 
 def test_ce_bwd_keeps_the_flat_grid_where_vectors_do_not_fit():
-    """Mixed dtypes, f16, a row length or an offset off the vector width: the flat grid."""
+    """Mixed dtypes, f16, a row length or an offset off the vector width, or rows shorter
+    than a vector per thread of the row's owner (16 bf16 classes: 2 vectors for 8 or 32
+    lanes): the flat grid."""
     for dtype, out_dtype, classes, zo in (("bf16", "f32", 264, 0), ("f16", "f16", 264, 0),
-                                          ("bf16", "bf16", 260, 0), ("f32", "f32", 260, 2)):
+                                          ("bf16", "bf16", 260, 0), ("f32", "f32", 260, 2),
+                                          ("bf16", "bf16", 16, 0)):
         spec = _ce_spec(dtype, False, (zo, 2, 4, 6), classes)
         spec = KernelSpec("ce_bwd", spec.name, tuple(
             (k, out_dtype if k == "out_dtype" else v) for k, v in spec.params))
         assert generate_ce_bwd(spec).notes["variant"].startswith("flat"), (dtype, classes, zo)
+
+
+def test_in_place_vector_views_are_aliased_and_writable_only_where_allowed():
+    """An in-place ce_bwd reads z and writes dz, which may be the same memory, through 16-byte
+    views: every storage-buffer variable of the module is decorated Aliased and none is
+    NonWritable (a compiler could otherwise keep a stale value); a writable view of a
+    read-only binding is refused."""
+    import re
+
+    from alpha_jit.codegen_spirv import tools
+    from alpha_jit.codegen_spirv.dsl import KernelBuilder
+
+    b = generate_ce_bwd(_ce_spec("bf16", aliased=True, offsets=(0, 2, 4, 6), classes=5000))
+    assert b.notes["variant"].endswith("8 per load")
+    text = tools.disassemble(b.words, b.name)
+    variables = re.findall(r"(%\w+) = OpVariable %\w+ StorageBuffer", text)
+    assert len(variables) == 7  # z, y, r, g, out and the two views
+    for var in variables:
+        assert re.search(rf"OpDecorate {var} Aliased", text), var
+    assert "NonWritable" not in text
+    kb = KernelBuilder("views", 64, None)
+    ro = kb.buffer("x", "f32", writable=False)
+    with pytest.raises(TypeError, match="writable view of read-only binding 0"):
+        kb.buffer_view(ro, "f32x4", writable=True)

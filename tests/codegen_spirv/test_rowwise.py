@@ -360,7 +360,8 @@ def test_norm_weight_grads_in_row_chunks_inside_a_step(op, monkeypatch):
 @pytest.mark.parametrize("dim", [50, "regs", 4100])
 def test_norm_rows_by_subgroup_or_workgroup_on_a_strided_grid(dim):
     """LayerNorm forward with rows owned by a subgroup (dim <= SUBGROUP_ROW_MAX, several rows
-    per workgroup) or by a workgroup (longer rows), and dx (a workgroup per row), on a grid of
+    per workgroup) or by a workgroup (longer rows), and dx (a workgroup per row, or the row
+    in registers where it fits), on a grid of
     two workgroups that strides over 37 rows (a ragged last trip), against float64 numpy; on
     the H200 the forward gets one 32-lane subgroup per 768-wide row, and the modules
     validate."""
@@ -440,3 +441,126 @@ def test_subgroup_rows_need_a_pinned_width_and_full_subgroups():
         assert rowwise.generate_norm_fwd(spec, lacking).variant.startswith("workgroup per row")
         with pytest.raises(AlphaJitError, match="ln_768"):
             validate(b, lacking)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("offsets,regs", [((8, 16, 24, 8, 6), True), ((0, 0, 0, 0, 0), True),
+                                          ((3, 8, 8, 8, 2), False), ((8, 16, 5, 8, 2), False)])
+def test_norm_rows_in_registers_read_operands_at_their_offsets(rms, offsets, regs):
+    """Forward and dx kernels whose operands start past their bindings' first element (x, w,
+    b, g at multiples of 8 and stats anywhere: the row in registers; x or b off the vector
+    width: the general kernels), against float64 numpy; the bindings' leading elements are
+    junk, so an offset dropped or misread shows."""
+    from alpha_jit.codegen_spirv.kernels import rowwise
+    from alpha_jit.ir.ops import registry
+    from alpha_jit.runtime.device import get_device
+    from alpha_jit.runtime.testing import run_kernel
+
+    caps = get_device().caps
+    g_ = np.random.default_rng(1)
+    rows, dim = 7, 3 * 8 * _row_lanes()
+    xo, wo, bo, go, so = offsets
+    x = (g_.standard_normal((rows, dim)) * 2 + 0.5).astype(np.float32)
+    w, b = (g_.standard_normal(dim).astype(np.float32) for _ in range(2))
+    gr = g_.standard_normal((rows, dim)).astype(np.float32)
+
+    def pad(a, o):
+        return np.concatenate([np.full(o, 7.0, np.float32), a.ravel()])
+
+    base = (("rows", rows), ("dim", dim), ("rms", rms), ("eps", 1e-5), ("x", ("f32", xo)),
+            ("w", ("f32", wo)))
+    fwd = KernelSpec("norm_fwd", "f", (*base, ("b", ("f32", bo)), ("out_dtype", "f32"),
+                                       ("stats_out", True)))
+    bf = rowwise.generate_norm_fwd(fwd, caps)
+    assert ("row in registers" in bf.variant) == regs, bf.variant
+    out, stats = run_kernel(bf, [pad(x, xo), pad(w, wo), pad(b, bo)],
+                            [((rows, dim), np.float32), ((rows, 2), np.float32)])
+    x64 = x.astype(np.float64)
+    mean = np.zeros((rows, 1)) if rms else x64.mean(1, keepdims=True)
+    var = (x64 ** 2).mean(1, keepdims=True) if rms else x64.var(1, keepdims=True)
+    rstd = 1 / np.sqrt(var + 1e-5)
+    xh = (x64 - mean) * rstd
+    np.testing.assert_allclose(out, xh * w + b, rtol=1e-4, atol=1e-4)
+    dxs = KernelSpec("norm_dx", "d", (*base, ("g", ("f32", go)), ("stats", so),
+                                      ("out_dtype", "f32")))
+    bd = rowwise.generate_norm_dx(dxs, caps, registry.scalar_rule)
+    assert ("row in registers" in bd.variant) == (regs or bo % 8 != 0), bd.variant  # no b
+    (dx,) = run_kernel(bd, [pad(x, xo), pad(w, wo), pad(gr, go), pad(stats, so)],
+                       [((rows, dim), np.float32)])
+    gw = gr * w.astype(np.float64)
+    c1 = 0 if rms else gw.mean(1, keepdims=True)
+    want = rstd * (gw - c1 - xh * (gw * xh).mean(1, keepdims=True))
+    np.testing.assert_allclose(dx, want, rtol=1e-3, atol=1e-4)
+
+
+def _epilogue_case(name, rows, dim, r):
+    """(input entries, arrays, exprs, what the epilogue adds to dx) of one kind of input."""
+    from alpha_jit import dtypes
+
+    add = (("add", "f32", (), (("acc",), ("in", 0))),)
+    as_add = (("cast", "f32", (("dtype", "f32"),), (("in", 0),)),
+              ("add", "f32", (), (("acc",), ("e", 0))))
+    rb = dtypes.f32_to_bf16(r)
+    rbf = dtypes.bf16_to_f32(rb).astype(np.float64)
+    bias = r[0]
+    inner = r[:, 8:dim - 8]
+    window = np.zeros((rows, dim))
+    window[:, 8:dim - 8] = inner
+    mask = (r > 0).astype(np.int32)
+    iota = (("cast", "f32", (("dtype", "f32"),), (("iota", 1 if name == "iota1" else -1),)),
+            ("add", "f32", (), (("acc",), ("e", 0))))
+    return {
+        "contiguous": ((("f32", (dim, 1), 0),), [r], add, r),
+        "offset3": ((("f32", (dim, 1), 3),), [np.concatenate([np.ones(3, np.float32),
+                                                               r.ravel()])], add, r),
+        "transposed": ((("f32", (1, rows), 0),), [np.ascontiguousarray(r.T)], add, r),
+        "bias": ((("f32", (0, 1), 0),), [bias], add, bias[None]),
+        "bf16": ((("bf16", (dim, 1), 0),), [rb], add, rbf),
+        "bf16_transposed": ((("bf16", (1, rows), 0),), [np.ascontiguousarray(rb.T)], add, rbf),
+        "bf16_offset4": ((("bf16", (dim, 1), 4),), [np.concatenate([np.ones(4, np.uint16),
+                                                                     rb.ravel()])], add, rbf),
+        "f16": ((("f16", (dim, 1), 0),), [r.astype(np.float16)], add,
+                r.astype(np.float16).astype(np.float64)),
+        "windowed": ((("f32", (dim - 16, 1), -8, ((0, rows), (8, dim - 8))),),
+                     [np.concatenate([inner.ravel(), np.zeros(8, np.float32)])], add, window),
+        "bool": ((("bool", (dim, 1), 0),), [mask], as_add, mask),
+        "iota1": ((), [], iota, np.arange(dim)[None].astype(np.float64)),
+        "iota-1": ((), [], iota, np.arange(rows * dim).reshape(rows, dim).astype(np.float64)),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["contiguous", "offset3", "transposed", "bias", "bf16",
+                                  "bf16_transposed", "bf16_offset4", "f16", "windowed", "bool",
+                                  "iota1", "iota-1"])
+def test_register_row_dx_epilogue_reads_every_kind_of_input(name):
+    """The register-row dx finishes 8 adjacent elements at a time (`EpilogueStore.finish_run`):
+    an epilogue input contiguous along the row and aligned is read as 16-byte vectors, any
+    other (misaligned, transposed, f16, bool, windowed) one element at a time, and an iota
+    sees each element's own index; every kind against numpy."""
+    from alpha_jit.codegen_spirv.kernels import rowwise
+    from alpha_jit.ir.ops import registry
+    from alpha_jit.runtime.device import get_device
+    from alpha_jit.runtime.testing import run_kernel
+
+    caps = get_device().caps
+    g_ = np.random.default_rng(2)
+    rows, dim = 5, 2 * 8 * _row_lanes()
+    x, gr, r = (g_.standard_normal((rows, dim)).astype(np.float32) for _ in range(3))
+    w = g_.standard_normal(dim).astype(np.float32)
+    x64 = x.astype(np.float64)
+    mean, rstd = x64.mean(1, keepdims=True), 1 / np.sqrt(x64.var(1, keepdims=True) + 1e-5)
+    stats = np.concatenate([mean, rstd], 1).astype(np.float32)
+    xh = (x64 - mean) * rstd
+    gw = gr * w.astype(np.float64)
+    dx = rstd * (gw - gw.mean(1, keepdims=True) - xh * (gw * xh).mean(1, keepdims=True))
+    entries, arrays, exprs, extra = _epilogue_case(name, rows, dim, r)
+    spec = KernelSpec("norm_dx", f"dx_{name}", (
+        ("rows", rows), ("dim", dim), ("rms", False), ("x", ("f32", 0)), ("w", ("f32", 0)),
+        ("g", ("f32", 0)), ("stats", 0), ("out_dtype", "f32"),
+        ("epilogue", (entries, exprs, (("f32", len(exprs) - 1),)))))
+    b = rowwise.generate_norm_dx(spec, caps, registry.scalar_rule)
+    tools.validate(b.words, b.name)
+    assert "row in registers" in b.variant, b.variant
+    (got,) = run_kernel(b, [x, w, gr, stats, *arrays], [((rows, dim), np.float32)],
+                        fill=0x7FC00000)
+    np.testing.assert_allclose(got, dx + extra, rtol=1e-4, atol=1e-4)

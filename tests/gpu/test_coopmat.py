@@ -330,11 +330,11 @@ def test_vector_store_matches_element_stores_bit_for_bit(caps, M, N, monkeypatch
         ("epilogue", (ins, exprs, (("f32", 2), ("bf16", 3), ("f32", 5), ("f32", 6)))),
         ("acc_dtype", "f32"), ("config", ("coopmat", 128, 128, 32, 64, 64, 32, 1))))
     p = dict(spec.params)
-    a_st, _ = _operand(p, "a", (B, M, K))
-    b_st, _ = _operand(p, "b", (B, K, N))
+    a_st, a = _operand(p, "a", (B, M, K))
+    b_st, bb = _operand(p, "b", (B, K, N))
     bias = rng.standard_normal(N).astype(np.float32)
     by_row = rng.standard_normal(M).astype(np.float32)
-    res, _ = _data(B * M * N, "bf16")
+    res, res64 = _data(B * M * N, "bf16")
     shape = (B, M, N)
     outs = [(shape, np.float32), (shape, np.uint16), (shape, np.float32), (shape, np.float32)]
     got = {}
@@ -347,6 +347,9 @@ def test_vector_store_matches_element_stores_bit_for_bit(caps, M, N, monkeypatch
                                   fill=0x7FC00000)
     f32, bits, index, scaled = got[True]
     assert not np.isnan(f32).any() and np.isfinite(f32).all()
+    h = a @ bb + bias  # GELU's tanh form (the op's default), then the bf16 residual
+    gelu = 0.5 * h * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (h + 0.044715 * h ** 3)))
+    assert _rel(f32, gelu + res64.reshape(shape)) < 1e-4
     assert np.array_equal(bits, dtypes.f32_to_bf16(f32))  # nearest even, bit for bit
     assert np.array_equal(scaled, f32 * by_row[:, None])  # the by-row input, element-wise
     assert np.array_equal(index, np.arange(B * M * N, dtype=np.float32).reshape(shape) * 0.5)

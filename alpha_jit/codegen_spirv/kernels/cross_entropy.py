@@ -28,7 +28,7 @@ from .elementwise import (
     storage_dtype,
     unroll_for,
 )
-from .rowwise import _NAN, _operand, _Rows
+from .rowwise import _NAN, _operand, _Rows, fits_i32
 
 FAMILIES = {"ce_fwd": "generate_ce_fwd", "ce_bwd": "generate_ce_bwd"}
 
@@ -69,17 +69,19 @@ def generate_ce_fwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
 def generate_ce_bwd(spec: KernelSpec, caps: object = None) -> KernelBinary:
     """dz = softmax(z) * (coef + g_lse) - onehot(y) * coef, coef = g_loss (0 if ignored, NaN
     for a bad label), softmax from the saved lse, no reduction. Where z and dz share a dtype
-    whose rows allow 16-byte vectors (`_Rows.vector_width`), a row at a time, each row's label,
-    lse and cotangents loaded once and 8 bf16 (4 f32) elements per load and store: gpt2's
+    whose rows allow 16-byte vectors (`_Rows.vector_width`, a vector per thread at least), a
+    row at a time, each row's label, lse and cotangents loaded once and 8 bf16 (4 f32)
+    elements per load and store: gpt2's
     (8192 x 50304 bf16) took 0.90 ms on the H200 as a flat grid, which spends a u32 division
     and four row loads on every element. Else a flat grid of elements, a few per thread
     (`FlatGrid`). Either way the thread that loads an element stores it (dz may take z's
     memory), and every element is the same expression (`_ce_dz`): the same bits."""
     p = dict(spec.params)
     rows, classes = int(p["rows"]), int(p["classes"])
-    if p["z"][0] == p["out_dtype"] and rows * classes + 2 * rows < 2**31:
+    if p["z"][0] == p["out_dtype"] and fits_i32(spec, rows * classes):
         r = _Rows(spec, caps, classes)
-        if r.vector_width("z"):
+        # a vector per thread at least: shorter rows keep the flat grid, which has no idle lanes
+        if r.vector_width("z") and classes // r.vector_width("z") >= r.stride:
             return _ce_bwd_rows(r)
     n = rows * classes
     grid = FlatGrid(local_size_for(caps), unroll_for(n, (p["z"][0], p["out_dtype"])))
@@ -139,7 +141,7 @@ def _ce_bwd_rows(r: _Rows) -> KernelBinary:
     z, y, rr, g, out = _ce_bwd_bindings(kb, p)
     zo, yo, ro, go = int(p["z"][1]), int(p["y"]), int(p["r"]), int(p["g"])
     width = r.vector_width("z")
-    dst = kb.buffer_view(out, VECTOR_VIEW[p["z"][0]], writable=True)
+    dst = kb.buffer_view(out, VECTOR_VIEW[p["out_dtype"]], writable=True)
     r.start()
     with r.rows_loop() as row:
         shared = _ce_row(kb, p, classes, y.load(row + yo), rr.load(row * 2 + 1 + ro),
@@ -149,7 +151,7 @@ def _ce_bwd_rows(r: _Rows) -> KernelBinary:
         with kb.loop(r.lid, count, r.stride) as i:
             j0 = i * width
             dz = [_ce_dz(kb, shared, v, j0 + c) for c, v in enumerate(values(i))]
-            dst.store(base / width + kb.cast(i, "u32"), pack_vector(kb, dz))
+            dst.store(base / width + kb.cast(i, "u32"), pack_vector(kb, p["out_dtype"], dz))
     return r.finish({"classes": classes}, f"{width} per load")
 
 

@@ -62,13 +62,30 @@ def unpack_vector(kb: KernelBuilder, v: Value) -> list[Value]:
     return [kb.bitcast(w << 16 if h == 0 else w & 0xFFFF0000, "f32") for w in words for h in (0, 1)]
 
 
-def pack_vector(kb: KernelBuilder, values: Sequence[Value]) -> Value:
-    """`unpack_vector`'s inverse: 4 f32, or 8 values rounded to bf16 (nearest even, NaN kept,
-    as a bf16 element store rounds)."""
-    if len(values) == 4:
+def pack_vector(kb: KernelBuilder, dtype: str, values: Sequence[Value]) -> Value:
+    """`unpack_vector`'s inverse for `dtype`'s vector: 4 f32, or 8 values rounded to bf16
+    (nearest even, NaN kept, as a bf16 element store rounds)."""
+    if len(values) != VECTOR_WIDTH[dtype]:
+        raise ValueError(f"a {dtype} vector holds {VECTOR_WIDTH[dtype]} values, not {len(values)}")
+    if dtype == "f32":
         return kb.vector("f32x4", list(values))
     bits = [kb.bf16_bits(v) for v in values]
     return kb.vector("u32x4", [bits[2 * c] | (bits[2 * c + 1] << 16) for c in range(4)])
+
+
+def load_run(kb: KernelBuilder, view: Any, dtype: str, at: Value, count: int) -> list[Value]:
+    """`count` elements (a multiple of the vector width) from element `at` (likewise) of a
+    16-byte `view` of a `dtype` binding, as f32."""
+    width = VECTOR_WIDTH[dtype]
+    return [x for h in range(0, count, width)
+            for x in unpack_vector(kb, view.load((at + h) / width))]
+
+
+def store_run(kb: KernelBuilder, view: Any, dtype: str, at: Value, values: Sequence[Value]) -> None:
+    """`load_run`'s inverse: the values from element `at`, rounded as an element store rounds."""
+    width = VECTOR_WIDTH[dtype]
+    for h in range(0, len(values), width):
+        view.store((at + h) / width, pack_vector(kb, dtype, values[h:h + width]))
 
 
 def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
@@ -354,9 +371,7 @@ class EpilogueStore:
                 continue
             if i not in self._views:
                 self._views[i] = kb.buffer_view(self.in_bufs[i], VECTOR_VIEW[dt])
-            at = first.offset(strides, off)
-            runs[i] = [x for h in range(0, len(vs), width)
-                       for x in unpack_vector(kb, self._views[i].load((at + h) / width))]
+            runs[i] = load_run(kb, self._views[i], dt, first.offset(strides, off), len(vs))
         out = []
         for j, v in enumerate(vs):
             known = {d: kb.cast(a, "i32") for d, a in enumerate(axes)}
@@ -368,24 +383,17 @@ class EpilogueStore:
                                    acc=round_to(kb, v, self.acc_dtype)))
         return out
 
-    def runs_fit(self) -> bool:
-        """Whether every buffer `finish_run` stores to takes 16-byte vectors (bf16, f32)."""
-        return all(b.dtype in VECTOR_WIDTH for b in self.buffers)
-
     def finish_run(self, axes: Sequence[Value], idx: Value, vs: Sequence[Value]) -> None:
         """`finish` of len(vs) (a multiple of 8) elements adjacent along the grid's last axis
         from the one at `axes` (linear index idx, a multiple of 8): inputs as `values_run`
         reads them, each output rounded as an element store rounds and stored as 16-byte
-        vectors (`runs_fit`)."""
+        vectors (every buffer bf16 or f32: the caller's to check)."""
         kb = self.kb
         outs = self.values_run(axes, idx, vs)
         for k, buf in enumerate(self.buffers):
             if k not in self._out_views:
                 self._out_views[k] = kb.buffer_view(buf, VECTOR_VIEW[buf.dtype], writable=True)
-            width = VECTOR_WIDTH[buf.dtype]
-            for h in range(0, len(vs), width):
-                self._out_views[k].store((idx + h) / width,
-                                         pack_vector(kb, [o[k] for o in outs[h:h + width]]))
+            store_run(kb, self._out_views[k], buf.dtype, idx, [o[k] for o in outs])
 
     def finish(self, axes: Sequence[Value], idx: Value, v: Value) -> None:
         """The element at `axes` of the grid (linear index idx) is complete with value v."""

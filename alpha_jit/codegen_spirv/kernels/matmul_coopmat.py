@@ -350,9 +350,9 @@ def _guarded_finish(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: object
 
 def epilogue_kind(p: dict) -> str | None:
     """"bias" for an epilogue of adds, multiplies and casts only into float outputs whose
-    inputs are the same for every row (a bias by column, output casts), "affine" for such an
-    epilogue with inputs that vary by row (a residual), "other" for any other (GELU, a bool
-    output), None without one; the tuner's stand-in of a GEMM carries its kind as
+    inputs vary along N alone (a bias by column, output casts), "affine" for such an epilogue
+    with an input that varies by row or batch (a residual), "other" for any other (GELU, a
+    bool output), None without one; the tuner's stand-in of a GEMM carries its kind as
     ("epilogue_store", kind)."""
     ep = p.get("epilogue")
     if ep is None:
@@ -373,7 +373,7 @@ def store_path(cfg: MatmulConfig, p: dict, caps: object) -> str:
     - "fragments": exact tiles with an epilogue reading residuals (by row and column): run
       on each lane's elements of a fragment at their probed rows and columns, each output
       rounded to its dtype and stored as a fragment (the accumulator's probed layout,
-      16-byte output rows);
+      16-byte output rows; without them such an epilogue takes the vectors where they fit);
     - "scratch": through the scratch element by element (where nothing above fits).
     On the H200 (gpt2, session 12) vectors against fragments: the LM head's cast 2.98 ->
     2.89 ms, the qkv bias 0.153 -> 0.148 ms, but residual epilogues 0.183 -> 0.192 ms;
@@ -423,13 +423,14 @@ def _finish_fragments(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: obje
     "fragments" is straight-line code over every fragment of the subgroup (the epilogue's
     code once per element the lane holds): on the H200 a runtime loop over the fragments
     made every epilogue GEMM of gpt2 slower, up to 25% (sweep 8, session 9).
-    "scratch" is a runtime loop over the fragments (a uniform branch picks the one to
-    finish), each lane finishing its 16*16/lanes elements in straight-line code: the
+    "vectors" and "scratch" are a runtime loop over the fragments (a uniform branch picks
+    the one to store to the scratch), each lane finishing its elements in straight-line code
+    (8 adjacent ones as vectors, `_row_vectors`, or 16*16/lanes one at a time): the
     epilogue's loads (bias, residual) of those elements are in flight together. A loop per
     lane over them made every load wait for the one before: K = 384 GEMMs with a residual
     epilogue ran at a third of their main loop's speed on the H200. Its epilogue code is in
-    the module 16*16/lanes times (not once per fragment: module size and the driver's
-    compile time grow with it)."""
+    the module once per element a lane finishes (not once per fragment: module size and the
+    driver's compile time grow with it)."""
     path = store_path(cfg, p, kb.caps)
     m, n = p["m"], p["n"]
     sr, sc = sg / (cfg.tn // cfg.rn), sg % (cfg.tn // cfg.rn)

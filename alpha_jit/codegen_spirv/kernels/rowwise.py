@@ -3,9 +3,9 @@
 and rowwise_regs.py build on.
 
 Why: each is one kernel per direction instead of a chain of reductions and elementwise kernels.
-A row of at most SUBGROUP_ROW_MAX elements
-is owned by one subgroup (several per workgroup) and reduced by subgroup operations alone, where
-the device's subgroup size is fixed or can be pinned (norm_dx excepted: measured slower); longer
+A row of at most SUBGROUP_ROW_MAX elements is owned by one subgroup (several per workgroup) and
+reduced by subgroup operations alone, where the device's subgroup size is fixed or can be
+pinned (norm_dx excepted: measured slower); longer
 rows (or other devices) by a workgroup, reduced through subgroup operations and shared memory
 (`reduction._WorkgroupReducer`: no subgroup size assumed). Either way the grid strides over the
 rows when they outnumber the workgroups allowed, a row is re-read per pass (mean, variance,
@@ -55,9 +55,15 @@ FAMILIES = {"norm_fwd": "generate_norm_fwd", "norm_stats": "generate_norm_stats"
 _NAN = 0x7FC00000
 
 
+def fits_i32(spec: KernelSpec, numel: int) -> bool:
+    """Whether `numel` elements (and the [rows, 2] statistics) index in i32, as these kernels
+    do."""
+    return numel + 2 * int(dict(spec.params).get("rows", 0)) < 2**31
+
+
 def _check_i32(spec: KernelSpec, numel: int) -> None:
     # element indices are i32 in these kernels: a bigger tensor must not wrap around quietly
-    if numel + 2 * int(dict(spec.params).get("rows", 0)) >= 2**31:
+    if not fits_i32(spec, numel):
         raise ValueError(f"{spec.name}: {numel} elements exceed the 2**31 index range of the "
                          "row kernels")
 
@@ -177,9 +183,6 @@ class _Rows:
     def row_sum(self, f) -> Value:
         """Sum over the row of f(j) (f32), visible to every thread of the row."""
         return self.fold("add", self.dim, lambda j: [f(j)])
-
-    def row_max(self, f) -> Value:
-        return self.fold("max", self.dim, lambda j: [f(j)])
 
     def vector_width(self, key: str) -> int:
         """Elements per 16-byte load of operand `key`'s rows (8 bf16, 4 f32), or 0 where its

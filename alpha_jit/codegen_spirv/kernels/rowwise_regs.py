@@ -29,9 +29,9 @@ from .elementwise import (
     VECTOR_WIDTH,
     EpilogueStore,
     ScalarRule,
-    pack_vector,
+    load_run,
     storage_dtype,
-    unpack_vector,
+    store_run,
 )
 
 GROUP = 8  # adjacent elements per lane and group: one 16-byte bf16 vector, two f32 ones
@@ -54,23 +54,19 @@ def fits(p: dict, caps: object, operands: tuple[str, ...], outputs: list[str]) -
 
 
 class _Groups:
-    """Loads and stores of a lane's groups of one binding (16-byte views)."""
+    """Loads and stores of a lane's groups of one binding (a 16-byte view)."""
 
     def __init__(self, kb: KernelBuilder, buf: Any, dtype: str, writable: bool = False):
         self.kb, self.dtype = kb, dtype
         self.view = kb.buffer_view(buf, VECTOR_VIEW[dtype], writable=writable)
-        self.width = VECTOR_WIDTH[dtype]
 
     def load(self, at: Value) -> list[Value]:
         """The 8 elements from element `at` (a multiple of 8) as f32."""
-        return [x for h in range(0, GROUP, self.width)
-                for x in unpack_vector(self.kb, self.view.load((at + h) / self.width))]
+        return load_run(self.kb, self.view, self.dtype, at, GROUP)
 
     def store(self, at: Value, values: list[Value]) -> None:
         """8 values to the elements from `at`, rounded as an element store rounds."""
-        for h in range(0, GROUP, self.width):
-            self.view.store((at + h) / self.width,
-                            pack_vector(self.kb, values[h:h + self.width]))
+        store_run(self.kb, self.view, self.dtype, at, values)
 
 
 def _total(values: list[Value]) -> Value:

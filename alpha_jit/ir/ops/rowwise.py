@@ -2,7 +2,8 @@
 
 Why: composed from primitives, a LayerNorm is 5 kernels forward and 11 backward, and the
 cross-entropy builds an f32 one-hot [N, C] that the backward keeps alive (1.6 GB at gpt2
-shape). Each op here is one kernel per direction (`codegen_spirv/kernels/rowwise.py`):
+shape). Each op here is one kernel per direction (`codegen_spirv/kernels/rowwise.py`,
+`rowwise_regs.py` where a row fits a subgroup's registers, `cross_entropy.py`):
 
 - `layer_norm(x, w[, b])`, `rms_norm(x, w)` (attrs `eps`): f32 math whatever x's storage.
   The VJP recomputes per-row statistics (`norm_stats` -> [..., 2]: mean (0 for RMS), rstd)
