@@ -361,7 +361,8 @@ class EpilogueStore:
         if self.epilogue is None:
             return [self.values(axes, idx + j, v) for j, v in enumerate(vs)]
         inputs, exprs, outputs, rule = self.epilogue
-        first = Indexer(kb, idx, self.grid, {d: kb.cast(a, "i32") for d, a in enumerate(axes)})
+        at = [kb.cast(a, "i32") for a in axes]
+        first = Indexer(kb, idx, self.grid, dict(enumerate(at)))
         runs: dict[int, list[Value]] = {}
         for i in dict.fromkeys(a[1] for *_, args in exprs for a in args if a[0] == "in"):
             dt, strides, off, *window = inputs[i]
@@ -374,9 +375,7 @@ class EpilogueStore:
             runs[i] = load_run(kb, self._views[i], dt, first.offset(strides, off), len(vs))
         out = []
         for j, v in enumerate(vs):
-            known = {d: kb.cast(a, "i32") for d, a in enumerate(axes)}
-            known[len(axes) - 1] = known[len(axes) - 1] + j
-            ix = Indexer(kb, idx + j, self.grid, known)
+            ix = Indexer(kb, idx + j, self.grid, dict(enumerate([*at[:-1], at[-1] + j])))
             loaded = load_inputs(kb, ix, inputs, self.in_bufs, exprs,
                                  {i: r[j] for i, r in runs.items()})
             out.append(eval_region(kb, self.em, ix, loaded, exprs, outputs, rule, "epilogue",

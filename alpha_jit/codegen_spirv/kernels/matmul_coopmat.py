@@ -467,11 +467,12 @@ def _finish_fragments(kb: KernelBuilder, cfg: MatmulConfig, p: dict, store: obje
             v = [scratch.load(base + r * _SCRATCH_LD + c + j) for j in range(_VEC)]
             vectors(bi, frow + r, fcol + c, v, in_tile_bounds(frow + r, fcol + c, m, n,
                                                                 cfg.tm, cfg.tn))
-        for it in range(0 if vectors else _FRAG * _FRAG // lanes):  # 16 lanes per row
-            e = lane + it * lanes
-            r, c = e / _FRAG, e % _FRAG
-            v = scratch.load(base + r * _SCRATCH_LD + c)
-            _guarded_finish(kb, cfg, p, store, bi, frow + r, fcol + c, v)
+        else:
+            for it in range(_FRAG * _FRAG // lanes):  # rows lanes/16 apart, 16 lanes per row
+                e = lane + it * lanes
+                r, c = e / _FRAG, e % _FRAG
+                v = scratch.load(base + r * _SCRATCH_LD + c)
+                _guarded_finish(kb, cfg, p, store, bi, frow + r, fcol + c, v)
         coopmat.subgroup_barrier(kb)  # lanes have read before the next fragment lands
 
 

@@ -5,9 +5,9 @@ and rowwise_regs.py build on.
 Why: each is one kernel per direction instead of a chain of reductions and elementwise kernels.
 A row of at most SUBGROUP_ROW_MAX elements is owned by one subgroup (several per workgroup) and
 reduced by subgroup operations alone, where the device's subgroup size is fixed or can be
-pinned (norm_dx excepted: measured slower); longer
-rows (or other devices) by a workgroup, reduced through subgroup operations and shared memory
-(`reduction._WorkgroupReducer`: no subgroup size assumed). Either way the grid strides over the
+pinned (norm_dx excepted: measured slower); longer rows (or other devices) by a workgroup,
+reduced through subgroup operations and shared memory (`reduction._WorkgroupReducer`: no
+subgroup size assumed). Either way the grid strides over the
 rows when they outnumber the workgroups allowed, a row is re-read per pass (mean, variance,
 output) rather than held in registers, sums are f32 and the max propagates NaN. Parameter
 gradients of a norm (dw, db) are one column reduction: each workgroup owns a strip of columns,

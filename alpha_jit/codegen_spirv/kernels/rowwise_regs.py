@@ -120,6 +120,8 @@ def norm_fwd(spec: KernelSpec, caps: object) -> KernelBinary:
                 stats.store(row * 2, mean)
                 stats.store(row * 2 + 1, rstd)
         for s, grp in zip(starts, xs, strict=True):
+            # w and b per row from cache: held across rows (unlike dx's w) they would double
+            # the registers the row takes
             ws = wg.load(s + wo)
             ys = [(v - mean) * rstd * wj for v, wj in zip(grp, ws, strict=True)]
             if bg is not None:
