@@ -18,7 +18,10 @@ import numpy as np
 from . import mathlib
 from .dsl import KernelBuilder, Value
 
-BINARY_OPS = ("add", "sub", "mul", "div", "max", "min", "pow", "xor", "shr", "and")
+# "div_normal": a / b where b is known to be a normal finite number (or NaN, which the rule
+# propagates anyway): the device's division without `ieee_div`'s special cases
+BINARY_OPS = ("add", "sub", "mul", "div", "div_normal", "max", "min", "pow", "xor", "shr",
+              "and")
 UNARY_OPS = ("neg", "exp", "log", "tanh", "sqrt", "rsqrt", "abs", "floor", "sin", "cos", "erf")
 COMPARE_OPS = ("lt", "le", "gt", "ge", "eq", "ne")
 # Storage dtypes compute in a wider type: every float in f32.
@@ -124,6 +127,10 @@ class ScalarEmitter:
             return _exact(a * b)
         if op == "div":
             return ieee_div(kb, a, b) if a.dtype == "f32" else kb.floordiv(a, b)
+        if op == "div_normal":
+            if a.dtype != "f32":
+                raise TypeError("div_normal is defined for f32 only")
+            return a / b
         if op in ("max", "min"):
             return nan_minmax(kb, op, a, b)
         if op == "pow":
@@ -218,7 +225,7 @@ class NumpyScalarEmitter:
         if a.dtype != b.dtype:
             raise TypeError(f"binary {op}: dtype mismatch {a.dtype} vs {b.dtype}")
         with np.errstate(all="ignore"):
-            if op == "div":
+            if op in ("div", "div_normal"):
                 out = np.divide(a, b) if a.dtype.kind == "f" else np.floor_divide(a, b)
             elif op in _NP_BINARY:
                 out = _NP_BINARY[op](a, b)
