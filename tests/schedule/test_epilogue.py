@@ -218,3 +218,34 @@ def test_a_16_bit_gemm_result_is_rounded_before_its_epilogue():
 
     got = f(x, w).numpy()
     assert not (got.view(np.uint32) & 0xFFFF).any()  # every value a bf16 value, as stored
+
+
+def test_tanh_gelu_and_its_gradient_at_special_values():
+    """GELU's tanh form divides 1 by 1 + q, q in [0, 1], with the device's plain division
+    (`div_normal`): infinities, NaN, signed zeros, huge and tiny inputs give the reference's
+    answers, forward and gradient."""
+    from alpha_jit.ir import trace
+    from alpha_jit.ir.ops.elementwise import _gelu_grad_ref, _gelu_ref
+
+    sp = [-np.inf, -1e30, -100.0, -20.0, -5.0, -1e-30, -0.0, 0.0, 1e-30, 0.5, 5.0, 20.0,
+          100.0, 1e30, np.inf, np.nan]
+    x = np.array(sp * 2, np.float32).reshape(4, 8)
+    g = _rand(4, 8)
+    attrs = {"approximate": "tanh"}
+
+    @aj.compile
+    def f(x, g):
+        return F.gelu(x, approximate="tanh"), trace.apply("gelu_grad", [x, g], attrs)
+
+    x64, g64 = x.astype(np.float64), g.astype(np.float64)
+    with np.errstate(all="ignore"):
+        # NaN where the f32 reference has it (the gradient at |x| >= 1e13, whose x^3
+        # overflows: 0 * inf, as PyTorch's formula gives); values against f64, where f32's
+        # 1 + tanh(u) cancels (x = -5: 23% off)
+        nans = [np.isnan(_gelu_ref([x], attrs)), np.isnan(_gelu_grad_ref([x, g], attrs))]
+        want = [_gelu_ref([x64], attrs), _gelu_grad_ref([x64, g64], attrs)]
+        got = [np.asarray(v) for v in f(x, g)]
+    for a, b, nan in zip(got, want, nans, strict=True):
+        assert np.array_equal(np.isnan(a), nan), (a, b)
+        np.testing.assert_allclose(a[~nan], b[~nan].astype(np.float32), rtol=1e-5, atol=1e-35)
+        assert np.array_equal(np.signbit(a[a == 0]), np.signbit(b[a == 0]))
