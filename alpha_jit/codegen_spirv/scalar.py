@@ -225,6 +225,8 @@ class NumpyScalarEmitter:
         if a.dtype != b.dtype:
             raise TypeError(f"binary {op}: dtype mismatch {a.dtype} vs {b.dtype}")
         with np.errstate(all="ignore"):
+            if op == "div_normal" and a.dtype.kind != "f":
+                raise TypeError("div_normal is defined for f32 only")
             if op in ("div", "div_normal"):
                 out = np.divide(a, b) if a.dtype.kind == "f" else np.floor_divide(a, b)
             elif op in _NP_BINARY:
